@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Builds the images the test suite runs, from local rootfs trees: no registry is
+# needed. Each image is skipped when it already exists, so a second run is quick.
+#   qudata-test/busybox:1       busybox-static, no package manager, no sshd
+#   qudata-test/debian:12       Debian bookworm minbase (apt, no sshd)
+#   qudata-test/debian-ssh:12   the same with openssh-server installed
+set -euo pipefail
+
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+WORK=$(mktemp -d /tmp/qudata-images.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+
+have() { docker image inspect "$1" >/dev/null 2>&1; }
+
+import_dir() { # DIR NAME
+  tar -C "$1" -c . | docker import -c 'CMD ["/bin/sh"]' - "$2" >/dev/null
+  echo "built $2"
+}
+
+build_busybox() {
+  local name=qudata-test/busybox:1
+  have "$name" && { echo "have $name"; return; }
+  local bb
+  bb=$(command -v busybox || true)
+  [ -x /bin/busybox ] && bb=/bin/busybox
+  [ -n "$bb" ] || { echo "busybox-static is not installed" >&2; return 1; }
+  local root=$WORK/busybox
+  mkdir -p "$root"/{bin,etc,root,tmp,proc,sys,dev}
+  cp "$bb" "$root/bin/busybox"
+  for applet in $("$bb" --list); do
+    [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
+  done
+  printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+  printf 'root:x:0:\n' >"$root/etc/group"
+  import_dir "$root" "$name"
+}
+
+build_debian() { # NAME [EXTRA_PACKAGES]
+  local name=$1 include=${2:-}
+  have "$name" && { echo "have $name"; return; }
+  local root=$WORK/${name//[\/:]/_}
+  local args=(--variant=minbase)
+  [ -n "$include" ] && args+=("--include=$include")
+  debootstrap "${args[@]}" bookworm "$root" "$MIRROR" >"$WORK/$(basename "$root").log" 2>&1 \
+    || { tail -20 "$WORK/$(basename "$root").log" >&2; return 1; }
+  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+  import_dir "$root" "$name"
+}
+
+build_busybox
+# The two debootstraps are independent; run them side by side.
+build_debian qudata-test/debian:12 & p1=$!
+build_debian qudata-test/debian-ssh:12 openssh-server & p2=$!
+rc=0
+wait $p1 || rc=1
+wait $p2 || rc=1
+exit $rc

@@ -1,0 +1,206 @@
+"""The host's own figures: CPU, memory, disk, network link and machine identity.
+
+Owns: reading /proc, /sys and psutil for the inventory, the default-route
+interface and its address, and the machine fingerprint. GPUs come from the NVML
+adapter, handed in through the constructor.
+
+What stays true:
+- Parsers are pure functions over text, tested against captured samples; only
+  the thin readers around them touch files.
+- A figure that cannot be read is None (unknown), never a guess; reading the
+  inventory does not raise because one figure is missing.
+- The fingerprint is stable across restarts: the same machine gives the same
+  hash as long as its machine id (or, failing that, its DMI uuid or hostname)
+  does not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+
+from qudata_agent.domain.inventory import GpuReport, HostInventory
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_DESTINATION = "00000000"
+_RTF_UP = 0x1
+_MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+_DMI_UUID_PATH = "/sys/class/dmi/id/product_uuid"
+
+
+class GpuSource(Protocol):
+    """Where the GPU part of the inventory comes from (the NVML adapter)."""
+
+    def report(self) -> GpuReport: ...
+
+
+def _read_text(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _cpuinfo_field(text: str, key: str) -> str | None:
+    """The value of the first `key : value` line of /proc/cpuinfo text."""
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            return value.strip() or None
+    return None
+
+
+def parse_cpuinfo_model(text: str) -> str | None:
+    """The CPU model from /proc/cpuinfo ("model name"); None where absent (arm64)."""
+    return _cpuinfo_field(text, "model name")
+
+
+def parse_cpuinfo_mhz(text: str) -> float | None:
+    """The first "cpu MHz" of /proc/cpuinfo (the current clock); None when absent or 0."""
+    value = _cpuinfo_field(text, "cpu MHz")
+    try:
+        mhz = float(value) if value is not None else 0.0
+    except ValueError:
+        return None
+    return mhz if mhz > 0 else None
+
+
+def _psutil_freq_mhz() -> float | None:
+    try:
+        freq = psutil.cpu_freq()
+    except (OSError, NotImplementedError):
+        return None
+    if freq is None:
+        return None
+    for mhz in (freq.max, freq.current):
+        if mhz and mhz > 0:
+            return float(mhz)
+    return None
+
+
+def read_cpu_freq_ghz(proc_root: str = "/proc", sys_root: str = "/sys") -> float | None:
+    """The CPU's maximum clock in GHz, from the best source available.
+
+    Order: sysfs `cpuinfo_max_freq` (kHz), psutil's max then current clock,
+    /proc/cpuinfo's "cpu MHz". A zero anywhere counts as unknown.
+    """
+    khz_text = _read_text(f"{sys_root}/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    if khz_text is not None:
+        try:
+            khz = int(khz_text.strip())
+        except ValueError:
+            khz = 0
+        if khz > 0:
+            return khz / 1_000_000
+    mhz = _psutil_freq_mhz()
+    if mhz is None:
+        cpuinfo = _read_text(f"{proc_root}/cpuinfo")
+        mhz = parse_cpuinfo_mhz(cpuinfo) if cpuinfo is not None else None
+    return None if mhz is None else mhz / 1000
+
+
+def default_route_interface(proc_net_route_text: str) -> str | None:
+    """The interface of the IPv4 default route with the lowest metric, from /proc/net/route.
+
+    Routes that are not up are ignored; on a tie the first listed wins.
+    """
+    best: tuple[int, str] | None = None
+    for line in proc_net_route_text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8 or fields[1] != _DEFAULT_DESTINATION:
+            continue
+        try:
+            flags, metric = int(fields[3], 16), int(fields[6])
+        except ValueError:
+            continue
+        if fields[7] != _DEFAULT_DESTINATION or not flags & _RTF_UP:
+            continue
+        if best is None or metric < best[0]:
+            best = (metric, fields[0])
+    return None if best is None else best[1]
+
+
+def read_link_speed_gbps(iface: str, sys_root: str = "/sys") -> float | None:
+    """The link speed of `iface` in Gbit/s; None when unknown (-1, down, virtual, unreadable)."""
+    if not iface or "/" in iface or iface in (".", ".."):
+        return None
+    text = _read_text(f"{sys_root}/class/net/{iface}/speed")
+    try:
+        mbits = int(text.strip()) if text is not None else -1
+    except ValueError:
+        return None
+    return mbits / 1000 if mbits > 0 else None
+
+
+def default_route_address(proc_root: str = "/proc") -> str | None:
+    """The first IPv4 address of the default-route interface; None without one."""
+    route = _read_text(f"{proc_root}/net/route")
+    iface = default_route_interface(route) if route is not None else None
+    if iface is None:
+        return None
+    for addr in psutil.net_if_addrs().get(iface, []):
+        if addr.family == socket.AF_INET:
+            return addr.address
+    return None
+
+
+def machine_fingerprint(
+    paths: Iterable[str] = _MACHINE_ID_PATHS,
+    dmi_uuid_path: str = _DMI_UUID_PATH,
+) -> str:
+    """sha256 hex of the first identity found, in this order:
+
+    1. the first non-empty machine id among `paths` (systemd, then D-Bus);
+    2. the DMI product uuid (`dmi_uuid_path`, often readable by root only);
+    3. the hostname, the last resort (stable only as long as the name is).
+    """
+    for path in (*paths, dmi_uuid_path):
+        text = _read_text(path)
+        if text is not None and text.strip():
+            return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()
+    logger.warning("no machine id or DMI uuid readable; fingerprinting the hostname")
+    return hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()
+
+
+def _disk_total(path: str) -> int | None:
+    try:
+        return shutil.disk_usage(path).total
+    except OSError:
+        return None
+
+
+class HostProbe:
+    """Collects the host inventory; blocking, so callers run it off the event loop."""
+
+    def __init__(self, nvml: GpuSource, proc_root: str = "/proc", sys_root: str = "/sys") -> None:
+        self._nvml = nvml
+        self._proc_root = proc_root
+        self._sys_root = sys_root
+
+    def inventory(self, docker_root: str) -> HostInventory:
+        """Everything `/init/host` reports; `docker_root` is Docker's data root."""
+        cpuinfo = _read_text(f"{self._proc_root}/cpuinfo")
+        route = _read_text(f"{self._proc_root}/net/route")
+        iface = default_route_interface(route) if route is not None else None
+        return HostInventory(
+            cpu_name=parse_cpuinfo_model(cpuinfo) if cpuinfo is not None else None,
+            cpu_cores=psutil.cpu_count(logical=False),
+            vcpu=psutil.cpu_count() or os.cpu_count(),
+            cpu_freq_ghz=read_cpu_freq_ghz(self._proc_root, self._sys_root),
+            ram_bytes=psutil.virtual_memory().total,
+            disk_bytes=_disk_total(docker_root),
+            memory_speed_mts=None,  # a later issue reads it from dmidecode
+            ethernet_gbps=(
+                read_link_speed_gbps(iface, self._sys_root) if iface is not None else None
+            ),
+            gpu=self._nvml.report(),
+        )

@@ -1,0 +1,184 @@
+"""NVML, the NVIDIA management library: the GPU inventory.
+
+Owns: the only import of `pynvml` in the agent, NVML's initialisation, and the
+one thread every NVML call runs on.
+
+What stays true:
+- Every NVML call runs on this adapter's single worker thread, whether the
+  caller uses `report()` (blocking) or `report_async()` (from the event loop).
+- NVML is initialised once and kept; `close()` shuts it down and stops the
+  thread. A failed initialisation is retried on the next report, so a driver
+  loaded after the agent started is picked up.
+- `report()` never raises for NVML's sake: a missing library, an unloaded
+  driver, a permission problem or a missing `pynvml` give a report with no GPUs
+  and a short `error`, logged once per distinct reason. No GPU is ever invented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, Protocol
+
+from qudata_agent.domain.inventory import GpuInfo, GpuReport, format_cuda_version
+
+logger = logging.getLogger(__name__)
+
+_OK: Final = "ok"
+
+
+class _MemoryInfo(Protocol):
+    @property
+    def total(self) -> int: ...
+
+
+class NvmlModule(Protocol):
+    """The part of `pynvml` this adapter uses (the real module or a test fake)."""
+
+    @property
+    def NVMLError(self) -> type[Exception]: ...
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlDeviceGetCount(self) -> int: ...
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any: ...
+    def nvmlDeviceGetUUID(self, handle: Any) -> str | bytes: ...
+    def nvmlDeviceGetName(self, handle: Any) -> str | bytes: ...
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> _MemoryInfo: ...
+    def nvmlSystemGetDriverVersion(self) -> str | bytes: ...
+    def nvmlSystemGetCudaDriverVersion(self) -> int: ...
+
+
+class Nvml:
+    """GPU inventory through NVML, on one dedicated thread."""
+
+    def __init__(self, module: NvmlModule | None = None) -> None:
+        self._module = module
+        self._initialised = False
+        self._closed = False
+        self._logged: str | None = None  # _OK or the last error reason logged
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+
+    def report(self) -> GpuReport:
+        """The GPUs, driver and CUDA versions; blocks until NVML answers."""
+        with self._lock:
+            if self._closed:
+                return GpuReport(error="NVML adapter closed")
+            future = self._executor.submit(self._report)
+        return future.result()
+
+    async def report_async(self) -> GpuReport:
+        """`report()` for the event loop: runs on the NVML thread, never blocks the loop."""
+        with self._lock:
+            if self._closed:
+                return GpuReport(error="NVML adapter closed")
+            future = asyncio.get_running_loop().run_in_executor(self._executor, self._report)
+        return await future
+
+    def close(self) -> None:
+        """Shut NVML down (when initialised) and stop the NVML thread; safe to repeat."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._executor.submit(self._shutdown)
+        self._executor.shutdown(wait=True)
+
+    # Everything below runs on the NVML thread only.
+
+    def _report(self) -> GpuReport:
+        try:
+            nvml = self._load()
+        except ImportError as e:
+            return self._degraded(f"pynvml is not importable: {e}")
+        try:
+            if not self._initialised:
+                nvml.nvmlInit()
+                self._initialised = True
+            gpus = tuple(_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount()))
+        except nvml.NVMLError as e:
+            # Start from scratch next time: the driver may have gone or may come back.
+            self._shutdown()
+            return self._degraded(_reason(e))
+        report = GpuReport(
+            gpus=gpus,
+            driver_version=_optional(nvml, lambda: _text(nvml.nvmlSystemGetDriverVersion())),
+            cuda_version=_optional(nvml, lambda: _cuda_version(nvml)),
+        )
+        if self._logged != _OK:
+            logger.info(
+                "NVML available: %d GPU(s), driver %s, CUDA %s",
+                len(gpus),
+                report.driver_version,
+                report.cuda_version,
+            )
+            self._logged = _OK
+        return report
+
+    def _load(self) -> NvmlModule:
+        if self._module is None:
+            import pynvml  # imported here so a broken install degrades instead of failing
+
+            self._module = pynvml
+        return self._module
+
+    def _degraded(self, reason: str) -> GpuReport:
+        if self._logged != reason:
+            logger.warning("NVML not usable, reporting no GPUs: %s", reason)
+            self._logged = reason
+        return GpuReport(error=reason)
+
+    def _shutdown(self) -> None:
+        if not self._initialised or self._module is None:
+            return
+        self._initialised = False
+        try:
+            self._module.nvmlShutdown()
+        except self._module.NVMLError as e:
+            logger.debug("nvmlShutdown failed: %s", _reason(e))
+
+
+def _gpu(nvml: NvmlModule, index: int) -> GpuInfo:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    return GpuInfo(
+        index=index,
+        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        memory_total_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+    )
+
+
+def _cuda_version(nvml: NvmlModule) -> str | None:
+    # The _v2 call exists in newer drivers; older ones only have the plain one.
+    get = getattr(nvml, "nvmlSystemGetCudaDriverVersion_v2", None)
+    version = int(get() if get is not None else nvml.nvmlSystemGetCudaDriverVersion())
+    return format_cuda_version(version) if version > 0 else None
+
+
+def _optional(nvml: NvmlModule, query: Callable[[], str | None]) -> str | None:
+    """A version figure; one that NVML cannot give is unknown, not a reason to drop the GPUs."""
+    try:
+        return query()
+    except nvml.NVMLError as e:
+        logger.debug("NVML version query failed: %s", _reason(e))
+        return None
+
+
+def _text(value: str | bytes) -> str:
+    # Older pynvml releases return bytes.
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace").strip()
+    return value.strip()
+
+
+def _reason(error: Exception) -> str:
+    """A short reason for an NVML error, e.g. "NVML Shared Library Not Found"."""
+    try:
+        text = str(error)
+    except Exception:  # pynvml's __str__ may itself call into a missing library
+        text = ""
+    return text or type(error).__name__

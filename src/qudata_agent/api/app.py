@@ -1,0 +1,99 @@
+"""The Falcon ASGI application: routes, middleware and error handlers.
+
+Thin by rule: resources parse the request into a schema, call one service
+method and render the envelope; nothing here talks to Docker, SQLite, NVML or
+the control plane. What stays true: every answer, the framework's own 404/405
+and any unexpected crash included, is the JSON envelope; a 500 says only
+"internal error" to the caller and logs the details once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+import falcon.asgi
+
+from qudata_agent import __version__
+from qudata_agent.api.envelope import fail
+from qudata_agent.api.middleware import BodyLimit, RequestContext, SecretAuth
+from qudata_agent.api.openapi import build_openapi
+from qudata_agent.api.resources.system import OpenApiResource, PingResource
+from qudata_agent.api.routes import ROUTES, Route, public_operations
+from qudata_agent.errors import AgentError, http_status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApiDeps:
+    """What the API needs from the rest of the agent (services come in here)."""
+
+    secret: Callable[[], str | None]
+    max_body_bytes: int = 1024 * 1024
+
+
+def _framework_message(req: falcon.asgi.Request, ex: falcon.HTTPError) -> str:
+    if isinstance(ex, falcon.HTTPRouteNotFound) or ex.status_code == 404:
+        return f"no route {req.method} {req.path}"
+    if isinstance(ex, falcon.HTTPMethodNotAllowed):
+        return f"method {req.method} is not allowed on {req.path}"
+    return str(ex.description or ex.title or "request refused")
+
+
+async def _on_agent_error(
+    req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: AgentError, params: dict[str, Any]
+) -> None:
+    status = http_status(ex)
+    if status >= 500 and status != 503:
+        log.error("request failed", exc_info=ex, extra={"method": req.method, "path": req.path})
+        fail(resp, 500, "internal error")
+        return
+    fail(resp, status, ex.message)
+
+
+async def _on_http_error(
+    req: falcon.asgi.Request,
+    resp: falcon.asgi.Response,
+    ex: falcon.HTTPError,
+    params: dict[str, Any],
+) -> None:
+    if ex.headers:
+        resp.set_headers(ex.headers)
+    fail(resp, ex.status_code, _framework_message(req, ex))
+
+
+async def _on_unexpected(
+    req: falcon.asgi.Request, resp: falcon.asgi.Response, ex: Exception, params: dict[str, Any]
+) -> None:
+    log.error("unhandled error", exc_info=ex, extra={"method": req.method, "path": req.path})
+    fail(resp, 500, "internal error")
+
+
+def _resources(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
+    return {
+        "ping": PingResource(),
+        "openapi": OpenApiResource(build_openapi(routes, __version__)),
+    }
+
+
+AsgiApp = falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]
+
+
+def create_app(deps: ApiDeps, routes: tuple[Route, ...] = ROUTES) -> AsgiApp:
+    middleware: list[Any] = [
+        RequestContext(),
+        SecretAuth(deps.secret, public_operations(routes)),
+        BodyLimit(deps.max_body_bytes),
+    ]
+    app: AsgiApp = falcon.asgi.App(middleware=middleware)
+    app.add_error_handler(Exception, _on_unexpected)
+    app.add_error_handler(falcon.HTTPError, _on_http_error)
+    app.add_error_handler(AgentError, _on_agent_error)
+    resources = _resources(deps, routes)
+    for route in routes:
+        app.add_route(route.path, resources[route.resource])
+    return app

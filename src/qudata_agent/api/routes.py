@@ -1,0 +1,60 @@
+"""The route table: every path and method the API serves, in one place.
+
+`app.py` mounts resources from it and `openapi.py` documents it, so a route
+cannot exist undocumented. What stays true: only operations marked `public`
+are reachable without `X-Agent-Secret`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class QueryParam:
+    name: str
+    schema: dict[str, Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    summary: str
+    response: Any  # a pydantic model type (the `data` payload) or None
+    request: type[BaseModel] | None = None
+    status: int = 200
+    public: bool = False
+    raw: bool = False  # answer is not wrapped in the envelope (the OpenAPI document)
+    query: tuple[QueryParam, ...] = ()
+    errors: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    resource: str  # key into the resources mapping given to create_app
+    operations: tuple[Operation, ...] = field(default_factory=tuple)
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "/ping",
+        "ping",
+        (Operation("GET", "Liveness check; needs no secret", None, public=True),),
+    ),
+    Route(
+        "/openapi.json",
+        "openapi",
+        (Operation("GET", "This API's OpenAPI 3.1 document (not enveloped)", None, raw=True),),
+    ),
+)
+
+
+def public_operations(routes: tuple[Route, ...] = ROUTES) -> frozenset[tuple[str, str]]:
+    return frozenset(
+        (op.method, route.path) for route in routes for op in route.operations if op.public
+    )

@@ -1,0 +1,228 @@
+"""Builds every part of the agent, wires them together, and runs it until a signal.
+
+The only module that constructs adapters. Start order: state directory and
+database (identity), secrets, the listening socket, the HTTP server, and only
+then the loops that talk to the control plane, so the port it is told answers.
+Stop order (SIGTERM/SIGINT): the server stops accepting, the loops are
+cancelled and awaited, adapters are closed. What stays true: the agent's own
+stop never stops, removes or otherwise touches a tenant's container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import uuid
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from qudata_agent import __version__
+from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
+from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.host import HostProbe, default_route_address, machine_fingerprint
+from qudata_agent.adapters.nvml import Nvml
+from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
+from qudata_agent.adapters.store import Store
+from qudata_agent.api.app import ApiDeps, create_app
+from qudata_agent.blocking import Blocking
+from qudata_agent.config import Settings
+from qudata_agent.domain.backoff import Backoff
+from qudata_agent.domain.inventory import init_host_payload
+from qudata_agent.errors import AgentError, Unavailable
+from qudata_agent.loops.registration import registration_loop
+from qudata_agent.loops.supervisor import Supervisor
+from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
+from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
+from qudata_agent.services.registration import Identity, Registrar
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "agent.db"
+AGENT_ID_KEY = "agent_id"
+AGENT_PORT_KEY = "agent_port"
+FALLBACK_DOCKER_ROOT = "/var/lib/docker"
+
+
+@dataclass
+class _Parts:
+    store: Store
+    credentials: Credentials
+    blocking: Blocking
+    docker: DockerEngine
+    nvml: Nvml
+    agent_id: str
+    api_key: str | None
+
+
+def _open_state(settings: Settings) -> _Parts:
+    ensure_private_dir(settings.state_dir)
+    store = Store.open(settings.state_dir / DB_FILE)
+    credentials = Credentials(
+        SecretFile(settings.state_dir / AGENT_SECRET_FILE),
+        SecretFile(settings.state_dir / API_KEY_FILE),
+    )
+    return _Parts(
+        store=store,
+        credentials=credentials,
+        blocking=Blocking(),
+        docker=DockerEngine(settings.docker_host),
+        nvml=Nvml(),
+        agent_id=store.get_or_create(AGENT_ID_KEY, lambda: str(uuid.uuid4())),
+        api_key=credentials.api_key(settings.api_key),
+    )
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = asyncio.Event()
+        self._server: Any = None
+
+    def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        if signum is not None and not self._stop.is_set():
+            log.info("stop requested", extra={"signal": signal.Signals(signum).name})
+        self._stop.set()
+        if self._server is not None:
+            self._server.should_exit = True
+
+    async def _inventory(self, parts: _Parts) -> dict[str, Any]:
+        try:
+            root = await parts.blocking.quick(parts.docker.data_root)
+        except Unavailable as e:
+            log.warning(
+                "Docker unreachable; disk size taken from the default data root",
+                extra={"error": e.message, "path": FALLBACK_DOCKER_ROOT},
+            )
+            root = FALLBACK_DOCKER_ROOT
+        probe = HostProbe(parts.nvml)
+        inventory = await parts.blocking.quick(probe.inventory, root)
+        return init_host_payload(inventory)
+
+    def _registrar(self, parts: _Parts, cp: ControlPlane) -> Registrar:
+        identity = Identity(
+            agent_id=parts.agent_id,
+            fingerprint=machine_fingerprint(),
+            address=self.settings.address or default_route_address(),
+        )
+        return Registrar(
+            cp,
+            parts.credentials,
+            parts.store,
+            identity,
+            lambda: self._inventory(parts),
+            parts.blocking,
+        )
+
+    async def run(self) -> int:
+        s = self.settings
+        try:
+            parts = await asyncio.to_thread(_open_state, s)
+        except (OSError, AgentError) as e:
+            log.error(
+                "cannot open the state directory", extra={"path": str(s.state_dir), "error": str(e)}
+            )
+            return 1
+        try:
+            return await self._serve(parts)
+        finally:
+            parts.docker.close()
+            parts.nvml.close()
+            parts.blocking.close()
+            parts.store.close()
+
+    async def _serve(self, parts: _Parts) -> int:
+        s = self.settings
+        if parts.api_key is None:
+            await asyncio.to_thread(parts.credentials.ensure_secret)
+            log.info(
+                "standalone mode: no API key, no control-plane calls; the agent secret is in %s",
+                parts.credentials.secret_path,
+            )
+            print(
+                f"qudata-agent: standalone mode; agent secret file: "
+                f"{parts.credentials.secret_path}",
+                file=sys.stderr,
+                flush=True,
+            )
+        previous = parts.store.get(AGENT_PORT_KEY)
+        try:
+            sock = listen(
+                s.agent_host, s.agent_port, int(previous) if previous else None, s.port_range
+            )
+        except PortUnavailable as e:
+            log.error("cannot listen", extra={"error": e.strerror})
+            return 1
+        port = int(sock.getsockname()[1])
+        await parts.blocking.quick(parts.store.set, AGENT_PORT_KEY, str(port))
+
+        api = create_app(
+            ApiDeps(secret=parts.credentials.agent_secret, max_body_bytes=s.max_body_bytes)
+        )
+        server = make_server(api, s.shutdown_timeout_s)
+        self._server = server
+        if self._stop.is_set():
+            server.should_exit = True
+        supervisor = Supervisor()
+        cp = (
+            ControlPlane(
+                s.api_url,
+                parts.api_key,
+                timeout_s=s.cp_timeout_s,
+                user_agent=f"qudata-agent/{__version__}",
+            )
+            if parts.api_key
+            else None
+        )
+        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if cp is not None:
+            supervisor.start(
+                "registration",
+                registration_loop(
+                    self._registrar(parts, cp),
+                    listening,
+                    Backoff(base_s=0.5, cap_s=s.cp_backoff_max_s),
+                    (ControlPlaneError,),
+                ),
+            )
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+        try:
+            if await wait_started(server, serving):
+                listening.set_result(port)
+                log.info(
+                    "agent listening",
+                    extra={
+                        "agent_id": parts.agent_id,
+                        "host": s.agent_host,
+                        "port": port,
+                        "version": __version__,
+                        "standalone": cp is None,
+                    },
+                )
+            await serving
+        except SystemExit as e:  # uvicorn exits on a failed startup
+            log.error("HTTP server failed to start", extra={"code": e.code})
+            return 1
+        finally:
+            listening.cancel()
+            await supervisor.stop(s.shutdown_timeout_s)
+            if cp is not None:
+                await cp.aclose()
+            sock.close()
+        log.info("agent stopped")
+        return 0
+
+
+def run(settings: Settings) -> int:
+    """Runs the agent in the current thread until SIGTERM/SIGINT; returns the exit code."""
+
+    async def main() -> int:
+        agent = Agent(settings)
+        # Installed with signal.signal so uvicorn restores (and re-raises into) ours.
+        signal.signal(signal.SIGTERM, agent.request_stop)
+        signal.signal(signal.SIGINT, agent.request_stop)
+        return await agent.run()
+
+    return asyncio.run(main())

@@ -1,0 +1,198 @@
+"""Settings: the one place that reads the process environment.
+
+Everything the agent can be told comes in here once, at start, from three
+sources in rising priority: an optional env-style config file, the environment,
+and the command line. The result is a frozen `Settings` that is passed down
+explicitly; nothing else in the package reads `os.environ`.
+
+What stays true:
+- a bad value fails the start with a `ConfigError` that names the variable and
+  says what was expected; a secret's value is never part of that message;
+- defaults follow CONTRACT.md section 3.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PREFIX = "QUDATA_"
+DEFAULT_API_URL = "https://internal.qudata.ai/v0"
+DEFAULT_STATE_DIR = "/var/lib/qudata-agent"
+DEFAULT_PORT_RANGE = (40000, 49999)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("json", "text")
+# Variables whose values are secrets: never echoed in an error.
+_SECRET_VARS = frozenset({"QUDATA_API_KEY"})
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_key: str | None = field(default=None, repr=False)
+    api_url: str = DEFAULT_API_URL
+    agent_host: str = "0.0.0.0"
+    agent_port: int | None = None  # None: the first free port from 1024 (previous one preferred)
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+    address: str | None = None
+    docker_host: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "json"
+    cp_timeout_s: float = 10.0
+    cp_backoff_max_s: float = 60.0
+    shutdown_timeout_s: float = 5.0
+    max_body_bytes: int = 1024 * 1024
+
+    @property
+    def standalone(self) -> bool:
+        """No API key: the agent makes no outbound calls and owns its secret."""
+        return not self.api_key
+
+
+def _parse_int(name: str, raw: str, lo: int, hi: int) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}: expected an integer {lo}-{hi}, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: expected an integer {lo}-{hi}, got {value}")
+    return value
+
+
+def _parse_float(name: str, raw: str, lo: float, hi: float) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number {lo}-{hi}, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}: expected a number {lo}-{hi}, got {value}")
+    return value
+
+
+def _parse_port_range(name: str, raw: str) -> tuple[int, int]:
+    lo_s, sep, hi_s = raw.strip().partition("-")
+    if not sep:
+        raise ConfigError(f"{name}: expected FIRST-LAST (e.g. 40000-49999), got {raw!r}")
+    lo = _parse_int(name, lo_s, 1, 65535)
+    hi = _parse_int(name, hi_s, 1, 65535)
+    if lo > hi:
+        raise ConfigError(f"{name}: first port {lo} is above last port {hi}")
+    return lo, hi
+
+
+def _parse_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}: expected an http(s) URL, got {raw!r}")
+    return raw.strip().rstrip("/")
+
+
+def _parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip()
+    for choice in choices:
+        if value.lower() == choice.lower():
+            return choice
+    raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+
+
+def _parse_state_dir(name: str, raw: str) -> Path:
+    path = Path(raw.strip())
+    if not raw.strip() or not path.is_absolute():
+        raise ConfigError(f"{name}: expected an absolute path, got {raw!r}")
+    return path
+
+
+def _parse_api_key(name: str, raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError(f"{name}: the API key holds whitespace or control characters")
+    return value
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Reads KEY=VALUE lines (comments, blank lines and `export ` allowed)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e.strerror})") from e
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"config file {path}, line {number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    config_file: Path | None = None,
+    api_key: str | None = None,
+) -> Settings:
+    """Builds Settings from a config file, then the environment, then arguments."""
+    env: dict[str, str] = {}
+    source = os.environ if environ is None else environ
+    file_name = source.get("QUDATA_CONFIG_FILE")
+    if config_file is None and file_name:
+        config_file = Path(file_name)
+    if config_file is not None:
+        env.update(read_env_file(config_file))
+    env.update({k: v for k, v in source.items() if k.startswith(PREFIX) or k == "DOCKER_HOST"})
+    if api_key is not None:
+        env["QUDATA_API_KEY"] = api_key
+    return _from_mapping(env)
+
+
+def _from_mapping(env: Mapping[str, str]) -> Settings:
+    kwargs: dict[str, object] = {}
+    parsers = {
+        "QUDATA_API_KEY": ("api_key", _parse_api_key),
+        "QUDATA_API_URL": ("api_url", _parse_url),
+        "QUDATA_AGENT_PORT": ("agent_port", lambda n, r: _parse_int(n, r, 1, 65535)),
+        "QUDATA_STATE_DIR": ("state_dir", _parse_state_dir),
+        "QUDATA_PORT_RANGE": ("port_range", _parse_port_range),
+        "QUDATA_LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, LOG_LEVELS)),
+        "QUDATA_LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, LOG_FORMATS)),
+        "QUDATA_CP_TIMEOUT": ("cp_timeout_s", lambda n, r: _parse_float(n, r, 0.1, 300)),
+        "QUDATA_CP_BACKOFF_MAX": ("cp_backoff_max_s", lambda n, r: _parse_float(n, r, 0.1, 3600)),
+        "QUDATA_SHUTDOWN_TIMEOUT": (
+            "shutdown_timeout_s",
+            lambda n, r: _parse_float(n, r, 0.1, 60),
+        ),
+    }
+    for var, (attr, parse) in parsers.items():
+        raw = env.get(var)
+        if raw is not None and (raw.strip() or var in _SECRET_VARS):
+            kwargs[attr] = parse(var, raw)
+    for var, attr in (("QUDATA_AGENT_HOST", "agent_host"), ("QUDATA_ADDRESS", "address")):
+        raw = env.get(var, "").strip()
+        if raw:
+            kwargs[attr] = raw
+    docker_host = env.get("DOCKER_HOST", "").strip()
+    if docker_host:
+        kwargs["docker_host"] = docker_host
+    settings = Settings(**kwargs)  # type: ignore[arg-type]
+    if settings.agent_port is not None:
+        lo, hi = settings.port_range
+        if lo <= settings.agent_port <= hi:
+            raise ConfigError(
+                f"QUDATA_AGENT_PORT: {settings.agent_port} lies inside QUDATA_PORT_RANGE {lo}-{hi}"
+            )
+    return settings

@@ -1,0 +1,93 @@
+"""The HTTP listener: binds the agent's port and runs uvicorn on it.
+
+The agent binds its own socket (so the port it reports is the port it holds,
+with no window for another process to take it between choosing and binding)
+and hands it to uvicorn. What stays true: without a configured port, the port
+used last time is preferred, then the first free one from 1024 up, skipping
+the range kept for instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Iterable
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+FIRST_DEFAULT_PORT = 1024
+
+
+class PortUnavailable(OSError):
+    pass
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(511)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _candidates(preferred: int | None, skip: tuple[int, int]) -> Iterable[int]:
+    if preferred is not None:
+        yield preferred
+    for port in range(FIRST_DEFAULT_PORT, 65536):
+        if not skip[0] <= port <= skip[1] and port != preferred:
+            yield port
+
+
+def listen(
+    host: str, configured: int | None, previous: int | None, skip: tuple[int, int]
+) -> socket.socket:
+    """Binds the configured port, or the previous/first free one when none is set."""
+    if configured is not None:
+        try:
+            return bind_socket(host, configured)
+        except OSError as e:
+            raise PortUnavailable(
+                e.errno, f"cannot listen on {host}:{configured}: {e.strerror}"
+            ) from e
+    for port in _candidates(previous, skip):
+        try:
+            return bind_socket(host, port)
+        except OSError as e:
+            if e.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise PortUnavailable(e.errno, f"cannot listen on {host}: {e.strerror}") from e
+    raise PortUnavailable(errno.EADDRINUSE, f"no free port on {host} from {FIRST_DEFAULT_PORT}")
+
+
+def make_server(app: object, shutdown_timeout_s: float) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=max(1, int(shutdown_timeout_s)),
+        server_header=False,
+        proxy_headers=False,
+    )
+    return uvicorn.Server(config)
+
+
+async def wait_started(server: uvicorn.Server, serving: asyncio.Task[None]) -> bool:
+    """True once uvicorn accepts connections; False if it ended first."""
+    while not server.started:
+        if serving.done():
+            return False
+        await asyncio.sleep(0.01)
+    return True

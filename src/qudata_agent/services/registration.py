@@ -1,0 +1,112 @@
+"""Registration with the control plane: `POST /init`, then `/init/host` when needed.
+
+Owns the identity the agent presents (agent id, port, address, fingerprint,
+pid, version) and the decision to (re)send the host inventory. What stays true:
+- the agent id is the one in the store, created once for the life of the state
+  directory;
+- a `secret_key` in the answer replaces the stored secret before anything else
+  happens, and from then on goes out with every call;
+- the inventory is sent when the control plane does not know the host, asks
+  for an emergency re-init, or when its digest differs from the last one sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from qudata_agent import __version__
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.inventory import inventory_digest
+from qudata_agent.services.credentials import Credentials
+
+log = logging.getLogger(__name__)
+
+INVENTORY_DIGEST_KEY = "inventory_digest"
+
+
+class InitAnswerLike(Protocol):
+    @property
+    def host_exists(self) -> bool: ...
+
+    @property
+    def emergency_reinit(self) -> bool: ...
+
+    @property
+    def secret_key(self) -> str | None: ...
+
+
+class ControlPlaneClient(Protocol):
+    def set_secret(self, secret: str | None) -> None: ...
+
+    async def init(self, payload: dict[str, Any]) -> InitAnswerLike: ...
+
+    async def init_host(self, payload: dict[str, Any]) -> None: ...
+
+
+class KeyValueStore(Protocol):
+    def get(self, key: str) -> str | None: ...
+
+    def set(self, key: str, value: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Identity:
+    agent_id: str
+    fingerprint: str
+    address: str | None
+
+
+class Registrar:
+    def __init__(
+        self,
+        control_plane: ControlPlaneClient,
+        credentials: Credentials,
+        store: KeyValueStore,
+        identity: Identity,
+        inventory: Callable[[], Awaitable[dict[str, Any]]],
+        blocking: Blocking,
+    ) -> None:
+        self._blocking = blocking
+        self._cp = control_plane
+        self._credentials = credentials
+        self._store = store
+        self._identity = identity
+        self._inventory = inventory
+        self._cp.set_secret(credentials.agent_secret())
+
+    def init_payload(self, port: int) -> dict[str, Any]:
+        return {
+            "agent_id": self._identity.agent_id,
+            "agent_port": port,
+            "address": self._identity.address,
+            "fingerprint": self._identity.fingerprint,
+            "pid": os.getpid(),
+            "version": __version__,
+        }
+
+    async def register(self, port: int) -> None:
+        """One full registration; raises the client's error on any failure."""
+        answer = await self._cp.init(self.init_payload(port))
+        if answer.secret_key:
+            await self._blocking.quick(self._credentials.replace_secret, answer.secret_key)
+            self._cp.set_secret(answer.secret_key)
+        payload = await self._inventory()
+        digest = inventory_digest(payload)
+        known = await self._blocking.quick(self._store.get, INVENTORY_DIGEST_KEY)
+        if answer.host_exists and not answer.emergency_reinit and digest == known:
+            log.info("registered; host inventory unchanged")
+            return
+        await self._cp.init_host(payload)
+        await self._blocking.quick(self._store.set, INVENTORY_DIGEST_KEY, digest)
+        log.info(
+            "registered; host inventory sent",
+            extra={
+                "host_exists": answer.host_exists,
+                "gpu_amount": payload.get("gpu_amount"),
+                "gpu_name": payload.get("gpu_name"),
+            },
+        )

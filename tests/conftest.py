@@ -1,0 +1,36 @@
+"""Fixtures shared by every suite."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support.agent_proc import AgentProcess
+from support.fake_cp import FakeControlPlane
+
+
+@pytest.fixture
+def fake_cp() -> Iterator[FakeControlPlane]:
+    cp = FakeControlPlane().start()
+    yield cp
+    cp.stop()
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Makes agent processes; any still running at the end is killed."""
+    made: list[AgentProcess] = []
+
+    def make(
+        env: dict[str, str] | None = None, state_dir: Path | None = None, port: int | None = None
+    ) -> AgentProcess:
+        agent = AgentProcess(state_dir or tmp_path / "state", env, port)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.stop(signal.SIGKILL)

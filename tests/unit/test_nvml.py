@@ -1,0 +1,204 @@
+"""The NVML adapter: the real library on this GPU-less host, and small fakes of pynvml."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qudata_agent.adapters.nvml import Nvml
+from qudata_agent.domain.inventory import GpuInfo, GpuReport
+
+HAS_DRIVER = Path("/proc/driver/nvidia/version").exists()
+
+
+class FakeNVMLError(Exception):
+    def __str__(self) -> str:
+        return "Driver Not Loaded"
+
+
+@dataclass
+class FakeMemory:
+    total: int
+
+
+class FakeNvml:
+    """Two GPUs; `names` may be bytes, as older pynvml releases return."""
+
+    NVMLError = FakeNVMLError
+
+    def __init__(self, names: tuple[str | bytes, ...] = ("NVIDIA H100 80GB HBM3",) * 2) -> None:
+        self.names = names
+        self.inits = 0
+        self.shutdowns = 0
+        self.threads: set[str] = set()
+
+    def _seen(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def nvmlInit(self) -> None:
+        self._seen()
+        self.inits += 1
+
+    def nvmlShutdown(self) -> None:
+        self._seen()
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._seen()
+        return len(self.names)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str | bytes:
+        uuid = f"GPU-{handle:04d}"
+        return uuid.encode() if isinstance(self.names[handle], bytes) else uuid
+
+    def nvmlDeviceGetName(self, handle: int) -> str | bytes:
+        return self.names[handle]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> FakeMemory:
+        return FakeMemory(total=(handle + 1) * 1024**3)
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "550.54.15"
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        return 12040
+
+    def nvmlSystemGetCudaDriverVersion_v2(self) -> int:
+        return 12100
+
+
+class BrokenNvml(FakeNvml):
+    def nvmlInit(self) -> None:
+        raise FakeNVMLError()
+
+
+@pytest.mark.skipif(HAS_DRIVER, reason="this host has an NVIDIA driver")
+def test_real_nvml_without_gpu_degrades() -> None:
+    nvml = Nvml()
+    try:
+        report = nvml.report()
+        again = nvml.report()
+    finally:
+        nvml.close()
+    assert report.gpus == ()
+    assert report.error  # the library or the driver is missing here
+    assert report.driver_version is None
+    assert report.cuda_version is None
+    assert again == report
+
+
+@pytest.mark.skipif(HAS_DRIVER, reason="this host has an NVIDIA driver")
+async def test_real_nvml_report_async_without_gpu() -> None:
+    nvml = Nvml()
+    try:
+        report = await nvml.report_async()
+    finally:
+        nvml.close()
+    assert report.gpus == ()
+    assert report.error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_DRIVER, reason="needs an NVIDIA GPU and driver")
+def test_real_nvml_with_gpu() -> None:
+    nvml = Nvml()
+    try:
+        report = nvml.report()
+    finally:
+        nvml.close()
+    assert report.error is None
+    assert report.gpus
+    assert all(gpu.uuid.startswith(("GPU-", "MIG-")) for gpu in report.gpus)
+    assert all(gpu.memory_total_bytes > 0 for gpu in report.gpus)
+    assert report.driver_version
+    assert report.cuda_version is not None
+    assert "." in report.cuda_version
+
+
+def test_two_gpus_from_a_fake() -> None:
+    fake = FakeNvml()
+    nvml = Nvml(fake)
+    try:
+        report = nvml.report()
+        nvml.report()
+    finally:
+        nvml.close()
+    assert report == GpuReport(
+        gpus=(
+            GpuInfo(0, "GPU-0000", "NVIDIA H100 80GB HBM3", 1024**3),
+            GpuInfo(1, "GPU-0001", "NVIDIA H100 80GB HBM3", 2 * 1024**3),
+        ),
+        driver_version="550.54.15",
+        cuda_version="12.10",  # the _v2 call is preferred when present
+        error=None,
+    )
+    assert fake.inits == 1  # initialised once, kept between reports
+    assert fake.shutdowns == 1  # by close()
+    assert len(fake.threads) == 1
+    assert next(iter(fake.threads)).startswith("nvml")
+
+
+def test_bytes_names_are_decoded() -> None:
+    nvml = Nvml(FakeNvml(names=(b"Tesla T4", b"NVIDIA GeForce RTX 4090")))
+    try:
+        report = nvml.report()
+    finally:
+        nvml.close()
+    assert [gpu.name for gpu in report.gpus] == ["Tesla T4", "NVIDIA GeForce RTX 4090"]
+    assert [gpu.uuid for gpu in report.gpus] == ["GPU-0000", "GPU-0001"]
+
+
+def test_failing_init_degrades_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    nvml = Nvml(BrokenNvml())
+    with caplog.at_level(logging.INFO, logger="qudata_agent.adapters.nvml"):
+        try:
+            reports = [nvml.report() for _ in range(3)]
+        finally:
+            nvml.close()
+    assert reports == [GpuReport(error="Driver Not Loaded")] * 3
+    assert len(caplog.records) == 1
+
+
+def test_no_cuda_version_keeps_the_gpus() -> None:
+    class NoCuda(FakeNvml):
+        def nvmlSystemGetCudaDriverVersion_v2(self) -> int:
+            raise FakeNVMLError()
+
+    nvml = Nvml(NoCuda())
+    try:
+        report = nvml.report()
+    finally:
+        nvml.close()
+    assert len(report.gpus) == 2
+    assert report.cuda_version is None
+    assert report.error is None
+
+
+async def test_report_async_with_a_fake() -> None:
+    fake = FakeNvml()
+    nvml = Nvml(fake)
+    try:
+        reports = await asyncio.gather(*(nvml.report_async() for _ in range(5)))
+    finally:
+        nvml.close()
+    assert all(len(report.gpus) == 2 for report in reports)
+    assert fake.inits == 1
+    assert len(fake.threads) == 1
+
+
+def test_close_is_safe_to_repeat_and_report_after_close_degrades() -> None:
+    fake = FakeNvml()
+    nvml = Nvml(fake)
+    nvml.close()
+    nvml.close()
+    assert fake.shutdowns == 0  # never initialised, nothing to shut down
+    assert nvml.report().gpus == ()
+    assert nvml.report().error

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from support.agent_proc import AgentProcess
 from support.fake_cp import FakeControlPlane
 

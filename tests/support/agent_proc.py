@@ -41,6 +41,7 @@ class AgentProcess:
                 "QUDATA_LOG_LEVEL": "DEBUG",
                 "QUDATA_CP_BACKOFF_MAX": "0.5",
                 "QUDATA_CP_TIMEOUT": "2",
+                "QUDATA_PORT_RANGE": "20000-20999",
             }
         )
         base.update(env or {})

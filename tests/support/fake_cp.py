@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,6 +23,7 @@ class Recorded:
     headers: dict[str, str]
     body: Any
     at: float
+    agent_port_answered: bool | None = None  # /init only: did agent_port answer /ping then?
 
 
 DEFAULT_INIT = {
@@ -30,6 +32,16 @@ DEFAULT_INIT = {
     "host_exists": False,
     "secret_key": "cp-issued-secret-0001",
 }
+
+
+def _answers_ping(port: object) -> bool:
+    if not isinstance(port, int):
+        return False
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 class FakeControlPlane:
@@ -59,10 +71,11 @@ class FakeControlPlane:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = raw
+                record = Recorded("POST", self.path, dict(self.headers.items()), body, time.time())
+                if self.path.endswith("/init") and isinstance(body, dict):
+                    record.agent_port_answered = _answers_ping(body.get("agent_port"))
                 with fake._lock:
-                    fake.calls.append(
-                        Recorded("POST", self.path, dict(self.headers.items()), body, time.time())
-                    )
+                    fake.calls.append(record)
                     status, answer = fake.answers.get(self.path, (404, {"ok": False, "error": "?"}))
                 data = json.dumps(answer).encode()
                 self.send_response(status)
@@ -97,4 +110,4 @@ class FakeControlPlane:
             if len(found) >= count:
                 return found
             time.sleep(0.05)
-        raise AssertionError(f"fake control plane: fewer than {count} calls to {path} in {timeout}s")
+        raise AssertionError(f"fake control plane: under {count} calls to {path} in {timeout}s")

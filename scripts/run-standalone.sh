@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian/Ubuntu machine (as root) and runs the agent in the
+# foreground, standalone (no control plane), with its state in ./state.
+# Extra arguments go to `qudata-agent run`; QUDATA_* variables are honoured.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+need_root
+ensure_dockerd
+ensure_venv
+export QUDATA_STATE_DIR=${QUDATA_STATE_DIR:-$ROOT/state}
+say "agent state in $QUDATA_STATE_DIR; the agent secret is in $QUDATA_STATE_DIR/agent_secret"
+exec "$VENV/bin/qudata-agent" run "$@"

@@ -72,17 +72,26 @@ class ControlPlane:
             raise ControlPlaneError(f"POST {path}: {type(e).__name__}") from e
         if resp.status_code >= 400:
             raise ControlPlaneError(
-                f"POST {path}: HTTP {resp.status_code} {_error_text(resp)}", resp.status_code
+                f"POST {path}: HTTP {resp.status_code} {self._echo(_error_text(resp))}",
+                resp.status_code,
             )
         try:
             body = resp.json()
         except ValueError as e:
             raise ControlPlaneError(f"POST {path}: answer is not JSON", resp.status_code) from e
         if isinstance(body, dict) and body.get("ok") is False:
-            raise ControlPlaneError(f"POST {path}: refused: {_short(body.get('error'))}")
+            raise ControlPlaneError(f"POST {path}: refused: {self._echo(body.get('error'))}")
         if isinstance(body, dict) and "data" in body:
             return body["data"]
         return body
+
+    def _echo(self, value: object) -> str:
+        """The server's own text, shortened, with any credential it echoed back masked."""
+        text = str(value) if value is not None else ""
+        for credential in (self._api_key, self._secret):
+            if credential:
+                text = text.replace(credential, "***")
+        return _short(text)
 
     async def init(self, payload: dict[str, Any]) -> InitAnswer:
         data = await self._post("/init", payload)
@@ -114,5 +123,5 @@ def _error_text(resp: httpx.Response) -> str:
     except ValueError:
         return ""
     if isinstance(body, dict):
-        return _short(body.get("error") or body.get("detail") or "")
+        return str(body.get("error") or body.get("detail") or "")
     return ""

@@ -1,0 +1,257 @@
+"""The rules of the house, checked on the source: who may import which SDK, who reads the env.
+
+Walks every module under src/qudata_agent with `ast` (nothing is imported or
+run) and fails with the list of offending file:line entries.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import qudata_agent
+
+PACKAGE = "qudata_agent"
+ROOT = Path(qudata_agent.__file__).resolve().parent
+
+# Each outside thing and the one file allowed to import it.
+SDK_OWNERS = {
+    "docker": "adapters/docker_engine.py",
+    "requests": "adapters/docker_engine.py",
+    "sqlite3": "adapters/store.py",
+    "pynvml": "adapters/nvml.py",
+    "httpx": "adapters/control_plane.py",
+}
+ENV_OWNER = "config.py"
+ENV_NAMES = frozenset({"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"})
+API_BANNED = ("docker", "requests", "sqlite3", "pynvml", "httpx", f"{PACKAGE}.adapters")
+DOMAIN_BANNED = (
+    "asyncio",
+    "docker",
+    "requests",
+    "sqlite3",
+    "pynvml",
+    "httpx",
+    "falcon",
+    "uvicorn",
+    "psutil",
+    "socket",
+    "subprocess",
+    f"{PACKAGE}.adapters",
+    f"{PACKAGE}.services",
+    f"{PACKAGE}.api",
+)
+
+
+@dataclass
+class Facts:
+    """What one module imports and where it touches the process environment."""
+
+    imports: list[tuple[int, str]] = field(default_factory=list)
+    env_reads: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _module_name(rel: str) -> str:
+    parts = rel.removesuffix(".py").split("/")
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join([PACKAGE, *parts])
+
+
+def _resolve(rel: str, level: int, module: str | None) -> str:
+    """The absolute name of a relative `from` import in the file at `rel`."""
+    package = _module_name(rel).split(".")
+    if not rel.endswith("__init__.py"):
+        package = package[:-1]
+    base = package[: len(package) - (level - 1)] if level > 1 else package
+    return ".".join([*base, module] if module else base)
+
+
+def _constant_import(node: ast.Call) -> str | None:
+    """`importlib.import_module("x")` or `__import__("x")` with a literal name."""
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    if name not in ("import_module", "__import__") or not node.args:
+        return None
+    first = node.args[0]
+    if isinstance(first, ast.Constant) and isinstance(first.value, str):
+        return first.value
+    return None
+
+
+def facts_of(source: str, rel: str) -> Facts:
+    """Imports (absolute names) and environment accesses of the module at `rel`."""
+    facts = Facts()
+    for node in ast.walk(ast.parse(source, filename=rel)):
+        if isinstance(node, ast.Import):
+            facts.imports += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(rel, node.level, node.module) if node.level else node.module or ""
+            facts.imports.append((node.lineno, base))
+            # `from pkg import name` may import the submodule pkg.name
+            facts.imports += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+            if base in ("os", "posix"):
+                facts.env_reads += [
+                    (node.lineno, f"from {base} import {alias.name}")
+                    for alias in node.names
+                    if alias.name in ENV_NAMES
+                ]
+        elif isinstance(node, ast.Call) and (name := _constant_import(node)):
+            facts.imports.append((node.lineno, name))
+        elif isinstance(node, ast.Attribute) and node.attr in ENV_NAMES:
+            facts.env_reads.append((node.lineno, f".{node.attr}"))
+        elif isinstance(node, ast.Name) and node.id in ENV_NAMES:
+            facts.env_reads.append((node.lineno, node.id))
+    return facts
+
+
+def _is_within(module: str, banned: str) -> bool:
+    return module == banned or module.startswith(banned + ".")
+
+
+def sdk_owner_offences(rel: str, facts: Facts) -> list[str]:
+    return [
+        f"{rel}:{line} imports {module} (only {SDK_OWNERS[top]} may)"
+        for line, module in facts.imports
+        if (top := module.split(".")[0]) in SDK_OWNERS and SDK_OWNERS[top] != rel
+    ]
+
+
+def env_offences(rel: str, facts: Facts) -> list[str]:
+    if rel == ENV_OWNER:
+        return []
+    return [f"{rel}:{line} reads the environment ({what})" for line, what in facts.env_reads]
+
+
+def _banned_offences(rel: str, facts: Facts, under: str, banned: tuple[str, ...]) -> list[str]:
+    if not rel.startswith(under):
+        return []
+    return [
+        f"{rel}:{line} imports {module} (banned under {under})"
+        for line, module in facts.imports
+        if any(_is_within(module, b) for b in banned)
+    ]
+
+
+def api_offences(rel: str, facts: Facts) -> list[str]:
+    return _banned_offences(rel, facts, "api/", API_BANNED)
+
+
+def domain_offences(rel: str, facts: Facts) -> list[str]:
+    return _banned_offences(rel, facts, "domain/", DOMAIN_BANNED)
+
+
+Rule = Callable[[str, Facts], list[str]]
+RULES: dict[str, Rule] = {
+    "each SDK is imported by its one adapter": sdk_owner_offences,
+    "only config.py reads the environment": env_offences,
+    "the API layer is thin": api_offences,
+    "the domain is pure": domain_offences,
+}
+
+
+def check(source: str, rel: str) -> list[str]:
+    """Every rule's offences for one module's source."""
+    facts = facts_of(source, rel)
+    return [offence for rule in RULES.values() for offence in rule(rel, facts)]
+
+
+def _modules() -> Iterator[tuple[str, str]]:
+    for path in sorted(ROOT.rglob("*.py")):
+        yield path.relative_to(ROOT).as_posix(), path.read_text(encoding="utf-8")
+
+
+# the real tree
+
+
+def test_the_walk_sees_the_package() -> None:
+    names = {rel for rel, _ in _modules()}
+    for expected in ("config.py", "adapters/store.py", "adapters/control_plane.py", "api/app.py"):
+        assert expected in names
+    assert len(names) > 20
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_the_source_keeps_the_rule(rule: str) -> None:
+    offences = [
+        offence for rel, source in _modules() for offence in RULES[rule](rel, facts_of(source, rel))
+    ]
+    assert offences == [], f"{rule}:\n  " + "\n  ".join(offences)
+
+
+def test_the_owners_do_import_what_they_own() -> None:
+    """A rule about an owner that no longer owns anything would guard nothing."""
+    sources = dict(_modules())
+    for sdk, owner in SDK_OWNERS.items():
+        imported = {module.split(".")[0] for _, module in facts_of(sources[owner], owner).imports}
+        assert sdk in imported, f"{owner} no longer imports {sdk}"
+    assert facts_of(sources[ENV_OWNER], ENV_OWNER).env_reads
+
+
+# the checker itself
+
+
+@pytest.mark.parametrize(
+    ("rel", "source", "expected"),
+    [
+        ("services/x.py", "import docker\n", "services/x.py:1 imports docker"),
+        ("adapters/host.py", "import docker.errors\n", "imports docker.errors"),
+        ("adapters/host.py", "from requests import exceptions\n", "imports requests"),
+        ("loops/x.py", "import sqlite3 as db\n", "imports sqlite3"),
+        ("app.py", "\n\nfrom pynvml import nvmlInit\n", "app.py:3 imports pynvml"),
+        ("services/x.py", "def f():\n    import httpx\n", "services/x.py:2 imports httpx"),
+        ("services/x.py", "import importlib\nimportlib.import_module('docker')\n", "docker"),
+        ("services/x.py", "m = __import__('sqlite3')\n", "imports sqlite3"),
+        ("services/x.py", "import os\nv = os.environ['X']\n", "services/x.py:2 reads the env"),
+        ("services/x.py", "import os\nv = os.environ.get('X')\n", "reads the environment"),
+        ("services/x.py", "import os\nv = os.getenv('X')\n", "reads the environment"),
+        ("cli.py", "import os as o\no.putenv('X', '1')\n", "reads the environment"),
+        ("services/x.py", "from os import environ\n", "from os import environ"),
+        ("services/x.py", "from os import getenv as g\n", "from os import getenv"),
+        ("api/x.py", "import httpx\n", "api/x.py:1 imports httpx (banned under api/)"),
+        ("api/x.py", "from qudata_agent.adapters.store import Store\n", "banned under api/"),
+        ("api/x.py", "from qudata_agent.adapters import store\n", "banned under api/"),
+        ("api/resources/x.py", "from ...adapters.store import Store\n", "banned under api/"),
+        ("api/resources/x.py", "from ... import adapters\n", "banned under api/"),
+        ("domain/x.py", "import asyncio\n", "domain/x.py:1 imports asyncio"),
+        ("domain/x.py", "from asyncio import Lock\n", "banned under domain/"),
+        ("domain/x.py", "import psutil\n", "banned under domain/"),
+        ("domain/x.py", "from qudata_agent.services import instances\n", "banned under domain/"),
+        ("domain/x.py", "from ..api.schemas import Ok\n", "banned under domain/"),
+        ("domain/x.py", "from ..adapters import nvml\n", "banned under domain/"),
+    ],
+)
+def test_the_checker_finds_a_planted_violation(rel: str, source: str, expected: str) -> None:
+    offences = check(source, rel)
+    assert any(expected in offence for offence in offences), offences
+
+
+@pytest.mark.parametrize(
+    ("rel", "source"),
+    [
+        ("adapters/docker_engine.py", "import docker\nimport docker.errors\nimport requests\n"),
+        ("adapters/store.py", "import sqlite3\n"),
+        ("adapters/nvml.py", "def f():\n    import pynvml\n"),
+        ("adapters/control_plane.py", "import httpx\n"),
+        ("config.py", "import os\nsource = os.environ\n"),
+        ("api/x.py", "from qudata_agent.domain.instance import Instance\nimport falcon\n"),
+        ("api/x.py", "from .body import read_json\nfrom ..errors import NotFound\n"),
+        ("domain/x.py", "import json\nfrom .inventory import GpuInfo\n"),
+        ("services/x.py", "import os\npid = os.getpid()\nimport asyncio\n"),
+        ("services/x.py", "environment = {'a': 1}\nx = environment_name = 2\n"),
+    ],
+)
+def test_the_checker_accepts_what_is_allowed(rel: str, source: str) -> None:
+    assert check(source, rel) == []
+
+
+def test_relative_imports_resolve_from_the_file_and_from_a_package_init() -> None:
+    assert _resolve("api/resources/x.py", 2, "body") == "qudata_agent.api.body"
+    assert _resolve("api/resources/x.py", 3, "adapters") == "qudata_agent.adapters"
+    assert _resolve("api/resources/__init__.py", 1, "x") == "qudata_agent.api.resources.x"
+    assert _resolve("api/resources/__init__.py", 2, None) == "qudata_agent.api"
+    assert _resolve("config.py", 1, "errors") == "qudata_agent.errors"

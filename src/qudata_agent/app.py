@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -23,6 +25,7 @@ from qudata_agent import __version__
 from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
 from qudata_agent.adapters.docker_engine import DockerEngine
 from qudata_agent.adapters.host import HostProbe, default_route_address, machine_fingerprint
+from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
 from qudata_agent.adapters.store import Store
@@ -31,11 +34,16 @@ from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
 from qudata_agent.domain.backoff import Backoff
 from qudata_agent.domain.inventory import init_host_payload
+from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.errors import AgentError, Unavailable
+from qudata_agent.loops.docker_events import docker_events_loop
+from qudata_agent.loops.periodic import run_every
 from qudata_agent.loops.registration import registration_loop
 from qudata_agent.loops.supervisor import Supervisor
 from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
+from qudata_agent.services.instances import InstanceService
+from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.registration import Identity, Registrar
 
 log = logging.getLogger(__name__)
@@ -133,50 +141,64 @@ class Agent:
             parts.blocking.close()
             parts.store.close()
 
-    async def _serve(self, parts: _Parts) -> int:
-        s = self.settings
-        if parts.api_key is None:
-            await asyncio.to_thread(parts.credentials.ensure_secret)
-            log.info(
-                "standalone mode: no API key, no control-plane calls; the agent secret is in %s",
-                parts.credentials.secret_path,
-            )
-            print(
-                f"qudata-agent: standalone mode; agent secret file: "
-                f"{parts.credentials.secret_path}",
-                file=sys.stderr,
-                flush=True,
-            )
-        previous = parts.store.get(AGENT_PORT_KEY)
-        try:
-            sock = listen(
-                s.agent_host, s.agent_port, int(previous) if previous else None, s.port_range
-            )
-        except PortUnavailable as e:
-            log.error("cannot listen", extra={"error": e.strerror})
-            return 1
-        port = int(sock.getsockname()[1])
-        await parts.blocking.quick(parts.store.set, AGENT_PORT_KEY, str(port))
+    def _announce_standalone(self, parts: _Parts) -> None:
+        parts.credentials.ensure_secret()
+        path = parts.credentials.secret_path
+        log.info("standalone mode: no API key, no control-plane calls; agent secret in %s", path)
+        print(
+            f"qudata-agent: standalone mode; agent secret file: {path}", file=sys.stderr, flush=True
+        )
 
-        api = create_app(
-            ApiDeps(secret=parts.credentials.agent_secret, max_body_bytes=s.max_body_bytes)
+    def _listen(self, parts: _Parts) -> socket.socket:
+        s = self.settings
+        previous = parts.store.get(AGENT_PORT_KEY)
+        sock = listen(s.agent_host, s.agent_port, int(previous) if previous else None, s.port_range)
+        parts.store.set(AGENT_PORT_KEY, str(sock.getsockname()[1]))
+        return sock
+
+    def _instances(self, parts: _Parts, agent_port: int) -> InstanceService:
+        s = self.settings
+
+        async def gpu_uuids() -> tuple[str, ...]:
+            report = await parts.nvml.report_async()
+            return tuple(gpu.uuid for gpu in report.gpus)
+
+        return InstanceService(
+            engine=parts.docker,
+            store=parts.store,
+            blocking=parts.blocking,
+            pulls=PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s),
+            ports=PortAllocator(s.port_range, frozenset({agent_port}), port_is_free),
+            gpu_uuids=gpu_uuids,
+            agent_id=parts.agent_id,
+            stop_timeout_s=s.stop_timeout_s,
         )
-        server = make_server(api, s.shutdown_timeout_s)
-        self._server = server
-        if self._stop.is_set():
-            server.should_exit = True
-        supervisor = Supervisor()
-        cp = (
-            ControlPlane(
-                s.api_url,
-                parts.api_key,
-                timeout_s=s.cp_timeout_s,
-                user_agent=f"qudata-agent/{__version__}",
-            )
-            if parts.api_key
-            else None
+
+    def _start_loops(
+        self,
+        supervisor: Supervisor,
+        parts: _Parts,
+        instances: InstanceService,
+        cp: ControlPlane | None,
+        listening: asyncio.Future[int],
+    ) -> None:
+        s = self.settings
+
+        async def reconcile() -> None:
+            await _until_done(instances.restore, "restore instances from Docker")
+            await run_every(s.sync_interval_s, instances.sync, "sync")
+
+        supervisor.start("reconcile", reconcile())
+        supervisor.start(
+            "docker-events",
+            docker_events_loop(
+                parts.docker,
+                parts.agent_id,
+                instances.on_container_event,
+                instances.sync,
+                parts.blocking,
+            ),
         )
-        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if cp is not None:
             supervisor.start(
                 "registration",
@@ -187,6 +209,44 @@ class Agent:
                     (ControlPlaneError,),
                 ),
             )
+
+    async def _serve(self, parts: _Parts) -> int:
+        s = self.settings
+        if parts.api_key is None:
+            await asyncio.to_thread(self._announce_standalone, parts)
+        try:
+            sock = await asyncio.to_thread(self._listen, parts)
+        except PortUnavailable as e:
+            log.error("cannot listen", extra={"error": e.strerror})
+            return 1
+        port = int(sock.getsockname()[1])
+        instances = self._instances(parts, port)
+        server = make_server(
+            create_app(
+                ApiDeps(
+                    secret=parts.credentials.agent_secret,
+                    max_body_bytes=s.max_body_bytes,
+                    instances=instances,
+                )
+            ),
+            s.shutdown_timeout_s,
+        )
+        self._server = server
+        if self._stop.is_set():
+            server.should_exit = True
+        cp = (
+            ControlPlane(
+                s.api_url,
+                parts.api_key,
+                timeout_s=s.cp_timeout_s,
+                user_agent=f"qudata-agent/{__version__}",
+            )
+            if parts.api_key
+            else None
+        )
+        supervisor = Supervisor()
+        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._start_loops(supervisor, parts, instances, cp, listening)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         try:
             if await wait_started(server, serving):
@@ -208,11 +268,29 @@ class Agent:
         finally:
             listening.cancel()
             await supervisor.stop(s.shutdown_timeout_s)
+            await instances.close()
             if cp is not None:
                 await cp.aclose()
             sock.close()
         log.info("agent stopped")
         return 0
+
+
+async def _until_done(step: Callable[[], Awaitable[None]], what: str) -> None:
+    """Runs `step` until it succeeds (Docker may come up after the agent)."""
+    backoff = Backoff(base_s=0.5, cap_s=15)
+    failures = 0
+    while True:
+        try:
+            await step()
+            if failures:
+                log.info("succeeded after retries", extra={"step": what, "failures": failures})
+            return
+        except AgentError as e:
+            failures += 1
+            if failures == 1:
+                log.warning("step failed; retrying", extra={"step": what, "error": e.message})
+            await asyncio.sleep(backoff.next_delay())
 
 
 def run(settings: Settings) -> int:

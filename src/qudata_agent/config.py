@@ -49,6 +49,9 @@ class Settings:
     cp_backoff_max_s: float = 60.0
     shutdown_timeout_s: float = 5.0
     max_body_bytes: int = 1024 * 1024
+    pull_inactivity_s: float = 300.0  # a pull with no progress for this long is aborted
+    stop_timeout_s: int = 10  # SIGTERM -> SIGKILL grace when stopping an instance
+    sync_interval_s: float = 30.0  # full reconcile with Docker
 
     @property
     def standalone(self) -> bool:
@@ -172,6 +175,12 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         "QUDATA_LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, LOG_FORMATS)),
         "QUDATA_CP_TIMEOUT": ("cp_timeout_s", lambda n, r: _parse_float(n, r, 0.1, 300)),
         "QUDATA_CP_BACKOFF_MAX": ("cp_backoff_max_s", lambda n, r: _parse_float(n, r, 0.1, 3600)),
+        "QUDATA_PULL_INACTIVITY_TIMEOUT": (
+            "pull_inactivity_s",
+            lambda n, r: _parse_float(n, r, 1, 3600),
+        ),
+        "QUDATA_STOP_TIMEOUT": ("stop_timeout_s", lambda n, r: _parse_int(n, r, 0, 600)),
+        "QUDATA_SYNC_INTERVAL": ("sync_interval_s", lambda n, r: _parse_float(n, r, 1, 3600)),
         "QUDATA_SHUTDOWN_TIMEOUT": (
             "shutdown_timeout_s",
             lambda n, r: _parse_float(n, r, 0.1, 60),

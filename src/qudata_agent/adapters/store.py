@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from qudata_agent.errors import Unavailable
+from qudata_agent.domain.instance import Instance
+from qudata_agent.errors import Conflict, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,17 @@ log = logging.getLogger(__name__)
 # transaction); never edit a released one, append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",),
+    (
+        # One row per instance; `record` is the domain's JSON form of Instance.
+        "CREATE TABLE instances (id TEXT PRIMARY KEY, status TEXT NOT NULL, record TEXT NOT NULL)",
+        # A host port or a GPU belongs to at most one instance: the primary
+        # keys make a double allocation impossible even if a caller errs.
+        "CREATE TABLE port_allocations (port INTEGER PRIMARY KEY,"
+        " instance_id TEXT NOT NULL REFERENCES instances(id) ON DELETE CASCADE,"
+        " container_port TEXT NOT NULL)",
+        "CREATE TABLE gpu_allocations (uuid TEXT PRIMARY KEY,"
+        " instance_id TEXT NOT NULL REFERENCES instances(id) ON DELETE CASCADE)",
+    ),
 )
 
 
@@ -36,6 +49,7 @@ class Store:
 
     @classmethod
     def open(cls, path: Path) -> Store:
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -45,6 +59,8 @@ class Store:
             store = cls(conn)
             store._migrate()
         except sqlite3.Error as e:
+            if conn is not None:
+                conn.close()
             raise Unavailable(f"state database {path} cannot be opened: {e}") from e
         return store
 
@@ -98,6 +114,77 @@ class Store:
             )
             (value,) = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(value)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def insert_instance(self, instance: Instance) -> None:
+        """Stores a new instance with its ports and GPUs, all or nothing."""
+        try:
+            with self._transaction() as tx:
+                tx.execute(
+                    "INSERT INTO instances(id, status, record) VALUES(?, ?, ?)",
+                    (instance.id, instance.status.value, instance.to_json()),
+                )
+                tx.executemany(
+                    "INSERT INTO port_allocations(port, instance_id, container_port)"
+                    " VALUES(?, ?, ?)",
+                    [(port, instance.id, key) for key, port in instance.ports.items()],
+                )
+                tx.executemany(
+                    "INSERT INTO gpu_allocations(uuid, instance_id) VALUES(?, ?)",
+                    [(uuid, instance.id) for uuid in instance.gpus],
+                )
+        except sqlite3.IntegrityError as e:
+            raise Conflict("a host port or GPU of this instance is already allocated") from e
+
+    def update_instance(self, instance: Instance) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE instances SET status = ?, record = ? WHERE id = ?",
+                (instance.status.value, instance.to_json(), instance.id),
+            )
+
+    def release_resources(self, instance_id: str) -> None:
+        """Frees the instance's ports and GPUs (its record stays)."""
+        with self._transaction() as tx:
+            tx.execute("DELETE FROM port_allocations WHERE instance_id = ?", (instance_id,))
+            tx.execute("DELETE FROM gpu_allocations WHERE instance_id = ?", (instance_id,))
+
+    def delete_instance(self, instance_id: str) -> None:
+        """Removes the record; its ports and GPUs go with it (ON DELETE CASCADE)."""
+        with self._lock:
+            self._conn.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+
+    def get_instance(self, instance_id: str) -> Instance | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT record FROM instances WHERE id = ?", (instance_id,)
+            ).fetchone()
+        return None if row is None else Instance.from_json(row[0])
+
+    def list_instances(self) -> list[Instance]:
+        with self._lock:
+            rows = self._conn.execute("SELECT record FROM instances ORDER BY rowid").fetchall()
+        return [Instance.from_json(row[0]) for row in rows]
+
+    def allocated_ports(self) -> frozenset[int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT port FROM port_allocations").fetchall()
+        return frozenset(int(row[0]) for row in rows)
+
+    def allocated_gpus(self) -> frozenset[str]:
+        with self._lock:
+            rows = self._conn.execute("SELECT uuid FROM gpu_allocations").fetchall()
+        return frozenset(str(row[0]) for row in rows)
 
     def close(self) -> None:
         with self._lock:

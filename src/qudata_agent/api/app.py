@@ -21,6 +21,7 @@ from qudata_agent import __version__
 from qudata_agent.api.envelope import fail
 from qudata_agent.api.middleware import BodyLimit, RequestContext, SecretAuth
 from qudata_agent.api.openapi import build_openapi
+from qudata_agent.api.resources.instances import InstancesApi, InstancesResource
 from qudata_agent.api.resources.system import OpenApiResource, PingResource
 from qudata_agent.api.routes import ROUTES, Route, public_operations
 from qudata_agent.errors import AgentError, http_status
@@ -34,6 +35,7 @@ class ApiDeps:
 
     secret: Callable[[], str | None]
     max_body_bytes: int = 1024 * 1024
+    instances: InstancesApi | None = None
 
 
 def _framework_message(req: falcon.asgi.Request, ex: falcon.HTTPError) -> str:
@@ -73,11 +75,16 @@ async def _on_unexpected(
     fail(resp, 500, "internal error")
 
 
-def _resources(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
-    return {
-        "ping": PingResource(),
-        "openapi": OpenApiResource(build_openapi(routes, __version__)),
-    }
+def _mounted(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
+    """The resources this app serves; routes of services not given are left out."""
+    resources: dict[str, object] = {"ping": PingResource()}
+    if deps.instances is not None:
+        resources["instances"] = InstancesResource(deps.instances, deps.max_body_bytes)
+    served = tuple(
+        route for route in routes if route.resource in resources or route.resource == "openapi"
+    )
+    resources["openapi"] = OpenApiResource(build_openapi(served, __version__))
+    return resources
 
 
 AsgiApp = falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]
@@ -93,7 +100,8 @@ def create_app(deps: ApiDeps, routes: tuple[Route, ...] = ROUTES) -> AsgiApp:
     app.add_error_handler(Exception, _on_unexpected)
     app.add_error_handler(falcon.HTTPError, _on_http_error)
     app.add_error_handler(AgentError, _on_agent_error)
-    resources = _resources(deps, routes)
+    resources = _mounted(deps, routes)
     for route in routes:
-        app.add_route(route.path, resources[route.resource])
+        if route.resource in resources:
+            app.add_route(route.path, resources[route.resource])
     return app

@@ -12,6 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from qudata_agent.api.schemas import (
+    CreatedInstance,
+    CreateInstance,
+    InstanceAction,
+    InstanceState,
+)
+
 
 @dataclass(frozen=True)
 class QueryParam:
@@ -45,6 +52,47 @@ ROUTES: tuple[Route, ...] = (
         "/ping",
         "ping",
         (Operation("GET", "Liveness check; needs no secret", None, public=True),),
+    ),
+    Route(
+        "/instances",
+        "instances",
+        (
+            Operation(
+                "POST",
+                "Create the instance; answers at once, the build goes on in the background",
+                CreatedInstance,
+                request=CreateInstance,
+                status=202,
+                errors=(409, 503),
+            ),
+            Operation(
+                "GET",
+                "The instance's state (status destroyed when there is none)",
+                InstanceState,
+                query=(
+                    QueryParam("logs", {"type": "boolean"}, "include the container's logs"),
+                    QueryParam(
+                        "tail",
+                        {"type": "integer", "minimum": 1, "maximum": 10000},
+                        "how many log lines (default 100)",
+                    ),
+                ),
+                errors=(503,),
+            ),
+            Operation(
+                "PUT",
+                "stop, start or restart the instance",
+                InstanceState,
+                request=InstanceAction,
+                errors=(404, 409, 503),
+            ),
+            Operation(
+                "DELETE",
+                "Delete the instance: its container, ports and GPUs",
+                InstanceState,
+                errors=(503,),
+            ),
+        ),
     ),
     Route(
         "/openapi.json",

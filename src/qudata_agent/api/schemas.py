@@ -8,9 +8,21 @@ the contract's names; extra answer fields are allowed, renamed ones are not.
 
 from __future__ import annotations
 
-from typing import Generic, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    field_validator,
+)
 
 T = TypeVar("T")
 
@@ -33,3 +45,84 @@ class Empty(BaseModel):
     """A request or answer with no fields."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+# -- instances ------------------------------------------------------------------
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,255}$"
+
+
+class CreateInstance(BaseModel):
+    """`POST /instances`. Unknown extra fields are ignored; known ones are strict."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = Field(min_length=1, max_length=512)
+    image_tag: str | None = Field(default=None, max_length=128)
+    storage_gb: StrictFloat | StrictInt | None = Field(default=None, gt=0, le=1_000_000)
+    env_variables: dict[
+        Annotated[str, StringConstraints(pattern=_ENV_NAME)],
+        Annotated[StrictStr, StringConstraints(max_length=65536)] | StrictInt | StrictFloat,
+    ] = Field(default_factory=dict, max_length=512)
+    ports: dict[
+        Annotated[str, StringConstraints(max_length=16)],
+        Annotated[StrictStr, StringConstraints(max_length=16)] | StrictInt,
+    ] = Field(default_factory=dict, max_length=64)
+    command: str | None = Field(default=None, max_length=65536)
+    ssh_enabled: StrictBool = False
+    registry: str | None = Field(default=None, max_length=512)
+    login: str | None = Field(default=None, max_length=512)
+    password: SecretStr | None = Field(default=None, max_length=4096)
+
+    @field_validator("env_variables")
+    @classmethod
+    def _no_nul(cls, env: dict[str, str | int | float]) -> dict[str, str | int | float]:
+        for key, value in env.items():
+            if "\x00" in str(value):
+                raise ValueError(f"value of {key} holds a NUL character")
+        return env
+
+
+class CreatedInstance(BaseModel):
+    success: bool = True
+    instance_id: str
+    status: str
+    ports: dict[str, str] = Field(description="container port -> host port")
+
+
+class PullProgressView(BaseModel):
+    bytes_done: int
+    bytes_total: int
+    layers_done: int
+    layers_total: int
+
+
+class InstanceState(BaseModel):
+    """`GET /instances`: with no instance, status `destroyed` and null ids."""
+
+    instance_id: str | None
+    container_id: str | None
+    status: Literal["pending", "running", "paused", "error", "destroyed"]
+    allocated_ports: dict[str, str] = Field(default_factory=dict)
+    image: str | None = None
+    phase: str | None = Field(
+        default=None, description="while pending: queued, pulling, creating, starting"
+    )
+    reason: str | None = None
+    exit_code: int | None = None
+    gpus: list[str] = Field(default_factory=list)
+    ssh_enabled: bool = False
+    created_at: float | None = None
+    pull: PullProgressView | None = None
+    last_logs: str | None = Field(default=None, description="after the container exited on its own")
+    logs: str | None = None
+
+
+class InstanceAction(BaseModel):
+    """`PUT /instances`: `{"action": "stop"|"start"|"restart"}` (`command` accepted too)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    action: Literal["stop", "start", "restart"] = Field(
+        validation_alias=AliasChoices("action", "command")
+    )

@@ -1,0 +1,151 @@
+"""The pure half of image pulls: references, credentials and progress, no I/O.
+
+Owns `RegistryAuth` (credentials for one pull), `PullProgress` (what a pull has
+done so far), the split of an image reference into the repository and the
+tag or digest that Docker's pull endpoint wants, and the tally that turns
+Docker's progress messages into `PullProgress`. The Docker adapter
+(`docker_engine.py`) does the talking; this module imports no SDK, so it is
+tested without Docker.
+
+What stays true: a password is never part of a repr, a message or a log line
+built here (`redact` removes it from text that came from elsewhere); a
+registry host with a port is never mistaken for a tag; progress only grows
+while layers are being fetched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_TAG = "latest"
+DEFAULT_REGISTRY = "docker.io"
+
+# Docker's per-layer progress statuses; the three in `_LAYER_DONE` end a layer.
+_LAYER_STATUSES = frozenset(
+    {
+        "Pulling fs layer",
+        "Waiting",
+        "Downloading",
+        "Verifying Checksum",
+        "Download complete",
+        "Extracting",
+        "Pull complete",
+        "Already exists",
+    }
+)
+_LAYER_DONE = frozenset({"Download complete", "Pull complete", "Already exists"})
+
+
+@dataclass(frozen=True)
+class RegistryAuth:
+    username: str
+    password: str = field(repr=False)
+    registry: str | None = None  # None: the registry named in the image reference
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    bytes_done: int
+    bytes_total: int
+    layers_done: int
+    layers_total: int
+
+
+def split_reference(ref: str) -> tuple[str, str]:
+    """`repo[:tag][@digest]` -> (repo, tag or digest); the tag defaults to latest.
+
+    Only a colon after the last slash starts a tag, so `reg:5000/team/img` is
+    the repository `reg:5000/team/img` with tag latest. A digest wins over a tag.
+    """
+    name, _, digest = ref.partition("@")
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    tag = DEFAULT_TAG
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1 :]
+    return name, (digest or tag)
+
+
+def registry_of(repository: str) -> str:
+    """The registry host a repository lives on (Docker Hub when none is named)."""
+    first, slash, _ = repository.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return DEFAULT_REGISTRY
+
+
+def auth_config(auth: RegistryAuth, repository: str) -> dict[str, str]:
+    """The credentials object Docker expects in X-Registry-Auth (before encoding)."""
+    return {
+        "username": auth.username,
+        "password": auth.password,
+        "serveraddress": auth.registry or registry_of(repository),
+    }
+
+
+def redact(text: str, auth: RegistryAuth | None) -> str:
+    """`text` with the password removed, should a registry ever echo it back."""
+    if auth is not None and auth.password:
+        return text.replace(auth.password, "***")
+    return text
+
+
+def stream_error(message: dict[str, Any]) -> str | None:
+    """The error a progress message reports, if it reports one."""
+    detail = message.get("errorDetail")
+    if isinstance(detail, dict) and detail.get("message"):
+        return str(detail["message"])
+    if message.get("error"):
+        return str(message["error"])
+    return None
+
+
+@dataclass
+class _Layer:
+    done: int = 0
+    total: int = 0
+    finished: bool = False
+
+
+def _capped(layer: _Layer) -> int:
+    return min(layer.done, layer.total) if layer.total else layer.done
+
+
+class PullTally:
+    """Sums Docker's per-layer progress messages into one `PullProgress`."""
+
+    def __init__(self) -> None:
+        self._layers: dict[str, _Layer] = {}
+        self._last: PullProgress | None = None
+
+    def feed(self, message: dict[str, Any]) -> PullProgress | None:
+        """Takes one message; returns the new progress when it changed, else None."""
+        layer_id = message.get("id")
+        status = message.get("status")
+        detail = message.get("progressDetail") or {}
+        if not isinstance(layer_id, str) or status not in _LAYER_STATUSES:
+            return None
+        layer = self._layers.setdefault(layer_id, _Layer())
+        if isinstance(detail, dict):
+            # Downloading and Extracting both count the compressed bytes, so
+            # taking the maximum never moves progress backwards.
+            layer.total = max(layer.total, int(detail.get("total") or 0))
+            layer.done = max(layer.done, int(detail.get("current") or 0))
+        if status in _LAYER_DONE:
+            layer.finished = True
+            layer.done = max(layer.done, layer.total)
+        progress = self.progress()
+        if progress == self._last:
+            return None
+        self._last = progress
+        return progress
+
+    def progress(self) -> PullProgress:
+        layers = self._layers.values()
+        return PullProgress(
+            bytes_done=sum(_capped(layer) for layer in layers),
+            bytes_total=sum(layer.total for layer in layers),
+            layers_done=sum(1 for layer in layers if layer.finished),
+            layers_total=len(self._layers),
+        )

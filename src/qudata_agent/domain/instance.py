@@ -1,0 +1,151 @@
+"""The instance: the one renter container the control plane asked for, and its states.
+
+                 create
+                   |
+                   v
+    +---------> pending ----------------------+
+    |              |  pulled, created, started |  failure (pull, create, start)
+    |              v                           v
+    |           running <------------+      error
+    |           |     ^               |        |
+    |     stop, |     | start,        |        |
+    |     exit  v     | restart       |        |
+    |           paused -+             |        |
+    |                                          |
+    |    delete (from any state) ---> destroyed (the record is gone)
+    +--- (a create cut short by a crash is resumed from pending)
+
+`pending` carries a phase (queued, pulling, creating, starting) for the
+answer. Only the transitions in `ALLOWED` happen; `Instance.move` refuses the
+rest, and the first failure reason is kept (a later failure does not hide the
+cause). Pure: no I/O, no clocks except those passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from qudata_agent.domain.container_spec import ContainerState
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    ERROR = "error"
+    DESTROYED = "destroyed"
+
+
+class Wanted(StrEnum):
+    """What the renter last asked for: the reconciler converges towards it."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Action(StrEnum):
+    STOP = "stop"
+    START = "start"
+    RESTART = "restart"
+
+
+ALLOWED: dict[Status, frozenset[Status]] = {
+    Status.PENDING: frozenset({Status.PENDING, Status.RUNNING, Status.PAUSED, Status.ERROR}),
+    Status.RUNNING: frozenset({Status.RUNNING, Status.PAUSED, Status.ERROR}),
+    Status.PAUSED: frozenset({Status.PAUSED, Status.RUNNING, Status.ERROR}),
+    Status.ERROR: frozenset({Status.ERROR}),
+    Status.DESTROYED: frozenset(),
+}
+
+# Which statuses each action may start from (anything else is a 409).
+ACTION_FROM: dict[Action, frozenset[Status]] = {
+    Action.STOP: frozenset({Status.RUNNING, Status.PAUSED}),
+    Action.START: frozenset({Status.RUNNING, Status.PAUSED}),
+    Action.RESTART: frozenset({Status.RUNNING, Status.PAUSED}),
+}
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str
+    status: Status
+    wanted: Wanted
+    image: str
+    container_name: str
+    ports: dict[str, int] = field(default_factory=dict)  # "22" or "53/udp" -> host port
+    gpus: tuple[str, ...] = ()
+    container_id: str | None = None
+    phase: str | None = None  # detail of pending: queued, pulling, creating, starting
+    reason: str | None = None
+    exit_code: int | None = None
+    ssh_enabled: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    spec_json: str = "{}"  # the ContainerSpec, serialized (no credentials)
+
+    def move(self, status: Status, *, now: float, **changes: object) -> Instance:
+        """The instance after a transition to `status`; refuses illegal ones."""
+        if status not in ALLOWED[self.status]:
+            raise IllegalTransition(f"instance cannot go from {self.status} to {status}")
+        if status is Status.ERROR and self.status is Status.ERROR:
+            changes.pop("reason", None)  # keep the first failure's reason
+        if status is not Status.PENDING:
+            changes.setdefault("phase", None)
+        return replace(self, status=status, updated_at=now, **changes)  # type: ignore[arg-type]
+
+    def check_action(self, action: Action) -> None:
+        if self.status not in ACTION_FROM[action]:
+            raise IllegalTransition(
+                f"cannot {action} an instance that is {self.status}"
+                + (f" ({self.phase})" if self.phase else "")
+            )
+
+    def to_json(self) -> str:
+        record: dict[str, Any] = asdict(self)
+        record["gpus"] = list(self.gpus)
+        return json.dumps(record, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Instance:
+        record = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        record = {k: v for k, v in record.items() if k in known}
+        record["status"] = Status(record["status"])
+        record["wanted"] = Wanted(record["wanted"])
+        record["gpus"] = tuple(record.get("gpus", ()))
+        record["ports"] = {str(k): int(v) for k, v in record.get("ports", {}).items()}
+        return cls(**record)
+
+
+def observe(instance: Instance, state: ContainerState, now: float) -> Instance:
+    """The instance after Docker reported `state` for its container.
+
+    A container that exited while the renter wanted it running exited on its
+    own: it is reported `paused` with its exit code, never removed.
+    """
+    base = {"container_id": state.container_id, "now": now}
+    if state.status == "running":
+        return instance.move(Status.RUNNING, reason=None, exit_code=None, **base)  # type: ignore[arg-type]
+    if state.status == "dead":
+        reason = "Docker reports the container dead" + (f": {state.error}" if state.error else "")
+        return instance.move(Status.ERROR, reason=reason, exit_code=state.exit_code, **base)  # type: ignore[arg-type]
+    if state.status == "paused":
+        reason = "frozen by a `docker pause` outside the agent"
+    elif state.status == "restarting":
+        reason = f"exited with code {state.exit_code}; Docker is restarting it"
+    elif instance.wanted is Wanted.STOPPED:
+        reason = "stopped"
+    elif state.status == "created":
+        reason = "created, not started" + (f": {state.error}" if state.error else "")
+    else:
+        reason = f"exited on its own with code {state.exit_code}"
+        if state.oom_killed:
+            reason += " (killed: out of memory)"
+    return instance.move(Status.PAUSED, reason=reason, exit_code=state.exit_code, **base)  # type: ignore[arg-type]

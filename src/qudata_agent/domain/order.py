@@ -1,0 +1,86 @@
+"""A create order: what the control plane asked for, after wire validation.
+
+Owns the step from an order to a `ContainerSpec` (`build_spec`): resources
+become limits, the command becomes argv, `/dev/shm` is sized for ML work.
+What stays true: the order's credentials never reach the spec or the store;
+`command: None` means an idle container; a command string runs under
+`/bin/sh -c` (given to the image's entrypoint, as `docker run IMAGE CMD` does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qudata_agent.domain.container_spec import (
+    IDLE_COMMAND,
+    MIN_SHM_BYTES,
+    ContainerSpec,
+    PortBinding,
+)
+from qudata_agent.domain.gpus import Resources
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class RegistryCredentials:
+    username: str
+    password: str = field(repr=False)
+    registry: str | None = None
+
+
+@dataclass(frozen=True)
+class CreateOrder:
+    image: str
+    image_tag: str | None = None
+    storage_gb: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, object] = field(default_factory=dict)
+    command: str | None = None
+    ssh_enabled: bool = False
+    credentials: RegistryCredentials | None = field(default=None, repr=False)
+
+
+def shm_bytes(memory_bytes: int | None) -> int:
+    """Half the memory limit (PyTorch data loaders live in /dev/shm), at least 64 MiB.
+
+    Without a memory limit: 8 GiB, far above Docker's 64 MiB default that
+    breaks multi-worker data loading, yet bounded (tmpfs counts as memory).
+    """
+    if memory_bytes is None:
+        return 8 * GIB
+    return max(MIN_SHM_BYTES, memory_bytes // 2)
+
+
+def _binding(key: str, host_port: int) -> PortBinding:
+    number, _, protocol = key.partition("/")
+    return PortBinding(int(number), host_port, protocol or "tcp")
+
+
+def build_spec(
+    order: CreateOrder,
+    *,
+    instance_id: str,
+    agent_id: str,
+    image: str,
+    resources: Resources,
+    ports: dict[str, int],
+    gpus: tuple[str, ...],
+    storage_bytes: int | None,
+    network: str | None = None,
+) -> ContainerSpec:
+    command = IDLE_COMMAND if order.command is None else ("/bin/sh", "-c", order.command)
+    return ContainerSpec(
+        instance_id=instance_id,
+        agent_id=agent_id,
+        image=image,
+        command=command,
+        env=dict(order.env),
+        nano_cpus=None if resources.cpu_cores is None else int(resources.cpu_cores * 1e9),
+        memory_bytes=resources.memory_bytes,
+        shm_bytes=shm_bytes(resources.memory_bytes),
+        ports=tuple(_binding(key, port) for key, port in sorted(ports.items())),
+        gpu_uuids=gpus,
+        storage_bytes=storage_bytes,
+        network=network,
+    )

@@ -1,0 +1,72 @@
+"""The image-pull coordinator: one pull per image, however many ask, with progress.
+
+What stays true: while a pull of an image runs, a second request for the same
+image waits on that pull instead of starting another; its progress (bytes and
+layers, as Docker reports them) can be read at any time without touching
+Docker; a finished or failed pull leaves no entry behind, so the next request
+starts afresh. The pull itself runs in the slow thread pool and is bounded by
+the engine's inactivity deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from qudata_agent.blocking import Blocking
+
+log = logging.getLogger(__name__)
+
+
+class Puller(Protocol):
+    def image_present(self, ref: str) -> bool: ...
+
+    def pull(self, ref: str, auth: Any, on_progress: Any, inactivity_s: float) -> None: ...
+
+
+class PullCoordinator:
+    def __init__(self, engine: Puller, blocking: Blocking, inactivity_s: float) -> None:
+        self._engine = engine
+        self._blocking = blocking
+        self._inactivity_s = inactivity_s
+        self._pulls: dict[str, asyncio.Task[None]] = {}
+        self._progress: dict[str, Any] = {}
+
+    def progress(self, ref: str) -> Any | None:
+        """The latest progress report of a running pull of `ref`, if any."""
+        return self._progress.get(ref)
+
+    async def present(self, ref: str) -> bool:
+        return await self._blocking.quick(self._engine.image_present, ref)
+
+    async def ensure(self, ref: str, auth: Any | None) -> None:
+        """Returns once `ref` is present locally; raises the engine's error if not."""
+        task = self._pulls.get(ref)
+        if task is None:
+            task = asyncio.create_task(self._pull(ref, auth), name=f"pull {ref}")
+            self._pulls[ref] = task
+            task.add_done_callback(lambda t: self._forget(ref, t))
+        # A waiter that is cancelled (its instance deleted) must not cancel the
+        # pull that others may share.
+        await asyncio.shield(task)
+
+    def _forget(self, ref: str, task: asyncio.Task[None]) -> None:
+        self._pulls.pop(ref, None)
+        self._progress.pop(ref, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here; every waiter gets it through the shield
+
+    async def _pull(self, ref: str, auth: Any | None) -> None:
+        def on_progress(report: Any) -> None:
+            self._progress[ref] = report  # called from the pulling thread
+
+        log.info("pulling image", extra={"image": ref})
+        await self._blocking.slow(self._engine.pull, ref, auth, on_progress, self._inactivity_s)
+        log.info("image pulled", extra={"image": ref})
+
+    async def close(self) -> None:
+        for task in list(self._pulls.values()):
+            task.cancel()
+        if self._pulls:
+            await asyncio.wait(list(self._pulls.values()), timeout=1)

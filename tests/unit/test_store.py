@@ -1,0 +1,138 @@
+"""The state database: WAL, migrations recorded in user_version, the meta key/value view."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qudata_agent.adapters.store import MIGRATIONS, Store
+from qudata_agent.errors import Unavailable
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    s = Store.open(db_path)
+    yield s
+    s.close()
+
+
+def test_the_journal_mode_is_wal(store: Store) -> None:
+    assert store.journal_mode() == "wal"
+
+
+def test_the_schema_version_is_the_number_of_migrations(store: Store) -> None:
+    assert len(MIGRATIONS) >= 1
+    assert store.schema_version() == len(MIGRATIONS)
+
+
+def test_reopening_does_not_migrate_again(db_path: Path) -> None:
+    Store.open(db_path).close()
+    again = Store.open(db_path)  # a second CREATE TABLE meta would fail the open
+    try:
+        assert again.schema_version() == len(MIGRATIONS)
+    finally:
+        again.close()
+
+
+def test_an_older_database_is_migrated_up(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta(key, value) VALUES('kept', 'yes')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = Store.open(db_path)
+    try:
+        assert store.schema_version() == len(MIGRATIONS)
+        assert store.get("kept") == "yes"
+    finally:
+        store.close()
+
+
+def test_get_of_an_unknown_key_is_none(store: Store) -> None:
+    assert store.get("nothing-here") is None
+
+
+def test_set_then_get_and_set_replaces(store: Store) -> None:
+    store.set("agent_id", "first")
+    assert store.get("agent_id") == "first"
+    store.set("agent_id", "second")
+    assert store.get("agent_id") == "second"
+    store.set("other", "x")
+    assert store.get("agent_id") == "second"
+
+
+def test_a_set_value_survives_close_and_reopen(db_path: Path) -> None:
+    store = Store.open(db_path)
+    store.set("k", "v")
+    store.close()
+    store = Store.open(db_path)
+    try:
+        assert store.get("k") == "v"
+    finally:
+        store.close()
+
+
+def test_get_or_create_keeps_the_first_value_forever(db_path: Path) -> None:
+    calls: list[str] = []
+
+    def factory(value: str) -> str:
+        calls.append(value)
+        return value
+
+    store = Store.open(db_path)
+    assert store.get_or_create("agent_id", lambda: factory("one")) == "one"
+    assert store.get_or_create("agent_id", lambda: factory("two")) == "one"
+    assert store.get("agent_id") == "one"
+    store.close()
+
+    store = Store.open(db_path)
+    try:
+        assert store.get_or_create("agent_id", lambda: factory("three")) == "one"
+        assert store.get("agent_id") == "one"
+    finally:
+        store.close()
+
+
+def test_get_or_create_returns_a_value_set_earlier(store: Store) -> None:
+    store.set("k", "set-before")
+    assert store.get_or_create("k", lambda: "made") == "set-before"
+
+
+def test_a_newer_database_is_refused(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(Unavailable) as caught:
+        Store.open(db_path)
+    assert str(db_path) in str(caught.value)
+    conn = sqlite3.connect(db_path)
+    try:
+        # refused, not guessed at: nothing was created or rewritten
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        assert version == len(MIGRATIONS) + 1
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        assert tables == []
+    finally:
+        conn.close()
+
+
+def test_a_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
+    db_path.write_bytes(b"this is not an sqlite database, just some text" * 100)
+    with pytest.raises(Unavailable):
+        Store.open(db_path)
+
+
+def test_a_database_in_a_missing_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(Unavailable):
+        Store.open(tmp_path / "missing" / "state.db")

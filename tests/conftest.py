@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,6 +11,11 @@ import pytest
 
 from support.agent_proc import AgentProcess
 from support.fake_cp import FakeControlPlane
+
+# Tests log at DEBUG (see pyproject) so every log call runs; the HTTP clients'
+# own chatter would drown a failure's report.
+for _noisy in ("httpcore", "httpx", "urllib3", "docker"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 @pytest.fixture

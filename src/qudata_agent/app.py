@@ -45,6 +45,7 @@ from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, C
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.registration import Identity, Registrar
+from qudata_agent.services.ssh import SshService
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +222,16 @@ class Agent:
             return 1
         port = int(sock.getsockname()[1])
         instances = self._instances(parts, port)
+        ssh = SshService(parts.docker, parts.store, parts.blocking)
+        instances.on_new_run(ssh.on_new_run)
+        instances.show_ssh_with(ssh.view)
         server = make_server(
             create_app(
                 ApiDeps(
                     secret=parts.credentials.agent_secret,
                     max_body_bytes=s.max_body_bytes,
                     instances=instances,
+                    ssh=ssh,
                 )
             ),
             s.shutdown_timeout_s,
@@ -269,6 +274,7 @@ class Agent:
             listening.cancel()
             await supervisor.stop(s.shutdown_timeout_s)
             await instances.close()
+            await ssh.close()
             if cp is not None:
                 await cp.aclose()
             sock.close()

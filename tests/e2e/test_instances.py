@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import signal
 import socket
-import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,76 +15,24 @@ import httpx
 import pytest
 
 from support.agent_proc import AgentProcess, free_port
+from support.docker_api import Api, agent_id, containers, docker, inspect
 
 BUSYBOX = {"image": "qudata-test/busybox", "image_tag": "1"}
 AgentFactory = Callable[..., AgentProcess]
-
-
-def _docker(*args: str, check: bool = True) -> str:
-    out = subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
-    return out.stdout
-
-
-def _agent_id(state_dir: Path) -> str:
-    with sqlite3.connect(state_dir / "agent.db") as db:
-        (value,) = db.execute("SELECT value FROM meta WHERE key = 'agent_id'").fetchone()
-    return str(value)
-
-
-def _containers(agent_id: str) -> list[str]:
-    return _docker("ps", "-aq", "--filter", f"label=qudata.agent_id={agent_id}").split()
-
-
-def _inspect(container_id: str) -> dict[str, Any]:
-    return json.loads(_docker("inspect", container_id))[0]  # type: ignore[no-any-return]
-
-
-class Api:
-    def __init__(self, agent: AgentProcess) -> None:
-        self.agent = agent
-        self.client = httpx.Client(
-            base_url=agent.url, headers={"X-Agent-Secret": agent.secret()}, timeout=30
-        )
-
-    def create(self, **body: Any) -> httpx.Response:
-        return self.client.post("/instances", json=body)
-
-    def get(self, **params: Any) -> dict[str, Any]:
-        resp = self.client.get("/instances", params=params)
-        assert resp.status_code == 200, resp.text
-        return resp.json()["data"]  # type: ignore[no-any-return]
-
-    def act(self, action: str, key: str = "action") -> httpx.Response:
-        return self.client.put("/instances", json={key: action})
-
-    def delete(self) -> httpx.Response:
-        return self.client.delete("/instances")
-
-    def wait(self, *statuses: str, timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        state = self.get()
-        while time.monotonic() < deadline:
-            state = self.get()
-            if state["status"] in statuses:
-                return state
-            time.sleep(0.1)
-        raise AssertionError(
-            f"status {state['status']} not in {statuses} after {timeout}s: {state}"
-        )
 
 
 @pytest.fixture
 def api(agent_factory: AgentFactory) -> Iterator[Api]:
     agent = agent_factory({"QUDATA_SYNC_INTERVAL": "1"}).start()
     client = Api(agent)
-    agent_id = _agent_id(agent.state_dir)
+    owner = agent_id(agent.state_dir)
     yield client
     client.client.close()
     if agent.proc is not None and agent.proc.poll() is None:
         agent.stop(signal.SIGKILL)
-    leftovers = _containers(agent_id)
+    leftovers = containers(owner)
     if leftovers:
-        _docker("rm", "-f", "-v", *leftovers, check=False)
+        docker("rm", "-f", "-v", *leftovers, check=False)
 
 
 def test_create_runs_the_container_exactly_as_asked(api: Api) -> None:
@@ -110,7 +55,7 @@ def test_create_runs_the_container_exactly_as_asked(api: Api) -> None:
     state = api.wait("running")
     assert state["instance_id"] == data["instance_id"]
     assert state["allocated_ports"] == ports
-    attrs = _inspect(state["container_id"])
+    attrs = inspect(state["container_id"])
     host = attrs["HostConfig"]
     assert attrs["Name"] == f"/qudata-{data['instance_id']}"
     assert attrs["Config"]["Labels"]["qudata.instance_id"] == data["instance_id"]
@@ -130,26 +75,26 @@ def test_create_runs_the_container_exactly_as_asked(api: Api) -> None:
     assert second.status_code == 409
     assert second.json()["ok"] is False
     assert api.get()["container_id"] == state["container_id"]
-    assert _inspect(state["container_id"])["State"]["Running"] is True
+    assert inspect(state["container_id"])["State"]["Running"] is True
 
 
 def test_stop_start_restart_keep_the_data(api: Api) -> None:
     assert api.create(**BUSYBOX).status_code == 202
     cid = api.wait("running")["container_id"]
-    _docker("exec", cid, "sh", "-c", "echo kept > /root/data.txt")
+    docker("exec", cid, "sh", "-c", "echo kept > /root/data.txt")
 
     stopped = api.act("stop")
     assert stopped.status_code == 200, stopped.text
     assert stopped.json()["data"]["status"] == "paused"
-    assert _inspect(cid)["State"]["Running"] is False
+    assert inspect(cid)["State"]["Running"] is False
 
     started = api.act("start", key="command")  # the alias key
     assert started.json()["data"]["status"] == "running"
-    assert _docker("exec", cid, "cat", "/root/data.txt").strip() == "kept"
+    assert docker("exec", cid, "cat", "/root/data.txt").strip() == "kept"
 
-    before = _inspect(cid)["State"]["StartedAt"]
+    before = inspect(cid)["State"]["StartedAt"]
     assert api.act("restart").json()["data"]["status"] == "running"
-    assert _inspect(cid)["State"]["StartedAt"] != before
+    assert inspect(cid)["State"]["StartedAt"] != before
 
     bad = api.act("explode")
     assert bad.status_code == 400 and "action" in bad.json()["error"]
@@ -163,7 +108,7 @@ def test_delete_removes_the_container_and_frees_its_ports(api: Api) -> None:
     deleted = api.delete()
     assert deleted.status_code == 200
     assert deleted.json()["data"]["status"] == "destroyed"
-    assert _docker("ps", "-aq", "--filter", f"id={cid}").strip() == ""
+    assert docker("ps", "-aq", "--filter", f"id={cid}").strip() == ""
     state = api.get()
     assert state == {**state, "status": "destroyed", "instance_id": None, "container_id": None}
     assert api.act("stop").status_code == 404
@@ -197,7 +142,7 @@ def test_bad_input_is_refused_and_creates_nothing(
     assert resp.json()["ok"] is False
     assert field in resp.json()["error"]
     assert api.get()["status"] == "destroyed"
-    assert _containers(_agent_id(api.agent.state_dir)) == []
+    assert containers(agent_id(api.agent.state_dir)) == []
 
 
 def test_gpus_refused_on_a_host_without_gpus(api: Api) -> None:
@@ -213,7 +158,7 @@ def test_a_failed_pull_ends_in_error_and_frees_everything(api: Api) -> None:
     state = api.wait("error")
     assert "127.0.0.1:1/nothing" in state["reason"]
     assert state["allocated_ports"] == {} and state["container_id"] is None
-    assert _containers(_agent_id(api.agent.state_dir)) == []
+    assert containers(agent_id(api.agent.state_dir)) == []
     assert api.delete().status_code == 200
     assert api.get()["status"] == "destroyed"
 
@@ -229,7 +174,7 @@ def test_a_command_that_exits_is_reported_not_deleted(api: Api) -> None:
         time.sleep(0.05)
     assert state["status"] == "paused" and state["exit_code"] == 3, state
     assert "bye-from-the-tenant" in (state["last_logs"] or "")
-    assert _docker("ps", "-aq", "--filter", f"id={state['container_id']}").strip()
+    assert docker("ps", "-aq", "--filter", f"id={state['container_id']}").strip()
     logs = api.get(logs="true", tail=5)["logs"]
     assert "bye-from-the-tenant" in logs
 
@@ -238,7 +183,7 @@ def test_a_container_removed_behind_the_agents_back_is_destroyed(api: Api) -> No
     fixed = free_port()
     api.create(**BUSYBOX, ports={"3000": fixed})
     cid = api.wait("running")["container_id"]
-    _docker("rm", "-f", cid)
+    docker("rm", "-f", cid)
     state = api.wait("destroyed", timeout=10)
     assert state["allocated_ports"] == {}
     assert api.create(**BUSYBOX, ports={"3000": fixed}).status_code == 202
@@ -249,7 +194,7 @@ def test_concurrent_creates_make_one_instance(api: Api) -> None:
         codes = list(pool.map(lambda _: api.create(**BUSYBOX).status_code, range(20)))
     assert sorted(codes) == [202] + [409] * 19
     api.wait("running")
-    assert len(_containers(_agent_id(api.agent.state_dir))) == 1
+    assert len(containers(agent_id(api.agent.state_dir))) == 1
 
 
 def test_ping_stays_fast_while_a_pull_hangs(agent_factory: AgentFactory) -> None:
@@ -296,7 +241,7 @@ def test_kill_9_during_and_after_create_leaves_one_instance(
     env = {"QUDATA_SYNC_INTERVAL": "1"}
     agent = agent_factory(env).start()
     api = Api(agent)
-    agent_id = _agent_id(agent.state_dir)
+    owner = agent_id(agent.state_dir)
     try:
         created = api.create(**BUSYBOX, ports={"8080": "auto"}).json()["data"]
         agent.stop(signal.SIGKILL)  # during the build
@@ -305,7 +250,7 @@ def test_kill_9_during_and_after_create_leaves_one_instance(
         state = api.wait("running")
         assert state["instance_id"] == created["instance_id"]
         assert state["allocated_ports"] == created["ports"]
-        assert len(_containers(agent_id)) == 1
+        assert len(containers(owner)) == 1
 
         agent.stop(signal.SIGKILL)  # after it is up
         agent = agent_factory(env, state_dir=agent.state_dir, port=agent.port).start()
@@ -313,23 +258,23 @@ def test_kill_9_during_and_after_create_leaves_one_instance(
         again = api.wait("running")
         assert again["container_id"] == state["container_id"]
         assert again["allocated_ports"] == created["ports"]
-        assert len(_containers(agent_id)) == 1
+        assert len(containers(owner)) == 1
     finally:
-        leftovers = _containers(agent_id)
+        leftovers = containers(owner)
         if leftovers:
-            _docker("rm", "-f", "-v", *leftovers, check=False)
+            docker("rm", "-f", "-v", *leftovers, check=False)
 
 
 def test_stopping_the_agent_leaves_the_instance_running(agent_factory: AgentFactory) -> None:
     agent = agent_factory().start()
     api = Api(agent)
-    agent_id = _agent_id(agent.state_dir)
+    owner = agent_id(agent.state_dir)
     try:
         api.create(**BUSYBOX)
         cid = api.wait("running")["container_id"]
         assert agent.stop()[0] == 0
-        assert _inspect(cid)["State"]["Running"] is True
+        assert inspect(cid)["State"]["Running"] is True
     finally:
-        leftovers = _containers(agent_id)
+        leftovers = containers(owner)
         if leftovers:
-            _docker("rm", "-f", "-v", *leftovers, check=False)
+            docker("rm", "-f", "-v", *leftovers, check=False)

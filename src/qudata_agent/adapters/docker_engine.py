@@ -19,10 +19,13 @@ What stays true:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
+import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -269,6 +272,43 @@ class DockerEngine:
         with self._translated(f"logs of container {container_id}"):
             raw = self._api().api.logs(container_id, stdout=True, stderr=True, tail=tail)
         return bytes(raw).decode("utf-8", errors="replace")
+
+    # -- inside a container -----------------------------------------------------
+
+    def exec_run(
+        self, container_id: str, argv: list[str], timeout_s: float = 30
+    ) -> tuple[int, str]:
+        """Runs `argv` as root in the running container; (exit code, last 4 KiB of output).
+
+        Has its own connection with a read timeout of `timeout_s`, so a long
+        quiet command (a package install) neither trips nor holds the shared one.
+        """
+        api = self._own_client(timeout_s)
+        try:
+            with self._translated(f"exec in container {container_id}"):
+                exec_id = api.exec_create(container_id, argv, user="root", tty=False)["Id"]
+                output = api.exec_start(exec_id, demux=False)
+                code = api.exec_inspect(exec_id).get("ExitCode")
+        except AgentError as e:
+            if _timed_out(e):
+                raise DockerError(f"command in container {container_id} timed out") from e
+            raise
+        finally:
+            api.close()
+        text = bytes(output or b"").decode("utf-8", errors="replace")
+        return (-1 if code is None else int(code)), text[-4096:]
+
+    def put_file(self, container_id: str, path: str, content: bytes, mode: int = 0o644) -> None:
+        """Writes one root-owned file into the container (its folder must exist)."""
+        directory, _, name = path.rpartition("/")
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            member = tarfile.TarInfo(name)
+            member.size, member.mode, member.mtime = len(content), mode, int(time.time())
+            tar.addfile(member, io.BytesIO(content))
+        with self._translated(f"copy into container {container_id}"):
+            if not self._api().api.put_archive(container_id, directory or "/", buffer.getvalue()):
+                raise DockerError(f"copy into container {container_id} failed")
 
     # -- events ---------------------------------------------------------------
 

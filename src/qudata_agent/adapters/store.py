@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qudata_agent.domain.instance import Instance
+from qudata_agent.domain.ssh_keys import PublicKey
 from qudata_agent.errors import Conflict, Unavailable
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " container_port TEXT NOT NULL)",
         "CREATE TABLE gpu_allocations (uuid TEXT PRIMARY KEY,"
         " instance_id TEXT NOT NULL REFERENCES instances(id) ON DELETE CASCADE)",
+    ),
+    (
+        # The renter's keys, in the order given; a key is its type and body.
+        "CREATE TABLE ssh_keys (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " instance_id TEXT NOT NULL REFERENCES instances(id) ON DELETE CASCADE,"
+        " kind TEXT NOT NULL, blob TEXT NOT NULL, comment TEXT NOT NULL,"
+        " UNIQUE (instance_id, kind, blob))",
+        # SSH setup state of an instance (installing, ready, failed) and the
+        # container run (Docker's StartedAt) in which sshd was last brought up.
+        "CREATE TABLE ssh_state (instance_id TEXT PRIMARY KEY"
+        " REFERENCES instances(id) ON DELETE CASCADE,"
+        " status TEXT NOT NULL, reason TEXT, run TEXT)",
     ),
 )
 
@@ -185,6 +198,52 @@ class Store:
         with self._lock:
             rows = self._conn.execute("SELECT uuid FROM gpu_allocations").fetchall()
         return frozenset(str(row[0]) for row in rows)
+
+    def ssh_keys(self, instance_id: str) -> list[PublicKey]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT kind, blob, comment FROM ssh_keys WHERE instance_id = ? ORDER BY seq",
+                (instance_id,),
+            ).fetchall()
+        return [PublicKey(str(k), str(b), str(c)) for k, b, c in rows]
+
+    def add_ssh_key(self, instance_id: str, key: PublicKey) -> bool:
+        """False when the same key (type and body) is already there."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "INSERT INTO ssh_keys(instance_id, kind, blob, comment) VALUES(?, ?, ?, ?)"
+                " ON CONFLICT(instance_id, kind, blob) DO NOTHING",
+                (instance_id, key.kind, key.blob, key.comment),
+            )
+        return cursor.rowcount == 1
+
+    def remove_ssh_key(self, instance_id: str, key: PublicKey) -> bool:
+        """Removes exactly that key (type and body); False when it was not there."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "DELETE FROM ssh_keys WHERE instance_id = ? AND kind = ? AND blob = ?",
+                (instance_id, key.kind, key.blob),
+            )
+        return cursor.rowcount == 1
+
+    def ssh_state(self, instance_id: str) -> tuple[str, str | None, str | None] | None:
+        """(status, reason, run) of the instance's SSH setup, if any."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT status, reason, run FROM ssh_state WHERE instance_id = ?", (instance_id,)
+            ).fetchone()
+        return None if row is None else (str(row[0]), row[1], row[2])
+
+    def set_ssh_state(
+        self, instance_id: str, status: str, reason: str | None, run: str | None = None
+    ) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO ssh_state(instance_id, status, reason, run) VALUES(?, ?, ?, ?)"
+                " ON CONFLICT(instance_id) DO UPDATE SET status = excluded.status,"
+                " reason = excluded.reason, run = excluded.run",
+                (instance_id, status, reason, run),
+            )
 
     def close(self) -> None:
         with self._lock:

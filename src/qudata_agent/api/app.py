@@ -22,6 +22,7 @@ from qudata_agent.api.envelope import fail
 from qudata_agent.api.middleware import BodyLimit, RequestContext, SecretAuth
 from qudata_agent.api.openapi import build_openapi
 from qudata_agent.api.resources.instances import InstancesApi, InstancesResource
+from qudata_agent.api.resources.ssh import SshApi, SshResource
 from qudata_agent.api.resources.system import OpenApiResource, PingResource
 from qudata_agent.api.routes import ROUTES, Route, public_operations
 from qudata_agent.errors import AgentError, http_status
@@ -36,6 +37,7 @@ class ApiDeps:
     secret: Callable[[], str | None]
     max_body_bytes: int = 1024 * 1024
     instances: InstancesApi | None = None
+    ssh: SshApi | None = None
 
 
 def _framework_message(req: falcon.asgi.Request, ex: falcon.HTTPError) -> str:
@@ -80,6 +82,8 @@ def _mounted(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
     resources: dict[str, object] = {"ping": PingResource()}
     if deps.instances is not None:
         resources["instances"] = InstancesResource(deps.instances, deps.max_body_bytes)
+    if deps.ssh is not None:
+        resources["ssh"] = SshResource(deps.ssh, deps.max_body_bytes)
     served = tuple(
         route for route in routes if route.resource in resources or route.resource == "openapi"
     )

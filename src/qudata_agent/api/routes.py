@@ -17,6 +17,8 @@ from qudata_agent.api.schemas import (
     CreateInstance,
     InstanceAction,
     InstanceState,
+    SshKeyRequest,
+    SshKeys,
 )
 
 
@@ -91,6 +93,27 @@ ROUTES: tuple[Route, ...] = (
                 "Delete the instance: its container, ports and GPUs",
                 InstanceState,
                 errors=(503,),
+            ),
+        ),
+    ),
+    Route(
+        "/ssh",
+        "ssh",
+        (
+            Operation("GET", "The public keys on the instance", SshKeys, errors=(404, 409)),
+            Operation(
+                "POST",
+                "Add a public key (applied at once if sshd is up, else when it is)",
+                SshKeys,
+                request=SshKeyRequest,
+                errors=(404, 409, 503),
+            ),
+            Operation(
+                "DELETE",
+                "Remove exactly that key (matched on type and body)",
+                SshKeys,
+                request=SshKeyRequest,
+                errors=(404, 409, 503),
             ),
         ),
     ),

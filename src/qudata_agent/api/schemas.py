@@ -97,6 +97,12 @@ class PullProgressView(BaseModel):
     layers_total: int
 
 
+class SshState(BaseModel):
+    status: Literal["disabled", "installing", "ready", "failed"]
+    port: str | None = Field(default=None, description="host port of the container's port 22")
+    reason: str | None = None
+
+
 class InstanceState(BaseModel):
     """`GET /instances`: with no instance, status `destroyed` and null ids."""
 
@@ -114,6 +120,7 @@ class InstanceState(BaseModel):
     ssh_enabled: bool = False
     created_at: float | None = None
     pull: PullProgressView | None = None
+    ssh: SshState | None = None
     last_logs: str | None = Field(default=None, description="after the container exited on its own")
     logs: str | None = None
 
@@ -126,3 +133,21 @@ class InstanceAction(BaseModel):
     action: Literal["stop", "start", "restart"] = Field(
         validation_alias=AliasChoices("action", "command")
     )
+
+
+# -- ssh ------------------------------------------------------------------------
+
+
+class SshKeyRequest(BaseModel):
+    """`POST /ssh`, `DELETE /ssh`: one public key (`public_key` accepted too)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    ssh_pubkey: StrictStr = Field(
+        validation_alias=AliasChoices("ssh_pubkey", "public_key"), max_length=16384
+    )
+
+
+class SshKeys(BaseModel):
+    keys: list[str]
+    added: bool | None = Field(default=None, description="POST: false when already present")

@@ -89,6 +89,13 @@ class Instance:
     created_at: float = 0.0
     updated_at: float = 0.0
     spec_json: str = "{}"  # the ContainerSpec, serialized (no credentials)
+    started_at: str | None = None  # Docker's StartedAt: a new value means a new run
+
+    def new_run_of(self, before: Instance) -> bool:
+        """True when this (running) instance is a fresh start compared with `before`."""
+        return self.status is Status.RUNNING and (
+            before.status is not Status.RUNNING or before.started_at != self.started_at
+        )
 
     def move(self, status: Status, *, now: float, **changes: object) -> Instance:
         """The instance after a transition to `status`; refuses illegal ones."""
@@ -130,22 +137,33 @@ def observe(instance: Instance, state: ContainerState, now: float) -> Instance:
     A container that exited while the renter wanted it running exited on its
     own: it is reported `paused` with its exit code, never removed.
     """
-    base = {"container_id": state.container_id, "now": now}
+    seen = {"container_id": state.container_id, "started_at": state.started_at}
     if state.status == "running":
-        return instance.move(Status.RUNNING, reason=None, exit_code=None, **base)  # type: ignore[arg-type]
+        return instance.move(Status.RUNNING, now=now, reason=None, exit_code=None, **seen)
     if state.status == "dead":
         reason = "Docker reports the container dead" + (f": {state.error}" if state.error else "")
-        return instance.move(Status.ERROR, reason=reason, exit_code=state.exit_code, **base)  # type: ignore[arg-type]
+        return instance.move(
+            Status.ERROR, now=now, reason=reason, exit_code=state.exit_code, **seen
+        )
+    return instance.move(
+        Status.PAUSED,
+        now=now,
+        reason=_paused_reason(instance, state),
+        exit_code=state.exit_code,
+        **seen,
+    )
+
+
+def _paused_reason(instance: Instance, state: ContainerState) -> str:
     if state.status == "paused":
-        reason = "frozen by a `docker pause` outside the agent"
-    elif state.status == "restarting":
-        reason = f"exited with code {state.exit_code}; Docker is restarting it"
-    elif instance.wanted is Wanted.STOPPED:
-        reason = "stopped"
-    elif state.status == "created":
-        reason = "created, not started" + (f": {state.error}" if state.error else "")
-    else:
-        reason = f"exited on its own with code {state.exit_code}"
-        if state.oom_killed:
-            reason += " (killed: out of memory)"
-    return instance.move(Status.PAUSED, reason=reason, exit_code=state.exit_code, **base)  # type: ignore[arg-type]
+        return "frozen by a `docker pause` outside the agent"
+    if state.status == "restarting":
+        return f"exited with code {state.exit_code}; Docker is restarting it"
+    if instance.wanted is Wanted.STOPPED:
+        return "stopped"
+    if state.status == "created":
+        return "created, not started" + (f": {state.error}" if state.error else "")
+    reason = f"exited on its own with code {state.exit_code}"
+    if state.oom_killed:
+        reason += " (killed: out of memory)"
+    return reason

@@ -92,6 +92,7 @@ class InstanceView:
     pull: Any | None = None  # the engine's pull progress while pulling
     logs: str | None = None
     last_logs: str | None = None  # after the container exited on its own
+    ssh: Any | None = None  # the SSH service's view (status, port, reason)
 
 
 class _BuildCancelled(Exception):
@@ -135,10 +136,27 @@ class InstanceService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._builds: dict[str, _Build] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._run_listeners: list[Callable[[Instance], None]] = []
+        self._ssh_view: Callable[[Instance], Awaitable[Any]] | None = None
+
+    def show_ssh_with(self, view: Callable[[Instance], Awaitable[Any]]) -> None:
+        """Where `describe` gets the SSH part of the answer."""
+        self._ssh_view = view
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """`listener` is called after every lifecycle change (e.g. to send stats now)."""
         self._listeners.append(listener)
+
+    def on_new_run(self, listener: Callable[[Instance], None]) -> None:
+        """`listener` is called each time the container starts a new run (SSH comes back)."""
+        self._run_listeners.append(listener)
+
+    async def _save_observed(self, before: Instance, state: ContainerState) -> Instance:
+        after = await self._save(observe(before, state, self._clock()))
+        if after.new_run_of(before):
+            for listener in self._run_listeners:
+                listener(after)
+        return after
 
     def _changed(self) -> None:
         for listener in self._listeners:
@@ -270,7 +288,7 @@ class InstanceService:
             await self._blocking.quick(self._engine.start, container_id)
             state = await self._blocking.quick(self._engine.inspect, container_id)
             async with self._lock(instance.id):
-                instance = await self._save(observe(instance, state, now()))
+                instance = await self._save_observed(instance, state)
             log.info("instance up", extra={"instance_id": instance.id, "status": instance.status})
         except _BuildCancelled:
             log.info("instance build cancelled", extra={"instance_id": instance.id})
@@ -331,7 +349,8 @@ class InstanceService:
                     )
             except NotFound:
                 pass  # removed a moment ago; the event will say so
-        return InstanceView(instance, pull=pull, logs=text, last_logs=last)
+        ssh = await self._ssh_view(instance) if self._ssh_view is not None else None
+        return InstanceView(instance, pull=pull, logs=text, last_logs=last, ssh=ssh)
 
     @staticmethod
     def _exited_on_its_own(instance: Instance) -> bool:
@@ -358,7 +377,7 @@ class InstanceService:
             except NotFound:
                 await self._vanished(instance)
                 raise NotFound("the instance's container was removed outside the agent") from None
-            instance = await self._save(observe(instance, state, self._clock()))
+            instance = await self._save_observed(instance, state)
         log.info(
             "instance action",
             extra={"instance_id": instance.id, "action": action.value, "status": instance.status},
@@ -420,12 +439,9 @@ class InstanceService:
                 await self._vanished(instance)
                 return
             updated = observe(instance, state, self._clock())
-            if (updated.status, updated.reason, updated.exit_code) != (
-                instance.status,
-                instance.reason,
-                instance.exit_code,
-            ):
-                await self._save(updated)
+            seen = ("status", "reason", "exit_code", "started_at", "container_id")
+            if any(getattr(updated, f) != getattr(instance, f) for f in seen):
+                updated = await self._save_observed(instance, state)
                 log.info(
                     "instance status changed",
                     extra={
@@ -462,6 +478,10 @@ class InstanceService:
                 log.info("resuming an interrupted build", extra={"instance_id": instance.id})
                 self._start_build(instance, None)
         await self.sync()
+        for instance in await self._blocking.quick(self._store.list_instances):
+            if instance.status is Status.RUNNING:
+                for listener in self._run_listeners:
+                    listener(instance)  # the agent was away: make sure SSH is up
 
     async def close(self) -> None:
         builds = list(self._builds.values())

@@ -20,6 +20,7 @@ from qudata_agent.api.schemas import (
     InstanceAction,
     InstanceState,
     PullProgressView,
+    SshState,
 )
 from qudata_agent.domain.instance import Action, Instance
 from qudata_agent.domain.order import CreateOrder, RegistryCredentials
@@ -86,6 +87,13 @@ def to_state(view: Any) -> InstanceState:
             bytes_total=pull.bytes_total,
             layers_done=pull.layers_done,
             layers_total=pull.layers_total,
+        ),
+        ssh=None
+        if view.ssh is None
+        else SshState(
+            status=view.ssh.status,
+            port=None if view.ssh.port is None else str(view.ssh.port),
+            reason=view.ssh.reason,
         ),
         last_logs=view.last_logs,
         logs=view.logs,

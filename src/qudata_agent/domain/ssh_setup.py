@@ -1,0 +1,113 @@
+"""What runs inside a container to give the renter SSH: the scripts and sshd's config.
+
+Pure text builders. The agent's sshd runs from its own files under
+`/etc/qudata/` (config, host keys, authorized_keys) and leaves the image's own
+`/etc/ssh` alone. What stays true:
+- keys only: no passwords, no keyboard-interactive; root logs in by key;
+- host keys are generated once per container and kept in its writable layer,
+  so the renter's known_hosts stays valid across stop, start and restart;
+- every script is idempotent: running it again changes nothing that is right;
+- the image's sshd is used when there is one: nothing is installed then.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+QUDATA_DIR = "/etc/qudata"
+SSH_DIR = f"{QUDATA_DIR}/ssh"
+SSHD_CONFIG = f"{QUDATA_DIR}/sshd_config"
+AUTHORIZED_KEYS = f"{SSH_DIR}/authorized_keys"
+PID_FILE = "/run/qudata-sshd.pid"
+LOG_FILE = "/var/log/qudata-sshd.log"
+
+# Exit codes of the provisioning script that mean "cannot be done here".
+EXIT_NO_PACKAGE_MANAGER = 40
+EXIT_INSTALL_FAILED = 41
+
+SSHD_CONFIG_TEXT = f"""# Written by the QuData agent; the image's own /etc/ssh is not used.
+Port 22
+HostKey {SSH_DIR}/ssh_host_ed25519_key
+HostKey {SSH_DIR}/ssh_host_rsa_key
+PidFile {PID_FILE}
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitEmptyPasswords no
+AuthorizedKeysFile {AUTHORIZED_KEYS} .ssh/authorized_keys
+PrintMotd no
+X11Forwarding no
+AllowTcpForwarding yes
+ClientAliveInterval 30
+ClientAliveCountMax 6
+Subsystem sftp internal-sftp
+"""
+
+_FIND_SSHD = (
+    'find_sshd() { for p in "$(command -v sshd 2>/dev/null)" /usr/sbin/sshd /usr/bin/sshd '
+    '/usr/local/sbin/sshd; do [ -n "$p" ] && [ -x "$p" ] && { echo "$p"; return 0; }; done; '
+    "return 1; }"
+)
+
+_INSTALL = f"""
+if command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends openssh-server \\
+    || exit {EXIT_INSTALL_FAILED}
+elif command -v apk >/dev/null 2>&1; then
+  apk add --no-cache openssh-server openssh-keygen || exit {EXIT_INSTALL_FAILED}
+elif command -v dnf >/dev/null 2>&1; then
+  dnf install -y -q openssh-server || exit {EXIT_INSTALL_FAILED}
+elif command -v microdnf >/dev/null 2>&1; then
+  microdnf install -y openssh-server || exit {EXIT_INSTALL_FAILED}
+elif command -v yum >/dev/null 2>&1; then
+  yum install -y -q openssh-server || exit {EXIT_INSTALL_FAILED}
+elif command -v zypper >/dev/null 2>&1; then
+  zypper -n -q install openssh-server || zypper -n -q install openssh || exit {EXIT_INSTALL_FAILED}
+else
+  echo "no sshd in the image and no package manager (apt, apk, dnf, microdnf, yum, zypper)"
+  exit {EXIT_NO_PACKAGE_MANAGER}
+fi
+"""
+
+
+def has_sshd_script() -> str:
+    return f"{_FIND_SSHD}\nfind_sshd >/dev/null"
+
+
+def provision_script() -> str:
+    """Installs OpenSSH when missing, then lays out the agent's sshd files."""
+    config = shlex.quote(SSHD_CONFIG_TEXT)
+    return f"""set -u
+{_FIND_SSHD}
+if ! find_sshd >/dev/null; then
+{_INSTALL}
+fi
+find_sshd >/dev/null || {{ echo "sshd missing after the install"; exit {EXIT_INSTALL_FAILED}; }}
+umask 022
+D={SSH_DIR}
+mkdir -p "$D" /run/sshd /var/log
+chmod 755 {QUDATA_DIR} "$D"
+[ -s "$D/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$D/ssh_host_ed25519_key"
+[ -s "$D/ssh_host_rsa_key" ] || ssh-keygen -q -t rsa -b 3072 -N '' -f "$D/ssh_host_rsa_key"
+printf '%s' {config} > {SSHD_CONFIG}.new && mv -f {SSHD_CONFIG}.new {SSHD_CONFIG}
+[ -f {AUTHORIZED_KEYS} ] || : > {AUTHORIZED_KEYS}
+chmod 644 {AUTHORIZED_KEYS} {SSHD_CONFIG}
+"$(find_sshd)" -t -f {SSHD_CONFIG} || exit {EXIT_INSTALL_FAILED}
+"""
+
+
+def start_script() -> str:
+    """Starts the agent's sshd unless it already runs (it daemonizes itself)."""
+    return f"""set -u
+{_FIND_SSHD}
+if [ -f {PID_FILE} ] && kill -0 "$(cat {PID_FILE})" 2>/dev/null; then exit 0; fi
+mkdir -p /run/sshd
+"$(find_sshd)" -f {SSHD_CONFIG} -E {LOG_FILE}
+"""
+
+
+def install_keys_script(staged: str) -> str:
+    """Moves a staged authorized_keys into place in one rename (sshd never sees half)."""
+    return f"chmod 644 {shlex.quote(staged)} && mv -f {shlex.quote(staged)} {AUTHORIZED_KEYS}"

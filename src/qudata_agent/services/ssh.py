@@ -1,0 +1,235 @@
+"""SSH into the instance: setting up sshd in the container and keeping the renter's keys.
+
+Owns the SSH state of an instance (disabled, installing, ready, failed) and
+its keys. What stays true:
+- keys live in the store first; the container's authorized_keys is rewritten
+  from the store in one atomic rename, so keys survive restarts and keys given
+  while sshd is still being set up are applied once it is ready;
+- adding or removing a key never restarts sshd: open sessions stay;
+- every new run of the container (start, restart, Docker's own restart, an
+  agent restart) brings the agent's sshd back; setup is idempotent;
+- a failed setup is reported with its reason and never stops the instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.instance import Instance, Status
+from qudata_agent.domain.ssh_keys import PublicKey, parse_key, render_authorized_keys
+from qudata_agent.domain.ssh_setup import (
+    AUTHORIZED_KEYS,
+    EXIT_NO_PACKAGE_MANAGER,
+    install_keys_script,
+    provision_script,
+    start_script,
+)
+from qudata_agent.errors import AgentError, Conflict, NotFound
+
+log = logging.getLogger(__name__)
+
+DISABLED, INSTALLING, READY, FAILED = "disabled", "installing", "ready", "failed"
+PROVISION_TIMEOUT_S = 900.0  # a package install over a slow mirror
+QUICK_TIMEOUT_S = 30.0
+
+
+class SshEngine(Protocol):
+    def exec_run(
+        self, container_id: str, argv: list[str], timeout_s: float = 30
+    ) -> tuple[int, str]: ...
+
+    def put_file(self, container_id: str, path: str, content: bytes, mode: int = 0o644) -> None: ...
+
+
+class SshStore(Protocol):
+    def ssh_keys(self, instance_id: str) -> list[PublicKey]: ...
+
+    def add_ssh_key(self, instance_id: str, key: PublicKey) -> bool: ...
+
+    def remove_ssh_key(self, instance_id: str, key: PublicKey) -> bool: ...
+
+    def ssh_state(self, instance_id: str) -> tuple[str, str | None, str | None] | None: ...
+
+    def set_ssh_state(
+        self, instance_id: str, status: str, reason: str | None, run: str | None = None
+    ) -> None: ...
+
+    def get_instance(self, instance_id: str) -> Instance | None: ...
+
+    def list_instances(self) -> list[Instance]: ...
+
+
+@dataclass(frozen=True)
+class SshView:
+    status: str
+    port: int | None
+    reason: str | None
+
+
+class _SetupFailed(Exception):
+    pass
+
+
+class SshService:
+    def __init__(self, engine: SshEngine, store: SshStore, blocking: Blocking) -> None:
+        self._engine = engine
+        self._store = store
+        self._blocking = blocking
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+
+    def _lock(self, instance_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(instance_id, asyncio.Lock())
+
+    async def _instance(self) -> Instance:
+        instances = await self._blocking.quick(self._store.list_instances)
+        if not instances:
+            raise NotFound("there is no instance")
+        instance = instances[0]
+        if not instance.ssh_enabled:
+            raise Conflict("SSH is not enabled on this instance (create it with ssh_enabled)")
+        return instance
+
+    # -- state ------------------------------------------------------------------
+
+    async def view(self, instance: Instance) -> SshView:
+        if not instance.ssh_enabled:
+            return SshView(DISABLED, None, None)
+        state = await self._blocking.quick(self._store.ssh_state, instance.id)
+        status, reason, run = state if state is not None else (INSTALLING, None, None)
+        if status == READY and instance.status is Status.RUNNING and run != instance.started_at:
+            status = INSTALLING  # set up, but sshd is not yet back in this run
+        return SshView(status, instance.ports.get("22"), reason)
+
+    async def _set(
+        self, instance_id: str, status: str, reason: str | None = None, run: str | None = None
+    ) -> None:
+        await self._blocking.quick(self._store.set_ssh_state, instance_id, status, reason, run)
+
+    # -- keys -------------------------------------------------------------------
+
+    async def keys(self) -> list[str]:
+        instance = await self._instance()
+        keys = await self._blocking.quick(self._store.ssh_keys, instance.id)
+        return [key.line() for key in keys]
+
+    async def add_key(self, text: str) -> bool:
+        """Adds a key (False: it was there already) and applies it if sshd is up."""
+        key = parse_key(text)
+        instance = await self._instance()
+        async with self._lock(instance.id):
+            added = await self._blocking.quick(self._store.add_ssh_key, instance.id, key)
+            if added:
+                await self._apply_keys_if_ready(instance)
+        log.info(
+            "ssh key added" if added else "ssh key already present",
+            extra={"instance_id": instance.id, "key_type": key.kind},
+        )
+        return added
+
+    async def remove_key(self, text: str) -> None:
+        key = parse_key(text)
+        instance = await self._instance()
+        async with self._lock(instance.id):
+            removed = await self._blocking.quick(self._store.remove_ssh_key, instance.id, key)
+            if not removed:
+                raise NotFound("that key is not on this instance")
+            await self._apply_keys_if_ready(instance)
+        log.info("ssh key removed", extra={"instance_id": instance.id, "key_type": key.kind})
+
+    async def _apply_keys_if_ready(self, instance: Instance) -> None:
+        state = await self._blocking.quick(self._store.ssh_state, instance.id)
+        fresh = await self._blocking.quick(self._store.get_instance, instance.id)
+        if state is None or state[0] != READY or fresh is None or not fresh.container_id:
+            return  # applied when setup finishes or the container runs again
+        if fresh.status is not Status.RUNNING:
+            return
+        await self._write_keys(fresh.container_id, fresh.id)
+
+    async def _write_keys(self, container_id: str, instance_id: str) -> None:
+        keys = await self._blocking.quick(self._store.ssh_keys, instance_id)
+        staged = f"{AUTHORIZED_KEYS}.new"
+        content = render_authorized_keys(keys).encode()
+        await self._blocking.quick(self._engine.put_file, container_id, staged, content)
+        code, out = await self._blocking.quick(
+            self._engine.exec_run,
+            container_id,
+            ["sh", "-c", install_keys_script(staged)],
+            QUICK_TIMEOUT_S,
+        )
+        if code != 0:
+            raise _SetupFailed(f"could not install authorized_keys: {out.strip()[-300:]}")
+
+    # -- setup ------------------------------------------------------------------
+
+    def on_new_run(self, instance: Instance) -> None:
+        """Called on every new run of the container: (re)starts sshd in the background."""
+        if not instance.ssh_enabled or not instance.container_id:
+            return
+        running = self._tasks.get(instance.id)
+        if running is not None and not running.done():
+            self._again.add(instance.id)  # one more pass once this one ends
+            return
+        task = asyncio.create_task(self._ensure_loop(instance.id), name=f"ssh {instance.id}")
+        self._tasks[instance.id] = task
+
+    async def _ensure_loop(self, instance_id: str) -> None:
+        while True:
+            self._again.discard(instance_id)
+            await self._ensure(instance_id)
+            if instance_id not in self._again:
+                return
+
+    async def _ensure(self, instance_id: str) -> None:
+        instance = await self._blocking.quick(self._store.get_instance, instance_id)
+        if instance is None or instance.status is not Status.RUNNING or not instance.container_id:
+            return
+        cid = instance.container_id
+        try:
+            state = await self._blocking.quick(self._store.ssh_state, instance_id)
+            if state is None or state[0] != READY:
+                await self._set(instance_id, INSTALLING)
+                await self._provision(cid)  # minutes maybe: key changes must not wait on it
+            async with self._lock(instance_id):
+                await self._write_keys(cid, instance_id)
+                await self._start_sshd(cid)
+                await self._set(instance_id, READY, run=instance.started_at)
+            log.info("ssh ready", extra={"instance_id": instance_id})
+        except (_SetupFailed, AgentError) as e:
+            reason = e.message if isinstance(e, AgentError) else str(e)
+            await self._set(instance_id, FAILED, reason)
+            log.warning("ssh setup failed", extra={"instance_id": instance_id, "reason": reason})
+
+    async def _provision(self, container_id: str) -> None:
+        code, out = await self._blocking.slow(
+            self._engine.exec_run,
+            container_id,
+            ["sh", "-c", provision_script()],
+            PROVISION_TIMEOUT_S,
+        )
+        if code == EXIT_NO_PACKAGE_MANAGER:
+            raise _SetupFailed(
+                "the image has no sshd and no package manager to install OpenSSH with"
+            )
+        if code != 0:
+            tail = " ".join(out.strip().splitlines()[-3:])[-300:]
+            raise _SetupFailed(f"installing OpenSSH failed (exit {code}): {tail}")
+
+    async def _start_sshd(self, container_id: str) -> None:
+        code, out = await self._blocking.quick(
+            self._engine.exec_run, container_id, ["sh", "-c", start_script()], QUICK_TIMEOUT_S
+        )
+        if code != 0:
+            raise _SetupFailed(f"sshd did not start (exit {code}): {out.strip()[-300:]}")
+
+    async def close(self) -> None:
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)

@@ -279,3 +279,19 @@ def test_bad_configuration_exits_2_naming_the_variable(tmp_path: Path) -> None:
     assert code == 2
     assert "QUDATA_AGENT_PORT" in agent.log()
     assert not agent.state_dir.exists(), "nothing is created before the config is valid"
+
+
+def test_kept_alive_connections_answer_without_delayed_ack_stalls(
+    agent_factory: AgentFactory,
+) -> None:
+    """Each answer on a reused connection comes at once (TCP_NODELAY is on)."""
+    agent = agent_factory().start()
+    with httpx.Client(base_url=agent.url) as client:
+        client.get("/ping")
+        times = []
+        for _ in range(20):
+            started = time.monotonic()
+            assert client.get("/ping").status_code == 200
+            times.append(time.monotonic() - started)
+    times.sort()
+    assert times[len(times) // 2] < 0.02, f"median {times[len(times) // 2] * 1000:.1f} ms"

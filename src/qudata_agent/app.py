@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -22,9 +23,16 @@ from types import FrameType
 from typing import Any
 
 from qudata_agent import __version__
+from qudata_agent.adapters.cgroups import CgroupReader
 from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
 from qudata_agent.adapters.docker_engine import DockerEngine
-from qudata_agent.adapters.host import HostProbe, default_route_address, machine_fingerprint
+from qudata_agent.adapters.host import (
+    HostCounters,
+    HostProbe,
+    default_route_address,
+    host_memory_bytes,
+    machine_fingerprint,
+)
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
@@ -39,6 +47,7 @@ from qudata_agent.errors import AgentError, Unavailable
 from qudata_agent.loops.docker_events import docker_events_loop
 from qudata_agent.loops.periodic import run_every
 from qudata_agent.loops.registration import registration_loop
+from qudata_agent.loops.stats import StatsReporter
 from qudata_agent.loops.supervisor import Supervisor
 from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
@@ -46,6 +55,7 @@ from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.registration import Identity, Registrar
 from qudata_agent.services.ssh import SshService
+from qudata_agent.services.telemetry import HostSize, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +185,29 @@ class Agent:
             stop_timeout_s=s.stop_timeout_s,
         )
 
+    def _reporter(
+        self, parts: _Parts, instances: InstanceService, cp: ControlPlane
+    ) -> StatsReporter:
+        known_gpus: list[tuple[str, ...]] = []
+
+        async def host_gpus() -> tuple[str, ...]:
+            if not known_gpus:  # the inventory is read once; NVML is asked per tick
+                report = await parts.nvml.report_async()
+                known_gpus.append(tuple(gpu.uuid for gpu in report.gpus))
+            return known_gpus[0]
+
+        telemetry = Telemetry(
+            current=instances.current,
+            engine=parts.docker,
+            cgroups=CgroupReader(),
+            host=HostCounters(),
+            gpu_samples=parts.nvml.samples_async,
+            host_gpus=host_gpus,
+            size=HostSize(cpus=os.cpu_count() or 1, memory_bytes=host_memory_bytes()),
+            blocking=parts.blocking,
+        )
+        return StatsReporter(telemetry.sample, cp.stats, (ControlPlaneError,))
+
     def _start_loops(
         self,
         supervisor: Supervisor,
@@ -201,15 +234,17 @@ class Agent:
             ),
         )
         if cp is not None:
-            supervisor.start(
-                "registration",
-                registration_loop(
-                    self._registrar(parts, cp),
-                    listening,
-                    Backoff(base_s=0.5, cap_s=s.cp_backoff_max_s),
-                    (ControlPlaneError,),
-                ),
-            )
+            reporter = self._reporter(parts, instances, cp)
+            instances.on_change(reporter.poke)
+            registrar = self._registrar(parts, cp)
+
+            async def control_plane() -> None:
+                # Stats go out only once the control plane knows this agent.
+                backoff = Backoff(base_s=0.5, cap_s=s.cp_backoff_max_s)
+                await registration_loop(registrar, listening, backoff, (ControlPlaneError,))
+                await reporter.run()
+
+            supervisor.start("control-plane", control_plane())
 
     async def _serve(self, parts: _Parts) -> int:
         s = self.settings

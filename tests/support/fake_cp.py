@@ -53,6 +53,7 @@ class FakeControlPlane:
             "/v0/init/host": (200, {"ok": True, "data": None}),
             "/v0/stats": (200, {"ok": True, "data": None}),
         }
+        self.delays: dict[str, float] = {}  # path -> seconds to wait before answering
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -77,6 +78,9 @@ class FakeControlPlane:
                 with fake._lock:
                     fake.calls.append(record)
                     status, answer = fake.answers.get(self.path, (404, {"ok": False, "error": "?"}))
+                delay = fake.delays.get(self.path, 0.0)
+                if delay:
+                    time.sleep(delay)
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -108,6 +108,9 @@ class ControlPlane:
     async def init_host(self, payload: dict[str, Any]) -> None:
         await self._post("/init/host", payload)
 
+    async def stats(self, payload: dict[str, Any]) -> None:
+        await self._post("/stats", payload)
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

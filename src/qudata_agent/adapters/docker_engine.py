@@ -546,6 +546,7 @@ def _state_from_attrs(attrs: dict[str, Any]) -> ContainerState:
         finished_at=_when(state.get("FinishedAt")),
         restart_count=int(attrs.get("RestartCount") or 0),
         ports=_host_ports(attrs),
+        pid=int(state.get("Pid") or 0) or None,
     )
 
 

@@ -21,7 +21,9 @@ import logging
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -204,3 +206,35 @@ class HostProbe:
             ),
             gpu=self._nvml.report(),
         )
+
+
+@dataclass(frozen=True)
+class HostSample:
+    """The host's own figures at one moment (for stats when there is no instance)."""
+
+    at: float  # monotonic seconds
+    cpu_percent: float  # all CPUs, since the previous sample
+    ram_percent: float
+    net_rx_bytes: int
+    net_tx_bytes: int
+
+
+class HostCounters:
+    """Host-wide CPU, memory and network counters through psutil (cheap: /proc reads)."""
+
+    def __init__(self) -> None:
+        psutil.cpu_percent(interval=None)  # primes the CPU baseline
+
+    def sample(self) -> HostSample:
+        net = psutil.net_io_counters()
+        return HostSample(
+            at=time.monotonic(),
+            cpu_percent=float(psutil.cpu_percent(interval=None)),
+            ram_percent=float(psutil.virtual_memory().percent),
+            net_rx_bytes=int(net.bytes_recv) if net else 0,
+            net_tx_bytes=int(net.bytes_sent) if net else 0,
+        )
+
+
+def host_memory_bytes() -> int:
+    return int(psutil.virtual_memory().total)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Protocol
 
-from qudata_agent.domain.inventory import GpuInfo, GpuReport, format_cuda_version
+from qudata_agent.domain.inventory import GpuInfo, GpuReport, GpuSample, format_cuda_version
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ _OK: Final = "ok"
 class _MemoryInfo(Protocol):
     @property
     def total(self) -> int: ...
+
+    @property
+    def used(self) -> int: ...
 
 
 class NvmlModule(Protocol):
@@ -50,6 +53,9 @@ class NvmlModule(Protocol):
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> _MemoryInfo: ...
     def nvmlSystemGetDriverVersion(self) -> str | bytes: ...
     def nvmlSystemGetCudaDriverVersion(self) -> int: ...
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> Any: ...
+    def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any: ...
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
 
 
 class Nvml:
@@ -77,6 +83,18 @@ class Nvml:
             if self._closed:
                 return GpuReport(error="NVML adapter closed")
             future = asyncio.get_running_loop().run_in_executor(self._executor, self._report)
+        return await future
+
+    async def samples_async(self, uuids: tuple[str, ...]) -> tuple[GpuSample, ...]:
+        """Utilisation, memory and temperature of these GPUs; a GPU NVML cannot read is left out."""
+        if not uuids:
+            return ()
+        with self._lock:
+            if self._closed:
+                return ()
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._samples, uuids
+            )
         return await future
 
     def close(self) -> None:
@@ -118,6 +136,34 @@ class Nvml:
             )
             self._logged = _OK
         return report
+
+    def _samples(self, uuids: tuple[str, ...]) -> tuple[GpuSample, ...]:
+        try:
+            nvml = self._load()
+            if not self._initialised:
+                nvml.nvmlInit()
+                self._initialised = True
+        except ImportError:
+            return ()
+        except nvml.NVMLError:
+            return ()
+        samples = []
+        for uuid in uuids:
+            try:
+                handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                samples.append(
+                    GpuSample(
+                        uuid=uuid,
+                        util_percent=float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                        memory_used_bytes=int(memory.used),
+                        memory_total_bytes=int(memory.total),
+                        temperature_c=float(nvml.nvmlDeviceGetTemperature(handle, 0)),
+                    )
+                )
+            except nvml.NVMLError as e:
+                logger.debug("GPU %s not readable: %s", uuid, _reason(e))
+        return tuple(samples)
 
     def _load(self) -> NvmlModule:
         if self._module is None:

@@ -115,6 +115,7 @@ class ContainerState:
     finished_at: str | None = None
     restart_count: int = 0
     ports: dict[str, int] = field(default_factory=dict)  # "8080/tcp" -> host port
+    pid: int | None = None  # the container's init process on the host, while it runs
 
     @property
     def running(self) -> bool:

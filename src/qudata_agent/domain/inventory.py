@@ -64,6 +64,17 @@ class GpuReport:
 
 
 @dataclass(frozen=True)
+class GpuSample:
+    """One GPU's live figures, as NVML reports them."""
+
+    uuid: str
+    util_percent: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    temperature_c: float | None
+
+
+@dataclass(frozen=True)
 class HostInventory:
     """The figures the agent reports about its host; None means unknown."""
 

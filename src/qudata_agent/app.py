@@ -26,12 +26,14 @@ from qudata_agent import __version__
 from qudata_agent.adapters.cgroups import CgroupReader
 from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
 from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.firewall import Firewall
 from qudata_agent.adapters.host import (
     HostCounters,
     HostProbe,
     default_route_address,
     host_memory_bytes,
     machine_fingerprint,
+    resolv_conf_texts,
 )
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
@@ -41,6 +43,7 @@ from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
 from qudata_agent.domain.backoff import Backoff
+from qudata_agent.domain.firewall import parse_nameservers
 from qudata_agent.domain.inventory import init_host_payload
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.errors import AgentError, Unavailable
@@ -52,6 +55,7 @@ from qudata_agent.loops.supervisor import Supervisor
 from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
 from qudata_agent.services.instances import InstanceService
+from qudata_agent.services.network import NetworkGuard
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.registration import Identity, Registrar
 from qudata_agent.services.ssh import SshService
@@ -167,7 +171,20 @@ class Agent:
         parts.store.set(AGENT_PORT_KEY, str(sock.getsockname()[1]))
         return sock
 
-    def _instances(self, parts: _Parts, agent_port: int) -> InstanceService:
+    def _network(self, parts: _Parts) -> NetworkGuard:
+        s = self.settings
+        return NetworkGuard(
+            parts.docker,
+            Firewall() if s.firewall else None,
+            parts.blocking,
+            name=s.network,
+            bridge=s.bridge,
+            agent_id=parts.agent_id,
+            allow=s.egress_allow,
+            dns_servers=parse_nameservers(resolv_conf_texts()),
+        )
+
+    def _instances(self, parts: _Parts, agent_port: int, net: NetworkGuard) -> InstanceService:
         s = self.settings
 
         async def gpu_uuids() -> tuple[str, ...]:
@@ -183,6 +200,8 @@ class Agent:
             gpu_uuids=gpu_uuids,
             agent_id=parts.agent_id,
             stop_timeout_s=s.stop_timeout_s,
+            network=net.network,
+            prepare_network=net.prepare,
         )
 
     def _reporter(
@@ -213,14 +232,22 @@ class Agent:
         supervisor: Supervisor,
         parts: _Parts,
         instances: InstanceService,
+        net: NetworkGuard,
         cp: ControlPlane | None,
         listening: asyncio.Future[int],
     ) -> None:
         s = self.settings
 
+        async def sync() -> None:
+            try:  # a broken firewall is logged by run_every, and never stops the sync
+                await net.prepare()
+                await net.check()
+            finally:
+                await instances.sync()
+
         async def reconcile() -> None:
             await _until_done(instances.restore, "restore instances from Docker")
-            await run_every(s.sync_interval_s, instances.sync, "sync")
+            await run_every(s.sync_interval_s, sync, "sync", first_delay_s=0)
 
         supervisor.start("reconcile", reconcile())
         supervisor.start(
@@ -256,7 +283,8 @@ class Agent:
             log.error("cannot listen", extra={"error": e.strerror})
             return 1
         port = int(sock.getsockname()[1])
-        instances = self._instances(parts, port)
+        net = self._network(parts)
+        instances = self._instances(parts, port, net)
         ssh = SshService(parts.docker, parts.store, parts.blocking)
         instances.on_new_run(ssh.on_new_run)
         instances.show_ssh_with(ssh.view)
@@ -286,7 +314,7 @@ class Agent:
         )
         supervisor = Supervisor()
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._start_loops(supervisor, parts, instances, cp, listening)
+        self._start_loops(supervisor, parts, instances, net, cp, listening)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         try:
             if await wait_started(server, serving):

@@ -14,15 +14,20 @@ What stays true:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from qudata_agent.domain.firewall import parse_allow_list
 
 PREFIX = "QUDATA_"
 DEFAULT_API_URL = "https://internal.qudata.ai/v0"
 DEFAULT_STATE_DIR = "/var/lib/qudata-agent"
 DEFAULT_PORT_RANGE = (40000, 49999)
+# "What is my IP" services asked for the public address when QUDATA_ADDRESS is not set.
+DEFAULT_ADDRESS_LOOKUP_URLS = ("https://api.ipify.org", "https://checkip.amazonaws.com")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("json", "text")
 # Variables whose values are secrets: never echoed in an error.
@@ -52,6 +57,12 @@ class Settings:
     pull_inactivity_s: float = 300.0  # a pull with no progress for this long is aborted
     stop_timeout_s: int = 10  # SIGTERM -> SIGKILL grace when stopping an instance
     sync_interval_s: float = 30.0  # full reconcile with Docker
+    address_lookup_urls: tuple[str, ...] = DEFAULT_ADDRESS_LOOKUP_URLS  # () : no lookups
+    inventory_interval_s: float = 300.0  # re-read the inventory; resend it when it changed
+    network: str = "qudata"  # the Docker network instances run on
+    bridge: str = "qudata0"  # its Linux bridge (the firewall rules name it)
+    firewall: bool = True  # wall instances off from the host and private ranges
+    egress_allow: tuple[str, ...] = ()  # private networks instances may still reach
 
     @property
     def standalone(self) -> bool:
@@ -97,6 +108,13 @@ def _parse_url(name: str, raw: str) -> str:
     return raw.strip().rstrip("/")
 
 
+def _parse_url_list(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated http(s) URLs; "none" turns the lookups off."""
+    if raw.strip().lower() == "none":
+        return ()
+    return tuple(_parse_url(name, item) for item in raw.split(",") if item.strip())
+
+
 def _parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     value = raw.strip()
     for choice in choices:
@@ -119,6 +137,34 @@ def _parse_api_key(name: str, raw: str) -> str | None:
     if any(c.isspace() or not c.isprintable() for c in value):
         raise ConfigError(f"{name}: the API key holds whitespace or control characters")
     return value
+
+
+def _parse_name(name: str, raw: str) -> str:
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}", raw):
+        raise ConfigError(f"{name}: expected a Docker network name, got {raw!r}")
+    return raw
+
+
+def _parse_bridge(name: str, raw: str) -> str:
+    if not re.fullmatch(r"[a-zA-Z0-9_.-]{1,15}", raw):
+        raise ConfigError(f"{name}: expected an interface name of at most 15 chars, got {raw!r}")
+    return raw
+
+
+def _parse_switch(name: str, raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ConfigError(f"{name}: expected on or off, got {raw!r}")
+
+
+def _parse_networks(name: str, raw: str) -> tuple[str, ...]:
+    try:
+        return parse_allow_list(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}: expected comma-separated networks (CIDR): {e}") from None
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -165,7 +211,7 @@ def load_settings(
 
 def _from_mapping(env: Mapping[str, str]) -> Settings:
     kwargs: dict[str, object] = {}
-    parsers = {
+    parsers: dict[str, tuple[str, Callable[[str, str], object]]] = {
         "QUDATA_API_KEY": ("api_key", _parse_api_key),
         "QUDATA_API_URL": ("api_url", _parse_url),
         "QUDATA_AGENT_PORT": ("agent_port", lambda n, r: _parse_int(n, r, 1, 65535)),
@@ -181,10 +227,19 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         ),
         "QUDATA_STOP_TIMEOUT": ("stop_timeout_s", lambda n, r: _parse_int(n, r, 0, 600)),
         "QUDATA_SYNC_INTERVAL": ("sync_interval_s", lambda n, r: _parse_float(n, r, 1, 3600)),
+        "QUDATA_ADDRESS_LOOKUP_URLS": ("address_lookup_urls", _parse_url_list),
+        "QUDATA_INVENTORY_INTERVAL": (
+            "inventory_interval_s",
+            lambda n, r: _parse_float(n, r, 1, 86400),
+        ),
         "QUDATA_SHUTDOWN_TIMEOUT": (
             "shutdown_timeout_s",
             lambda n, r: _parse_float(n, r, 0.1, 60),
         ),
+        "QUDATA_NETWORK": ("network", _parse_name),
+        "QUDATA_BRIDGE": ("bridge", _parse_bridge),
+        "QUDATA_FIREWALL": ("firewall", _parse_switch),
+        "QUDATA_EGRESS_ALLOW": ("egress_allow", _parse_networks),
     }
     for var, (attr, parse) in parsers.items():
         raw = env.get(var)

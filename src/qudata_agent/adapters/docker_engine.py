@@ -19,13 +19,10 @@ What stays true:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
-import tarfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -273,6 +270,31 @@ class DockerEngine:
             raw = self._api().api.logs(container_id, stdout=True, stderr=True, tail=tail)
         return bytes(raw).decode("utf-8", errors="replace")
 
+    # -- networks -----------------------------------------------------------------
+
+    def ensure_network(self, name: str, bridge: str, labels: dict[str, str]) -> str:
+        """The agent's bridge network for instances (made once); its id.
+
+        Inter-container traffic is off on it: instances never see each other.
+        """
+        with self._translated(f"network {name}"):
+            found = self._api().api.networks(names=[name])
+            for network in found:
+                if network.get("Name") == name:
+                    return str(network["Id"])
+            created = self._api().api.create_network(
+                name,
+                driver="bridge",
+                options={
+                    "com.docker.network.bridge.name": bridge,
+                    "com.docker.network.bridge.enable_icc": "false",
+                },
+                labels=labels,
+                check_duplicate=True,
+            )
+        log.info("instance network created", extra={"network": name, "bridge": bridge})
+        return str(created["Id"])
+
     # -- inside a container -----------------------------------------------------
 
     def exec_run(
@@ -297,18 +319,6 @@ class DockerEngine:
             api.close()
         text = bytes(output or b"").decode("utf-8", errors="replace")
         return (-1 if code is None else int(code)), text[-4096:]
-
-    def put_file(self, container_id: str, path: str, content: bytes, mode: int = 0o644) -> None:
-        """Writes one root-owned file into the container (its folder must exist)."""
-        directory, _, name = path.rpartition("/")
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            member = tarfile.TarInfo(name)
-            member.size, member.mode, member.mtime = len(content), mode, int(time.time())
-            tar.addfile(member, io.BytesIO(content))
-        with self._translated(f"copy into container {container_id}"):
-            if not self._api().api.put_archive(container_id, directory or "/", buffer.getvalue()):
-                raise DockerError(f"copy into container {container_id} failed")
 
     # -- events ---------------------------------------------------------------
 

@@ -1,14 +1,18 @@
 """The host's own figures: CPU, memory, disk, network link and machine identity.
 
 Owns: reading /proc, /sys and psutil for the inventory, the default-route
-interface and its address, and the machine fingerprint. GPUs come from the NVML
-adapter, handed in through the constructor.
+interface and its address, and the machine fingerprint; running the host tools
+that fill the gaps (`dmidecode -t memory` for the memory speed, `ethtool` when
+sysfs has no link speed, `lscpu` when /proc/cpuinfo names no CPU model). GPUs
+come from the NVML adapter, handed in through the constructor.
 
 What stays true:
 - Parsers are pure functions over text, tested against captured samples; only
   the thin readers around them touch files.
 - A figure that cannot be read is None (unknown), never a guess; reading the
   inventory does not raise because one figure is missing.
+- A host tool that is missing, fails, or runs past its timeout gives None;
+  tools run by absolute path, with arguments as a list (no shell) and LC_ALL=C.
 - The fingerprint is stable across restarts: the same machine gives the same
   hash as long as its machine id (or, failing that, its DMI uuid or hostname)
   does not change.
@@ -19,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
+import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +43,16 @@ _DEFAULT_DESTINATION = "00000000"
 _RTF_UP = 0x1
 _MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 _DMI_UUID_PATH = "/sys/class/dmi/id/product_uuid"
+_TOOL_TIMEOUT_S = 5.0
+_SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
+_SPEED = re.compile(r"^(\d+)\s*(?:MT/s|MHz)$", re.IGNORECASE)
+_ETHTOOL_SPEED = re.compile(r"^\s*Speed:\s*(\d+)\s*Mb/s\s*$", re.MULTILINE)
+_EMPTY_SLOT = ("no module installed", "not installed", "unknown", "0 ")
+# Vendor ids lscpu prints on x86, already named by the model ("Intel(R) ...", "AMD ...").
+_X86_VENDOR_IDS = frozenset({"GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls"})
+
+# Runs a host tool: argv in, its stdout out, None when it could not give one.
+ToolRunner = Callable[[Sequence[str]], str | None]
 
 
 class GpuSource(Protocol):
@@ -155,6 +171,139 @@ def default_route_address(proc_root: str = "/proc") -> str | None:
     return None
 
 
+def run_tool(argv: Sequence[str], timeout_s: float = _TOOL_TIMEOUT_S) -> str | None:
+    """stdout of a host tool (found on PATH, else in the sbin directories); None on any failure."""
+    if not argv:
+        return None
+    exe = shutil.which(argv[0]) or shutil.which(argv[0], path=_SBIN_PATH)
+    if exe is None:
+        logger.debug("host tool not installed", extra={"tool": argv[0]})
+        return None
+    try:
+        done = subprocess.run(  # absolute path, argument list, no shell
+            [exe, *argv[1:]],
+            capture_output=True,
+            timeout=timeout_s,
+            env={"LC_ALL": "C", "PATH": _SBIN_PATH},
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.debug("host tool failed", extra={"tool": argv[0], "error": str(e)})
+        return None
+    if done.returncode != 0:
+        logger.debug("host tool failed", extra={"tool": argv[0], "code": done.returncode})
+        return None
+    return done.stdout.decode("utf-8", errors="replace")
+
+
+def _key_values(block: str) -> dict[str, str]:
+    """`Key: value` lines of one block (dmidecode, lscpu); the first of a repeated key wins."""
+    fields: dict[str, str] = {}
+    for line in block.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _speed_mts(value: str | None) -> int | None:
+    """ "3200 MT/s" or "3200 MHz" -> 3200; "Unknown", "0 MT/s" and anything else -> None."""
+    match = _SPEED.match(value.strip()) if value is not None else None
+    speed = int(match.group(1)) if match else 0
+    return speed if speed > 0 else None
+
+
+def _populated(fields: dict[str, str]) -> bool:
+    size = fields.get("Size", "").lower()
+    return bool(size) and not size.startswith(_EMPTY_SLOT)
+
+
+def parse_dmidecode_memory_speed(text: str) -> int | None:
+    """The highest configured speed, in MT/s, over the populated modules of `dmidecode -t memory`.
+
+    dmidecode prints "MT/s" since 3.0 and "MHz" before, both meaning transfers
+    per second for DDR, so the number is taken as is. The configured speed
+    ("Configured Memory Speed", "Configured Clock Speed" before dmidecode 3.0)
+    is what the modules run at; the rated "Speed" is used only for a module
+    whose dmidecode prints no configured line at all (dmidecode 2.11 and
+    older). A module that says "Unknown" counts as unknown: with no known
+    module the answer is None, never a guess.
+    """
+    best: int | None = None
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in block.strip().splitlines()]
+        if "Memory Device" not in lines:
+            continue
+        fields = _key_values(block)
+        if not _populated(fields):
+            continue
+        configured_keys = ("Configured Memory Speed", "Configured Clock Speed")
+        configured = [fields[k] for k in configured_keys if k in fields]
+        speed = _speed_mts(configured[0] if configured else fields.get("Speed"))
+        if speed is not None and (best is None or speed > best):
+            best = speed
+    return best
+
+
+def parse_ethtool_speed_gbps(text: str) -> float | None:
+    """ "Speed: 10000Mb/s" of `ethtool IFACE` in Gbit/s; "Speed: Unknown!" -> None."""
+    match = _ETHTOOL_SPEED.search(text)
+    mbits = int(match.group(1)) if match else 0
+    return mbits / 1000 if mbits > 0 else None
+
+
+@dataclass(frozen=True)
+class LscpuFacts:
+    model: str | None
+    max_mhz: float | None
+
+
+def parse_lscpu(text: str) -> LscpuFacts:
+    """The CPU model and maximum clock from `lscpu` (the flat and the nested layouts).
+
+    On arm64 the model is prefixed by the vendor ("ARM Neoverse-N1"); lscpu's
+    "-" (unknown) falls back to its "BIOS Model name".
+    """
+    fields = _key_values(text)
+    model = next(
+        (
+            fields[key]
+            for key in ("Model name", "BIOS Model name")
+            if fields.get(key, "-") not in ("", "-")
+        ),
+        None,
+    )
+    vendor = fields.get("Vendor ID", "")
+    if (
+        model is not None
+        and vendor
+        and vendor not in _X86_VENDOR_IDS
+        and vendor.lower() not in model.lower()
+    ):
+        model = f"{vendor} {model}"
+    try:
+        mhz = float(fields.get("CPU max MHz", "0").replace(",", "."))
+    except ValueError:
+        mhz = 0.0
+    return LscpuFacts(model=model, max_mhz=mhz if mhz > 0 else None)
+
+
+def link_speed_gbps(iface: str, sys_root: str = "/sys", run: ToolRunner = run_tool) -> float | None:
+    """The link speed of `iface` in Gbit/s: sysfs first, then `ethtool IFACE`."""
+    speed = read_link_speed_gbps(iface, sys_root)
+    if speed is not None or not _plain_iface_name(iface):
+        return speed
+    out = run(["ethtool", iface])
+    return parse_ethtool_speed_gbps(out) if out is not None else None
+
+
+def _plain_iface_name(iface: str) -> bool:
+    # Never handed to a tool as an option or a path.
+    return (
+        bool(iface) and not iface.startswith("-") and "/" not in iface and iface not in (".", "..")
+    )
+
+
 def machine_fingerprint(
     paths: Iterable[str] = _MACHINE_ID_PATHS,
     dmi_uuid_path: str = _DMI_UUID_PATH,
@@ -183,26 +332,42 @@ def _disk_total(path: str) -> int | None:
 class HostProbe:
     """Collects the host inventory; blocking, so callers run it off the event loop."""
 
-    def __init__(self, nvml: GpuSource, proc_root: str = "/proc", sys_root: str = "/sys") -> None:
+    def __init__(
+        self,
+        nvml: GpuSource,
+        proc_root: str = "/proc",
+        sys_root: str = "/sys",
+        run: ToolRunner = run_tool,
+    ) -> None:
         self._nvml = nvml
         self._proc_root = proc_root
         self._sys_root = sys_root
+        self._run = run
 
     def inventory(self, docker_root: str) -> HostInventory:
         """Everything `/init/host` reports; `docker_root` is Docker's data root."""
         cpuinfo = _read_text(f"{self._proc_root}/cpuinfo")
         route = _read_text(f"{self._proc_root}/net/route")
         iface = default_route_interface(route) if route is not None else None
+        cpu_name = parse_cpuinfo_model(cpuinfo) if cpuinfo is not None else None
+        freq = read_cpu_freq_ghz(self._proc_root, self._sys_root)
+        if cpu_name is None or freq is None:  # arm64: /proc/cpuinfo names no model
+            lscpu = self._run(["lscpu"])
+            facts = parse_lscpu(lscpu) if lscpu is not None else LscpuFacts(None, None)
+            cpu_name = cpu_name or facts.model
+            if freq is None and facts.max_mhz is not None:
+                freq = facts.max_mhz / 1000
+        dmi = self._run(["dmidecode", "-t", "memory"])
         return HostInventory(
-            cpu_name=parse_cpuinfo_model(cpuinfo) if cpuinfo is not None else None,
+            cpu_name=cpu_name,
             cpu_cores=psutil.cpu_count(logical=False),
             vcpu=psutil.cpu_count() or os.cpu_count(),
-            cpu_freq_ghz=read_cpu_freq_ghz(self._proc_root, self._sys_root),
+            cpu_freq_ghz=freq,
             ram_bytes=psutil.virtual_memory().total,
             disk_bytes=_disk_total(docker_root),
-            memory_speed_mts=None,  # a later issue reads it from dmidecode
+            memory_speed_mts=parse_dmidecode_memory_speed(dmi) if dmi is not None else None,
             ethernet_gbps=(
-                read_link_speed_gbps(iface, self._sys_root) if iface is not None else None
+                link_speed_gbps(iface, self._sys_root, self._run) if iface is not None else None
             ),
             gpu=self._nvml.report(),
         )
@@ -238,3 +403,11 @@ class HostCounters:
 
 def host_memory_bytes() -> int:
     return int(psutil.virtual_memory().total)
+
+
+def resolv_conf_texts(
+    paths: tuple[str, ...] = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"),
+) -> str:
+    """The host's resolver files, joined (systemd-resolved's upstream list included)."""
+    texts = [_read_text(path) for path in paths]
+    return "\n".join(text for text in texts if text)

@@ -118,6 +118,7 @@ class InstanceService:
         agent_id: str,
         storage_quota: Callable[[], bool] = lambda: False,
         network: str | None = None,
+        prepare_network: Callable[[], Awaitable[None]] | None = None,
         stop_timeout_s: int = 10,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -130,6 +131,7 @@ class InstanceService:
         self._agent_id = agent_id
         self._storage_quota = storage_quota
         self._network = network
+        self._prepare_network = prepare_network
         self._stop_timeout_s = stop_timeout_s
         self._clock = clock
         self._create_lock = asyncio.Lock()
@@ -278,6 +280,8 @@ class InstanceService:
                 await self._pull_unless_cancelled(spec.image, auth, cancel)
             await self._checkpoint(cancel)
             instance = await self._save(instance.move(Status.PENDING, now=now(), phase="creating"))
+            if self._prepare_network is not None:
+                await self._prepare_network()
             container_id = await self._create_or_adopt(spec)
             instance = await self._save(
                 instance.move(

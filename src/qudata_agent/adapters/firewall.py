@@ -1,0 +1,74 @@
+"""iptables, through its command line: the only module that changes the host's firewall.
+
+Applies a `domain.firewall.FirewallPlan` idempotently. What stays true:
+- only the agent's own chains are flushed or deleted; Docker's chains and
+  INPUT get exactly one jump rule each, added once and removed by `remove()`;
+- a chain already holding the planned rules is left alone (no window without
+  rules on every check), one that drifted is rebuilt;
+- a failing iptables call raises `FirewallError` with its stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+
+from qudata_agent.domain.firewall import FirewallPlan, expected_listing
+from qudata_agent.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+
+class FirewallError(AgentError):
+    pass
+
+
+class Firewall:
+    def __init__(self, iptables: str = "iptables") -> None:
+        self._iptables = iptables
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        try:
+            done = subprocess.run(
+                [self._iptables, "-w", "5", *args],
+                capture_output=True, text=True, timeout=20, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise FirewallError(f"iptables could not run: {e}") from e
+        if check and done.returncode != 0:
+            raise FirewallError(f"iptables {' '.join(args)}: {done.stderr.strip()}")
+        return done
+
+    def _listing(self, chain: str) -> list[str] | None:
+        done = self._run("-S", chain, check=False)
+        return done.stdout.splitlines() if done.returncode == 0 else None
+
+    def apply(self, plan: FirewallPlan) -> bool:
+        """Makes the plan true; True when something had to change."""
+        changed = False
+        for chain, rules in plan.chains.items():
+            if self._listing(chain) == expected_listing(chain, rules):
+                continue
+            if self._listing(chain) is None:
+                self._run("-N", chain)
+            self._run("-F", chain)
+            for rule in rules:
+                self._run("-A", chain, *rule)
+            changed = True
+        for jump in plan.jumps:
+            if self._run("-C", jump.chain, *jump.args, check=False).returncode != 0:
+                self._run("-I", jump.chain, "1", *jump.args)
+                changed = True
+        if changed:
+            log.info("tenant firewall rules installed", extra={"chains": list(plan.chains)})
+        return changed
+
+    def remove(self, plan: FirewallPlan) -> None:
+        for jump in plan.jumps:
+            while self._run("-C", jump.chain, *jump.args, check=False).returncode == 0:
+                self._run("-D", jump.chain, *jump.args)
+        for chain in plan.chains:
+            if self._listing(chain) is not None:
+                self._run("-F", chain)
+                self._run("-X", chain)
+        log.info("tenant firewall rules removed")

@@ -1,0 +1,76 @@
+"""The tenant firewall plan (pure) and its idempotent application on the real iptables."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from qudata_agent.adapters.firewall import Firewall
+from qudata_agent.domain.firewall import (
+    BLOCKED_RANGES,
+    EGRESS_CHAIN,
+    HOST_CHAIN,
+    FirewallPlan,
+    Jump,
+    expected_listing,
+    parse_allow_list,
+    parse_nameservers,
+    plan,
+)
+
+
+def test_plan_orders_replies_dns_allow_then_drops() -> None:
+    p = plan("qd0", allow=("10.1.0.0/16",), dns_servers=("10.255.255.53",))
+    egress = p.chains[EGRESS_CHAIN]
+    assert egress[0][-2:] == ["-j", "RETURN"] and "RELATED,ESTABLISHED" in egress[0]
+    assert egress[1][:2] == ["-d", "10.255.255.53/32"] and "53" in egress[1]
+    assert ["-d", "10.1.0.0/16", "-j", "RETURN"] in egress
+    drops = [rule[1] for rule in egress if rule[-1] == "DROP"]
+    assert drops == list(BLOCKED_RANGES)
+    assert egress.index(["-d", "10.1.0.0/16", "-j", "RETURN"]) < len(egress) - len(drops) - 1
+    assert p.chains[HOST_CHAIN][-1] == ["-j", "DROP"]
+    assert {j.chain for j in p.jumps} == {"DOCKER-USER", "INPUT"}
+    assert all(j.args[:2] == ("-i", "qd0") for j in p.jumps)
+
+
+def test_allow_list_and_nameservers_parse() -> None:
+    assert parse_allow_list(" 10.1.2.3 , 192.168.0.0/24,") == ("10.1.2.3/32", "192.168.0.0/24")
+    with pytest.raises(ValueError):
+        parse_allow_list("10.1.2.300")
+    text = "# c\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nnameserver 10.0.0.2\n"
+    assert parse_nameservers(text) == ("10.0.0.2",)
+
+
+@pytest.fixture
+def scratch() -> Iterator[FirewallPlan]:
+    """A plan on chains of the test's own, jumped to from a chain of its own."""
+    subprocess.run(["iptables", "-N", "QDTEST-FROM"], check=False, capture_output=True)
+    test_plan = FirewallPlan(
+        chains={"QDTEST-A": [["-d", "10.0.0.0/8", "-j", "DROP"], ["-j", "RETURN"]]},
+        jumps=(Jump("QDTEST-FROM", ("-i", "qdtest0", "-j", "QDTEST-A")),),
+    )
+    yield test_plan
+    Firewall().remove(test_plan)
+    subprocess.run(["iptables", "-X", "QDTEST-FROM"], check=False, capture_output=True)
+
+
+def _listing(chain: str) -> list[str]:
+    out = subprocess.run(["iptables", "-S", chain], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_apply_is_idempotent_repairs_drift_and_removes_cleanly(scratch: FirewallPlan) -> None:
+    wall = Firewall()
+    assert wall.apply(scratch) is True
+    assert wall.apply(scratch) is False  # already right: nothing touched
+    assert _listing("QDTEST-A") == expected_listing("QDTEST-A", scratch.chains["QDTEST-A"])
+    assert _listing("QDTEST-FROM") == ["-N QDTEST-FROM", "-A QDTEST-FROM -i qdtest0 -j QDTEST-A"]
+    subprocess.run(["iptables", "-A", "QDTEST-A", "-j", "ACCEPT"], check=True)  # drift
+    assert wall.apply(scratch) is True
+    assert _listing("QDTEST-A") == expected_listing("QDTEST-A", scratch.chains["QDTEST-A"])
+    wall.remove(scratch)
+    assert _listing("QDTEST-FROM") == ["-N QDTEST-FROM"]
+    done = subprocess.run(["iptables", "-S", "QDTEST-A"], capture_output=True, check=False)
+    assert done.returncode != 0

@@ -4,14 +4,17 @@ Pure text builders. The agent's sshd runs from its own files under
 `/etc/qudata/` (config, host keys, authorized_keys) and leaves the image's own
 `/etc/ssh` alone. What stays true:
 - keys only: no passwords, no keyboard-interactive; root logs in by key;
-- host keys are generated once per container and kept in its writable layer,
-  so the renter's known_hosts stays valid across stop, start and restart;
+- the host key (ed25519: milliseconds to make, where RSA-3072 takes most of a
+  second on the path to the first login; every OpenSSH since 6.5 and PuTTY
+  since 0.68 speak it) is generated once per container and kept in its
+  writable layer, so the renter's known_hosts stays valid across restarts;
 - every script is idempotent: running it again changes nothing that is right;
 - the image's sshd is used when there is one: nothing is installed then.
 """
 
 from __future__ import annotations
 
+import base64
 import shlex
 
 QUDATA_DIR = "/etc/qudata"
@@ -24,11 +27,11 @@ LOG_FILE = "/var/log/qudata-sshd.log"
 # Exit codes of the provisioning script that mean "cannot be done here".
 EXIT_NO_PACKAGE_MANAGER = 40
 EXIT_INSTALL_FAILED = 41
+EXIT_KEYS_FAILED = 42
 
 SSHD_CONFIG_TEXT = f"""# Written by the QuData agent; the image's own /etc/ssh is not used.
 Port 22
 HostKey {SSH_DIR}/ssh_host_ed25519_key
-HostKey {SSH_DIR}/ssh_host_rsa_key
 PidFile {PID_FILE}
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
@@ -72,10 +75,6 @@ fi
 """
 
 
-def has_sshd_script() -> str:
-    return f"{_FIND_SSHD}\nfind_sshd >/dev/null"
-
-
 def provision_script() -> str:
     """Installs OpenSSH when missing, then lays out the agent's sshd files."""
     config = shlex.quote(SSHD_CONFIG_TEXT)
@@ -90,7 +89,6 @@ D={SSH_DIR}
 mkdir -p "$D" /run/sshd /var/log
 chmod 755 {QUDATA_DIR} "$D"
 [ -s "$D/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$D/ssh_host_ed25519_key"
-[ -s "$D/ssh_host_rsa_key" ] || ssh-keygen -q -t rsa -b 3072 -N '' -f "$D/ssh_host_rsa_key"
 printf '%s' {config} > {SSHD_CONFIG}.new && mv -f {SSHD_CONFIG}.new {SSHD_CONFIG}
 [ -f {AUTHORIZED_KEYS} ] || : > {AUTHORIZED_KEYS}
 chmod 644 {AUTHORIZED_KEYS} {SSHD_CONFIG}
@@ -100,14 +98,25 @@ chmod 644 {AUTHORIZED_KEYS} {SSHD_CONFIG}
 
 def start_script() -> str:
     """Starts the agent's sshd unless it already runs (it daemonizes itself)."""
-    return f"""set -u
-{_FIND_SSHD}
+    return f"""{_FIND_SSHD}
 if [ -f {PID_FILE} ] && kill -0 "$(cat {PID_FILE})" 2>/dev/null; then exit 0; fi
 mkdir -p /run/sshd
 "$(find_sshd)" -f {SSHD_CONFIG} -E {LOG_FILE}
 """
 
 
-def install_keys_script(staged: str) -> str:
-    """Moves a staged authorized_keys into place in one rename (sshd never sees half)."""
-    return f"chmod 644 {shlex.quote(staged)} && mv -f {shlex.quote(staged)} {AUTHORIZED_KEYS}"
+def write_keys_script(authorized_keys: str) -> str:
+    """Replaces authorized_keys with this text in one rename (sshd never sees half)."""
+    encoded = base64.b64encode(authorized_keys.encode()).decode()
+    return f"""umask 022
+printf '%s' '{encoded}' | base64 -d > {AUTHORIZED_KEYS}.new || exit {EXIT_KEYS_FAILED}
+chmod 644 {AUTHORIZED_KEYS}.new && mv -f {AUTHORIZED_KEYS}.new {AUTHORIZED_KEYS} \
+  || exit {EXIT_KEYS_FAILED}
+"""
+
+
+def bring_up_script(authorized_keys: str, provision: bool) -> str:
+    """One exec for a new run: set up (when asked), write the keys, start sshd."""
+    parts = [provision_script()] if provision else ["set -u"]
+    parts += [write_keys_script(authorized_keys), start_script()]
+    return "\n".join(parts)

@@ -22,11 +22,10 @@ from qudata_agent.blocking import Blocking
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.ssh_keys import PublicKey, parse_key, render_authorized_keys
 from qudata_agent.domain.ssh_setup import (
-    AUTHORIZED_KEYS,
     EXIT_NO_PACKAGE_MANAGER,
-    install_keys_script,
+    bring_up_script,
     provision_script,
-    start_script,
+    write_keys_script,
 )
 from qudata_agent.errors import AgentError, Conflict, NotFound
 
@@ -35,14 +34,14 @@ log = logging.getLogger(__name__)
 DISABLED, INSTALLING, READY, FAILED = "disabled", "installing", "ready", "failed"
 PROVISION_TIMEOUT_S = 900.0  # a package install over a slow mirror
 QUICK_TIMEOUT_S = 30.0
+# authorized_keys travels inline in one exec argument (the kernel caps one at 128 KiB).
+MAX_KEYS_BYTES = 64 * 1024
 
 
 class SshEngine(Protocol):
     def exec_run(
         self, container_id: str, argv: list[str], timeout_s: float = 30
     ) -> tuple[int, str]: ...
-
-    def put_file(self, container_id: str, path: str, content: bytes, mode: int = 0o644) -> None: ...
 
 
 class SshStore(Protocol):
@@ -123,6 +122,9 @@ class SshService:
         key = parse_key(text)
         instance = await self._instance()
         async with self._lock(instance.id):
+            keys = await self._blocking.quick(self._store.ssh_keys, instance.id)
+            if len(render_authorized_keys([*keys, key])) > MAX_KEYS_BYTES:
+                raise Conflict(f"the keys of an instance are limited to {MAX_KEYS_BYTES} bytes")
             added = await self._blocking.quick(self._store.add_ssh_key, instance.id, key)
             if added:
                 await self._apply_keys_if_ready(instance)
@@ -151,19 +153,20 @@ class SshService:
             return
         await self._write_keys(fresh.container_id, fresh.id)
 
-    async def _write_keys(self, container_id: str, instance_id: str) -> None:
+    async def _authorized_keys(self, instance_id: str) -> str:
         keys = await self._blocking.quick(self._store.ssh_keys, instance_id)
-        staged = f"{AUTHORIZED_KEYS}.new"
-        content = render_authorized_keys(keys).encode()
-        await self._blocking.quick(self._engine.put_file, container_id, staged, content)
+        return render_authorized_keys(keys)
+
+    async def _write_keys(self, container_id: str, instance_id: str) -> None:
+        script = write_keys_script(await self._authorized_keys(instance_id))
+        await self._exec(container_id, script, QUICK_TIMEOUT_S, "could not write authorized_keys")
+
+    async def _exec(self, container_id: str, script: str, timeout_s: float, failed: str) -> None:
         code, out = await self._blocking.quick(
-            self._engine.exec_run,
-            container_id,
-            ["sh", "-c", install_keys_script(staged)],
-            QUICK_TIMEOUT_S,
+            self._engine.exec_run, container_id, ["sh", "-c", script], timeout_s
         )
         if code != 0:
-            raise _SetupFailed(f"could not install authorized_keys: {out.strip()[-300:]}")
+            raise _SetupFailed(f"{failed} (exit {code}): {out.strip()[-300:]}")
 
     # -- setup ------------------------------------------------------------------
 
@@ -195,9 +198,9 @@ class SshService:
             if state is None or state[0] != READY:
                 await self._set(instance_id, INSTALLING)
                 await self._provision(cid)  # minutes maybe: key changes must not wait on it
-            async with self._lock(instance_id):
-                await self._write_keys(cid, instance_id)
-                await self._start_sshd(cid)
+            async with self._lock(instance_id):  # keys and start in one exec
+                script = bring_up_script(await self._authorized_keys(instance_id), False)
+                await self._exec(cid, script, QUICK_TIMEOUT_S, "sshd did not start")
                 await self._set(instance_id, READY, run=instance.started_at)
             log.info("ssh ready", extra={"instance_id": instance_id})
         except (_SetupFailed, AgentError) as e:
@@ -219,13 +222,6 @@ class SshService:
         if code != 0:
             tail = " ".join(out.strip().splitlines()[-3:])[-300:]
             raise _SetupFailed(f"installing OpenSSH failed (exit {code}): {tail}")
-
-    async def _start_sshd(self, container_id: str) -> None:
-        code, out = await self._blocking.quick(
-            self._engine.exec_run, container_id, ["sh", "-c", start_script()], QUICK_TIMEOUT_S
-        )
-        if code != 0:
-            raise _SetupFailed(f"sshd did not start (exit {code}): {out.strip()[-300:]}")
 
     async def close(self) -> None:
         tasks = [t for t in self._tasks.values() if not t.done()]

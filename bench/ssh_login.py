@@ -758,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     if sshd_runs < 1 or install_runs < 1 or args.warmup < 0:
         parser.error("runs must be at least 1 and --warmup not negative")
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: `&` in a script ignores it
+        signal.signal(signum, _interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="qudata-bench-ssh-"))
     agent = AgentProc(workdir)
     reader = EventReader(workdir / "events.jsonl")
@@ -787,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         sshd_floor: list[float] = []
         sshd_run: list[float] = []
         if args.cases in ("sshd", "both"):
-            print(f"case 1 ({SSHD_IMAGE}): {args.warmup} warm-up + {sshd_runs} runs ", end="")
+            print(f"case 1 ({SSHD_IMAGE}): {args.warmup} warm-up + {sshd_runs} timed ", end="")
             for i in range(args.warmup + sshd_runs):
                 timed = i >= args.warmup
                 for which in ("agent", "floor") if i % 2 == 0 else ("floor", "agent"):
@@ -806,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         inst_agent: list[AgentSample] = []
         inst_floor: list[float] = []
         if args.cases in ("install", "both"):
-            print(f"case 3 ({BARE_IMAGE}, apt install): {install_runs} runs ", end="")
+            print(f"case 3 ({BARE_IMAGE}, apt install): {install_runs} timed ", end="")
             for i in range(install_runs):
                 for which in ("agent", "floor") if i % 2 == 0 else ("floor", "agent"):
                     if which == "agent":

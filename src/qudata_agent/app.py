@@ -18,7 +18,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -31,12 +31,15 @@ from qudata_agent.adapters.host import (
     HostCounters,
     HostProbe,
     default_route_address,
+    disk_free_bytes,
     host_memory_bytes,
     machine_fingerprint,
+    mount_options,
     resolv_conf_texts,
 )
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
+from qudata_agent.adapters.public_address import PublicAddress
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
 from qudata_agent.adapters.store import Store
 from qudata_agent.api.app import ApiDeps, create_app
@@ -44,14 +47,18 @@ from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
 from qudata_agent.domain.backoff import Backoff
 from qudata_agent.domain.firewall import parse_nameservers
+from qudata_agent.domain.gpu_health import HealthRecord
 from qudata_agent.domain.inventory import init_host_payload
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.errors import AgentError, Unavailable
 from qudata_agent.loops.docker_events import docker_events_loop
+from qudata_agent.loops.gpu_events import gpu_events_loop
+from qudata_agent.loops.inventory import inventory_loop
 from qudata_agent.loops.periodic import run_every
 from qudata_agent.loops.registration import registration_loop
 from qudata_agent.loops.stats import StatsReporter
 from qudata_agent.loops.supervisor import Supervisor
+from qudata_agent.metrics import Metrics
 from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
 from qudata_agent.services.instances import InstanceService
@@ -59,6 +66,7 @@ from qudata_agent.services.network import NetworkGuard
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.registration import Identity, Registrar
 from qudata_agent.services.ssh import SshService
+from qudata_agent.services.storage import StorageGuard
 from qudata_agent.services.telemetry import HostSize, Telemetry
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,8 @@ class _Parts:
     nvml: Nvml
     agent_id: str
     api_key: str | None
+    metrics: Metrics = field(default_factory=Metrics)
+    health: HealthRecord = field(default_factory=HealthRecord)  # GPU health problems
 
 
 def _open_state(settings: Settings) -> _Parts:
@@ -124,11 +134,19 @@ class Agent:
         inventory = await parts.blocking.quick(probe.inventory, root)
         return init_host_payload(inventory)
 
-    def _registrar(self, parts: _Parts, cp: ControlPlane) -> Registrar:
+    async def _address(self, parts: _Parts) -> str | None:
+        """The public IPv4: the configured one, else the lookups', else the default route's."""
+        s = self.settings
+        if s.address:
+            return s.address
+        lookups = PublicAddress(s.address_lookup_urls, user_agent=f"qudata-agent/{__version__}")
+        return await lookups.lookup() or await parts.blocking.quick(default_route_address)
+
+    def _registrar(self, parts: _Parts, cp: ControlPlane, address: str | None) -> Registrar:
         identity = Identity(
             agent_id=parts.agent_id,
             fingerprint=machine_fingerprint(),
-            address=self.settings.address or default_route_address(),
+            address=address,
         )
         return Registrar(
             cp,
@@ -184,7 +202,28 @@ class Agent:
             dns_servers=parse_nameservers(resolv_conf_texts()),
         )
 
-    def _instances(self, parts: _Parts, agent_port: int, net: NetworkGuard) -> InstanceService:
+    def _storage(self, parts: _Parts) -> StorageGuard:
+        return StorageGuard(
+            parts.docker,
+            parts.store,
+            parts.blocking,
+            policy=self.settings.storage_policy,
+            mount_options=mount_options,
+            free_bytes=disk_free_bytes,
+        )
+
+    async def _watch_storage(self, storage: StorageGuard, instances: InstanceService) -> None:
+        """Finds out (and logs) whether storage_gb can be enforced, then watches uncapped layers."""
+        await _until_done(storage.detect, "detect storage quota support")
+
+        async def check() -> None:
+            await storage.check(await instances.current())
+
+        await run_every(self.settings.storage_check_interval_s, check, "storage")
+
+    def _instances(
+        self, parts: _Parts, agent_port: int, net: NetworkGuard, storage: StorageGuard
+    ) -> InstanceService:
         s = self.settings
 
         async def gpu_uuids() -> tuple[str, ...]:
@@ -202,6 +241,7 @@ class Agent:
             stop_timeout_s=s.stop_timeout_s,
             network=net.network,
             prepare_network=net.prepare,
+            storage=storage,
         )
 
     def _reporter(
@@ -225,6 +265,7 @@ class Agent:
             size=HostSize(cpus=os.cpu_count() or 1, memory_bytes=host_memory_bytes()),
             blocking=parts.blocking,
         )
+        parts.metrics.follow_stats(telemetry)
         return StatsReporter(telemetry.sample, cp.stats, (ControlPlaneError,))
 
     def _start_loops(
@@ -238,12 +279,20 @@ class Agent:
     ) -> None:
         s = self.settings
 
+        async def counted_sync() -> None:
+            try:
+                await instances.sync()
+            except Exception:
+                parts.metrics.reconcile_ran(ok=False)
+                raise
+            parts.metrics.reconcile_ran(ok=True)
+
         async def sync() -> None:
             try:  # a broken firewall is logged by run_every, and never stops the sync
                 await net.prepare()
                 await net.check()
             finally:
-                await instances.sync()
+                await counted_sync()
 
         async def reconcile() -> None:
             await _until_done(instances.restore, "restore instances from Docker")
@@ -256,20 +305,26 @@ class Agent:
                 parts.docker,
                 parts.agent_id,
                 instances.on_container_event,
-                instances.sync,
+                counted_sync,
                 parts.blocking,
             ),
         )
+        parts.metrics.follow_health(parts.health)
+        supervisor.start("gpu-events", gpu_events_loop(parts.nvml, parts.health))
         if cp is not None:
             reporter = self._reporter(parts, instances, cp)
             instances.on_change(reporter.poke)
-            registrar = self._registrar(parts, cp)
 
             async def control_plane() -> None:
-                # Stats go out only once the control plane knows this agent.
+                # Stats and inventory checks go out only once the control plane knows this agent.
+                registrar = self._registrar(parts, cp, await self._address(parts))
                 backoff = Backoff(base_s=0.5, cap_s=s.cp_backoff_max_s)
                 await registration_loop(registrar, listening, backoff, (ControlPlaneError,))
-                await reporter.run()
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(reporter.run())
+                    group.create_task(
+                        inventory_loop(registrar.refresh_inventory, s.inventory_interval_s)
+                    )
 
             supervisor.start("control-plane", control_plane())
 
@@ -284,10 +339,14 @@ class Agent:
             return 1
         port = int(sock.getsockname()[1])
         net = self._network(parts)
-        instances = self._instances(parts, port, net)
+        storage = self._storage(parts)
+        instances = self._instances(parts, port, net, storage)
         ssh = SshService(parts.docker, parts.store, parts.blocking)
         instances.on_new_run(ssh.on_new_run)
         instances.show_ssh_with(ssh.view)
+        instances.show_gpu_health_with(
+            lambda instance: parts.health.problems(instance.gpus, since=instance.created_at)
+        )
         server = make_server(
             create_app(
                 ApiDeps(
@@ -295,6 +354,7 @@ class Agent:
                     max_body_bytes=s.max_body_bytes,
                     instances=instances,
                     ssh=ssh,
+                    metrics=parts.metrics,
                 )
             ),
             s.shutdown_timeout_s,
@@ -308,6 +368,7 @@ class Agent:
                 parts.api_key,
                 timeout_s=s.cp_timeout_s,
                 user_agent=f"qudata-agent/{__version__}",
+                on_failure=parts.metrics.control_plane_failed,
             )
             if parts.api_key
             else None
@@ -315,6 +376,7 @@ class Agent:
         supervisor = Supervisor()
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._start_loops(supervisor, parts, instances, net, cp, listening)
+        supervisor.start("storage", self._watch_storage(storage, instances))
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         try:
             if await wait_started(server, serving):

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from qudata_agent.domain.firewall import parse_allow_list
+from qudata_agent.domain.storage import StoragePolicy
 
 PREFIX = "QUDATA_"
 DEFAULT_API_URL = "https://internal.qudata.ai/v0"
@@ -50,6 +51,9 @@ class Settings:
     docker_host: str | None = None
     log_level: str = "INFO"
     log_format: str = "json"
+    log_file: Path | None = None  # also log to this file, rotated by size
+    log_file_max_mb: int = 50  # rotate the log file at this size (3 old files kept)
+    config_file: Path | None = None  # QUDATA_CONFIG_FILE, as given (for doctor and status)
     cp_timeout_s: float = 10.0
     cp_backoff_max_s: float = 60.0
     shutdown_timeout_s: float = 5.0
@@ -63,6 +67,9 @@ class Settings:
     bridge: str = "qudata0"  # its Linux bridge (the firewall rules name it)
     firewall: bool = True  # wall instances off from the host and private ranges
     egress_allow: tuple[str, ...] = ()  # private networks instances may still reach
+    # Where Docker cannot cap a container's size: refuse storage_gb, or accept and watch it.
+    storage_policy: StoragePolicy = StoragePolicy.MONITOR
+    storage_check_interval_s: float = 60.0  # how often an uncapped writable layer is measured
 
     @property
     def standalone(self) -> bool:
@@ -219,6 +226,9 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         "QUDATA_PORT_RANGE": ("port_range", _parse_port_range),
         "QUDATA_LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, LOG_LEVELS)),
         "QUDATA_LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, LOG_FORMATS)),
+        "QUDATA_LOG_FILE": ("log_file", _parse_state_dir),  # an absolute path
+        "QUDATA_LOG_FILE_MAX_MB": ("log_file_max_mb", lambda n, r: _parse_int(n, r, 1, 10240)),
+        "QUDATA_CONFIG_FILE": ("config_file", lambda n, r: Path(r.strip())),
         "QUDATA_CP_TIMEOUT": ("cp_timeout_s", lambda n, r: _parse_float(n, r, 0.1, 300)),
         "QUDATA_CP_BACKOFF_MAX": ("cp_backoff_max_s", lambda n, r: _parse_float(n, r, 0.1, 3600)),
         "QUDATA_PULL_INACTIVITY_TIMEOUT": (
@@ -240,6 +250,14 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         "QUDATA_BRIDGE": ("bridge", _parse_bridge),
         "QUDATA_FIREWALL": ("firewall", _parse_switch),
         "QUDATA_EGRESS_ALLOW": ("egress_allow", _parse_networks),
+        "QUDATA_STORAGE_POLICY": (
+            "storage_policy",
+            lambda n, r: StoragePolicy(_parse_choice(n, r, tuple(StoragePolicy))),
+        ),
+        "QUDATA_STORAGE_CHECK_INTERVAL": (
+            "storage_check_interval_s",
+            lambda n, r: _parse_float(n, r, 1, 86400),
+        ),
     }
     for var, (attr, parse) in parsers.items():
         raw = env.get(var)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from support.agent_proc import AgentProcess, free_port
-from support.docker_api import Api, agent_id, containers, docker, inspect
+from support.docker_api import Api, agent_id, containers, docker, inspect, remove_containers_of
 
 BUSYBOX = {"image": "qudata-test/busybox", "image_tag": "1"}
 AgentFactory = Callable[..., AgentProcess]
@@ -30,9 +30,7 @@ def api(agent_factory: AgentFactory) -> Iterator[Api]:
     client.client.close()
     if agent.proc is not None and agent.proc.poll() is None:
         agent.stop(signal.SIGKILL)
-    leftovers = containers(owner)
-    if leftovers:
-        docker("rm", "-f", "-v", *leftovers, check=False)
+    remove_containers_of(owner)
 
 
 def test_create_runs_the_container_exactly_as_asked(api: Api) -> None:
@@ -260,9 +258,7 @@ def test_kill_9_during_and_after_create_leaves_one_instance(
         assert again["allocated_ports"] == created["ports"]
         assert len(containers(owner)) == 1
     finally:
-        leftovers = containers(owner)
-        if leftovers:
-            docker("rm", "-f", "-v", *leftovers, check=False)
+        remove_containers_of(owner)
 
 
 def test_stopping_the_agent_leaves_the_instance_running(agent_factory: AgentFactory) -> None:
@@ -275,6 +271,4 @@ def test_stopping_the_agent_leaves_the_instance_running(agent_factory: AgentFact
         assert agent.stop()[0] == 0
         assert inspect(cid)["State"]["Running"] is True
     finally:
-        leftovers = containers(owner)
-        if leftovers:
-            docker("rm", "-f", "-v", *leftovers, check=False)
+        remove_containers_of(owner)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from support.agent_proc import AgentProcess, free_port
-from support.docker_api import Api, agent_id, containers, docker, inspect
+from support.docker_api import Api, agent_id, docker, inspect, remove_containers_of
 
 AgentFactory = Callable[..., AgentProcess]
 BUSYBOX = {"image": "qudata-test/busybox", "image_tag": "1"}
@@ -64,9 +64,7 @@ def running(agent_factory: AgentFactory) -> Iterator[tuple[Api, dict[str, Any]]]
     )
     state = api.wait("running")
     yield api, state
-    leftovers = containers(owner)
-    if leftovers:
-        docker("rm", "-f", "-v", *leftovers, check=False)
+    remove_containers_of(owner)
 
 
 def _reach(container: str, address: str, port: int) -> str:

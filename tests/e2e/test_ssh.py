@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from support.agent_proc import AgentProcess
-from support.docker_api import Api, agent_id, containers, docker
+from support.docker_api import Api, agent_id, docker, remove_containers_of
 
 AgentFactory = Callable[..., AgentProcess]
 DEBIAN_SSH = {"image": "qudata-test/debian-ssh", "image_tag": "12"}
@@ -67,9 +67,7 @@ def agent_api(agent_factory: AgentFactory) -> Iterator[tuple[AgentProcess, Api]]
     running: AgentProcess = holder[0]  # type: ignore[assignment]
     if running.proc is not None and running.proc.poll() is None:
         running.stop(signal.SIGKILL)
-    leftovers = containers(owner)
-    if leftovers:
-        docker("rm", "-f", "-v", *leftovers, check=False)
+    remove_containers_of(owner)
 
 
 def _wait_ssh(api: Api, status: str = "ready", timeout: float = 120) -> dict[str, Any]:

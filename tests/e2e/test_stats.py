@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 
 from support.agent_proc import AgentProcess
-from support.docker_api import Api, agent_id, containers, docker
+from support.docker_api import Api, agent_id, remove_containers_of
 from support.fake_cp import DEFAULT_INIT, FakeControlPlane
 
 AgentFactory = Callable[..., AgentProcess]
@@ -79,9 +79,7 @@ def test_stats_follow_the_instance_and_come_at_once_after_actions(
         paused = [c for c in after[count:] if c.body["status"] == "paused"]
         assert paused and paused[0].at - stopped_at < 1.5
     finally:
-        leftovers = containers(owner)
-        if leftovers:
-            docker("rm", "-f", "-v", *leftovers, check=False)
+        remove_containers_of(owner)
 
 
 def test_a_slow_control_plane_delays_neither_the_api_nor_later_stats(

@@ -42,6 +42,9 @@ class AgentProcess:
                 "QUDATA_CP_BACKOFF_MAX": "0.5",
                 "QUDATA_CP_TIMEOUT": "2",
                 "QUDATA_PORT_RANGE": "20000-20999",
+                # Tests never reach the internet: no "what is my IP" lookups unless a
+                # test points them at its own loopback server.
+                "QUDATA_ADDRESS_LOOKUP_URLS": "none",
             }
         )
         base.update(env or {})

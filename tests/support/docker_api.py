@@ -65,3 +65,10 @@ class Api:
         raise AssertionError(
             f"status {state['status']} not in {statuses} after {timeout}s: {state}"
         )
+
+
+def remove_containers_of(owner: str) -> None:
+    """Removes every container labelled with this agent id (test cleanup)."""
+    leftovers = containers(owner)
+    if leftovers:
+        docker("rm", "-f", "-v", *leftovers, check=False)

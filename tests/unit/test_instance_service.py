@@ -18,6 +18,7 @@ import pytest
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.gpu_health import GpuEvent
 from qudata_agent.domain.instance import Action, Status
 from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.ports import PortAllocator
@@ -238,3 +239,19 @@ async def test_orphans_and_vanished_containers_are_cleaned_up(parts: Any) -> Non
     await service.sync()
     assert await service.current() is None
     assert store.allocated_ports() == frozenset()
+
+
+async def test_describe_shows_the_health_of_the_instance_gpus(parts: Any) -> None:
+    service, _engine, _ = parts
+    asked: list[tuple[str, float]] = []
+
+    def health(instance: Any) -> list[GpuEvent]:
+        asked.append((instance.id, instance.created_at))
+        return [GpuEvent("GPU-a", "xid", 79, instance.created_at + 1)]
+
+    service.show_gpu_health_with(health)
+    assert (await service.describe()).gpu_health == ()  # no instance, nothing asked
+    instance = await service.create(CreateOrder(image="present", image_tag="1"))
+    view = await service.describe()
+    assert view.gpu_health == (GpuEvent("GPU-a", "xid", 79, instance.created_at + 1),)
+    assert asked == [(instance.id, instance.created_at)]

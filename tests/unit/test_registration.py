@@ -340,3 +340,66 @@ async def test_the_loop_can_be_cancelled_while_waiting_between_tries() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert registrar.ports == [PORT]
+
+
+# the inventory check between registrations (the inventory loop's tick)
+
+
+async def test_refresh_sends_nothing_while_the_inventory_is_unchanged(harness: Harness) -> None:
+    registrar = harness.registrar()
+    await registrar.register(PORT)
+    assert await registrar.refresh_inventory() is False
+    assert await registrar.refresh_inventory() is False
+    assert harness.server.paths() == ["/init", "/init/host"]
+
+
+async def test_refresh_sends_a_changed_inventory_once(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    registrar = harness.registrar()
+    await registrar.register(PORT)
+    harness.inventory.payload["gpu_amount"] = 7  # a GPU fell off the bus
+    harness.inventory.payload["configuration"]["vcpu"] = 96
+    with caplog.at_level(logging.INFO, logger="qudata_agent.services.registration"):
+        assert await registrar.refresh_inventory() is True
+    assert await registrar.refresh_inventory() is False
+    assert harness.server.paths() == ["/init", "/init/host", "/init/host"]
+    assert harness.server.bodies("/init/host")[-1]["gpu_amount"] == 7
+    (changed,) = [r for r in caplog.records if "changed" in r.getMessage()]
+    assert changed.changed == ["configuration.vcpu", "gpu_amount"]  # type: ignore[attr-defined]
+
+
+async def test_refresh_after_a_restart_compares_with_the_stored_digest(
+    harness: Harness, tmp_path: Path
+) -> None:
+    await harness.registrar().register(PORT)
+    harness.store.close()
+    harness.store = Store.open(tmp_path / "state.db")
+    fresh = harness.registrar()  # a new process: nothing sent yet by this one
+    assert await fresh.refresh_inventory() is False
+    harness.inventory.payload["vram"] = 40
+    assert await fresh.refresh_inventory() is True
+    assert harness.server.paths() == ["/init", "/init/host", "/init/host"]
+
+
+async def test_a_failed_refresh_is_tried_again_on_the_next_call(harness: Harness) -> None:
+    registrar = harness.registrar()
+    await registrar.register(PORT)
+    harness.inventory.payload["gpu_amount"] = 0
+    answer = harness.server.__call__
+
+    def refuse_host(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/init/host"):
+            harness.server.requests.append(request)
+            return httpx.Response(502, json={"ok": False, "error": "bad gateway"})
+        return answer(request)
+
+    failing = ControlPlane(BASE, API_KEY, transport=httpx.MockTransport(refuse_host))
+    flaky = Registrar(
+        failing, harness.credentials, harness.store, IDENTITY, harness.inventory, harness.blocking
+    )
+    with pytest.raises(ControlPlaneError):
+        await flaky.refresh_inventory()
+    await failing.aclose()
+    assert await registrar.refresh_inventory() is True  # the digest was not stored on failure
+    assert harness.server.bodies("/init/host")[-1]["gpu_amount"] == 0

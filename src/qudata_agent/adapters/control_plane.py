@@ -1,15 +1,18 @@
-"""Client of the QuData control plane: the only module that imports httpx.
+"""Client of the QuData control plane (httpx is imported here and, for the public
+address lookups, in adapters/public_address.py only).
 
 Owns the outbound wire calls of CONTRACT.md section 2 and their headers:
 `X-Api-Key` on every call, `X-Agent-Secret` once a secret is known. What stays
 true: a call either returns the parsed `data` of the answer or raises
 `ControlPlaneError` (never an httpx exception, never a message holding a
-header value); retries are the caller's policy, not hidden in here.
+header value); retries are the caller's policy, not hidden in here; every
+failed call is reported once to `on_failure` (the metrics) with its path.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +46,10 @@ class ControlPlane:
         timeout_s: float = 10.0,
         user_agent: str = "qudata-agent",
         transport: httpx.AsyncBaseTransport | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self._api_key = api_key
+        self._on_failure = on_failure
         self._secret: str | None = None
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
@@ -64,6 +69,14 @@ class ControlPlane:
         return headers
 
     async def _post(self, path: str, payload: dict[str, Any]) -> Any:
+        try:
+            return await self._call(path, payload)
+        except ControlPlaneError:
+            if self._on_failure is not None:
+                self._on_failure(path)
+            raise
+
+    async def _call(self, path: str, payload: dict[str, Any]) -> Any:
         try:
             resp = await self._client.post(path.lstrip("/"), json=payload, headers=self._headers())
         except httpx.TimeoutException as e:

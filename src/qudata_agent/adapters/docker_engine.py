@@ -49,6 +49,7 @@ from qudata_agent.domain.container_spec import (
     ContainerSpec,
     ContainerState,
 )
+from qudata_agent.domain.storage import StorageInfo
 from qudata_agent.errors import AgentError, Conflict, NotFound, Unavailable
 
 __all__ = ["DockerEngine", "DockerError", "EventStream", "PullProgress", "RegistryAuth"]
@@ -151,6 +152,30 @@ class DockerEngine:
     def data_root(self) -> str:
         """Docker's data root (where images and writable layers live)."""
         return str(self.info().get("DockerRootDir") or "/var/lib/docker")
+
+    def storage_info(self) -> StorageInfo:
+        """The storage driver, its backing filesystem (overlay2's) and the data root."""
+        info = self.info()
+        status = {str(k): str(v) for k, v in info.get("DriverStatus") or () if k}
+        return StorageInfo(
+            driver=str(info.get("Driver") or ""),
+            backing_filesystem=status.get("Backing Filesystem"),
+            data_root=str(info.get("DockerRootDir") or "/var/lib/docker"),
+        )
+
+    def writable_layer_bytes(self, container_id: str) -> int:
+        """The size of the container's writable layer (`docker ps --size`'s SizeRw).
+
+        Docker walks the layer to count it: slow for a large one, so call it
+        from the slow pool, and not often. `container_id` is an id (or its
+        prefix), not a name.
+        """
+        with self._translated(f"size of container {container_id}"):
+            found = self._api().api.containers(all=True, size=True, filters={"id": container_id})
+        for summary in found:
+            if str(summary.get("Id", "")).startswith(container_id):
+                return int(summary.get("SizeRw") or 0)  # Docker leaves a zero out
+        raise NotFound(f"no container {container_id}")
 
     # -- images ---------------------------------------------------------------
 

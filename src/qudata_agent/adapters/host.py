@@ -329,6 +329,53 @@ def _disk_total(path: str) -> int | None:
         return None
 
 
+def disk_free_bytes(path: str) -> int | None:
+    """Free bytes (for unprivileged use) on the filesystem that holds `path`; None if unknown."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _unescape_mount_field(text: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes ("\040").
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def _holds(point: str, path: str) -> bool:
+    return point == "/" or path == point or path.startswith(point.rstrip("/") + "/")
+
+
+def parse_mount_options(mountinfo_text: str, path: str) -> frozenset[str] | None:
+    """The options (per mount and of the superblock) of the filesystem that holds `path`.
+
+    From /proc/self/mountinfo text; the mount point that is the longest prefix
+    of `path` wins (of mounts stacked on one point, the last one). `path`
+    should be resolved (no symlinks). None when no line matches.
+    """
+    best: tuple[int, frozenset[str]] | None = None
+    for line in mountinfo_text.splitlines():
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        if len(fields) < sep + 4:
+            continue
+        point = _unescape_mount_field(fields[4])
+        if not _holds(point, path):
+            continue
+        options = frozenset(fields[5].split(",")) | frozenset(fields[sep + 3].split(","))
+        if best is None or len(point) >= best[0]:
+            best = (len(point), options)
+    return None if best is None else best[1]
+
+
+def mount_options(path: str, mountinfo_path: str = "/proc/self/mountinfo") -> frozenset[str] | None:
+    """The mount options of the filesystem that holds `path` (e.g. Docker's data root)."""
+    text = _read_text(mountinfo_path)
+    return None if text is None else parse_mount_options(text, os.path.realpath(path))
+
+
 class HostProbe:
     """Collects the host inventory; blocking, so callers run it off the event loop."""
 

@@ -1,7 +1,8 @@
-"""NVML, the NVIDIA management library: the GPU inventory.
+"""NVML, the NVIDIA management library: the GPU inventory, samples and health events.
 
-Owns: the only import of `pynvml` in the agent, NVML's initialisation, and the
-one thread every NVML call runs on.
+Owns: the only import of `pynvml` in the agent, NVML's initialisation, the
+one thread every NVML call runs on, and the event set that receives the GPUs'
+XID and ECC events.
 
 What stays true:
 - Every NVML call runs on this adapter's single worker thread, whether the
@@ -12,6 +13,11 @@ What stays true:
 - `report()` never raises for NVML's sake: a missing library, an unloaded
   driver, a permission problem or a missing `pynvml` give a report with no GPUs
   and a short `error`, logged once per distinct reason. No GPU is ever invented.
+- Events are waited for on the NVML thread with a short timeout per call
+  (`events_async`), so no call holds the thread for long and a stop is prompt;
+  without NVML, a GPU or event support, `events_async` answers None at once
+  and logs nothing more than the inventory already did. The event set is
+  freed before NVML is shut down, and registered again on the next call.
 """
 
 from __future__ import annotations
@@ -19,15 +25,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Protocol
 
+from qudata_agent.domain.gpu_health import EventKind, GpuEvent
 from qudata_agent.domain.inventory import GpuInfo, GpuReport, GpuSample, format_cuda_version
 
 logger = logging.getLogger(__name__)
 
 _OK: Final = "ok"
+# NVML's event type bits (nvmlEventType*), part of its stable ABI.
+_EVENT_KINDS: Final[dict[int, EventKind]] = {
+    0x1: "ecc_corrected",  # nvmlEventTypeSingleBitEccError
+    0x2: "ecc_uncorrected",  # nvmlEventTypeDoubleBitEccError
+    0x8: "xid",  # nvmlEventTypeXidCriticalError
+}
+_EVENT_MASK: Final = 0x1 | 0x2 | 0x8
+_NVML_ERROR_TIMEOUT: Final = 10  # NVML_ERROR_TIMEOUT: nothing arrived within the wait
+_MAX_EVENTS_PER_CALL: Final = 256
 
 
 class _MemoryInfo(Protocol):
@@ -56,6 +73,11 @@ class NvmlModule(Protocol):
     def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> Any: ...
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any: ...
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
+    def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int: ...
+    def nvmlEventSetCreate(self) -> Any: ...
+    def nvmlDeviceRegisterEvents(self, handle: Any, event_types: int, event_set: Any) -> None: ...
+    def nvmlEventSetWait(self, event_set: Any, timeout_ms: int) -> Any: ...
+    def nvmlEventSetFree(self, event_set: Any) -> None: ...
 
 
 class Nvml:
@@ -66,6 +88,9 @@ class Nvml:
         self._initialised = False
         self._closed = False
         self._logged: str | None = None  # _OK or the last error reason logged
+        self._event_set: Any = None  # NVML's event set, once registered
+        self._events_logged: str | None = None  # the last event-registration outcome logged
+        self._wait_failing = False  # an event wait failed; logged once until one succeeds
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
 
@@ -94,6 +119,20 @@ class Nvml:
                 return ()
             future = asyncio.get_running_loop().run_in_executor(
                 self._executor, self._samples, uuids
+            )
+        return await future
+
+    async def events_async(self, wait_ms: int = 100) -> tuple[GpuEvent, ...] | None:
+        """The GPUs' XID and ECC events since the last call, waiting up to `wait_ms` for one.
+
+        None when events cannot be had now (no NVML, no GPU, no event support,
+        adapter closed); the caller asks again later.
+        """
+        with self._lock:
+            if self._closed:
+                return None
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._events, wait_ms
             )
         return await future
 
@@ -165,6 +204,68 @@ class Nvml:
                 logger.debug("GPU %s not readable: %s", uuid, _reason(e))
         return tuple(samples)
 
+    def _events(self, wait_ms: int) -> tuple[GpuEvent, ...] | None:
+        if self._event_set is None and not self._register_events():
+            return None
+        nvml = self._module
+        assert nvml is not None
+        events: list[GpuEvent] = []
+        timeout = wait_ms
+        while len(events) < _MAX_EVENTS_PER_CALL:
+            try:
+                data = nvml.nvmlEventSetWait(self._event_set, timeout)
+            except nvml.NVMLError as e:
+                if getattr(e, "value", None) == _NVML_ERROR_TIMEOUT:
+                    self._wait_failing = False
+                    break
+                # A GPU fell off the bus or the driver went: the caller backs off, then
+                # the set is registered again.
+                if not self._wait_failing:
+                    logger.warning("NVML event wait failed: %s", _reason(e))
+                self._wait_failing = True
+                self._free_events()
+                return tuple(events) or None
+            self._wait_failing = False
+            timeout = 0  # drain what is queued without waiting again
+            event = _event(nvml, data)
+            if event is not None:
+                events.append(event)
+        return tuple(events)
+
+    def _register_events(self) -> bool:
+        try:
+            nvml = self._load()
+        except ImportError:
+            return False
+        try:
+            if not self._initialised:
+                nvml.nvmlInit()
+                self._initialised = True
+            count = nvml.nvmlDeviceGetCount()
+            event_set = nvml.nvmlEventSetCreate() if count else None
+        except nvml.NVMLError:
+            return False  # the inventory logs why NVML is not usable
+        if event_set is None:
+            return False
+        watched = sum(_register(nvml, event_set, index) for index in range(count))
+        if not watched:
+            self._log_events_once("no GPU supports XID/ECC events; GPU health not watched")
+            _free(nvml, event_set)
+            return False
+        self._event_set = event_set
+        self._log_events_once(f"watching {watched} of {count} GPU(s) for XID and ECC events")
+        return True
+
+    def _log_events_once(self, message: str) -> None:
+        if self._events_logged != message:
+            logger.info(message)
+            self._events_logged = message
+
+    def _free_events(self) -> None:
+        if self._event_set is not None and self._module is not None:
+            _free(self._module, self._event_set)
+        self._event_set = None
+
     def _load(self) -> NvmlModule:
         if self._module is None:
             import pynvml  # imported here so a broken install degrades instead of failing
@@ -179,6 +280,7 @@ class Nvml:
         return GpuReport(error=reason)
 
     def _shutdown(self) -> None:
+        self._free_events()
         if not self._initialised or self._module is None:
             return
         self._initialised = False
@@ -196,6 +298,39 @@ def _gpu(nvml: NvmlModule, index: int) -> GpuInfo:
         name=_text(nvml.nvmlDeviceGetName(handle)),
         memory_total_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
     )
+
+
+def _register(nvml: NvmlModule, event_set: Any, index: int) -> bool:
+    """Registers GPU `index` for the XID and ECC events it supports; False when none."""
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        mask = int(nvml.nvmlDeviceGetSupportedEventTypes(handle)) & _EVENT_MASK
+        if mask:
+            nvml.nvmlDeviceRegisterEvents(handle, mask, event_set)
+    except nvml.NVMLError as e:
+        logger.debug("GPU %d: events not registered: %s", index, _reason(e))
+        return False
+    return bool(mask)
+
+
+def _event(nvml: NvmlModule, data: Any) -> GpuEvent | None:
+    kind = _EVENT_KINDS.get(int(data.eventType))
+    if kind is None:
+        return None
+    try:
+        uuid = _text(nvml.nvmlDeviceGetUUID(data.device))
+    except nvml.NVMLError as e:
+        uuid = "unknown"
+        logger.debug("event of an unnamed GPU: %s", _reason(e))
+    xid = int(data.eventData) if kind == "xid" else None
+    return GpuEvent(uuid=uuid, kind=kind, xid=xid, at=time.time())
+
+
+def _free(nvml: NvmlModule, event_set: Any) -> None:
+    try:
+        nvml.nvmlEventSetFree(event_set)
+    except nvml.NVMLError as e:
+        logger.debug("nvmlEventSetFree failed: %s", _reason(e))
 
 
 def _cuda_version(nvml: NvmlModule) -> str | None:

@@ -12,22 +12,37 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import falcon
 import falcon.asgi
 
 from qudata_agent import __version__
 from qudata_agent.api.envelope import fail
-from qudata_agent.api.middleware import BodyLimit, RequestContext, SecretAuth
+from qudata_agent.api.middleware import (
+    BodyLimit,
+    RequestContext,
+    RequestCounter,
+    RequestMetrics,
+    SecretAuth,
+)
 from qudata_agent.api.openapi import build_openapi
 from qudata_agent.api.resources.instances import InstancesApi, InstancesResource
 from qudata_agent.api.resources.ssh import SshApi, SshResource
-from qudata_agent.api.resources.system import OpenApiResource, PingResource
+from qudata_agent.api.resources.system import (
+    MetricsApi,
+    MetricsResource,
+    OpenApiResource,
+    PingResource,
+)
 from qudata_agent.api.routes import ROUTES, Route, public_operations
 from qudata_agent.errors import AgentError, http_status
 
 log = logging.getLogger(__name__)
+
+
+class ApiMetrics(MetricsApi, RequestCounter, Protocol):
+    """The agent's metrics: rendered by /metrics, moved by every request."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,7 @@ class ApiDeps:
     max_body_bytes: int = 1024 * 1024
     instances: InstancesApi | None = None
     ssh: SshApi | None = None
+    metrics: ApiMetrics | None = None
 
 
 def _framework_message(req: falcon.asgi.Request, ex: falcon.HTTPError) -> str:
@@ -84,6 +100,8 @@ def _mounted(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
         resources["instances"] = InstancesResource(deps.instances, deps.max_body_bytes)
     if deps.ssh is not None:
         resources["ssh"] = SshResource(deps.ssh, deps.max_body_bytes)
+    if deps.metrics is not None:
+        resources["metrics"] = MetricsResource(deps.metrics)
     served = tuple(
         route for route in routes if route.resource in resources or route.resource == "openapi"
     )
@@ -95,7 +113,12 @@ AsgiApp = falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]
 
 
 def create_app(deps: ApiDeps, routes: tuple[Route, ...] = ROUTES) -> AsgiApp:
-    middleware: list[Any] = [
+    middleware: list[Any] = (
+        []
+        if deps.metrics is None
+        else [RequestMetrics(deps.metrics, [route.path for route in routes])]
+    )
+    middleware += [
         RequestContext(),
         SecretAuth(deps.secret, public_operations(routes)),
         BodyLimit(deps.max_body_bytes),

@@ -1,11 +1,14 @@
-"""Request-level checks that run before any resource: request id, secret, body size.
+"""Request-level checks that run before any resource: request id, secret, body size; counts.
 
 What stays true:
 - every non-public request carries the agent secret, compared in constant time,
   or it is answered 401 before routing (so unknown routes do not reveal
   themselves to a caller without the secret);
 - a declared body over the limit is answered 413 before a byte of it is read;
-- every answer carries `X-Request-Id`, and log lines of the request carry it.
+- every answer carries `X-Request-Id`, and log lines of the request carry it;
+- every answer is counted once by route, method and status code, refused ones
+  included; the route label is a path of the route table or "unmatched", never
+  a raw path (which a caller could vary without end).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import Protocol
 
 import falcon.asgi
 
@@ -57,6 +61,28 @@ class RequestContext:
                     "ms": round((time.monotonic() - started) * 1000, 2),
                 },
             )
+
+
+class RequestCounter(Protocol):
+    def count_request(self, route: str, method: str, code: int) -> None: ...
+
+
+class RequestMetrics:
+    """Counts each answer; first in the middleware list, so it sees the final status."""
+
+    def __init__(self, counter: RequestCounter, paths: Collection[str]) -> None:
+        self._counter = counter
+        self._paths = frozenset(paths)
+
+    async def process_response(
+        self,
+        req: falcon.asgi.Request,
+        resp: falcon.asgi.Response,
+        resource: object,
+        req_succeeded: bool,
+    ) -> None:
+        route = req.uri_template or (req.path if req.path in self._paths else "unmatched")
+        self._counter.count_request(route, req.method, resp.status_code)
 
 
 class SecretAuth:

@@ -45,9 +45,10 @@ def _models(routes: tuple[Route, ...]) -> list[type[BaseModel]]:
 def _operation(route: Route, op: Operation, refs: dict[type[BaseModel], Any]) -> dict[str, Any]:
     error_ref = refs[Failure]
     answer = _answer_model(op)
-    content: dict[str, Any] = {"schema": refs[answer] if answer else {"type": "object"}}
+    plain = {"type": "object"} if op.media == "application/json" else {"type": "string"}
+    content: dict[str, Any] = {"schema": refs[answer] if answer else plain}
     responses: dict[str, Any] = {
-        str(op.status): {"description": "Success", "content": {"application/json": content}}
+        str(op.status): {"description": "Success", "content": {op.media: content}}
     }
     codes = {400, 404, 405, 500} | set(op.errors)
     if not op.public:

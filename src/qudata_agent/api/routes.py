@@ -37,7 +37,8 @@ class Operation:
     request: type[BaseModel] | None = None
     status: int = 200
     public: bool = False
-    raw: bool = False  # answer is not wrapped in the envelope (the OpenAPI document)
+    raw: bool = False  # answer is not wrapped in the envelope (the OpenAPI document, metrics)
+    media: str = "application/json"  # content type of the success answer
     query: tuple[QueryParam, ...] = ()
     errors: tuple[int, ...] = ()
 
@@ -121,6 +122,19 @@ ROUTES: tuple[Route, ...] = (
         "/openapi.json",
         "openapi",
         (Operation("GET", "This API's OpenAPI 3.1 document (not enveloped)", None, raw=True),),
+    ),
+    Route(
+        "/metrics",
+        "metrics",
+        (
+            Operation(
+                "GET",
+                "Prometheus metrics in the text exposition format (not enveloped)",
+                None,
+                raw=True,
+                media="text/plain",
+            ),
+        ),
     ),
 )
 

@@ -103,6 +103,29 @@ class SshState(BaseModel):
     reason: str | None = None
 
 
+class GpuHealthEvent(BaseModel):
+    """A GPU health problem NVML reported for one of the instance's GPUs."""
+
+    uuid: str
+    event: Literal["xid", "ecc_uncorrected"]
+    xid: int | None = Field(default=None, description="the XID number, for event xid")
+    at: float = Field(description="when the agent received it, seconds since the epoch")
+
+
+class StorageState(BaseModel):
+    """What the instance's `storage_gb` got: a size limit on its writable layer, or a watch."""
+
+    requested_gb: float = Field(description="the storage_gb asked for (GiB)")
+    enforced: bool = Field(
+        description="true: Docker caps the writable layer at this size; false: this host's "
+        "storage driver cannot, so the layer is only measured (QUDATA_STORAGE_POLICY=monitor)"
+    )
+    used_gb: float | None = Field(
+        default=None, description="the writable layer's size at the last check (not enforced only)"
+    )
+    over_limit: bool = Field(description="the writable layer is larger than requested_gb")
+
+
 class InstanceState(BaseModel):
     """`GET /instances`: with no instance, status `destroyed` and null ids."""
 
@@ -123,6 +146,14 @@ class InstanceState(BaseModel):
     ssh: SshState | None = None
     last_logs: str | None = Field(default=None, description="after the container exited on its own")
     logs: str | None = None
+    gpu_health: list[GpuHealthEvent] = Field(
+        default_factory=list,
+        description="XID (application-caused ones left out) and uncorrectable ECC errors "
+        "of the instance's GPUs since it was created, oldest first",
+    )
+    storage: StorageState | None = Field(
+        default=None, description="present when the create asked for storage_gb"
+    )
 
 
 class InstanceAction(BaseModel):

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -44,7 +44,6 @@ from qudata_agent.services.pulls import PullCoordinator
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
 LAST_LOG_LINES = 20
 
 
@@ -64,6 +63,14 @@ class Engine(Protocol):
     def list_managed(self, agent_id: str) -> list[ContainerState]: ...
 
     def logs(self, container_id: str, tail: int) -> str: ...
+
+
+class Storage(Protocol):
+    """The storage guard (`services.storage.StorageGuard`): what a create's storage_gb gets."""
+
+    def admit(self, instance_id: str, storage_gb: float) -> int | None: ...
+
+    async def view(self, instance: Instance) -> Any: ...
 
 
 class InstanceStore(Protocol):
@@ -93,6 +100,8 @@ class InstanceView:
     logs: str | None = None
     last_logs: str | None = None  # after the container exited on its own
     ssh: Any | None = None  # the SSH service's view (status, port, reason)
+    gpu_health: tuple[Any, ...] = ()  # health problems of its GPUs (domain.gpu_health.GpuEvent)
+    storage: Any | None = None  # what storage_gb gets (domain.storage.StorageUsage)
 
 
 class _BuildCancelled(Exception):
@@ -116,7 +125,7 @@ class InstanceService:
         ports: PortAllocator,
         gpu_uuids: Callable[[], Awaitable[tuple[str, ...]]],
         agent_id: str,
-        storage_quota: Callable[[], bool] = lambda: False,
+        storage: Storage | None = None,  # None: storage_gb is accepted and ignored
         network: str | None = None,
         prepare_network: Callable[[], Awaitable[None]] | None = None,
         stop_timeout_s: int = 10,
@@ -129,7 +138,7 @@ class InstanceService:
         self._ports = ports
         self._gpu_uuids = gpu_uuids
         self._agent_id = agent_id
-        self._storage_quota = storage_quota
+        self._storage = storage
         self._network = network
         self._prepare_network = prepare_network
         self._stop_timeout_s = stop_timeout_s
@@ -140,10 +149,15 @@ class InstanceService:
         self._listeners: list[Callable[[], None]] = []
         self._run_listeners: list[Callable[[Instance], None]] = []
         self._ssh_view: Callable[[Instance], Awaitable[Any]] | None = None
+        self._gpu_health: Callable[[Instance], Sequence[Any]] | None = None
 
     def show_ssh_with(self, view: Callable[[Instance], Awaitable[Any]]) -> None:
         """Where `describe` gets the SSH part of the answer."""
         self._ssh_view = view
+
+    def show_gpu_health_with(self, health: Callable[[Instance], Sequence[Any]]) -> None:
+        """Where `describe` gets the health problems of the instance's GPUs."""
+        self._gpu_health = health
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """`listener` is called after every lifecycle change (e.g. to send stats now)."""
@@ -213,8 +227,8 @@ class InstanceService:
         gpus = choose_gpus(resources.gpu_count, all_gpus, self._store.allocated_gpus())
         instance_id = str(uuid.uuid4())
         storage = None
-        if order.storage_gb is not None and self._storage_quota():
-            storage = int(order.storage_gb * GIB)
+        if order.storage_gb is not None and self._storage is not None:
+            storage = self._storage.admit(instance_id, order.storage_gb)  # may refuse: 409
         spec = build_spec(
             order,
             instance_id=instance_id,
@@ -354,7 +368,17 @@ class InstanceService:
             except NotFound:
                 pass  # removed a moment ago; the event will say so
         ssh = await self._ssh_view(instance) if self._ssh_view is not None else None
-        return InstanceView(instance, pull=pull, logs=text, last_logs=last, ssh=ssh)
+        health = tuple(self._gpu_health(instance)) if self._gpu_health is not None else ()
+        storage = await self._storage.view(instance) if self._storage is not None else None
+        return InstanceView(
+            instance,
+            pull=pull,
+            logs=text,
+            last_logs=last,
+            ssh=ssh,
+            gpu_health=health,
+            storage=storage,
+        )
 
     @staticmethod
     def _exited_on_its_own(instance: Instance) -> bool:

@@ -7,7 +7,10 @@ pid, version) and the decision to (re)send the host inventory. What stays true:
 - a `secret_key` in the answer replaces the stored secret before anything else
   happens, and from then on goes out with every call;
 - the inventory is sent when the control plane does not know the host, asks
-  for an emergency re-init, or when its digest differs from the last one sent.
+  for an emergency re-init, or when its digest differs from the last one sent
+  (checked at registration and again by `refresh_inventory`, which the
+  inventory loop calls every few minutes); the digest is stored only after
+  the control plane accepted the payload.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class Registrar:
         self._store = store
         self._identity = identity
         self._inventory = inventory
+        self._sent: dict[str, Any] | None = None  # the payload last sent by this process
         self._cp.set_secret(credentials.agent_secret())
 
     def init_payload(self, port: int) -> dict[str, Any]:
@@ -100,8 +104,7 @@ class Registrar:
         if answer.host_exists and not answer.emergency_reinit and digest == known:
             log.info("registered; host inventory unchanged")
             return
-        await self._cp.init_host(payload)
-        await self._blocking.quick(self._store.set, INVENTORY_DIGEST_KEY, digest)
+        await self._send_inventory(payload, digest)
         log.info(
             "registered; host inventory sent",
             extra={
@@ -110,3 +113,40 @@ class Registrar:
                 "gpu_name": payload.get("gpu_name"),
             },
         )
+
+    async def refresh_inventory(self) -> bool:
+        """Sends the inventory again when its digest differs from the stored one; True if sent.
+
+        Raises the client's error when the send fails; the stored digest is
+        then unchanged, so the next call tries again.
+        """
+        payload = await self._inventory()
+        digest = inventory_digest(payload)
+        known = await self._blocking.quick(self._store.get, INVENTORY_DIGEST_KEY)
+        if digest == known:
+            return False
+        previous = self._sent
+        await self._send_inventory(payload, digest)
+        log.info(
+            "host inventory changed; sent again",
+            extra={"changed": _changed_fields(previous, payload) if previous else None},
+        )
+        return True
+
+    async def _send_inventory(self, payload: dict[str, Any], digest: str) -> None:
+        await self._cp.init_host(payload)
+        await self._blocking.quick(self._store.set, INVENTORY_DIGEST_KEY, digest)
+        self._sent = payload
+
+
+def _changed_fields(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The payload fields that differ, `configuration` ones named as configuration.KEY."""
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and key == "configuration":
+            subs = sorted(set(old) | set(new))
+            changed += [f"{key}.{sub}" for sub in subs if old.get(sub) != new.get(sub)]
+        elif old != new:
+            changed.append(key)
+    return changed

@@ -84,6 +84,7 @@ class Telemetry:
         self._pids: dict[str, tuple[str | None, int]] = {}  # container -> (run, pid)
         self._failing = False
         self.last: dict[str, Any] | None = None  # the last payload made
+        self.last_gpus: tuple[GpuSample, ...] = ()  # the GPU samples behind it (for /metrics)
 
     async def sample(self) -> dict[str, Any]:
         instance = await self._current()
@@ -95,6 +96,7 @@ class Telemetry:
                 self._recovered()
             except AgentError as e:
                 self._failed(e)
+                self.last_gpus = ()
                 payload = {**_zero(), "status": instance.status.value}
         self.last = payload
         return payload
@@ -116,6 +118,7 @@ class Telemetry:
             self._size.memory_bytes,
         )
         gpus = await self._gpu_samples(instance.gpus)
+        self.last_gpus = gpus
         return {
             "cpu_util": round(usage.cpu_percent, 2),
             "ram_util": round(usage.ram_percent, 2),
@@ -140,6 +143,7 @@ class Telemetry:
         rx = (cur.net_rx_bytes - prev.net_rx_bytes) / elapsed if prev and elapsed > 0 else 0.0
         tx = (cur.net_tx_bytes - prev.net_tx_bytes) / elapsed if prev and elapsed > 0 else 0.0
         gpus = await self._gpu_samples(await self._host_gpus())
+        self.last_gpus = gpus
         return {
             "cpu_util": round(cur.cpu_percent, 2),
             "ram_util": round(cur.ram_percent, 2),

@@ -17,10 +17,12 @@ from qudata_agent.api.envelope import ok
 from qudata_agent.api.schemas import (
     CreatedInstance,
     CreateInstance,
+    GpuHealthEvent,
     InstanceAction,
     InstanceState,
     PullProgressView,
     SshState,
+    StorageState,
 )
 from qudata_agent.domain.instance import Action, Instance
 from qudata_agent.domain.order import CreateOrder, RegistryCredentials
@@ -97,6 +99,22 @@ def to_state(view: Any) -> InstanceState:
         ),
         last_logs=view.last_logs,
         logs=view.logs,
+        gpu_health=[
+            GpuHealthEvent(uuid=e.uuid, event=e.kind, xid=e.xid, at=e.at)
+            for e in getattr(view, "gpu_health", ())
+        ],
+        storage=_storage(getattr(view, "storage", None)),
+    )
+
+
+def _storage(usage: Any) -> StorageState | None:
+    if usage is None:
+        return None
+    return StorageState(
+        requested_gb=usage.requested_gb,
+        enforced=usage.enforced,
+        used_gb=usage.used_gb,
+        over_limit=usage.over_limit,
     )
 
 

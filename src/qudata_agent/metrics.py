@@ -1,0 +1,174 @@
+"""Prometheus metrics: the agent's own registry and the text `GET /metrics` renders.
+
+Owns: the only import of `prometheus_client`; a registry per agent (never the
+library's global one, so two agents or two tests in one process never share a
+count); counters moved as things happen (API requests, control-plane
+failures, reconcile runs); gauges read at scrape time from the sources it is
+told to follow (the latest `/stats` payload and GPU samples, the GPU health
+record), so nothing is written on the stats path.
+
+What stays true:
+- label values come from small, closed sets (route templates, HTTP methods,
+  control-plane calls, GPU UUIDs, XID numbers), never from raw request paths;
+- a source that has nothing yet gives no series, never a made-up zero;
+- rendering never raises because a source is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from qudata_agent.domain.inventory import GpuSample
+
+# The text format every Prometheus version reads (names here need no escaping).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+# /stats payload field -> (metric name, help); the value is the payload's own figure.
+_STATS_GAUGES = {
+    "cpu_util": ("qudata_cpu_util_percent", "CPU use, percent of the CPU limit (host: all CPUs)"),
+    "ram_util": ("qudata_ram_util_percent", "Memory use, percent of the memory limit (or host)"),
+    "inet_in": ("qudata_net_receive_bytes_per_second", "Network receive rate"),
+    "inet_out": ("qudata_net_transmit_bytes_per_second", "Network transmit rate"),
+    "gpu_util": ("qudata_gpu_util_percent", "Mean utilisation of the subject's GPUs"),
+    "mem_util": ("qudata_gpu_mem_util_percent", "GPU memory use, percent of the GPUs' memory"),
+    "gpu_temp": ("qudata_gpu_temp_max_celsius", "Hottest of the subject's GPUs"),
+}
+
+
+class StatsSource(Protocol):
+    """What the stats gauges read: the telemetry service's latest figures."""
+
+    @property
+    def last(self) -> dict[str, Any] | None: ...
+
+    @property
+    def last_gpus(self) -> tuple[GpuSample, ...]: ...
+
+
+class HealthSource(Protocol):
+    """What the GPU health counters read: counts by (uuid, kind, xid)."""
+
+    def counts(self) -> Mapping[tuple[str, str, int | None], int]: ...
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "qudata_api_requests",
+            "API requests answered, by route, method and HTTP status code",
+            ["route", "method", "code"],
+            registry=self.registry,
+        )
+        self._cp_failures = Counter(
+            "qudata_control_plane_failures",
+            "Control-plane calls that failed (network, timeout, HTTP error, refusal)",
+            ["call"],
+            registry=self.registry,
+        )
+        self._reconciles = Counter(
+            "qudata_reconcile_runs",
+            "Full reconciles with Docker, by result",
+            ["result"],
+            registry=self.registry,
+        )
+        self._stats: StatsSource | None = None
+        self._health: HealthSource | None = None
+        self.registry.register(_Snapshot(self))
+
+    # -- events ----------------------------------------------------------------
+
+    def count_request(self, route: str, method: str, code: int) -> None:
+        method = method.upper() if method.upper() in _METHODS else "OTHER"
+        self._requests.labels(route=route, method=method, code=str(code)).inc()
+
+    def control_plane_failed(self, call: str) -> None:
+        self._cp_failures.labels(call=call).inc()
+
+    def reconcile_ran(self, ok: bool) -> None:
+        self._reconciles.labels(result="ok" if ok else "error").inc()
+
+    # -- sources read at scrape time --------------------------------------------
+
+    def follow_stats(self, source: StatsSource) -> None:
+        self._stats = source
+
+    def follow_health(self, source: HealthSource) -> None:
+        self._health = source
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE
+
+    def _collect(self) -> Iterator[Metric]:
+        if self._stats is not None:
+            yield from _stats_families(self._stats.last)
+            yield from _gpu_families(self._stats.last_gpus)
+        if self._health is not None:
+            yield from _health_families(self._health.counts())
+
+
+class _Snapshot:
+    """The registry's view of the followed sources (a custom collector)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics._collect()
+
+
+def _stats_families(payload: dict[str, Any] | None) -> Iterator[Metric]:
+    if payload is None:
+        return
+    status = str(payload.get("status", "destroyed"))
+    subject = "host" if status == "destroyed" else "instance"
+    for field, (name, doc) in _STATS_GAUGES.items():
+        value = payload.get(field)
+        if isinstance(value, int | float):
+            family = GaugeMetricFamily(name, doc, labels=["subject"])
+            family.add_metric([subject], float(value))
+            yield family
+    state = GaugeMetricFamily(
+        "qudata_instance_status", "1 for the instance's current status", labels=["status"]
+    )
+    state.add_metric([status], 1.0)
+    yield state
+
+
+def _gpu_families(samples: tuple[GpuSample, ...]) -> Iterator[Metric]:
+    if not samples:
+        return
+    util = GaugeMetricFamily("qudata_gpu_utilization_percent", "GPU utilisation", labels=["uuid"])
+    used = GaugeMetricFamily("qudata_gpu_memory_used_bytes", "GPU memory in use", labels=["uuid"])
+    total = GaugeMetricFamily("qudata_gpu_memory_total_bytes", "GPU memory", labels=["uuid"])
+    temp = GaugeMetricFamily("qudata_gpu_temperature_celsius", "GPU temperature", labels=["uuid"])
+    for s in samples:
+        util.add_metric([s.uuid], s.util_percent)
+        used.add_metric([s.uuid], float(s.memory_used_bytes))
+        total.add_metric([s.uuid], float(s.memory_total_bytes))
+        if s.temperature_c is not None:
+            temp.add_metric([s.uuid], s.temperature_c)
+    yield from (util, used, total, temp)
+
+
+def _health_families(counts: Mapping[tuple[str, str, int | None], int]) -> Iterator[Metric]:
+    xids = CounterMetricFamily(
+        "qudata_gpu_xid_errors",
+        "XID errors seen through NVML events (application-caused XIDs not counted)",
+        labels=["uuid", "xid"],
+    )
+    ecc = CounterMetricFamily(
+        "qudata_gpu_ecc_errors", "ECC error events, by kind", labels=["uuid", "kind"]
+    )
+    for (uuid, kind, xid), n in sorted(counts.items(), key=lambda item: str(item[0])):
+        if kind == "xid":
+            xids.add_metric([uuid, str(xid)], float(n))
+        else:
+            ecc.add_metric([uuid, kind.removeprefix("ecc_")], float(n))
+    yield from (xids, ecc)

@@ -1,0 +1,215 @@
+"""The tenant's writable disk at run time: detect the host's support, admit, watch.
+
+Owns: finding out whether this host's Docker can cap a container's writable
+layer (`QuotaSupport`: logged at start, checked again on every watch pass,
+logged again when it changed); the admission of a create's `storage_gb`
+(the policy and the free space of Docker's data root decide, through
+`domain.storage.admit`); the record of what each instance asked for; and the
+watch of layers that are not capped: measured every interval, a warning
+logged when one passes its size and a note when it is back under.
+
+What stays true:
+- a request is enforced, watched, or refused; never silently dropped;
+- what an instance asked for is kept in the store (one meta key, JSON, pruned
+  of instances that no longer exist whenever a new one is recorded), so the
+  answer survives an agent restart;
+- the layer is measured only where nothing caps it (Docker walks the layer to
+  count it), on the slow pool, once per interval, never from a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.instance import Instance
+from qudata_agent.domain.storage import (
+    GIB,
+    QuotaSupport,
+    StorageInfo,
+    StoragePolicy,
+    StorageRequest,
+    StorageUsage,
+    admit,
+    quota_support,
+    usage,
+)
+from qudata_agent.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+STORE_KEY = "storage_requests"
+
+MountOptions = Callable[[str], frozenset[str] | None]  # data root -> its mount options
+FreeBytes = Callable[[str], int | None]  # path -> free bytes on its filesystem
+
+
+class StorageEngine(Protocol):
+    def storage_info(self) -> StorageInfo: ...
+
+    def writable_layer_bytes(self, container_id: str) -> int: ...
+
+
+class StorageStore(Protocol):
+    def get(self, key: str) -> str | None: ...
+
+    def set(self, key: str, value: str) -> None: ...
+
+    def list_instances(self) -> list[Instance]: ...
+
+
+def detect_quota_support(engine: StorageEngine, mount_options: MountOptions) -> QuotaSupport:
+    """Whether Docker can cap a container's writable layer here (blocking; for `doctor` too).
+
+    `engine` is the Docker adapter (`storage_info`), `mount_options` is
+    `adapters.host.mount_options`. Raises `Unavailable` when Docker does not answer.
+    """
+    info = engine.storage_info()
+    return quota_support(
+        info.driver, info.backing_filesystem, mount_options(info.data_root), info.data_root
+    )
+
+
+class StorageGuard:
+    def __init__(
+        self,
+        engine: StorageEngine,
+        store: StorageStore,
+        blocking: Blocking,
+        *,
+        policy: StoragePolicy,
+        mount_options: MountOptions,
+        free_bytes: FreeBytes,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._blocking = blocking
+        self._policy = policy
+        self._mount_options = mount_options
+        self._free_bytes = free_bytes
+        self._lock = threading.Lock()  # admit runs in worker threads
+        self._support: QuotaSupport | None = None
+        self._used: dict[str, int] = {}  # instance id -> its layer's size at the last pass
+        self._over: set[str] = set()  # instances whose layer was over its size
+
+    @property
+    def policy(self) -> StoragePolicy:
+        return self._policy
+
+    # -- what the host can do -------------------------------------------------
+
+    def support(self) -> QuotaSupport:
+        """The host's quota support, detected once (blocking; raises Unavailable)."""
+        with self._lock:
+            known = self._support
+        return known if known is not None else self.redetect()
+
+    def redetect(self) -> QuotaSupport:
+        """Detects again; logs the result when it is the first or a changed one (blocking)."""
+        support = detect_quota_support(self._engine, self._mount_options)
+        with self._lock:
+            changed, self._support = support != self._support, support
+        if changed:
+            self._announce(support)
+        return support
+
+    async def detect(self) -> None:
+        """Detects again, off the event loop (logs a first or changed result)."""
+        await self._blocking.quick(self.redetect)
+
+    def _announce(self, support: QuotaSupport) -> None:
+        facts = {
+            "driver": support.driver,
+            "backing_filesystem": support.backing_filesystem,
+            "data_root": support.data_root,
+            "how": support.how,
+        }
+        if support.enforceable:
+            log.info("storage_gb is enforced as a container size limit", extra=facts)
+            return
+        then = (
+            "creates that ask for storage_gb are refused"
+            if self._policy is StoragePolicy.REFUSE
+            else "creates that ask for storage_gb are accepted; the layer is watched"
+        )
+        log.warning(
+            f"storage_gb cannot be enforced on this host; {then}",
+            extra={**facts, "fix": support.fix, "policy": self._policy.value},
+        )
+
+    # -- create ---------------------------------------------------------------
+
+    def admit(self, instance_id: str, storage_gb: float) -> int | None:
+        """The size limit for the new instance's container (None: watched, not capped).
+
+        Blocking (runs where the instance is placed). Raises Conflict when the
+        request cannot be met (see `domain.storage.admit`); records it otherwise.
+        """
+        support = self.support()
+        free = self._free_bytes(support.data_root) if support.data_root else None
+        limit = admit(storage_gb, support, self._policy, free)
+        self._record(instance_id, StorageRequest(int(storage_gb * GIB), limit is not None))
+        return limit
+
+    def _requests(self) -> dict[str, StorageRequest]:
+        raw = self._store.get(STORE_KEY)
+        try:
+            records = json.loads(raw) if raw else {}
+            return {key: StorageRequest(**value) for key, value in records.items()}
+        except (ValueError, TypeError, AttributeError):
+            log.warning("unreadable storage records in the store; starting afresh")
+            return {}
+
+    def _record(self, instance_id: str, request: StorageRequest) -> None:
+        alive = {instance.id for instance in self._store.list_instances()}
+        requests = {k: v for k, v in self._requests().items() if k in alive}
+        requests[instance_id] = request
+        records = {
+            k: {"requested_bytes": v.requested_bytes, "enforced": v.enforced}
+            for k, v in requests.items()
+        }
+        self._store.set(STORE_KEY, json.dumps(records, sort_keys=True))
+
+    # -- read and watch -------------------------------------------------------
+
+    async def view(self, instance: Instance) -> StorageUsage | None:
+        """The storage part of the instance's answer; None when it asked for none."""
+        request = (await self._blocking.quick(self._requests)).get(instance.id)
+        return None if request is None else usage(request, self._used.get(instance.id))
+
+    async def check(self, instance: Instance | None) -> None:
+        """One watch pass: support detected again, the uncapped layer measured."""
+        await self.detect()
+        if instance is None or instance.container_id is None:
+            self._used.clear()
+            self._over.clear()
+            return
+        request = (await self._blocking.quick(self._requests)).get(instance.id)
+        if request is None or request.enforced:
+            return
+        try:
+            used = await self._blocking.slow(
+                self._engine.writable_layer_bytes, instance.container_id
+            )
+        except NotFound:
+            return  # removed a moment ago; the instance service sees it too
+        self._used = {instance.id: used}
+        self._over &= {instance.id}
+        self._judge(instance.id, request, used)
+
+    def _judge(self, instance_id: str, request: StorageRequest, used: int) -> None:
+        facts = {
+            "instance_id": instance_id,
+            "used_gb": round(used / GIB, 3),
+            "requested_gb": round(request.requested_bytes / GIB, 3),
+        }
+        if used > request.requested_bytes and instance_id not in self._over:
+            self._over.add(instance_id)
+            log.warning("instance disk use is over its storage_gb (not enforced)", extra=facts)
+        elif used <= request.requested_bytes and instance_id in self._over:
+            self._over.discard(instance_id)
+            log.info("instance disk use is back within its storage_gb", extra=facts)

@@ -24,7 +24,6 @@ from qudata_agent.domain.ssh_keys import PublicKey, parse_key, render_authorized
 from qudata_agent.domain.ssh_setup import (
     EXIT_NO_PACKAGE_MANAGER,
     bring_up_script,
-    provision_script,
     write_keys_script,
 )
 from qudata_agent.errors import AgentError, Conflict, NotFound
@@ -195,33 +194,35 @@ class SshService:
         cid = instance.container_id
         try:
             state = await self._blocking.quick(self._store.ssh_state, instance_id)
-            if state is None or state[0] != READY:
+            provision = state is None or state[0] != READY
+            if provision:
                 await self._set(instance_id, INSTALLING)
-                await self._provision(cid)  # minutes maybe: key changes must not wait on it
-            async with self._lock(instance_id):  # keys and start in one exec
-                script = bring_up_script(await self._authorized_keys(instance_id), False)
-                await self._exec(cid, script, QUICK_TIMEOUT_S, "sshd did not start")
+            keys = await self._authorized_keys(instance_id)
+            # One exec: set up (maybe minutes of install), keys, sshd. Not under
+            # the lock, so key changes never wait on an install; the check below
+            # catches a key that changed meanwhile.
+            await self._bring_up(cid, bring_up_script(keys, provision), provision)
+            async with self._lock(instance_id):
                 await self._set(instance_id, READY, run=instance.started_at)
+                if await self._authorized_keys(instance_id) != keys:
+                    await self._write_keys(cid, instance_id)
             log.info("ssh ready", extra={"instance_id": instance_id})
         except (_SetupFailed, AgentError) as e:
             reason = e.message if isinstance(e, AgentError) else str(e)
             await self._set(instance_id, FAILED, reason)
             log.warning("ssh setup failed", extra={"instance_id": instance_id, "reason": reason})
 
-    async def _provision(self, container_id: str) -> None:
-        code, out = await self._blocking.slow(
-            self._engine.exec_run,
-            container_id,
-            ["sh", "-c", provision_script()],
-            PROVISION_TIMEOUT_S,
-        )
+    async def _bring_up(self, container_id: str, script: str, provision: bool) -> None:
+        run = self._blocking.slow if provision else self._blocking.quick
+        timeout = PROVISION_TIMEOUT_S if provision else QUICK_TIMEOUT_S
+        code, out = await run(self._engine.exec_run, container_id, ["sh", "-c", script], timeout)
         if code == EXIT_NO_PACKAGE_MANAGER:
             raise _SetupFailed(
                 "the image has no sshd and no package manager to install OpenSSH with"
             )
         if code != 0:
             tail = " ".join(out.strip().splitlines()[-3:])[-300:]
-            raise _SetupFailed(f"installing OpenSSH failed (exit {code}): {tail}")
+            raise _SetupFailed(f"bringing up sshd failed (exit {code}): {tail}")
 
     async def close(self) -> None:
         tasks = [t for t in self._tasks.values() if not t.done()]

@@ -91,7 +91,9 @@ def test_busy_loop_under_half_a_core_reads_about_100_percent(containers: Contain
     assert 70.0 <= usage.cpu_percent <= 100.0
     # the same work against the whole host is a fraction of it
     of_host = compute_usage(first, second, None, None, HOST_CPUS, HOST_MEMORY)
-    assert of_host.cpu_percent == pytest.approx(usage.cpu_percent * 0.5 / HOST_CPUS, rel=1e-6)
+    # (the per-limit figure is capped at 100; CFS lets a loop overshoot its quota a little)
+    share = 0.5 / HOST_CPUS * 100
+    assert usage.cpu_percent * 0.5 / HOST_CPUS * (1 - 1e-6) <= of_host.cpu_percent <= share * 1.05
 
 
 def test_an_idle_container_reads_almost_no_cpu(containers: Containers) -> None:

@@ -156,7 +156,7 @@ def admit(
     requested = int(storage_gb * GIB)
     if free_bytes is not None and requested > free_bytes:
         raise Conflict(
-            f"storage_gb {storage_gb:g} is more than the {free_bytes / GIB:.1f} GB free on the"
+            f"storage_gb {storage_gb:.12g} is more than the {free_bytes / GIB:.1f} GB free on the"
             f" disk that holds Docker's data ({_data_root_text(support.data_root)})"
         )
     if support.enforceable:

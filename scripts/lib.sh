@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared steps of the README's two commands (sourced, not run).
 # Each step checks first and only acts when something is missing, so running
 # a command twice is quick and harmless.
@@ -79,7 +80,7 @@ ensure_venv() {
   ensure_python
   [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
   local spec="$ROOT"
-  [ -n "$extras" ] && spec="$ROOT[$extras]"
+  [ -n "$extras" ] && spec="${ROOT}[$extras]"
   say "installing the agent into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec"
 }

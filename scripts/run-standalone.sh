@@ -3,11 +3,12 @@
 # foreground, standalone (no control plane), with its state in ./state.
 # Extra arguments go to `qudata-agent run`; QUDATA_* variables are honoured.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 need_root
 ensure_dockerd
-ensure_venv
+ensure_venv "" # no extras
 export QUDATA_STATE_DIR=${QUDATA_STATE_DIR:-$ROOT/state}
 say "agent state in $QUDATA_STATE_DIR; the agent secret is in $QUDATA_STATE_DIR/agent_secret"
 exec "$VENV/bin/qudata-agent" run "$@"

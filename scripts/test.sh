@@ -5,10 +5,11 @@
 # the real Docker engine, end to end against the real agent process).
 # Extra arguments go to pytest.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 . "$(dirname "$0")/lib.sh"
 
 need_root
-apt_install busybox-static debootstrap openssh-client git
+apt_install busybox-static debootstrap openssh-client git shellcheck systemd btrfs-progs iproute2
 ensure_dockerd
 ensure_venv test
 "$ROOT/scripts/build-test-images.sh"

@@ -1,18 +1,28 @@
-"""The `qudata-agent` command line: `run` (the daemon) and `version`.
+"""The `qudata-agent` command line: `run` (the daemon), `doctor`, `status` and `version`.
 
 What stays true: a configuration error exits 2 with one line naming the
 variable, before anything is created on disk; `run` exits 0 after a clean
-SIGTERM/SIGINT stop and 1 when it cannot start.
+SIGTERM/SIGINT stop and 1 when it cannot start; `doctor` exits 0 exactly when
+the host is ready (1 otherwise); `status` exits 0 when the agent answers and 3
+when it does not. `doctor` and `status` only look: they create nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qudata_agent import __version__
+
+if TYPE_CHECKING:
+    from qudata_agent.config import Settings
+
+# Read by `doctor` and `status` when no config file is named (install.sh writes it).
+DEFAULT_CONFIG_FILE = Path("/etc/qudata-agent/agent.env")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,14 +37,39 @@ def _parser() -> argparse.ArgumentParser:
         help="control-plane API key (kept in the state dir, mode 0600, for later starts); "
         "prefer QUDATA_API_KEY or the config file: arguments show in `ps`",
     )
-    run.add_argument(
+    _config_option(run)
+    doctor = sub.add_parser("doctor", help="check that this host is ready to rent out")
+    status = sub.add_parser("status", help="show the agent, its instance and its links")
+    for command in (doctor, status):
+        _config_option(command, f"$QUDATA_CONFIG_FILE, else {DEFAULT_CONFIG_FILE} if present")
+        command.add_argument("--json", action="store_true", help="print JSON, not text")
+    sub.add_parser("version", help="print the agent's version")
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser, default: str = "$QUDATA_CONFIG_FILE") -> None:
+    parser.add_argument(
         "--config",
         metavar="FILE",
         type=Path,
-        help="env-style KEY=VALUE file (default: $QUDATA_CONFIG_FILE); the environment wins",
+        help=f"env-style KEY=VALUE file (default: {default}); the environment wins",
     )
-    sub.add_parser("version", help="print the agent's version")
-    return parser
+
+
+def _look(command: str, settings: Settings, config_file: Path | None, as_json: bool) -> int:
+    """`doctor` or `status`: read-only, their own output, no log lines on the way."""
+    logging.getLogger().setLevel(logging.ERROR)  # e.g. NVML's "no GPU" warning
+    if command == "doctor":
+        from qudata_agent import doctor
+
+        checks = doctor.run_checks(settings, doctor.HostProbes(settings), config_file)
+        print(doctor.to_json(checks) if as_json else doctor.render(checks))
+        return doctor.exit_code(checks)
+    from qudata_agent import status
+
+    report = status.gather(settings)
+    print(status.to_json(report) if as_json else status.render(report))
+    return status.exit_code(report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,14 +80,32 @@ def main(argv: list[str] | None = None) -> int:
     from qudata_agent import app, logs
     from qudata_agent.config import ConfigError, load_settings
 
+    looking = args.command in ("doctor", "status")
     try:
-        settings = load_settings(config_file=args.config, api_key=args.api_key)
+        settings = load_settings(config_file=args.config, api_key=getattr(args, "api_key", None))
+        config_file = args.config or settings.config_file
+        if looking and config_file is None and DEFAULT_CONFIG_FILE.is_file():
+            config_file = DEFAULT_CONFIG_FILE  # what install.sh writes and the unit reads
+            settings = load_settings(config_file=config_file)
     except ConfigError as e:
         print(f"qudata-agent: configuration error: {e}", file=sys.stderr)
         return 2
-    os.umask(0o077)  # everything the agent writes (database, secrets) is private
-    logs.setup(settings.log_level, settings.log_format)
     logs.redact(settings.api_key)
+    if looking:
+        return _look(args.command, settings, config_file, args.json)
+    os.umask(0o077)  # everything the agent writes (database, secrets, log file) is private
+    try:
+        if settings.log_file is not None:
+            settings.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        logs.setup(
+            settings.log_level,
+            settings.log_format,
+            file=settings.log_file,
+            file_max_bytes=settings.log_file_max_mb * 1024 * 1024,
+        )
+    except OSError as e:
+        print(f"qudata-agent: QUDATA_LOG_FILE: cannot be opened ({e.strerror})", file=sys.stderr)
+        return 2
     return app.run(settings)
 
 

@@ -1,9 +1,11 @@
 """Logging setup: structured lines on stderr, where journald picks them up.
 
-Owns the root handler, the JSON line format, the request-id context variable,
-and the redaction of secrets. What stays true: once a secret is registered with
-`redact()`, its value is replaced by `***` in every line this process writes,
-whatever logger or library produced it.
+Owns the root handlers (stderr, and optionally a file rotated by size), the
+JSON line format, the request-id context variable, and the redaction of
+secrets. What stays true: once a secret is registered with `redact()`, its
+value is replaced by `***` in every line this process writes, on every
+handler, whatever logger or library produced it; the log file never grows past
+its cap (times the backups kept).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import logging.handlers
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -95,14 +99,41 @@ def redact(secret: str | None) -> None:
         _REDACTOR.add(secret)
 
 
-def setup(level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(_REDACTOR)
+LOG_FILE_BACKUPS = 3  # rotated files kept next to the log file (.1 .. .3)
+_file_handler: logging.Handler | None = None
+
+
+def setup(
+    level: str = "INFO",
+    fmt: str = "json",
+    *,
+    file: Path | None = None,
+    file_max_bytes: int = 50 * 1024 * 1024,
+) -> None:
+    """Routes every log line to stderr and, when `file` is given, to that file too.
+
+    The file is rotated when it would pass `file_max_bytes`; `LOG_FILE_BACKUPS`
+    old ones are kept. Raises OSError when the file cannot be opened.
+    """
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if file is not None:
+        handlers.append(
+            logging.handlers.RotatingFileHandler(
+                file, maxBytes=file_max_bytes, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
+            )
+        )
+    for handler in handlers:
+        handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+        handler.addFilter(_REDACTOR)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    global _file_handler
+    if _file_handler is not None:  # ours from an earlier setup: its file is closed
+        _file_handler.close()
+    _file_handler = handlers[1] if file is not None else None
+    for handler in handlers:
+        root.addHandler(handler)
     root.setLevel(level)
     # httpx logs every request at INFO; keep that for debugging only.
     logging.getLogger("httpx").setLevel(max(logging.getLevelName(level), logging.WARNING))

@@ -1,0 +1,352 @@
+"""install.sh and uninstall.sh, run for real inside Debian 12 containers (never on this host).
+
+Each container comes from the local image `qudata-test/debian:12` (apt, the
+Debian mirror, nothing else), with a copy of the repository mounted read-only
+at /src. systemd does not run there, so install.sh must say so, write the
+unit and not start it; no NVIDIA device is on the (fake, empty) PCI bus, so no
+NVIDIA step runs. install.sh installs docker.io for real (dockerd is not
+started: no systemd) and the agent from PyPI into its venv; pip is given the
+host's CA bundle, so a TLS-intercepting proxy the host trusts works here too.
+
+The tests of the installed container run in file order: the last one
+uninstalls.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import qudata_agent
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "qudata-test/debian:12"
+LABEL = "qudata.test=install"
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+KEY = "qk_test_0123456789abcdef"
+NEW_KEY = "qk_test_fedcba9876543210"
+CP_URL = "http://127.0.0.1:9"  # nothing listens: doctor's control-plane check fails fast
+FAKE_BUS = "/tmp/fake-pci"  # QUDATA_INSTALL_PCI_DEVICES: an empty bus unless a test adds a GPU
+ENV_FILE = "/etc/qudata-agent/agent.env"
+UNIT_FILE = "/etc/systemd/system/qudata-agent.service"
+# What a dry run may not touch: everything outside the kernel's and the scratch trees.
+CHANGED_SINCE = (
+    "find / -xdev \\( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp \\)"
+    " -prune -o -newer /tmp/marker -print"
+)
+
+
+@dataclass
+class Box:
+    name: str
+
+    def sh(self, script: str, check: bool = True, timeout: float = 300) -> str:
+        """Runs `script` with bash in the container; stdout and stderr together."""
+        done = subprocess.run(
+            ["docker", "exec", self.name, "bash", "-c", f"{{ {script} ; }} 2>&1"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"exit {done.returncode}: {script}\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def code(self, script: str, timeout: float = 300) -> tuple[int, str]:
+        done = subprocess.run(
+            ["docker", "exec", self.name, "bash", "-c", f"{{ {script} ; }} 2>&1"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return done.returncode, done.stdout
+
+    def install(self, *args: str) -> str:
+        return self.sh(
+            f"cd / && QUDATA_INSTALL_PCI_DEVICES={FAKE_BUS} bash /src/install.sh {' '.join(args)}"
+        )
+
+    def unchanged_by(self, script: str) -> str:
+        """Runs `script`; returns its output after checking that no file changed."""
+        self.sh("touch /tmp/marker && sleep 1.1")
+        output = self.sh(script)
+        changed = self.sh(CHANGED_SINCE).split()
+        assert changed == [], f"{script} changed {changed}\n{output}"
+        return output
+
+
+def _copy_repo(dest: Path) -> Path:
+    ignore = shutil.ignore_patterns(
+        ".git", ".venv", "*.egg-info", "__pycache__", ".*_cache", "state", "build", "dist"
+    )
+    shutil.copytree(REPO, dest, ignore=ignore)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _copy_repo(tmp_path_factory.mktemp("install") / "src")
+
+
+def _start_box(source: Path) -> Box:
+    name = f"qudata-test-install-{uuid.uuid4().hex[:8]}"
+    args = ["docker", "run", "-d", "--name", name, "--label", LABEL, "-v", f"{source}:/src:ro"]
+    if HOST_CA.is_file():
+        args += ["-v", f"{HOST_CA}:/tmp/host-ca.crt:ro", "-e", "PIP_CERT=/tmp/host-ca.crt"]
+    subprocess.run([*args, IMAGE, "sleep", "infinity"], check=True, capture_output=True)
+    box = Box(name)
+    box.sh(f"mkdir -p {FAKE_BUS}")
+    return box
+
+
+@pytest.fixture(scope="module")
+def fresh(source: Path) -> Iterator[Box]:
+    """A container nothing was installed in (only dry runs happen here)."""
+    box = _start_box(source)
+    yield box
+    subprocess.run(["docker", "rm", "-f", box.name], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def installed(source: Path) -> Iterator[tuple[Box, str]]:
+    """A container after one real `install.sh KEY`, and what it printed."""
+    box = _start_box(source)
+    try:
+        yield box, box.install("--api-url", CP_URL, KEY)
+    finally:
+        subprocess.run(["docker", "rm", "-f", box.name], capture_output=True, check=False)
+
+
+# -- dry runs and refusals on a fresh host ------------------------------------------------
+
+
+def test_a_dry_run_prints_every_step_and_changes_nothing(fresh: Box) -> None:
+    output = fresh.unchanged_by(
+        f"QUDATA_INSTALL_PCI_DEVICES={FAKE_BUS} bash /src/install.sh --dry-run {KEY}"
+    )
+    for step in (
+        "would run: apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "
+        "python3 python3-venv",
+        "would run: apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends docker.io",
+        "would create the venv /opt/qudata-agent/venvs/",
+        f"would write {ENV_FILE} with QUDATA_API_KEY=*** and QUDATA_STATE_DIR=/var/lib/qudata-",
+        "would run: install -d -m 0700 /var/lib/qudata-agent",
+        f"would write {UNIT_FILE} (mode 0644, no API key in it)",
+        "systemd is not running here",
+        "done (dry run: nothing was changed)",
+    ):
+        assert step in output, output
+    assert KEY not in output
+    assert "no NVIDIA GPU on the PCI bus" in output
+    assert "nvidia-ctk" not in output and "NVIDIA's apt repository" not in output
+    assert fresh.code("test -e /opt/qudata-agent || test -e /etc/qudata-agent")[0] == 1
+
+
+def test_a_dry_run_on_a_gpu_host_shows_the_driver_and_toolkit_steps(fresh: Box) -> None:
+    bus = "/tmp/gpu-bus/0000:65:00.0"
+    fresh.sh(f"mkdir -p {bus} && echo 0x10de > {bus}/vendor && echo 0x030200 > {bus}/class")
+    output = fresh.unchanged_by(
+        "QUDATA_INSTALL_PCI_DEVICES=/tmp/gpu-bus bash /src/install.sh --dry-run --install-driver "
+        + KEY
+    )
+    assert "1 NVIDIA GPU(s) on the PCI bus" in output
+    assert "nvidia-driver" in output and "reboot" in output
+    assert "would add NVIDIA's apt repository" in output
+    assert "nvidia-container-toolkit" in output
+    assert "would run: nvidia-ctk runtime configure --runtime=docker" in output
+    # Without --install-driver the driver is only checked, never installed.
+    output = fresh.sh(
+        f"QUDATA_INSTALL_PCI_DEVICES=/tmp/gpu-bus bash /src/install.sh --dry-run {KEY}"
+    )
+    assert "no working NVIDIA driver" in output and "--install-driver" in output
+    assert "nvidia-driver " not in output
+
+
+def test_the_first_install_needs_a_key_and_a_source(fresh: Box) -> None:
+    code, output = fresh.code("bash /src/install.sh --dry-run")
+    assert code == 1 and "the first install needs the API key" in output
+    # Piped into bash (curl | bash) there is no checkout to install from ...
+    code, output = fresh.code(f"cd / && bash -s -- --dry-run {KEY} < /src/install.sh")
+    assert code == 1 and "--source DIR|TARBALL|URL" in output
+    # ... unless --source names one: a directory or a tarball.
+    output = fresh.unchanged_by(
+        f"cd / && bash -s -- --dry-run --source /src {KEY} < /src/install.sh"
+    )
+    assert f"qudata-agent {qudata_agent.__version__} from /src" in output
+    fresh.sh("tar -C / -czf /tmp/agent.tar.gz src")
+    output = fresh.sh(f"bash -s -- --dry-run --source /tmp/agent.tar.gz {KEY} < /src/install.sh")
+    assert re.search(r"qudata-agent \S+ from /tmp/qudata-install\.\w+/source/src", output), output
+
+
+def test_a_bad_key_or_option_is_refused(fresh: Box) -> None:
+    code, output = fresh.code("bash /src/install.sh --dry-run 'key with spaces'")
+    assert code == 1 and "API key" in output
+    code, output = fresh.code(f"bash /src/install.sh --dry-run --frobnicate {KEY}")
+    assert code == 1 and "unknown option --frobnicate" in output
+
+
+# -- a real install, then an upgrade, then an uninstall ------------------------------------
+
+
+def test_the_first_install(installed: tuple[Box, str]) -> None:
+    box, output = installed
+    assert KEY not in output
+    # No systemd: the unit is written, not started, and the script says so.
+    assert "systemd is not running here: qudata-agent.service is not enabled or started" in output
+    assert (
+        "/opt/qudata-agent/venv/bin/qudata-agent run --config /etc/qudata-agent/agent.env" in output
+    )
+    assert "this script does not start dockerd" in output
+    assert "ok installed" in box.sh("dpkg-query -W -f='${Status}' docker.io")
+    # No GPU: no NVIDIA step.
+    assert "no NVIDIA GPU on the PCI bus" in output
+    assert "nvidia-ctk" not in output and "nvidia-container-toolkit" not in output
+    assert box.code("test -e /etc/apt/sources.list.d/nvidia-container-toolkit.list")[0] == 1
+    # The agent, in its own venv, never in the system Python.
+    assert box.sh("/opt/qudata-agent/venv/bin/qudata-agent version").strip() == (
+        qudata_agent.__version__
+    )
+    assert box.sh("readlink /opt/qudata-agent/venv").startswith("venvs/")
+    assert box.sh("qudata-agent version").strip() == qudata_agent.__version__  # the link
+    assert box.code("python3 -c 'import qudata_agent'")[0] == 1
+    # The configuration: private, with the key.
+    assert box.sh(f"stat -c '%a %U' {ENV_FILE} /etc/qudata-agent").split() == [
+        "600", "root", "700", "root"
+    ]  # fmt: skip
+    env = box.sh(f"cat {ENV_FILE}")
+    assert f"QUDATA_API_KEY={KEY}\n" in env and f"QUDATA_API_URL={CP_URL}\n" in env
+    assert box.sh("stat -c %a /var/lib/qudata-agent").strip() == "700"
+    # The unit: world-readable, no key, restarts always, bound to Docker.
+    unit = box.sh(f"cat {UNIT_FILE}")
+    assert box.sh(f"stat -c %a {UNIT_FILE}").strip() == "644"
+    assert KEY not in unit and "QUDATA_API_KEY" not in unit
+    lines = unit.splitlines()
+    assert "Restart=always" in lines
+    assert "Requires=docker.service" in lines
+    assert "After=network-online.target docker.service" in lines
+    assert f"ExecStart=/opt/qudata-agent/venv/bin/qudata-agent run --config {ENV_FILE}" in lines
+    assert "@PREFIX@" not in unit and "@ENV_FILE@" not in unit
+    # It ended with the doctor's table.
+    assert "host NOT ready" in output and "docker" in output
+
+
+def _agent_id(box: Box) -> str:
+    return box.sh(
+        "/opt/qudata-agent/venv/bin/python -c 'from pathlib import Path;"
+        " from qudata_agent.adapters.store import Store;"
+        ' s = Store.open(Path("/var/lib/qudata-agent/agent.db"));'
+        ' print(s.get_or_create("agent_id", lambda: "id-made-by-the-first-agent"))\''
+    ).strip()
+
+
+def test_a_second_run_upgrades_in_place_and_keeps_identity_secrets_and_config(
+    installed: tuple[Box, str],
+) -> None:
+    box, _ = installed
+    # What a first start of the agent leaves behind: its identity and its secret.
+    assert _agent_id(box) == "id-made-by-the-first-agent"
+    box.sh("umask 077 && echo secret-of-the-first-agent > /var/lib/qudata-agent/agent_secret")
+    env_before = box.sh(f"sha256sum {ENV_FILE}")
+    unit_before = box.sh(f"sha256sum {UNIT_FILE}")
+    venv_before = box.sh("readlink /opt/qudata-agent/venv").strip()
+
+    output = box.install()  # no key: the kept one stays
+    assert "upgrading in place" in output and "kept as it is" in output
+    assert _agent_id(box) == "id-made-by-the-first-agent"
+    assert box.sh("cat /var/lib/qudata-agent/agent_secret").strip() == "secret-of-the-first-agent"
+    assert box.sh(f"sha256sum {ENV_FILE}") == env_before
+    assert box.sh(f"sha256sum {UNIT_FILE}") == unit_before
+    venv_after = box.sh("readlink /opt/qudata-agent/venv").strip()
+    assert venv_after != venv_before
+    assert box.sh("/opt/qudata-agent/venv/bin/qudata-agent version").strip() == (
+        qudata_agent.__version__
+    )
+    # status reads the kept state, and says the agent is down.
+    code, status = box.code("qudata-agent status")
+    assert code == 3 and "NOT running" in status and "agent id id-made-by-the-first-agent" in status
+
+    # A third run with a new key replaces the key only; two venvs are kept.
+    box.sh(f"echo QUDATA_PORT_RANGE=41000-41999 >> {ENV_FILE}")
+    output = box.install(NEW_KEY)
+    assert "API key replaced" in output and NEW_KEY not in output
+    env = box.sh(f"cat {ENV_FILE}")
+    assert f"QUDATA_API_KEY={NEW_KEY}\n" in env and KEY not in env
+    assert "QUDATA_PORT_RANGE=41000-41999" in env and f"QUDATA_API_URL={CP_URL}" in env
+    assert box.sh(f"stat -c %a {ENV_FILE}").strip() == "600"
+    venvs = box.sh("ls /opt/qudata-agent/venvs").split()
+    assert len(venvs) == 2 and venv_after.removeprefix("venvs/") in venvs
+    assert _agent_id(box) == "id-made-by-the-first-agent"
+
+
+def test_a_dry_run_of_an_upgrade_changes_nothing(installed: tuple[Box, str]) -> None:
+    box, _ = installed
+    output = box.unchanged_by(
+        f"cd / && QUDATA_INSTALL_PCI_DEVICES={FAKE_BUS} bash /src/install.sh --dry-run {NEW_KEY}"
+    )
+    assert "installed now:" in output and "kept as it is" in output
+
+
+def test_uninstall_keeps_state_and_containers_unless_asked(installed: tuple[Box, str]) -> None:
+    """Runs last: it removes the install."""
+    box, _ = installed
+    box.unchanged_by("bash /opt/qudata-agent/uninstall.sh --all --dry-run")
+    output = box.sh("bash /opt/qudata-agent/uninstall.sh")
+    assert "tenant containers are left running" in output
+    for path in ("/opt/qudata-agent", UNIT_FILE, "/usr/local/bin/qudata-agent"):
+        assert box.code(f"test -e {path}")[0] == 1, path
+    assert box.sh("ls /var/lib/qudata-agent").split() == ["agent.db", "agent_secret"]
+    assert KEY not in box.sh(f"cat {ENV_FILE}") and NEW_KEY in box.sh(f"cat {ENV_FILE}")
+    box.sh("bash /src/uninstall.sh --state")
+    assert box.code("test -e /var/lib/qudata-agent || test -e /etc/qudata-agent")[0] == 1
+
+
+# -- the scripts and the unit, checked by their tools ----------------------------------------
+
+
+def test_the_shell_scripts_are_shellcheck_clean() -> None:
+    scripts = [
+        "install.sh",
+        "uninstall.sh",
+        *sorted(str(p.relative_to(REPO)) for p in (REPO / "scripts").glob("*.sh")),
+    ]
+    assert "scripts/test.sh" in scripts
+    done = subprocess.run(
+        ["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_unit_template_passes_systemd_analyze(tmp_path: Path) -> None:
+    prefix = tmp_path / "opt"
+    exe = prefix / "venv" / "bin" / "qudata-agent"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    template = (REPO / "packaging" / "qudata-agent.service").read_text()
+    unit = tmp_path / "qudata-agent.service"
+    unit.write_text(
+        template.replace("@PREFIX@", str(prefix)).replace(
+            "@ENV_FILE@", "/etc/qudata-agent/agent.env"
+        )
+    )
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report
+    # An unknown or misspelt option is only a warning for systemd: refuse it here.
+    assert "Unknown" not in report and "ignoring" not in report, report

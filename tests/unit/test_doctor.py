@@ -1,0 +1,406 @@
+"""`doctor`: each check's verdict and fix from observations, the table, the exit code.
+
+No host is touched: `run_checks` is driven by a fake `Probes`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qudata_agent import doctor
+from qudata_agent.config import Settings, load_settings
+from qudata_agent.doctor import Check, Level, ProbeError
+from qudata_agent.domain.inventory import GpuInfo, GpuReport
+
+INFO_OVERLAY: dict[str, Any] = {
+    "ServerVersion": "27.3.1",
+    "DockerRootDir": "/var/lib/docker",
+    "Driver": "overlay2",
+    "DriverStatus": [
+        ["Backing Filesystem", "extfs"],
+        ["Supports d_type", "true"],
+        ["Using metacopy", "false"],
+    ],
+    "Runtimes": {"io.containerd.runc.v2": {}, "runc": {}},
+}
+H100 = GpuInfo(index=0, uuid="GPU-1", name="NVIDIA H100 80GB HBM3", memory_total_bytes=80 << 30)
+
+
+# -- docker and storage ---------------------------------------------------------
+
+
+def test_docker_answering_passes_with_its_version() -> None:
+    check = doctor.docker_check(INFO_OVERLAY, None, "unix:///var/run/docker.sock")
+    assert check.level is Level.PASS
+    assert "27.3.1" in check.detail and "/var/lib/docker" in check.detail
+
+
+def test_docker_silent_fails_with_a_fix() -> None:
+    check = doctor.docker_check(None, "Docker at unix:///x is not reachable", "unix:///x")
+    assert check.level is Level.FAIL
+    assert "not reachable" in check.detail
+    assert check.fix and "systemctl start docker" in check.fix
+
+
+@pytest.mark.parametrize("driver", ["btrfs", "zfs"])
+def test_btrfs_and_zfs_enforce_quotas(driver: str) -> None:
+    check = doctor.storage_check({**INFO_OVERLAY, "Driver": driver, "DriverStatus": []})
+    assert check.level is Level.PASS
+    assert driver in check.detail
+
+
+def test_overlay2_warns_and_names_its_backing_filesystem() -> None:
+    check = doctor.storage_check(INFO_OVERLAY, frozenset({"rw", "relatime"}))
+    assert check.level is Level.WARN
+    assert check.detail == (
+        "storage driver overlay2 on extfs: quota not enforceable unless the data root is xfs"
+        " with pquota"
+    )
+    assert check.fix and "pquota" in check.fix and "/var/lib/docker" in check.fix
+
+
+def test_overlay2_on_xfs_depends_on_the_data_roots_mount_options() -> None:
+    """The same verdict the agent reaches at start (domain/storage.py)."""
+    info = {**INFO_OVERLAY, "DriverStatus": [["Backing Filesystem", "xfs"]]}
+    enforced = doctor.storage_check(info, frozenset({"rw", "prjquota"}))
+    assert enforced.level is Level.PASS and "xfs project quota" in enforced.detail
+    without = doctor.storage_check(info, frozenset({"rw", "noatime"}))
+    assert without.level is Level.WARN and "without project quotas" in without.detail
+    assert without.fix and "pquota" in without.fix
+    unknown = doctor.storage_check(info, None)
+    assert unknown.level is Level.WARN and "could not be read" in unknown.detail
+
+
+def test_other_drivers_warn_and_docker_down_is_not_checked() -> None:
+    vfs = doctor.storage_check({"Driver": "vfs"})
+    assert vfs.level is Level.WARN and "vfs" in vfs.detail and vfs.fix
+    down = doctor.storage_check(None)
+    assert down.level is Level.WARN and "not checked" in down.detail
+
+
+# -- NVIDIA -------------------------------------------------------------------------
+
+
+def test_gpus_seen_through_nvml_pass() -> None:
+    report = GpuReport(gpus=(H100, H100), driver_version="560.35.03")
+    check = doctor.gpu_check(report, pci_gpus=2)
+    assert check.level is Level.PASS
+    assert "2 GPU(s)" in check.detail and "H100" in check.detail and "560.35.03" in check.detail
+
+
+def test_no_gpu_anywhere_is_a_cpu_host_warning_never_a_failure() -> None:
+    check = doctor.gpu_check(GpuReport(error="NVML Shared Library Not Found"), pci_gpus=0)
+    assert check.level is Level.WARN
+    assert check.detail == "no NVIDIA GPU: the host can only rent CPU instances"
+
+
+def test_gpu_on_the_bus_but_not_in_nvml_is_a_missing_driver() -> None:
+    check = doctor.gpu_check(GpuReport(error="Driver Not Loaded"), pci_gpus=1)
+    assert check.level is Level.FAIL
+    assert "Driver Not Loaded" in check.detail
+    assert check.fix and "--install-driver" in check.fix and "reboot" in check.fix
+
+
+def test_nvidia_runtime() -> None:
+    with_runtime = {**INFO_OVERLAY, "Runtimes": {"runc": {}, "nvidia": {}}}
+    assert doctor.runtime_check(with_runtime, gpus_present=True).level is Level.PASS
+    missing = doctor.runtime_check(INFO_OVERLAY, gpus_present=True)
+    assert missing.level is Level.FAIL
+    assert missing.fix and "nvidia-ctk runtime configure --runtime=docker" in missing.fix
+    no_gpu = doctor.runtime_check(INFO_OVERLAY, gpus_present=False)
+    assert no_gpu.level is Level.PASS and "not needed" in no_gpu.detail
+    assert doctor.runtime_check(None, gpus_present=True).level is Level.WARN
+
+
+def test_nvidia_display_and_3d_controllers_are_counted_from_sysfs_pairs() -> None:
+    devices = [
+        ("0x10de\n", "0x030200\n"),  # 3D controller (H100, A100)
+        ("0x10de", "0x030000"),  # VGA controller (RTX)
+        ("0x10de", "0x040300"),  # the GPU's HD audio function: not a GPU
+        ("0x8086", "0x030000"),  # Intel graphics
+        ("0x10DE", "0x030200"),
+    ]
+    assert doctor.count_nvidia_devices(devices) == 3
+    assert doctor.count_nvidia_devices([]) == 0
+
+
+# -- ports, files, clock, control plane ------------------------------------------------
+
+
+def test_a_free_range_passes() -> None:
+    check = doctor.ports_check(23000, 23004, [])
+    assert check.level is Level.PASS and check.detail == "5 of 5 ports of 23000-23004 free"
+
+
+def test_a_range_less_than_90_percent_free_warns_with_the_busy_ports_and_a_fix() -> None:
+    check = doctor.ports_check(23000, 23004, [23000, 23002, 23004])
+    assert check.level is Level.WARN
+    assert "2 of 5 ports of 23000-23004 free" in check.detail
+    assert "23000, 23002, 23004" in check.detail
+    assert check.fix and "QUDATA_PORT_RANGE" in check.fix and "sport >= :23000" in check.fix
+
+
+def test_a_few_busy_ports_of_a_big_range_pass() -> None:
+    check = doctor.ports_check(40000, 49999, [40001, 44085])
+    assert check.level is Level.PASS and "9998 of 10000" in check.detail
+
+
+def test_a_range_with_no_free_port_fails() -> None:
+    check = doctor.ports_check(23000, 23001, [23000, 23001])
+    assert check.level is Level.FAIL and check.fix
+
+
+def test_the_busy_list_is_shortened() -> None:
+    check = doctor.ports_check(1000, 1099, list(range(1000, 1050)))
+    assert check.detail.endswith("1009, ...")
+
+
+def test_state_dir_modes() -> None:
+    path = Path("/var/lib/qudata-agent")
+    assert doctor.state_dir_check(path, 0o700).level is Level.PASS
+    missing = doctor.state_dir_check(path, None)
+    assert missing.level is Level.PASS and "does not exist yet" in missing.detail
+    loose = doctor.state_dir_check(path, 0o755)
+    assert loose.level is Level.FAIL
+    assert "0755" in loose.detail
+    assert loose.fix == "chmod 700 /var/lib/qudata-agent"
+
+
+def test_secret_files_readable_by_others_fail_with_one_chmod_for_all() -> None:
+    a, b, c = Path("/s/agent_secret"), Path("/s/api_key"), Path("/etc/q/agent.env")
+    check = doctor.secret_files_check({a: 0o644, b: 0o600, c: 0o640})
+    assert check.level is Level.FAIL
+    assert "/s/agent_secret (0644)" in check.detail and "/etc/q/agent.env (0640)" in check.detail
+    assert "api_key" not in check.detail
+    assert check.fix == "chmod 600 /etc/q/agent.env /s/agent_secret"
+    ok = doctor.secret_files_check({a: 0o600, b: 0o400})
+    assert ok.level is Level.PASS and "2 file(s)" in ok.detail
+    assert doctor.secret_files_check({}).level is Level.PASS
+
+
+@pytest.mark.parametrize(
+    ("output", "level"),
+    [
+        ("NTPSynchronized=yes\n", Level.PASS),
+        ("NTPSynchronized=no\n", Level.WARN),
+        (None, Level.WARN),
+        ("", Level.WARN),
+    ],
+)
+def test_clock(output: str | None, level: Level) -> None:
+    check = doctor.clock_check(output)
+    assert check.level is level
+    if output is None:
+        assert "unknown" in check.detail
+    if level is Level.WARN:
+        assert check.fix
+
+
+def test_control_plane() -> None:
+    url = "https://cp.example/v0"
+    assert doctor.control_plane_check(url, True, 404).level is Level.PASS
+    assert "HTTP 404" in doctor.control_plane_check(url, True, 404).detail
+    down = doctor.control_plane_check(url, True, "Connection refused")
+    assert down.level is Level.FAIL and "Connection refused" in down.detail and down.fix
+    standalone = doctor.control_plane_check(url, False, None)
+    assert standalone.level is Level.WARN and "standalone" in standalone.detail
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+def test_ready_and_exit_code_follow_failures_only() -> None:
+    warn = Check("a", Level.WARN, "w", "fix w")
+    good = Check("b", Level.PASS, "p")
+    bad = Check("c", Level.FAIL, "f", "fix f")
+    assert doctor.exit_code([good, warn]) == 0 and doctor.ready([good, warn])
+    assert doctor.exit_code([good, warn, bad]) == 1 and not doctor.ready([bad])
+
+
+def test_the_table_shows_each_fix_under_its_row_and_a_verdict() -> None:
+    checks = [
+        Check("docker", Level.PASS, "Docker 27", "never shown for a pass"),
+        Check("state dir", Level.FAIL, "/s has mode 0755, not 0700", "chmod 700 /s"),
+        Check("clock sync", Level.WARN, "unknown", "run chrony"),
+    ]
+    lines = doctor.render(checks).splitlines()
+    assert lines[0].split() == ["CHECK", "RESULT", "DETAIL"]
+    assert lines[1].split()[:2] == ["docker", "PASS"]
+    state = lines.index(next(line for line in lines if line.startswith("state dir")))
+    assert "FAIL" in lines[state]
+    assert lines[state + 1].strip() == "fix: chmod 700 /s"
+    assert "never shown" not in "\n".join(lines)
+    assert lines[-1] == "host NOT ready: 1 failure(s), 1 warning(s)"
+
+
+def test_json_output() -> None:
+    data = json.loads(doctor.to_json([Check("x", Level.FAIL, "d", "f")]))
+    assert data == {
+        "ready": False,
+        "checks": [{"name": "x", "level": "fail", "detail": "d", "fix": "f"}],
+    }
+
+
+# -- run_checks with fake probes ----------------------------------------------------------
+
+
+@dataclass
+class FakeProbes:
+    info: dict[str, Any] | None = field(default_factory=lambda: dict(INFO_OVERLAY))
+    report: GpuReport = field(default_factory=GpuReport)
+    pci: int = 0
+    busy: frozenset[int] = frozenset()
+    own: frozenset[int] = frozenset()
+    modes: dict[Path, int] = field(default_factory=dict)
+    texts: dict[Path, str] = field(default_factory=dict)
+    clock: str | None = "NTPSynchronized=yes"
+    http: int | str = 404
+    urls: list[str] = field(default_factory=list)
+    denied: frozenset[Path] = frozenset()
+    mounts: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def docker_info(self) -> dict[str, Any]:
+        if self.info is None:
+            raise ProbeError("Docker at unix:///var/run/docker.sock is not reachable")
+        return self.info
+
+    def gpu_report(self) -> GpuReport:
+        return self.report
+
+    def nvidia_pci_devices(self) -> int:
+        return self.pci
+
+    def port_is_free(self, port: int) -> bool:
+        return port not in self.busy
+
+    def agent_ports(self, state_dir: Path) -> frozenset[int]:
+        return self.own
+
+    def mount_options(self, path: str) -> frozenset[str] | None:
+        return self.mounts.get(path)
+
+    def mode_of(self, path: Path) -> int | None:
+        if path in self.denied:
+            raise PermissionError(13, "Permission denied")
+        return self.modes.get(path)
+
+    def read_text(self, path: Path) -> str | None:
+        return self.texts.get(path)
+
+    def timedatectl(self) -> str | None:
+        return self.clock
+
+    def http_status(self, url: str, timeout_s: float) -> int:
+        self.urls.append(url)
+        if isinstance(self.http, str):
+            raise ProbeError(self.http)
+        return self.http
+
+
+def _settings(**env: str) -> Settings:
+    base = {"QUDATA_STATE_DIR": "/st", "QUDATA_PORT_RANGE": "23000-23004"}
+    return load_settings(environ={**base, **env})
+
+
+def _by_name(checks: list[Check]) -> dict[str, Check]:
+    return {check.name: check for check in checks}
+
+
+def test_a_ready_cpu_host() -> None:
+    probes = FakeProbes(
+        modes={Path("/st"): 0o700, Path("/st/agent_secret"): 0o600},
+    )
+    checks = doctor.run_checks(_settings(QUDATA_API_KEY="key-1234"), probes)
+    names = [check.name for check in checks]
+    assert names == [
+        "docker",
+        "storage quota",
+        "nvidia gpus",
+        "nvidia runtime",
+        "port range",
+        "state dir",
+        "secret files",
+        "clock sync",
+        "control plane",
+    ]
+    assert doctor.exit_code(checks) == 0
+    found = _by_name(checks)
+    assert found["nvidia gpus"].level is Level.WARN
+    assert found["control plane"].level is Level.PASS
+    assert probes.urls == ["https://internal.qudata.ai/v0"]
+
+
+def test_wrong_modes_and_busy_ports_are_each_reported() -> None:
+    probes = FakeProbes(
+        busy=frozenset({23000, 23001, 23002}),
+        modes={Path("/st"): 0o755, Path("/st/agent_secret"): 0o644},
+    )
+    checks = doctor.run_checks(_settings(), probes)
+    found = _by_name(checks)
+    assert found["state dir"].level is Level.FAIL and found["state dir"].fix == "chmod 700 /st"
+    assert found["secret files"].fix == "chmod 600 /st/agent_secret"
+    assert found["port range"].level is Level.WARN and "2 of 5" in found["port range"].detail
+    assert doctor.exit_code(checks) == 1
+
+
+def test_ports_held_by_the_agents_own_instances_count_as_fine() -> None:
+    probes = FakeProbes(busy=frozenset({23000, 23001}), own=frozenset({23000, 23001}))
+    found = _by_name(doctor.run_checks(_settings(), probes))
+    assert found["port range"].level is Level.PASS
+
+
+def test_a_config_file_holding_the_key_must_be_private_too() -> None:
+    config = Path("/etc/qudata-agent/agent.env")
+    probes = FakeProbes(
+        modes={config: 0o644},
+        texts={config: "QUDATA_API_KEY=key-1234\n"},
+    )
+    found = _by_name(doctor.run_checks(_settings(), probes, config_file=config))
+    assert found["secret files"].fix == f"chmod 600 {config}"
+    # Without the key in it, the file is just configuration.
+    probes.texts = {config: "QUDATA_PORT_RANGE=23000-23004\n"}
+    found = _by_name(doctor.run_checks(_settings(), probes, config_file=config))
+    assert found["secret files"].level is Level.PASS
+
+
+def test_the_kept_api_key_file_counts_as_configured() -> None:
+    probes = FakeProbes(texts={Path("/st/api_key"): "key-1234\n"}, http="timed out")
+    found = _by_name(doctor.run_checks(_settings(), probes))
+    assert found["control plane"].level is Level.FAIL
+    assert "timed out" in found["control plane"].detail
+    no_key = _by_name(doctor.run_checks(_settings(), FakeProbes()))
+    assert no_key["control plane"].level is Level.WARN
+
+
+def test_the_data_roots_mount_options_are_asked_for() -> None:
+    info = {**INFO_OVERLAY, "DriverStatus": [["Backing Filesystem", "xfs"]]}
+    probes = FakeProbes(info=info, mounts={"/var/lib/docker": frozenset({"rw", "pquota"})})
+    assert _by_name(doctor.run_checks(_settings(), probes))["storage quota"].level is Level.PASS
+
+
+def test_docker_down_fails_once_and_its_dependents_are_not_checked() -> None:
+    checks = doctor.run_checks(_settings(), FakeProbes(info=None))
+    found = _by_name(checks)
+    assert found["docker"].level is Level.FAIL
+    assert found["storage quota"].level is Level.WARN
+    assert found["nvidia runtime"].level is Level.WARN
+    assert sum(check.level is Level.FAIL for check in checks) == 1
+
+
+def test_a_gpu_host_without_runtime_or_driver() -> None:
+    found = _by_name(doctor.run_checks(_settings(), FakeProbes(pci=2)))
+    assert found["nvidia gpus"].level is Level.FAIL
+    assert found["nvidia runtime"].level is Level.FAIL
+
+
+def test_unreadable_files_say_run_as_root() -> None:
+    probes = FakeProbes(denied=frozenset({Path("/st/agent_secret")}), modes={Path("/st"): 0o700})
+    found = _by_name(doctor.run_checks(_settings(), probes))
+    assert found["state dir"].level is Level.PASS
+    assert found["secret files"].level is Level.WARN
+    assert found["secret files"].fix and "root" in found["secret files"].fix

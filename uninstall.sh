@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Removes the QuData host agent that install.sh installed: the service and its
+# unit, the venvs under /opt/qudata-agent and the `qudata-agent` command link.
+# The renters' containers, the agent's state and its configuration stay unless
+# asked for:
+#   --containers   also the containers the agent made (label qudata.agent_id),
+#                  its Docker network and its firewall chains (QUDATA-*)
+#   --state        also the state dir (identity, secrets, database) and the
+#                  configuration dir (the API key)
+#   --all          both
+#   --dry-run      print each step without doing it
+# Docker itself, the NVIDIA driver and toolkit stay: other software may use them.
+set -euo pipefail
+
+PREFIX=/opt/qudata-agent
+CONF_DIR=/etc/qudata-agent
+ENV_FILE=$CONF_DIR/agent.env
+STATE_DIR=/var/lib/qudata-agent
+UNIT=qudata-agent.service
+UNIT_FILE=/etc/systemd/system/$UNIT
+LINK=/usr/local/bin/qudata-agent
+LABEL=qudata.agent_id
+
+DRY_RUN=0
+CONTAINERS=0
+STATE=0
+
+say() { printf '==> %s\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+run() {
+  if [ "$DRY_RUN" = 1 ]; then
+    printf '    would run:'
+    printf ' %q' "$@"
+    printf '\n'
+    return 0
+  fi
+  "$@"
+}
+
+usage() { sed -n '2,13s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+
+parse_args() {
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --containers) CONTAINERS=1 ;;
+      --state) STATE=1 ;;
+      --all) CONTAINERS=1 STATE=1 ;;
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help) usage; exit 0 ;;
+      *) die "unknown argument $1 (see --help)" ;;
+    esac
+    shift
+  done
+}
+
+remove_service() {
+  say "service $UNIT"
+  if [ -d /run/systemd/system ]; then
+    if systemctl cat "$UNIT" >/dev/null 2>&1; then
+      # Stopping the agent never stops a renter's container.
+      run systemctl disable --now "$UNIT"
+    fi
+  else
+    note "systemd is not running: nothing to stop (stop a hand-started agent yourself)"
+  fi
+  if [ -f "$UNIT_FILE" ]; then
+    run rm -f "$UNIT_FILE"
+    [ ! -d /run/systemd/system ] || run systemctl daemon-reload
+  fi
+}
+
+remove_agent() {
+  say "the agent ($PREFIX, $LINK)"
+  [ ! -L "$LINK" ] || run rm -f "$LINK"
+  [ ! -e "$PREFIX" ] || run rm -rf "$PREFIX"
+}
+
+# drop_jumps CHAIN: deletes the rules of CHAIN that jump to the agent's chains.
+drop_jumps() {
+  local rule args
+  while IFS= read -r rule; do
+    read -r -a args <<<"${rule/#-A /-D }"
+    run iptables -w 5 "${args[@]}"
+  done < <(iptables -w 5 -S "$1" 2>/dev/null | grep -E -- '-j QUDATA-[A-Z]+$' || true)
+}
+
+remove_containers() {
+  say "tenant containers (label $LABEL), the agent's network and firewall chains"
+  if ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
+    warn "Docker does not answer: no container or network was removed"
+  else
+    local ids
+    ids=$(docker ps -aq --filter "label=$LABEL")
+    # shellcheck disable=SC2086 # one id per word
+    if [ -n "$ids" ]; then run docker rm -f $ids; else note "no container"; fi
+    ids=$(docker network ls -q --filter "label=$LABEL")
+    # shellcheck disable=SC2086
+    if [ -n "$ids" ]; then run docker network rm $ids; fi
+  fi
+  if command -v iptables >/dev/null; then
+    drop_jumps INPUT
+    drop_jumps DOCKER-USER
+    local chain
+    for chain in QUDATA-EGRESS QUDATA-HOST; do
+      if iptables -w 5 -S "$chain" >/dev/null 2>&1; then
+        run iptables -w 5 -F "$chain"
+        run iptables -w 5 -X "$chain"
+      fi
+    done
+  fi
+}
+
+remove_state() {
+  local state=$STATE_DIR configured
+  configured=$(sed -n 's/^QUDATA_STATE_DIR=//p' "$ENV_FILE" 2>/dev/null | tail -1)
+  [ -z "$configured" ] || state=$configured
+  case $state in
+    / | /var | /var/lib | /etc | /opt | /usr | /home | /root) die "refusing to remove $state" ;;
+    /?*) ;;
+    *) die "QUDATA_STATE_DIR=$state is not an absolute path: remove it yourself" ;;
+  esac
+  say "state ($state) and configuration ($CONF_DIR)"
+  [ ! -e "$state" ] || run rm -rf "$state"
+  [ ! -e "$CONF_DIR" ] || run rm -rf "$CONF_DIR"
+}
+
+main() {
+  parse_args "$@"
+  [ "$(id -u)" -eq 0 ] || [ "$DRY_RUN" = 1 ] || die "run as root"
+  remove_service
+  remove_agent
+  if [ "$CONTAINERS" = 1 ]; then
+    remove_containers
+  else
+    note "tenant containers are left running (--containers removes them)"
+  fi
+  if [ "$STATE" = 1 ]; then
+    remove_state
+  else
+    note "kept: $STATE_DIR and $CONF_DIR (--state removes them; a new install.sh reuses them)"
+  fi
+  say "done$([ "$DRY_RUN" = 1 ] && echo ' (dry run: nothing was changed)')"
+}
+
+main "$@" </dev/null

@@ -5,6 +5,8 @@ Owns the schema and its migrations (numbered, applied in order, recorded in
 - a migration runs once, inside a transaction, and a database newer than this
   code is refused rather than guessed at;
 - a value written with `set` is durable when the call returns;
+- a write SQLite cannot make (a full disk, an I/O error) raises `Unavailable`,
+  and a failed transaction is rolled back, never left open;
 - calls are blocking: async code reaches them through `blocking.Blocking`.
 """
 
@@ -111,7 +113,7 @@ class Store:
         return None if row is None else str(row[0])
 
     def set(self, key: str, value: str) -> None:
-        with self._lock:
+        with self._writing():
             self._conn.execute(
                 "INSERT INTO meta(key, value) VALUES(?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -120,7 +122,7 @@ class Store:
 
     def get_or_create(self, key: str, factory: Callable[[], str]) -> str:
         """Returns the stored value, storing `factory()` first if there is none."""
-        with self._lock:
+        with self._writing():
             self._conn.execute(
                 "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO NOTHING",
                 (key, factory()),
@@ -129,15 +131,25 @@ class Store:
         return str(value)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _writing(self) -> Iterator[None]:
+        """Holds the lock for a write; a write SQLite cannot make (a full disk) is Unavailable."""
         with self._lock:
+            try:
+                yield
+            except sqlite3.OperationalError as e:
+                raise Unavailable(f"the state database cannot be written: {e}") from e
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._writing():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # SQLite may have rolled back already
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def insert_instance(self, instance: Instance) -> None:
         """Stores a new instance with its ports and GPUs, all or nothing."""
@@ -160,7 +172,7 @@ class Store:
             raise Conflict("a host port or GPU of this instance is already allocated") from e
 
     def update_instance(self, instance: Instance) -> None:
-        with self._lock:
+        with self._writing():
             self._conn.execute(
                 "UPDATE instances SET status = ?, record = ? WHERE id = ?",
                 (instance.status.value, instance.to_json(), instance.id),
@@ -174,7 +186,7 @@ class Store:
 
     def delete_instance(self, instance_id: str) -> None:
         """Removes the record; its ports and GPUs go with it (ON DELETE CASCADE)."""
-        with self._lock:
+        with self._writing():
             self._conn.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
 
     def get_instance(self, instance_id: str) -> Instance | None:
@@ -209,7 +221,7 @@ class Store:
 
     def add_ssh_key(self, instance_id: str, key: PublicKey) -> bool:
         """False when the same key (type and body) is already there."""
-        with self._lock:
+        with self._writing():
             cursor = self._conn.execute(
                 "INSERT INTO ssh_keys(instance_id, kind, blob, comment) VALUES(?, ?, ?, ?)"
                 " ON CONFLICT(instance_id, kind, blob) DO NOTHING",
@@ -219,7 +231,7 @@ class Store:
 
     def remove_ssh_key(self, instance_id: str, key: PublicKey) -> bool:
         """Removes exactly that key (type and body); False when it was not there."""
-        with self._lock:
+        with self._writing():
             cursor = self._conn.execute(
                 "DELETE FROM ssh_keys WHERE instance_id = ? AND kind = ? AND blob = ?",
                 (instance_id, key.kind, key.blob),
@@ -237,7 +249,7 @@ class Store:
     def set_ssh_state(
         self, instance_id: str, status: str, reason: str | None, run: str | None = None
     ) -> None:
-        with self._lock:
+        with self._writing():
             self._conn.execute(
                 "INSERT INTO ssh_state(instance_id, status, reason, run) VALUES(?, ?, ?, ?)"
                 " ON CONFLICT(instance_id) DO UPDATE SET status = excluded.status,"

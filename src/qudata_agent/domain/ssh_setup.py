@@ -53,6 +53,17 @@ _FIND_SSHD = (
     "return 1; }"
 )
 
+# A setup cut short (the agent killed mid-install) leaves its package manager
+# running in the container, holding the package lock: the next setup waits for
+# it (up to 10 minutes) instead of failing on the lock, and then finds sshd.
+_WAIT_PACKAGE_MANAGER = (
+    "wait_package_manager() { n=0; while [ $n -lt 600 ]; do busy=; "
+    'for c in /proc/[0-9]*/comm; do name=; { read -r name < "$c"; } 2>/dev/null; '
+    "case $name in apt|apt-get|dpkg|apk|dnf|microdnf|yum|rpm|zypper) busy=1; break;; esac; "
+    "done; "
+    '[ -z "$busy" ] && return 0; sleep 1; n=$((n + 1)); done; }'
+)
+
 _INSTALL = f"""
 if command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
@@ -80,6 +91,8 @@ def provision_script() -> str:
     config = shlex.quote(SSHD_CONFIG_TEXT)
     return f"""set -u
 {_FIND_SSHD}
+{_WAIT_PACKAGE_MANAGER}
+wait_package_manager
 if ! find_sshd >/dev/null; then
 {_INSTALL}
 fi

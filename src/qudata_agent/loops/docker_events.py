@@ -50,7 +50,9 @@ async def docker_events_loop(
     clock: Callable[[], float] = time.time,
 ) -> None:
     loop = asyncio.get_running_loop()
-    backoff = Backoff(base_s=0.5, cap_s=15)
+    # Docker is a local socket: a retry costs nothing, and every second spent
+    # waiting after dockerd is back is a second of stale statuses.
+    backoff = Backoff(base_s=0.5, cap_s=2)
     since = clock()
     failing = False
     while True:

@@ -397,7 +397,9 @@ class InstanceService:
             except IllegalTransition as e:
                 raise Conflict(str(e)) from None
             wanted = Wanted.STOPPED if action is Action.STOP else Wanted.RUNNING
-            instance = await self._save(replace(instance, wanted=wanted))
+            # A real write even when `wanted` is unchanged (SQLite skips identical
+            # rows): a store that cannot take it refuses before Docker is touched.
+            instance = await self._save(replace(instance, wanted=wanted, updated_at=self._clock()))
             assert instance.container_id is not None
             try:
                 await self._docker_action(action, instance.container_id)

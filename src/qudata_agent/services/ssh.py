@@ -209,8 +209,11 @@ class SshService:
             log.info("ssh ready", extra={"instance_id": instance_id})
         except (_SetupFailed, AgentError) as e:
             reason = e.message if isinstance(e, AgentError) else str(e)
-            await self._set(instance_id, FAILED, reason)
             log.warning("ssh setup failed", extra={"instance_id": instance_id, "reason": reason})
+            try:
+                await self._set(instance_id, FAILED, reason)
+            except AgentError as stored:  # e.g. a full disk: the next run tries again
+                log.warning("ssh state not recorded", extra={"error": stored.message})
 
     async def _bring_up(self, container_id: str, script: str, provision: bool) -> None:
         run = self._blocking.slow if provision else self._blocking.quick

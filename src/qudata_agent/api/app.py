@@ -18,7 +18,7 @@ import falcon
 import falcon.asgi
 
 from qudata_agent import __version__
-from qudata_agent.api.envelope import fail
+from qudata_agent.api.envelope import fail, ok
 from qudata_agent.api.middleware import (
     BodyLimit,
     RequestContext,
@@ -93,6 +93,21 @@ async def _on_unexpected(
     fail(resp, 500, "internal error")
 
 
+class _OptionsInEnvelope:
+    """Falcon answers OPTIONS itself with an empty body; it gets the envelope like every answer."""
+
+    async def process_response(
+        self,
+        req: falcon.asgi.Request,
+        resp: falcon.asgi.Response,
+        resource: object,
+        req_succeeded: bool,
+    ) -> None:
+        if req.method == "OPTIONS" and req_succeeded and resp.get_header("Content-Length") == "0":
+            resp.delete_header("Content-Length")
+            ok(resp, None)
+
+
 def _mounted(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
     """The resources this app serves; routes of services not given are left out."""
     resources: dict[str, object] = {"ping": PingResource()}
@@ -122,6 +137,7 @@ def create_app(deps: ApiDeps, routes: tuple[Route, ...] = ROUTES) -> AsgiApp:
         RequestContext(),
         SecretAuth(deps.secret, public_operations(routes)),
         BodyLimit(deps.max_body_bytes),
+        _OptionsInEnvelope(),
     ]
     app: AsgiApp = falcon.asgi.App(middleware=middleware)
     app.add_error_handler(Exception, _on_unexpected)

@@ -82,6 +82,14 @@ class CreateInstance(BaseModel):
                 raise ValueError(f"value of {key} holds a NUL character")
         return env
 
+    @field_validator("command")
+    @classmethod
+    def _command_no_nul(cls, command: str | None) -> str | None:
+        # Docker accepts it, and the container then fails to start, over and over.
+        if command is not None and "\x00" in command:
+            raise ValueError("holds a NUL character")
+        return command
+
 
 class CreatedInstance(BaseModel):
     success: bool = True

@@ -436,9 +436,12 @@ def _baseline_load(agent: Agent, secret: str, args: argparse.Namespace, token: s
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     exited: list[float] = []
-    watcher = threading.Thread(
-        target=lambda: (install.wait(), exited.append(time.perf_counter())), daemon=True
-    )
+
+    def watch() -> None:
+        install.wait()
+        exited.append(time.perf_counter())
+
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
         results, window, connections, cpu = _measure(agent, secret, args)

@@ -4,18 +4,23 @@ The agent binds its own socket (so the port it reports is the port it holds,
 with no window for another process to take it between choosing and binding)
 and hands it to uvicorn. What stays true: without a configured port, the port
 used last time is preferred, then the first free one from 1024 up, skipping
-the range kept for instances.
+the range kept for instances. Requests the HTTP parser refuses before the
+application sees them (a NUL in a header, broken framing) are answered with
+the same JSON envelope as every other error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import socket
 from collections.abc import Iterable
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +79,33 @@ def listen(
     raise PortUnavailable(errno.EADDRINUSE, f"no free port on {host} from {FIRST_DEFAULT_PORT}")
 
 
+MALFORMED_BODY = json.dumps({"ok": False, "error": "malformed HTTP request"}).encode()
+
+
+class EnvelopeH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, but its own 400 (a request h11 refuses) is the envelope."""
+
+    def send_400_response(self, msg: str) -> None:
+        log.debug("malformed HTTP request refused", extra={"reason": msg})
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(MALFORMED_BODY)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=MALFORMED_BODY),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
 def make_server(app: object, shutdown_timeout_s: float) -> uvicorn.Server:
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
+        http=EnvelopeH11Protocol,
+        ws="none",
         log_config=None,
         access_log=False,
         lifespan="off",

@@ -28,6 +28,8 @@ SDK_OWNERS: dict[str, tuple[str, ...]] = {
     "pynvml": ("adapters/nvml.py",),
     "httpx": ("adapters/control_plane.py", "adapters/public_address.py"),
     "prometheus_client": ("metrics.py",),
+    "uvicorn": ("server.py",),
+    "h11": ("server.py",),
 }
 ENV_OWNER = "config.py"
 ENV_NAMES = frozenset({"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"})

@@ -12,23 +12,31 @@ What it measures, per run (default 10 runs, at least 10):
 (b) baseline: `docker run -d` of the same image with the same limits and a
     published port (`--cpus 1 --memory 1g --memory-swap 1g --shm-size 512m
     --pids-limit 4096 --init --cap-drop ALL --security-opt
-    no-new-privileges:true -p <free port>:8080`), timed from the start of the
-    `docker` process until it returns (the container is started by then);
-    then `docker rm -f` (not timed).
+    no-new-privileges:true -p <free port>:8080`) on a network like the one
+    the agent puts its instances on (a bridge network of its own with
+    inter-container traffic off, made by this script for the run), timed from
+    the start of the `docker` process until it returns (the container is
+    started by then); then `docker rm -f` (not timed).
+(c) the same `docker run -d` on Docker's default bridge. Not the target's
+    baseline: the agent walls its instances off on a network of their own,
+    and Docker starts a container on any user-defined network more slowly
+    than on the default bridge (it sets up its embedded DNS in the container;
+    ~50 ms here). Printed so that cost stays in sight.
 
-(a) and (b) run in the same iteration and alternate their order (a-b, b-a,
+(a), (b) and (c) run in the same iteration in a rotating order (a-b-c, b-c-a,
 ...), so that drift (page cache, dockerd state, CPU frequency) hits both.
-One untimed warm-up pair runs first (`--warmup 0` to skip it): the agent's
+One untimed warm-up iteration runs first (`--warmup 0` to skip it): the agent's
 first Docker call also negotiates the API version and opens its connections.
 
-It prints the median and p90 (nearest rank) of both, the ratio
+It prints the median and p90 (nearest rank) of each, the ratio
 median(a)/median(b) against the target of at most 1.2x with PASS or FAIL,
+the ratio median(a)/median(c) for information,
 the raw samples in ms, and a breakdown of the agent's time taken from its
 DEBUG log. Exit status: 0 PASS, 1 FAIL, 2 error, 130 interrupted.
 
 Everything it makes is removed on the way out, also on Ctrl-C, SIGTERM or an
 error: the agent's instance (DELETE, then `docker rm -f` of every container
-labelled with this agent's id), the baseline containers (labelled
+labelled with this agent's id), the baseline containers and network (labelled
 `qudata.bench=1` and `qudata.bench.run=<this run's token>`, so that a
 concurrent run is left alone), the agent process and the temporary directory.
 All HTTP traffic goes to 127.0.0.1 (proxy variables are ignored).
@@ -43,27 +51,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
 import shutil
-import signal
-import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
+from _common import (
+    BENCH_LABEL,
+    RUN_LABEL_KEY,
+    STEP_TIMEOUT_S,
+    AgentProc,
+    BenchError,
+    docker,
+    docker_version,
+    free_port,
+    interrupt_on_signals,
+    need_images,
+    parse_log_time,
+    signals_ignored,
+    teardown,
+)
 
 IMAGE = "qudata-test/busybox"
 TAG = "1"
@@ -71,142 +86,12 @@ PORT_RANGE = (21000, 21999)
 POLL_S = 0.010
 TARGET_RATIO = 1.2
 MIN_RUNS = 10
-STEP_TIMEOUT_S = 60.0
 CREATE_BODY: dict[str, Any] = {
     "image": IMAGE,
     "image_tag": TAG,
     "env_variables": {"QUDATA_CPU_CORES": "1", "QUDATA_MEMORY_GB": "1"},
     "ports": {"8080": "auto"},
 }
-BENCH_LABEL = "qudata.bench=1"
-RUN_LABEL_KEY = "qudata.bench.run"
-AGENT_LABEL_KEY = "qudata.agent_id"
-
-
-class BenchError(Exception):
-    """Something the benchmark could not do; the message says what."""
-
-
-def free_port() -> int:
-    """A free TCP port outside the agent's instance port range."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not PORT_RANGE[0] <= port <= PORT_RANGE[1]:
-            return port
-
-
-def docker(*args: str, timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """Runs the docker CLI (in its own session, so Ctrl-C does not reach it)."""
-    return subprocess.run(
-        ["docker", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,
-        check=False,
-    )
-
-
-def agent_command() -> list[str]:
-    exe = shutil.which("qudata-agent", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "qudata_agent"]
-
-
-class Agent:
-    """The real agent process, standalone, in a session of its own."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.state_dir = workdir / "state"
-        self.log_path = workdir / "agent.log"
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.agent_id: str | None = None
-        self._log_file: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QUDATA_")}
-        env.update(
-            {
-                "QUDATA_STATE_DIR": str(self.state_dir),
-                "QUDATA_AGENT_HOST": "127.0.0.1",
-                "QUDATA_AGENT_PORT": str(self.port),
-                "QUDATA_PORT_RANGE": f"{PORT_RANGE[0]}-{PORT_RANGE[1]}",
-                "QUDATA_LOG_LEVEL": "DEBUG",
-                "QUDATA_LOG_FORMAT": "json",
-            }
-        )
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [*agent_command(), "run"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C is ours to handle; the agent is stopped in order
-        )
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(trust_env=False, timeout=1.0) as client:
-            while time.monotonic() < deadline:
-                self.check_alive()
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(self.url + "/ping").status_code == 200:
-                        self.agent_id = self._read_agent_id()
-                        return
-                time.sleep(0.05)
-        raise BenchError(f"the agent did not answer /ping within {timeout:g} s\n{self.tail()}")
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"the agent exited with {self.proc.returncode}\n{self.tail()}")
-
-    def _read_agent_id(self) -> str | None:
-        """The agent's id (the label on its containers), read-only from its database."""
-        uri = f"file:{self.state_dir / 'agent.db'}?mode=ro"
-        try:
-            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
-                row = db.execute("SELECT value FROM meta WHERE key = 'agent_id'").fetchone()
-        except sqlite3.Error:
-            return None
-        return str(row[0]) if row else None
-
-    def secret(self) -> str:
-        return (self.state_dir / "agent_secret").read_text().strip()
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def records(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        if not self.log_path.exists():
-            return out
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    out.append(record)
-        return out
-
-    def tail(self, lines: int = 30) -> str:
-        if not self.log_path.exists():
-            return "(no agent log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @dataclass
@@ -221,21 +106,30 @@ class AgentSample:
 
 @dataclass
 class Bench:
-    agent: Agent
+    agent: AgentProc
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     client: httpx.Client | None = None
     agent_samples: list[AgentSample] = field(default_factory=list)
-    docker_samples: list[float] = field(default_factory=list)
+    docker_samples: list[float] = field(default_factory=list)  # (b), on a network like the agent's
+    bridge_samples: list[float] = field(default_factory=list)  # (c), the default bridge
+    network: str | None = None
     container_ids: set[str] = field(default_factory=set)
     inflight: subprocess.Popen[str] | None = None
 
     def connect(self) -> None:
-        self.client = httpx.Client(
-            base_url=self.agent.url,
-            headers={"X-Agent-Secret": self.agent.secret()},
-            timeout=STEP_TIMEOUT_S,
-            trust_env=False,
-        )
+        self.client = self.agent.client()
+
+    def make_network(self) -> None:
+        """A bridge network like the agent's (inter-container traffic off) for (b)."""
+        name = f"qudata-bench-{self.token}"
+        made = docker(
+            "network", "create", "--driver", "bridge",
+            "--opt", "com.docker.network.bridge.enable_icc=false",
+            "--label", BENCH_LABEL, "--label", f"{RUN_LABEL_KEY}={self.token}", name,
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise BenchError(f"docker network create failed: {made.stderr.strip()}")
+        self.network = name
 
     def _api(self) -> httpx.Client:
         assert self.client is not None
@@ -292,14 +186,15 @@ class Bench:
             total_ms, post_ms, sent_at, running_at, str(state["instance_id"]), get_ms
         )
 
-    def run_docker(self) -> float:
+    def run_docker(self, network: str | None) -> float:
         cmd = [
             "docker", "run", "-d",
             "--cpus", "1", "--memory", "1g", "--memory-swap", "1g", "--shm-size", "512m",
             "--pids-limit", "4096", "--init", "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges:true",
-            "-p", f"{free_port()}:8080",
+            "-p", f"{free_port(PORT_RANGE)}:8080",
             "--label", BENCH_LABEL, "--label", f"{RUN_LABEL_KEY}={self.token}",
+            *(["--network", network] if network else []),
             f"{IMAGE}:{TAG}", "tail", "-f", "/dev/null",
         ]  # fmt: skip
         t0 = time.perf_counter()
@@ -325,17 +220,22 @@ class Bench:
         return elapsed_ms
 
     def iteration(self, index: int, record: bool) -> None:
-        order = ("a", "b") if index % 2 == 0 else ("b", "a")
-        for which in order:
+        arms = ("a", "b", "c")
+        for which in arms[index % 3 :] + arms[: index % 3]:
             self.agent.check_alive()
             if which == "a":
                 sample = self.run_agent()
                 if record:
                     self.agent_samples.append(sample)
-            else:
-                elapsed = self.run_docker()
+            elif which == "b":
+                assert self.network is not None
+                elapsed = self.run_docker(self.network)
                 if record:
                     self.docker_samples.append(elapsed)
+            else:
+                elapsed = self.run_docker(None)
+                if record:
+                    self.bridge_samples.append(elapsed)
 
     def cleanup(self) -> list[str]:
         """Removes everything this run made; the problems met on the way."""
@@ -347,32 +247,12 @@ class Bench:
                 self.inflight.kill()
                 self.inflight.communicate()
             self.inflight = None
-        if self.client is not None and self.agent.proc is not None:
-            if self.agent.proc.poll() is None:
-                try:
-                    self.client.delete("/instances", timeout=30)
-                except httpx.HTTPError as e:
-                    problems.append(f"DELETE /instances: {e}")
-            self.client.close()
-        try:
-            self.agent.stop()
-        except Exception as e:
-            problems.append(f"stopping the agent: {e}")
-        ids = set(self.container_ids)
-        filters = [f"label={RUN_LABEL_KEY}={self.token}"]
-        if self.agent.agent_id:
-            filters.append(f"label={AGENT_LABEL_KEY}={self.agent.agent_id}")
-        for flt in filters:
-            listed = docker("ps", "-aq", "--no-trunc", "--filter", flt)
-            if listed.returncode == 0:
-                ids.update(listed.stdout.split())
-            else:
-                problems.append(f"docker ps --filter {flt}: {listed.stderr.strip()}")
-        if ids:
-            removed = docker("rm", "-f", "-v", *sorted(ids))
-            gone = "No such container"
-            if removed.returncode != 0 and gone not in removed.stderr:
-                problems.append(f"docker rm -f: {removed.stderr.strip()}")
+        run_filter = f"label={RUN_LABEL_KEY}={self.token}"
+        problems += teardown(self.agent, self.client, self.container_ids, run_filter)
+        if self.network is not None:
+            removed = docker("network", "rm", self.network)
+            if removed.returncode != 0:
+                problems.append(f"docker network rm {self.network}: {removed.stderr.strip()}")
         return problems
 
 
@@ -382,22 +262,12 @@ def p90(samples: list[float]) -> float:
     return ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
 
 
-def _log_time(record: dict[str, Any]) -> float | None:
-    ts = record.get("ts")
-    if not isinstance(ts, str):
-        return None
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def breakdown(agent: Agent, samples: list[AgentSample]) -> list[str]:
+def breakdown(agent: AgentProc, samples: list[AgentSample]) -> list[str]:
     """Where the agent's time went, from its log (timestamps have 1 ms resolution)."""
     accepted: dict[str, float] = {}
     up: dict[str, float] = {}
     for record in agent.records():
-        when = _log_time(record)
+        when = parse_log_time(record.get("ts"))
         iid = record.get("instance_id")
         if when is None or not isinstance(iid, str):
             continue
@@ -436,9 +306,10 @@ def breakdown(agent: Agent, samples: list[AgentSample]) -> list[str]:
     return lines
 
 
-def report(bench: Bench, runs: int, warmup: int, docker_version: str) -> bool:
+def report(bench: Bench, runs: int, warmup: int, engine: str) -> bool:
     a = [s.total_ms for s in bench.agent_samples]
     b = bench.docker_samples
+    c = bench.bridge_samples
     ratio = statistics.median(a) / statistics.median(b)
     passed = ratio <= TARGET_RATIO
 
@@ -446,18 +317,30 @@ def report(bench: Bench, runs: int, warmup: int, docker_version: str) -> bool:
         return "[" + ", ".join(f"{v:.1f}" for v in values) + "]"
 
     print()
-    print(f"instance create: {runs} runs (+{warmup} warm-up), Docker {docker_version}")
-    print(f"{'':22}{'median':>10}{'p90':>10}{'min':>10}{'max':>10}")
-    for name, values in (("(a) agent", a), ("(b) docker run -d", b)):
+    print(f"instance create: {runs} runs (+{warmup} warm-up), Docker {engine}")
+    print(f"{'':36}{'median':>10}{'p90':>10}{'min':>10}{'max':>10}")
+    rows = (
+        ("(a) agent", a),
+        ("(b) docker run -d, own network", b),
+        ("(c) docker run -d, default bridge", c),
+    )
+    for name, values in rows:
         print(
-            f"{name:22}{statistics.median(values):8.1f}ms{p90(values):8.1f}ms"
+            f"{name:36}{statistics.median(values):8.1f}ms{p90(values):8.1f}ms"
             f"{min(values):8.1f}ms{max(values):8.1f}ms"
         )
     verdict = "PASS" if passed else "FAIL"
     print(f"ratio median(a)/median(b) = {ratio:.3f}x   target: at most {TARGET_RATIO}x   {verdict}")
+    med_a, med_b, med_c = (statistics.median(v) for v in (a, b, c))
+    print(
+        f"for information: median(a)/median(c) = {med_a / med_c:.3f}x,"
+        f" median(b)/median(c) = {med_b / med_c:.3f}x"
+        " (what Docker's user-defined network costs a start)"
+    )
     print("raw samples (ms, in run order):")
-    print(f"  (a) agent:        {fmt(a)}")
-    print(f"  (b) docker run:   {fmt(b)}")
+    print(f"  (a) agent:                   {fmt(a)}")
+    print(f"  (b) docker run, own network: {fmt(b)}")
+    print(f"  (c) docker run, bridge:      {fmt(c)}")
     lines = breakdown(bench.agent, bench.agent_samples)
     if lines:
         print("agent breakdown (medians; from its DEBUG log):")
@@ -465,29 +348,10 @@ def report(bench: Bench, runs: int, warmup: int, docker_version: str) -> bool:
     return passed
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def preflight() -> str:
-    version = docker("version", "--format", "{{.Server.Version}}")
-    if version.returncode != 0:
-        raise BenchError(f"Docker is not reachable: {version.stderr.strip()}")
-    if docker("image", "inspect", f"{IMAGE}:{TAG}").returncode != 0:
-        raise BenchError(
-            f"the image {IMAGE}:{TAG} is missing; build it with scripts/build-test-images.sh"
-        )
-    return version.stdout.strip()
+    version = docker_version()
+    need_images(f"{IMAGE}:{TAG}")
+    return version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,18 +365,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="qudata-bench-"))
-    agent = Agent(workdir)
+    agent = AgentProc(workdir, PORT_RANGE)
     bench = Bench(agent)
     code = 2
     try:
-        docker_version = preflight()
+        engine = preflight()
         agent.start()
         agent.wait_ready()
         bench.connect()
+        bench.make_network()
         print(
-            f"agent pid {agent.proc.pid if agent.proc else '?'} on {agent.url},"
+            f"agent pid {agent.pid} on {agent.url},"
             f" agent id {agent.agent_id}; baseline label {RUN_LABEL_KEY}={bench.token}",
             flush=True,
         )
@@ -520,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             record = i >= args.warmup
             bench.iteration(i - args.warmup if record else i, record)
             print("." if record else "w", end="", flush=True)
-        code = 0 if report(bench, args.runs, args.warmup, docker_version) else 1
+        code = 0 if report(bench, args.runs, args.warmup, engine) else 1
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         code = 130
@@ -534,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbenchmark failed: {e}{gone}", file=sys.stderr)
         code = 2
     finally:
-        with _signals_ignored():
+        with signals_ignored():
             problems = bench.cleanup()
             if args.agent_log is not None and agent.log_path.exists():
                 with contextlib.suppress(OSError):

@@ -53,9 +53,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -64,10 +62,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
+from _common import (
+    AgentProc,
+    BenchError,
+    interrupt_on_signals,
+    need_images,
+    remove_containers,
+    signals_ignored,
+    teardown,
+)
 
 IMAGE = {"image": "qudata-test/debian", "image_tag": "12"}
 IDLE_IMAGE = {"image": "qudata-test/busybox", "image_tag": "1"}
@@ -76,106 +82,6 @@ ROUTES = ("/ping", "/instances")
 MAX_CONNECTIONS = 64
 LOAD_LABEL = "qudata.bench.load"
 REQUEST_TIMEOUT_S = 5.0
-
-
-class BenchError(Exception):
-    """Something the benchmark could not do; the message says what."""
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not PORT_RANGE[0] <= port <= PORT_RANGE[1]:
-            return port
-
-
-def _docker(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["docker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        start_new_session=True,
-        check=False,
-    )
-
-
-class Agent:
-    """The real agent process, standalone, in a session of its own."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.state_dir = workdir / "state"
-        self.log_path = workdir / "agent.log"
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.agent_id: str | None = None
-        self._log: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QUDATA_")}
-        env.update(
-            {
-                "QUDATA_STATE_DIR": str(self.state_dir),
-                "QUDATA_AGENT_HOST": "127.0.0.1",
-                "QUDATA_AGENT_PORT": str(self.port),
-                "QUDATA_PORT_RANGE": f"{PORT_RANGE[0]}-{PORT_RANGE[1]}",
-                "QUDATA_ADDRESS_LOOKUP_URLS": "none",
-                "QUDATA_LOG_LEVEL": "INFO",
-            }
-        )
-        exe = shutil.which("qudata-agent", path=str(Path(sys.executable).parent))
-        command = [exe] if exe else [sys.executable, "-m", "qudata_agent"]
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [*command, "run"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 30
-        with httpx.Client(trust_env=False, timeout=1.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise BenchError(f"the agent exited with {self.proc.returncode}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(self.url + "/ping").status_code == 200:
-                        self.agent_id = self._read_agent_id()
-                        return
-                time.sleep(0.05)
-        raise BenchError("the agent did not answer /ping within 30 s")
-
-    def _read_agent_id(self) -> str | None:
-        uri = f"file:{self.state_dir / 'agent.db'}?mode=ro"
-        with (
-            contextlib.suppress(sqlite3.Error),
-            contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db,
-        ):
-            row = db.execute("SELECT value FROM meta WHERE key = 'agent_id'").fetchone()
-            return str(row[0]) if row else None
-        return None
-
-    def secret(self) -> str:
-        return (self.state_dir / "agent_secret").read_text().strip()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 # -- the load generator ----------------------------------------------------------
@@ -368,7 +274,7 @@ def _ssh_summary(window: Window) -> tuple[float, str]:
     return busy, text or "no GET /instances answer seen"
 
 
-def _measure(agent: Agent, secret: str, args: argparse.Namespace) -> tuple[Any, ...]:
+def _measure(agent: AgentProc, secret: str, args: argparse.Namespace) -> tuple[Any, ...]:
     assert agent.proc is not None
     cpu = _agent_cpu_s(agent.proc.pid)
     results, window, connections = asyncio.run(
@@ -379,7 +285,7 @@ def _measure(agent: Agent, secret: str, args: argparse.Namespace) -> tuple[Any, 
     return results, window, connections, _agent_cpu_s(agent.proc.pid) - cpu
 
 
-def phase_agent(agent: Agent, secret: str, args: argparse.Namespace) -> Phase:
+def phase_agent(agent: AgentProc, secret: str, args: argparse.Namespace) -> Phase:
     """(a) The load while the agent creates an instance and installs OpenSSH in it."""
     with httpx.Client(
         base_url=agent.url, headers={"X-Agent-Secret": secret}, timeout=30, trust_env=False
@@ -412,7 +318,7 @@ def _settled_instance(client: httpx.Client) -> None:
     raise BenchError("the baseline instance did not settle within 60 s")
 
 
-def phase_baseline(agent: Agent, secret: str, args: argparse.Namespace, token: str) -> Phase:
+def phase_baseline(agent: AgentProc, secret: str, args: argparse.Namespace, token: str) -> Phase:
     """(b) The same load on the agent holding a settled instance, while a plain
     `docker run` does the same apt install."""
     with httpx.Client(
@@ -425,7 +331,7 @@ def phase_baseline(agent: Agent, secret: str, args: argparse.Namespace, token: s
             client.delete("/instances")
 
 
-def _baseline_load(agent: Agent, secret: str, args: argparse.Namespace, token: str) -> Phase:
+def _baseline_load(agent: AgentProc, secret: str, args: argparse.Namespace, token: str) -> Phase:
     script = (
         "apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive"
         " apt-get install -y -q --no-install-recommends openssh-server >/dev/null"
@@ -457,9 +363,9 @@ def _baseline_load(agent: Agent, secret: str, args: argparse.Namespace, token: s
 
 
 def _remove_baseline(token: str) -> None:
-    ids = _docker("ps", "-aq", "--filter", f"label={LOAD_LABEL}={token}").stdout.split()
-    if ids:
-        _docker("rm", "-f", *ids)
+    problems = remove_containers(set(), [f"label={LOAD_LABEL}={token}"])
+    if problems:
+        raise BenchError("; ".join(problems))
 
 
 def _row(result: RouteResult, busy_s: float) -> dict[str, Any]:
@@ -560,30 +466,11 @@ def report(phases: list[Phase], args: argparse.Namespace) -> tuple[bool, dict[st
 # -- main ------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-def _cleanup(agent: Agent, token: str) -> list[str]:
-    problems = []
-    _remove_baseline(token)
-    if agent.proc is not None and agent.proc.poll() is None:
-        with contextlib.suppress(OSError, ValueError, httpx.HTTPError):
-            httpx.delete(
-                agent.url + "/instances",
-                headers={"X-Agent-Secret": agent.secret()},
-                timeout=30,
-                trust_env=False,
-            )
-    agent.stop()
-    if agent.agent_id:
-        left = _docker("ps", "-aq", "--filter", f"label=qudata.agent_id={agent.agent_id}")
-        ids = left.stdout.split()
-        if ids and _docker("rm", "-f", "-v", *ids).returncode != 0:
-            problems.append(f"could not remove containers {ids}")
-    if _docker("ps", "-aq", "--filter", f"label={LOAD_LABEL}={token}").stdout.split():
-        problems.append("could not remove the baseline container")
-    return problems
+def _cleanup(agent: AgentProc, token: str) -> list[str]:
+    client = None
+    with contextlib.suppress(OSError):  # no secret yet: the agent never got that far
+        client = agent.client(timeout=30)
+    return teardown(agent, client, set(), f"label={LOAD_LABEL}={token}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -597,17 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     if not (0 < args.rate <= 2000 and 1 <= args.duration <= 300):
         parser.error("--rate must be in (0, 2000] and --duration in [1, 300]")
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="qudata-load-"))
     token = uuid.uuid4().hex
-    agent = Agent(workdir)
+    agent = AgentProc(workdir, PORT_RANGE, log_level="INFO")
     code = 2
     try:
-        for image in (IMAGE, IDLE_IMAGE):
-            name = f"{image['image']}:{image['image_tag']}"
-            if _docker("image", "inspect", name).returncode:
-                raise BenchError(f"the image {name} is missing; run scripts/build-test-images.sh")
+        need_images(*(f"{image['image']}:{image['image_tag']}" for image in (IMAGE, IDLE_IMAGE)))
         agent.start()
+        agent.wait_ready()
         secret = agent.secret()
         print(f"agent {agent.url}, id {agent.agent_id}; {os.cpu_count()} CPUs", flush=True)
         phases = [phase_agent(agent, secret, args)]
@@ -626,13 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbenchmark failed: {e}", file=sys.stderr)
         code = 2
     finally:
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with signals_ignored():
             problems = _cleanup(agent, token)
             shutil.rmtree(workdir, ignore_errors=True)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
         for problem in problems:
             print(f"cleanup: {problem}", file=sys.stderr)
         if problems and code in (0, 1):

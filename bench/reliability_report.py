@@ -7,7 +7,8 @@ One command regenerates the whole report from a run on this machine:
 Steps, one after the other (never in parallel: each would skew the others):
 
     load            bench/load.py (p50/p99 of GET /ping and GET /instances during an SSH install)
-    instance_create bench/instance_create.py (POST -> running against `docker run -d`)
+    instance_create bench/instance_create.py (POST -> running against `docker run -d`,
+                    same limits, ports and kind of network)
     ssh_login       bench/ssh_login.py (POST -> first SSH login against sshd run by hand)
     stats_tick      bench/stats_tick.py (a stats tick against `docker stats`)
     faults          pytest tests/faults
@@ -116,7 +117,10 @@ def _instance_create(result: Result, tmp: Path) -> None:
     if ratio:
         figure = f"{float(ratio.group(1)):.3f}x"
         if len(medians) >= 2:
-            figure += f" (agent {medians[0][1]} ms, docker run -d {medians[1][1]} ms, medians)"
+            figure += (
+                f" (agent {medians[0][1]} ms, docker run -d on a network like the agent's"
+                f" {medians[1][1]} ms, medians)"
+            )
         ok = "yes" if float(ratio.group(1)) <= float(ratio.group(2)) else "no"
         result.rows.append(
             ("create -> running / `docker run -d`", figure, f"<= {ratio.group(2)}x", ok)
@@ -302,13 +306,25 @@ NOTES = """\
 - **Benchmarks are noisy** on a shared machine: other containers or test runs
   at the same time move every figure. Read a FAIL next to the load average and
   the baseline of the same run, and run again on a quiet host before acting.
+- **Instance creation** is compared with `docker run -d` of the same container
+  on a network like the agent's (a user-defined bridge with inter-container
+  traffic off): Docker starts a container on any user-defined network tens of
+  milliseconds more slowly than on its default bridge (the embedded DNS), a
+  cost the agent takes on to wall instances off. The default-bridge run is in
+  the step's output for information.
+- **First SSH login** is timed twice for an image with sshd: with a client
+  that waits for each side's ready signal (the agent's `ssh.status` ready, the
+  floor's `docker run -d` returning) and with one that tries from the start.
+  In the second, both sides lose about a second: docker-proxy accepts on the
+  published port while the container is still being wired, and its dial into
+  it is lost and resent by TCP a second later.
 - **Malformed HTTP.** Requests that uvicorn's HTTP parser (h11) refuses before
   the agent sees them (NUL, CR or LF inside a header, a space in a header
-  name, a bad Content-Length, no Host) are answered by uvicorn itself with
-  `400 text/plain "Invalid HTTP request received."`, not the JSON envelope;
-  the agent stays up (tests/e2e/test_bad_requests.py checks both). Other
-  control characters in a header are kept, as HTTP allows; in the secret they
-  make it wrong (401).
+  name, a bad Content-Length, no Host) get the JSON envelope from the agent's
+  own protocol class (`400 {"ok": false, "error": "malformed HTTP request"}`);
+  the agent stays up (tests/e2e/test_bad_requests.py). Other control
+  characters in a header are kept, as HTTP allows; in the secret they make it
+  wrong (401).
 """
 
 

@@ -68,25 +68,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
+from _common import (
+    AGENT_LABEL_KEY,
+    BENCH_LABEL,
+    RUN_LABEL_KEY,
+    STEP_TIMEOUT_S,
+    AgentProc,
+    BenchError,
+    docker,
+    docker_version,
+    free_port,
+    interrupt_on_signals,
+    need_images,
+    parse_log_time,
+    run_cmd,
+    signals_ignored,
+    teardown,
+)
 
 from qudata_agent.domain.ssh_setup import (
     AUTHORIZED_KEYS,
@@ -103,58 +114,13 @@ CONNECT_TIMEOUT_S = 2
 ATTEMPT_TIMEOUT_S = 20.0  # one ssh run, should ConnectTimeout not cover a hang
 SSHD_LOGIN_TIMEOUT_S = 60.0
 INSTALL_LOGIN_TIMEOUT_S = 900.0  # the agent's own limit for a package install
-STEP_TIMEOUT_S = 60.0
 TARGET_RATIO = 1.5
 TARGET_EXTRA_MS = 1000.0
-BENCH_LABEL = "qudata.bench=1"
-RUN_LABEL_KEY = "qudata.bench.run"
-AGENT_LABEL_KEY = "qudata.agent_id"
 MOUNT = "/etc/bench"
-
-
-class BenchError(Exception):
-    """Something the benchmark could not do; the message says what."""
-
-
-def free_port() -> int:
-    """A free loopback TCP port outside the agent's instance port range."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not PORT_RANGE[0] <= port <= PORT_RANGE[1]:
-            return port
-
-
-def run_cmd(argv: list[str], timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """Runs a command in its own session (Ctrl-C is ours to handle, not its)."""
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        check=False,
-    )
-
-
-def docker(*args: str, timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    return run_cmd(["docker", *args], timeout)
 
 
 def ms(seconds: float) -> float:
     return seconds * 1000.0
-
-
-def parse_log_time(value: Any) -> float | None:
-    """The agent's `ts` ("2024-01-01T00:00:00.123Z") as Unix seconds."""
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 # -- keys and the floor's files ------------------------------------------------
@@ -253,106 +219,6 @@ class SshClient:
 
 
 # -- the agent -------------------------------------------------------------------
-
-
-def agent_argv() -> list[str]:
-    exe = shutil.which("qudata-agent", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "qudata_agent"]
-
-
-class AgentProc:
-    """The real agent, standalone, in a session of its own."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.state_dir = workdir / "state"
-        self.log_path = workdir / "agent.log"
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.agent_id: str | None = None
-        self._log: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QUDATA_")}
-        env.update(
-            QUDATA_STATE_DIR=str(self.state_dir),
-            QUDATA_AGENT_HOST="127.0.0.1",
-            QUDATA_AGENT_PORT=str(self.port),
-            QUDATA_PORT_RANGE=f"{PORT_RANGE[0]}-{PORT_RANGE[1]}",
-            QUDATA_LOG_LEVEL="DEBUG",
-            QUDATA_LOG_FORMAT="json",
-        )
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [*agent_argv(), "run"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(trust_env=False, timeout=1.0) as client:
-            while time.monotonic() < deadline:
-                self.check_alive()
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(self.url + "/ping").status_code == 200:
-                        self.agent_id = self._read_agent_id()
-                        if self.agent_id:
-                            return
-                time.sleep(0.05)
-        raise BenchError(f"the agent was not ready within {timeout:g} s\n{self.tail()}")
-
-    def _read_agent_id(self) -> str | None:
-        uri = f"file:{self.state_dir / 'agent.db'}?mode=ro"
-        try:
-            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
-                row = db.execute("SELECT value FROM meta WHERE key = 'agent_id'").fetchone()
-        except sqlite3.Error:
-            return None
-        return str(row[0]) if row else None
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"the agent exited with {self.proc.returncode}\n{self.tail()}")
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def secret(self) -> str:
-        return (self.state_dir / "agent_secret").read_text().strip()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def records(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        if self.log_path.exists():
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict):
-                        out.append(record)
-        return out
-
-    def tail(self, lines: int = 25) -> str:
-        if not self.log_path.exists():
-            return "(no agent log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 class EventReader:
@@ -529,12 +395,7 @@ class Bench:
     floor_ids: set[str] = field(default_factory=set)
 
     def connect(self) -> None:
-        self.client = httpx.Client(
-            base_url=self.agent.url,
-            headers={"X-Agent-Secret": self.agent.secret()},
-            timeout=STEP_TIMEOUT_S,
-            trust_env=False,  # loopback only, whatever the proxy variables say
-        )
+        self.client = self.agent.client()
 
     def _api(self) -> httpx.Client:
         assert self.client is not None
@@ -645,7 +506,7 @@ class Bench:
         Signalled: the client tries only once `docker run -d` has returned (the
         container is started). Blind: it tries from the start, while docker runs.
         """
-        port = free_port()
+        port = free_port(PORT_RANGE)
         t0 = time.perf_counter()
         self._docker_start(
             "run", "-d", *self._labels(), "-p", f"127.0.0.1:{port}:22",
@@ -692,32 +553,8 @@ class Bench:
                 self.inflight.kill()
                 self.inflight.communicate()
             self.inflight = None
-        if self.client is not None:
-            if self.agent.running():
-                try:
-                    self.client.delete("/instances", timeout=30)
-                except httpx.HTTPError as e:
-                    problems.append(f"DELETE /instances: {e}")
-            self.client.close()
-        try:
-            self.agent.stop()
-        except (OSError, subprocess.SubprocessError) as e:
-            problems.append(f"stopping the agent: {e}")
-        ids = set(self.floor_ids)
-        filters = [f"label={RUN_LABEL_KEY}={self.token}"]
-        if self.agent.agent_id:
-            filters.append(f"label={AGENT_LABEL_KEY}={self.agent.agent_id}")
-        for flt in filters:
-            listed = docker("ps", "-aq", "--no-trunc", "--filter", flt)
-            if listed.returncode == 0:
-                ids.update(listed.stdout.split())
-            else:
-                problems.append(f"docker ps --filter {flt}: {listed.stderr.strip()}")
-        if ids:
-            removed = docker("rm", "-f", "-v", *sorted(ids))
-            if removed.returncode != 0 and "No such container" not in removed.stderr:
-                problems.append(f"docker rm -f: {removed.stderr.strip()}")
-        return problems
+        run_filter = f"label={RUN_LABEL_KEY}={self.token}"
+        return problems + teardown(self.agent, self.client, self.floor_ids, run_filter)
 
 
 # -- reporting -------------------------------------------------------------------------
@@ -771,33 +608,15 @@ def header(title: str) -> None:
 
 
 def preflight(cases: str) -> str:
-    version = docker("version", "--format", "{{.Server.Version}}")
-    if version.returncode != 0:
-        raise BenchError(f"Docker is not reachable: {version.stderr.strip()}")
+    version = docker_version()
     images = ([SSHD_IMAGE] if cases != "install" else []) + (
         [BARE_IMAGE] if cases != "sshd" else []
     )
-    for image in images:
-        if docker("image", "inspect", image).returncode != 0:
-            raise BenchError(f"the image {image} is missing; run scripts/build-test-images.sh")
+    need_images(*images)
     for tool in ("ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not installed (the OpenSSH client)")
-    return version.stdout.strip()
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def signals_ignored() -> Iterator[None]:
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -815,16 +634,15 @@ def main(argv: list[str] | None = None) -> int:
     if sshd_runs < 1 or install_runs < 1 or args.warmup < 0:
         parser.error("runs must be at least 1 and --warmup not negative")
 
-    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: `&` in a script ignores it
-        signal.signal(signum, _interrupt)
+    interrupt_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="qudata-bench-ssh-"))
-    agent = AgentProc(workdir)
+    agent = AgentProc(workdir, PORT_RANGE)
     reader = EventReader(workdir / "events.jsonl")
     bench: Bench | None = None
     verdicts: list[bool] = []
     code = 2
     try:
-        docker_version = preflight(args.cases)
+        engine = preflight(args.cases)
         keygen(workdir / "id_ed25519", "ed25519")
         public_key = (workdir / "id_ed25519.pub").read_text().strip()
         floor_dir = workdir / "floor"
@@ -836,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         reader.start(agent.agent_id)
         bench.connect()
         print(
-            f"Docker {docker_version}; agent pid {agent.proc.pid if agent.proc else '?'}"
+            f"Docker {engine}; agent pid {agent.pid}"
             f" on {agent.url}, id {agent.agent_id}; floor label {RUN_LABEL_KEY}={bench.token}",
             flush=True,
         )

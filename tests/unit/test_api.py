@@ -522,7 +522,7 @@ class _UnusedInstances:
     async def create(self, order: Any) -> Any:
         raise AssertionError("not called")
 
-    async def describe(self, logs: bool = False, tail: int = 100) -> Any:
+    async def describe(self, logs: bool = False, tail: int = 100, instance: Any = None) -> Any:
         raise AssertionError("not called")
 
     async def act(self, action: Any) -> Any:

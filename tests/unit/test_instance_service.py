@@ -156,6 +156,18 @@ async def test_create_builds_and_actions_follow_the_table(parts: Any) -> None:
     assert engine.containers == {} and store.allocated_ports() == frozenset()
 
 
+async def test_an_action_is_described_as_it_left_the_instance(parts: Any) -> None:
+    """PUT answers with the state its action produced, even if a DELETE came in between."""
+    service, _engine, _ = parts
+    await service.create(CreateOrder(image="present", image_tag="1"))
+    await _wait(service, Status.RUNNING)
+    stopped = await service.act(Action.STOP)
+    await service.delete()
+    assert (await service.describe()).instance is None
+    view = await service.describe(instance=stopped)
+    assert view.instance is not None and view.instance.status is Status.PAUSED
+
+
 async def test_actions_while_pending_are_refused(parts: Any) -> None:
     service, _engine, _ = parts
     await service.create(CreateOrder(image="slow", image_tag="1"))

@@ -349,8 +349,12 @@ class InstanceService:
 
     # -- read -----------------------------------------------------------------
 
-    async def describe(self, logs: bool = False, tail: int = 100) -> InstanceView:
-        instance = await self.current()
+    async def describe(
+        self, logs: bool = False, tail: int = 100, instance: Instance | None = None
+    ) -> InstanceView:
+        """The current instance, or `instance` as an action left it, for an answer."""
+        if instance is None:
+            instance = await self.current()
         if instance is None:
             return InstanceView(None)
         pull = self._pulls.progress(instance.image) if instance.phase == "pulling" else None

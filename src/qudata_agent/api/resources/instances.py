@@ -34,7 +34,9 @@ MAX_TAIL = 10_000
 class InstancesApi(Protocol):
     async def create(self, order: CreateOrder) -> Instance: ...
 
-    async def describe(self, logs: bool = False, tail: int = 100) -> Any: ...
+    async def describe(
+        self, logs: bool = False, tail: int = 100, instance: Instance | None = None
+    ) -> Any: ...
 
     async def act(self, action: Action) -> Instance: ...
 
@@ -147,8 +149,9 @@ class InstancesResource:
 
     async def on_put(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         body = await read_json(req, InstanceAction, self._limit)
-        await self._service.act(Action(body.action))
-        ok(resp, to_state(await self._service.describe()))
+        # The answer is the state this action left, whatever a later request did since.
+        acted = await self._service.act(Action(body.action))
+        ok(resp, to_state(await self._service.describe(instance=acted)))
 
     async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         deleted = await self._service.delete()

@@ -171,6 +171,39 @@ def test_an_image_without_any_way_to_sshd_fails_cleanly(agent_api: list[Any]) ->
     assert state["status"] == "running"
 
 
+NO_MIRROR = {"image": "qudata-test/debian-nomirror", "image_tag": "12"}
+
+
+@pytest.fixture(scope="module")
+def no_mirror_image() -> dict[str, str]:
+    """Debian without sshd whose apt sources point at a closed port: an install that
+    cannot reach its mirror. Made from qudata-test/debian:12 once, then kept."""
+    name = f"{NO_MIRROR['image']}:{NO_MIRROR['image_tag']}"
+    if docker("image", "inspect", name, check=False).strip() in ("", "[]"):
+        script = (
+            "rm -f /etc/apt/sources.list.d/* && "
+            "echo 'deb http://127.0.0.1:9/debian bookworm main' > /etc/apt/sources.list"
+        )
+        cid = docker("run", "-d", "qudata-test/debian:12", "sh", "-c", script).strip()
+        try:
+            assert docker("wait", cid).strip() == "0"
+            docker("commit", "-c", 'CMD ["/bin/sh"]', cid, name)
+        finally:
+            docker("rm", "-f", cid, check=False)
+    return NO_MIRROR
+
+
+def test_an_install_without_a_reachable_mirror_fails_cleanly(
+    agent_api: list[Any], no_mirror_image: dict[str, str]
+) -> None:
+    _, api = agent_api
+    api.create(**no_mirror_image, ssh_enabled=True)
+    state = _wait_ssh(api, "failed", timeout=120)
+    assert "installing OpenSSH" in state["ssh"]["reason"], state["ssh"]
+    assert "mirror" in state["ssh"]["reason"]
+    assert state["status"] == "running"  # the instance itself keeps running
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -22,6 +22,8 @@ from qudata_agent.blocking import Blocking
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.ssh_keys import PublicKey, parse_key, render_authorized_keys
 from qudata_agent.domain.ssh_setup import (
+    EXIT_INSTALL_FAILED,
+    EXIT_KEYS_FAILED,
     EXIT_NO_PACKAGE_MANAGER,
     bring_up_script,
     write_keys_script,
@@ -219,13 +221,21 @@ class SshService:
         run = self._blocking.slow if provision else self._blocking.quick
         timeout = PROVISION_TIMEOUT_S if provision else QUICK_TIMEOUT_S
         code, out = await run(self._engine.exec_run, container_id, ["sh", "-c", script], timeout)
+        if code == 0:
+            return
         if code == EXIT_NO_PACKAGE_MANAGER:
             raise _SetupFailed(
                 "the image has no sshd and no package manager to install OpenSSH with"
             )
-        if code != 0:
-            tail = " ".join(out.strip().splitlines()[-3:])[-300:]
-            raise _SetupFailed(f"bringing up sshd failed (exit {code}): {tail}")
+        tail = " ".join(out.strip().splitlines()[-3:])[-300:]
+        if code == EXIT_INSTALL_FAILED:
+            raise _SetupFailed(
+                "installing OpenSSH with the image's package manager failed (can the container"
+                f" reach its package mirror?): {tail}"
+            )
+        if code == EXIT_KEYS_FAILED:
+            raise _SetupFailed(f"writing authorized_keys failed (is the disk full?): {tail}")
+        raise _SetupFailed(f"bringing up sshd failed (exit {code}): {tail}")
 
     async def close(self) -> None:
         tasks = [t for t in self._tasks.values() if not t.done()]

@@ -171,6 +171,29 @@ def test_an_image_without_any_way_to_sshd_fails_cleanly(agent_api: list[Any]) ->
     assert state["status"] == "running"
 
 
+def test_port_22_taken_by_another_sshd_is_reported_not_called_ready(
+    agent_api: list[Any], agent_factory: AgentFactory
+) -> None:
+    """Another program on port 22 (an image that starts its own sshd) stops the agent's
+    sshd from listening: SSH is `failed` with that cause, not `ready`. Made deterministic
+    through an agent restart, which brings sshd up again in the running container."""
+    agent, api = agent_api
+    api.create(**DEBIAN_SSH, ssh_enabled=True)
+    cid = _wait_ssh(api)["container_id"]
+    agent.stop(signal.SIGKILL)
+    docker(
+        "exec", cid, "sh", "-c",
+        "kill $(cat /run/qudata-sshd.pid) && sleep 0.3 && ssh-keygen -A && /usr/sbin/sshd",
+    )  # fmt: skip
+    agent = agent_factory(
+        {"QUDATA_SYNC_INTERVAL": "2"}, state_dir=agent.state_dir, port=agent.port
+    ).start()
+    agent_api[0], agent_api[1] = agent, Api(agent)
+    state = _wait_ssh(agent_api[1], "failed", timeout=30)
+    assert "port 22" in state["ssh"]["reason"], state["ssh"]
+    assert state["status"] == "running"
+
+
 NO_MIRROR = {"image": "qudata-test/debian-nomirror", "image_tag": "12"}
 
 

@@ -28,6 +28,7 @@ LOG_FILE = "/var/log/qudata-sshd.log"
 EXIT_NO_PACKAGE_MANAGER = 40
 EXIT_INSTALL_FAILED = 41
 EXIT_KEYS_FAILED = 42
+EXIT_SSHD_FAILED = 43
 
 SSHD_CONFIG_TEXT = f"""# Written by the QuData agent; the image's own /etc/ssh is not used.
 Port 22
@@ -109,12 +110,37 @@ chmod 644 {AUTHORIZED_KEYS} {SSHD_CONFIG}
 """
 
 
+# The agent's sshd is up when its pid file names a live process called sshd: a
+# pid file left in the writable layer by an earlier run of the container may
+# name a pid that another program has in this run.
+_SSHD_RUNNING = (
+    f'sshd_running() {{ p=$(cat {PID_FILE} 2>/dev/null) && [ -n "$p" ] '
+    '&& kill -0 "$p" 2>/dev/null && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = sshd ]; }'
+)
+
+# sshd forks into the background before it binds (OpenSSH 9 exits 0 even when it
+# cannot bind) and writes its pid file once it listens: wait for that, ~3 s at
+# most. A `sleep` without fractions (rare) waits whole seconds instead.
+_WAIT_SSHD = (
+    "wait_sshd() { n=0; while [ $n -lt 600 ]; do sshd_running && return 0; "
+    "if sleep 0.005 2>/dev/null; then n=$((n + 1)); else sleep 1; n=$((n + 200)); fi; "
+    "done; return 1; }"
+)
+
+
 def start_script() -> str:
-    """Starts the agent's sshd unless it already runs (it daemonizes itself)."""
+    """Starts the agent's sshd unless it already runs, and waits until it listens."""
     return f"""{_FIND_SSHD}
-if [ -f {PID_FILE} ] && kill -0 "$(cat {PID_FILE})" 2>/dev/null; then exit 0; fi
+{_SSHD_RUNNING}
+{_WAIT_SSHD}
+sshd_running && exit 0
+rm -f {PID_FILE}
 mkdir -p /run/sshd
-"$(find_sshd)" -f {SSHD_CONFIG} -E {LOG_FILE}
+"$(find_sshd)" -f {SSHD_CONFIG} -E {LOG_FILE} || exit {EXIT_SSHD_FAILED}
+wait_sshd && exit 0
+echo "sshd did not start:"
+tail -n 3 {LOG_FILE} 2>/dev/null
+exit {EXIT_SSHD_FAILED}
 """
 
 

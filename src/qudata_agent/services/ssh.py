@@ -25,6 +25,7 @@ from qudata_agent.domain.ssh_setup import (
     EXIT_INSTALL_FAILED,
     EXIT_KEYS_FAILED,
     EXIT_NO_PACKAGE_MANAGER,
+    EXIT_SSHD_FAILED,
     bring_up_script,
     write_keys_script,
 )
@@ -235,6 +236,13 @@ class SshService:
             )
         if code == EXIT_KEYS_FAILED:
             raise _SetupFailed(f"writing authorized_keys failed (is the disk full?): {tail}")
+        if code == EXIT_SSHD_FAILED and "Address already in use" in out:
+            raise _SetupFailed(
+                "sshd could not listen: port 22 in the container is taken by another program"
+                " (does the image start its own sshd?)"
+            )
+        if code == EXIT_SSHD_FAILED:
+            raise _SetupFailed(f"sshd did not start: {tail}")
         raise _SetupFailed(f"bringing up sshd failed (exit {code}): {tail}")
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from qudata_agent.domain.ssh_setup import (
     EXIT_SSHD_FAILED,
+    LOG_FILE,
     PID_FILE,
     bring_up_script,
     start_script,
@@ -82,3 +83,15 @@ def test_port_22_taken_by_another_sshd_fails_with_the_cause(container: str) -> N
     failed = _exec(container, start_script())
     assert failed.returncode == EXIT_SSHD_FAILED, failed.stdout + failed.stderr
     assert "Address already in use" in failed.stdout
+
+
+def test_sshd_log_is_rotated_past_a_mebibyte_when_sshd_starts(container: str) -> None:
+    """The log lives on the renter's disk: past 1 MiB it is moved aside (once) at a start."""
+    assert _exec(container, bring_up_script("", provision=True)).returncode == 0
+    assert _exec(container, f"kill $(cat {PID_FILE})").returncode == 0
+    big = _exec(container, f"head -c 2000000 /dev/zero > {LOG_FILE}")
+    assert big.returncode == 0, big.stderr
+    assert _exec(container, start_script()).returncode == 0
+    sizes = _exec(container, f"wc -c < {LOG_FILE}.1; wc -c < {LOG_FILE} 2>/dev/null || echo 0")
+    old, new = (int(x) for x in sizes.stdout.split())
+    assert old == 2000000 and new < 1000

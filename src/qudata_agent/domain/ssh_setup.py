@@ -22,7 +22,11 @@ SSH_DIR = f"{QUDATA_DIR}/ssh"
 SSHD_CONFIG = f"{QUDATA_DIR}/sshd_config"
 AUTHORIZED_KEYS = f"{SSH_DIR}/authorized_keys"
 PID_FILE = "/run/qudata-sshd.pid"
+# sshd logs errors only (a failed bind, a broken key file), not every login or
+# every bot knocking on a public port, and the file is rotated once past 1 MiB
+# when sshd starts: it lives on the renter's disk.
 LOG_FILE = "/var/log/qudata-sshd.log"
+LOG_KEEP_BYTES = 1024 * 1024
 
 # Exit codes of the provisioning script that mean "cannot be done here".
 EXIT_NO_PACKAGE_MANAGER = 40
@@ -46,6 +50,7 @@ AllowTcpForwarding yes
 ClientAliveInterval 30
 ClientAliveCountMax 6
 Subsystem sftp internal-sftp
+LogLevel ERROR
 """
 
 _FIND_SSHD = (
@@ -136,6 +141,8 @@ def start_script() -> str:
 sshd_running && exit 0
 rm -f {PID_FILE}
 mkdir -p /run/sshd
+size=$(wc -c 2>/dev/null < {LOG_FILE} || echo 0)
+[ "$size" -gt {LOG_KEEP_BYTES} ] && mv -f {LOG_FILE} {LOG_FILE}.1
 "$(find_sshd)" -f {SSHD_CONFIG} -E {LOG_FILE} || exit {EXIT_SSHD_FAILED}
 wait_sshd && exit 0
 echo "sshd did not start:"

@@ -77,6 +77,8 @@ def _wait_ssh(api: Api, status: str = "ready", timeout: float = 120) -> dict[str
         state = api.get()
         if state.get("ssh") and state["ssh"]["status"] == status:
             return state
+        if state.get("ssh") and state["ssh"]["status"] == "failed":
+            raise AssertionError(f"ssh failed while waiting for {status}: {state['ssh']}")
         time.sleep(0.1)
     raise AssertionError(f"ssh never became {status}: {state}")
 
@@ -194,26 +196,54 @@ def test_port_22_taken_by_another_sshd_is_reported_not_called_ready(
     assert state["status"] == "running"
 
 
+CLOSED_SOURCE = "deb http://127.0.0.1:9/debian bookworm main"  # a closed port
 NO_MIRROR = {"image": "qudata-test/debian-nomirror", "image_tag": "12"}
+UNSIGNED_SOURCE = {"image": "qudata-test/debian-unsigned-source", "image_tag": "12"}
+# The real mirror under a suite the image does not use, checked against a key that is
+# not there: `apt-get update` ends in an error (exit 100), as it did for every CUDA
+# image when NVIDIA rotated its repository key, while the main source still works.
+UNSIGNED_LINE = (
+    "deb [signed-by=/usr/share/keyrings/missing.gpg] http://deb.debian.org/debian"
+    " bookworm-updates main"
+)
 
 
-@pytest.fixture(scope="module")
-def no_mirror_image() -> dict[str, str]:
-    """Debian without sshd whose apt sources point at a closed port: an install that
-    cannot reach its mirror. Made from qudata-test/debian:12 once, then kept."""
-    name = f"{NO_MIRROR['image']}:{NO_MIRROR['image_tag']}"
+def _derived_image(image: dict[str, str], script: str) -> dict[str, str]:
+    """qudata-test/debian:12 changed by `script`, committed as `image` (made once, then kept)."""
+    name = f"{image['image']}:{image['image_tag']}"
     if docker("image", "inspect", name, check=False).strip() in ("", "[]"):
-        script = (
-            "rm -f /etc/apt/sources.list.d/* && "
-            "echo 'deb http://127.0.0.1:9/debian bookworm main' > /etc/apt/sources.list"
-        )
         cid = docker("run", "-d", "qudata-test/debian:12", "sh", "-c", script).strip()
         try:
             assert docker("wait", cid).strip() == "0"
             docker("commit", "-c", 'CMD ["/bin/sh"]', cid, name)
         finally:
             docker("rm", "-f", cid, check=False)
-    return NO_MIRROR
+    return image
+
+
+@pytest.fixture(scope="module")
+def no_mirror_image() -> dict[str, str]:
+    """Debian without sshd whose only apt source is closed: an install that cannot
+    reach its mirror."""
+    script = f"rm -f /etc/apt/sources.list.d/* && echo '{CLOSED_SOURCE}' > /etc/apt/sources.list"
+    return _derived_image(NO_MIRROR, script)
+
+
+@pytest.fixture(scope="module")
+def unsigned_source_image() -> dict[str, str]:
+    """Debian without sshd whose apt sources include one that fails verification."""
+    script = f"echo '{UNSIGNED_LINE}' > /etc/apt/sources.list.d/extra.list"
+    return _derived_image(UNSIGNED_SOURCE, script)
+
+
+def test_a_broken_extra_apt_source_does_not_stop_the_install(
+    agent_api: list[Any], keys: Keys, unsigned_source_image: dict[str, str]
+) -> None:
+    _, api = agent_api
+    api.create(**unsigned_source_image, ssh_enabled=True)
+    assert _add(api, keys.one).status_code == 200
+    state = _wait_ssh(api, timeout=240)
+    assert keys.ssh("one", state["ssh"]["port"], "echo in").stdout.strip() == "in"
 
 
 def test_an_install_without_a_reachable_mirror_fails_cleanly(

@@ -73,8 +73,10 @@ _WAIT_PACKAGE_MANAGER = (
 _INSTALL = f"""
 if command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends openssh-server \\
-    || exit {EXIT_INSTALL_FAILED}
+  # One unreachable extra source (a CUDA repository, say) fails the update as a
+  # whole but leaves the others' lists in place: the install decides.
+  apt-get update -qq || echo "apt-get update failed for some sources; trying the install"
+  apt-get install -y -qq --no-install-recommends openssh-server || exit {EXIT_INSTALL_FAILED}
 elif command -v apk >/dev/null 2>&1; then
   apk add --no-cache openssh-server openssh-keygen || exit {EXIT_INSTALL_FAILED}
 elif command -v dnf >/dev/null 2>&1; then

@@ -154,6 +154,22 @@ def test_keys_logins_and_sessions_on_an_image_with_sshd(
     assert result.stdout.strip() == "back", result.stderr
 
 
+def test_ssh_sessions_see_the_containers_environment(agent_api: list[Any], keys: Keys) -> None:
+    """What Docker gives the container's programs (the image's ENV, the instance's
+    variables) an SSH session gets too: a command over SSH, and a login shell, whose
+    /etc/profile resets PATH on Debian."""
+    _, api = agent_api
+    path = "/opt/tools/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    env = {"PATH": path, "QUDATA_TEST_GREETING": "hello  world's"}
+    assert api.create(**DEBIAN_SSH, ssh_enabled=True, env_variables=env).status_code == 202
+    assert _add(api, keys.one).status_code == 200
+    port = _wait_ssh(api)["ssh"]["port"]
+    command = keys.ssh("one", port, 'echo "$QUDATA_TEST_GREETING"; echo "$PATH"; echo "$HOME"')
+    assert command.stdout.splitlines() == ["hello  world's", path, "/root"], command.stderr
+    login = keys.ssh("one", port, "bash -lc 'echo \"$PATH|$QUDATA_TEST_GREETING\"'")
+    assert login.stdout.strip() == f"{path}|hello  world's", login.stderr
+
+
 def test_sshd_is_installed_with_apt_when_the_image_has_none(
     agent_api: list[Any], keys: Keys
 ) -> None:

@@ -3,6 +3,7 @@ containers of the test images (sshd from Debian's openssh-server)."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from qudata_agent.domain.ssh_setup import (
     EXIT_SSHD_FAILED,
     LOG_FILE,
     PID_FILE,
+    PROFILE_ENV,
+    SSHD_CONFIG,
     bring_up_script,
     start_script,
 )
@@ -95,3 +98,28 @@ def test_sshd_log_is_rotated_past_a_mebibyte_when_sshd_starts(container: str) ->
     sizes = _exec(container, f"wc -c < {LOG_FILE}.1; wc -c < {LOG_FILE} 2>/dev/null || echo 0")
     old, new = (int(x) for x in sizes.stdout.split())
     assert old == 2000000 and new < 1000
+
+
+OLD_SSHD = """#!/bin/sh
+# Stands in for an sshd older than 7.8, which refuses SetEnv as a bad option.
+if [ "$1" = -t ] && grep -q '^SetEnv' "$3"; then
+  echo "$3: Bad configuration option: SetEnv" >&2
+  exit 255
+fi
+exec /usr/sbin/sshd "$@"
+"""
+
+
+def test_an_sshd_without_setenv_gets_the_config_without_it(container: str) -> None:
+    wrapper = _exec(
+        container,
+        f"printf '%s' {shlex.quote(OLD_SSHD)} > /usr/local/sbin/sshd"
+        " && chmod 755 /usr/local/sbin/sshd",
+    )
+    assert wrapper.returncode == 0, wrapper.stderr
+    done = _exec(container, bring_up_script("", True, [("GREETING", "hi there")]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = _exec(container, f"cat {SSHD_CONFIG}").stdout
+    assert "SetEnv" not in config and "PermitRootLogin prohibit-password" in config
+    assert "export GREETING='hi there'" in _exec(container, f"cat {PROFILE_ENV}").stdout
+    _sshd_pid(container)  # and sshd runs

@@ -582,6 +582,7 @@ def _state_from_attrs(attrs: dict[str, Any]) -> ContainerState:
         restart_count=int(attrs.get("RestartCount") or 0),
         ports=_host_ports(attrs),
         pid=int(state.get("Pid") or 0) or None,
+        env=tuple(str(item) for item in (attrs.get("Config") or {}).get("Env") or ()),
     )
 
 

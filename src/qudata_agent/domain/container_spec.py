@@ -116,6 +116,7 @@ class ContainerState:
     restart_count: int = 0
     ports: dict[str, int] = field(default_factory=dict)  # "8080/tcp" -> host port
     pid: int | None = None  # the container's init process on the host, while it runs
+    env: tuple[str, ...] = ()  # Config.Env: the image's ENV and the instance's, "NAME=value"
 
     @property
     def running(self) -> bool:

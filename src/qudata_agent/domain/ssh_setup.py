@@ -9,18 +9,26 @@ Pure text builders. The agent's sshd runs from its own files under
   since 0.68 speak it) is generated once per container and kept in its
   writable layer, so the renter's known_hosts stays valid across restarts;
 - every script is idempotent: running it again changes nothing that is right;
-- the image's sshd is used when there is one: nothing is installed then.
+- the image's sshd is used when there is one: nothing is installed then;
+- an SSH session sees the container's environment (the image's ENV, such as a
+  PATH with /opt/conda/bin, and the instance's variables), as the programs
+  Docker starts do: sshd's `SetEnv` for every session (OpenSSH 7.8 and later;
+  an older sshd gets the config without it) and a file in /etc/profile.d for
+  login shells, whose /etc/profile may reset PATH (Debian's does).
 """
 
 from __future__ import annotations
 
 import base64
+import re
 import shlex
+from collections.abc import Iterable, Sequence
 
 QUDATA_DIR = "/etc/qudata"
 SSH_DIR = f"{QUDATA_DIR}/ssh"
 SSHD_CONFIG = f"{QUDATA_DIR}/sshd_config"
 AUTHORIZED_KEYS = f"{SSH_DIR}/authorized_keys"
+PROFILE_ENV = "/etc/profile.d/qudata-env.sh"
 PID_FILE = "/run/qudata-sshd.pid"
 # sshd logs errors only (a failed bind, a broken key file), not every login or
 # every bot knocking on a public port, and the file is rotated once past 1 MiB
@@ -52,6 +60,53 @@ ClientAliveCountMax 6
 Subsystem sftp internal-sftp
 LogLevel ERROR
 """
+
+# Set per session by sshd or the login, never taken from the container.
+_SESSION_VARS = frozenset(
+    {"HOME", "HOSTNAME", "LOGNAME", "MAIL", "OLDPWD", "PWD", "SHELL", "SHLVL", "TERM", "USER", "_"}
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# sshd before 8.5 cannot quote these inside a SetEnv value; control characters
+# have no place in one either.
+_ENV_UNSAFE = re.compile(r'["\\\x00-\x1f\x7f]')
+MAX_ENV_BYTES = 32 * 1024  # both files travel inline in one exec argument
+
+
+def session_env(container_env: Iterable[str]) -> list[tuple[str, str]]:
+    """The container's `NAME=value` list (Docker's Config.Env) as SSH sessions get it.
+
+    Session variables (HOME, TERM...) are left to sshd, values sshd cannot carry
+    are left out, and the whole is capped at MAX_ENV_BYTES; a later duplicate wins.
+    """
+    chosen: dict[str, str] = {}
+    for item in container_env:
+        name, sep, value = item.partition("=")
+        wanted = sep and _ENV_NAME.match(name) and name not in _SESSION_VARS
+        if wanted and not _ENV_UNSAFE.search(value):
+            chosen[name] = value
+    out: list[tuple[str, str]] = []
+    size = 0
+    for name, value in chosen.items():
+        size += len(name) + len(value) + 4
+        if size > MAX_ENV_BYTES:
+            break
+        out.append((name, value))
+    return out
+
+
+def sshd_config_text(env: Sequence[tuple[str, str]] = ()) -> str:
+    """The agent's sshd_config; with `env`, one SetEnv line (sshd takes only the first)."""
+    if not env:
+        return SSHD_CONFIG_TEXT
+    pairs = " ".join(f'"{name}={value}"' for name, value in env)
+    return f"{SSHD_CONFIG_TEXT}SetEnv {pairs}\n"
+
+
+def profile_env_text(env: Sequence[tuple[str, str]]) -> str:
+    lines = ["# Written by the QuData agent: the container's environment for login shells."]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in env]
+    return "\n".join(lines) + "\n"
+
 
 _FIND_SSHD = (
     'find_sshd() { for p in "$(command -v sshd 2>/dev/null)" /usr/sbin/sshd /usr/bin/sshd '
@@ -94,9 +149,11 @@ fi
 """
 
 
-def provision_script() -> str:
+def provision_script(env: Sequence[tuple[str, str]] = ()) -> str:
     """Installs OpenSSH when missing, then lays out the agent's sshd files."""
-    config = shlex.quote(SSHD_CONFIG_TEXT)
+    config = shlex.quote(sshd_config_text(env))
+    plain = shlex.quote(SSHD_CONFIG_TEXT)
+    profile = shlex.quote(profile_env_text(env))
     return f"""set -u
 {_FIND_SSHD}
 {_WAIT_PACKAGE_MANAGER}
@@ -107,13 +164,18 @@ fi
 find_sshd >/dev/null || {{ echo "sshd missing after the install"; exit {EXIT_INSTALL_FAILED}; }}
 umask 022
 D={SSH_DIR}
-mkdir -p "$D" /run/sshd /var/log
+mkdir -p "$D" /run/sshd /var/log /etc/profile.d
 chmod 755 {QUDATA_DIR} "$D"
 [ -s "$D/ssh_host_ed25519_key" ] || ssh-keygen -q -t ed25519 -N '' -f "$D/ssh_host_ed25519_key"
+printf '%s' {profile} > {PROFILE_ENV}.new && mv -f {PROFILE_ENV}.new {PROFILE_ENV}
 printf '%s' {config} > {SSHD_CONFIG}.new && mv -f {SSHD_CONFIG}.new {SSHD_CONFIG}
 [ -f {AUTHORIZED_KEYS} ] || : > {AUTHORIZED_KEYS}
-chmod 644 {AUTHORIZED_KEYS} {SSHD_CONFIG}
-"$(find_sshd)" -t -f {SSHD_CONFIG} || exit {EXIT_INSTALL_FAILED}
+chmod 644 {AUTHORIZED_KEYS} {SSHD_CONFIG} {PROFILE_ENV}
+if ! "$(find_sshd)" -t -f {SSHD_CONFIG} 2>/dev/null; then
+  # An sshd older than 7.8 knows no SetEnv: login shells still get the profile file.
+  printf '%s' {plain} > {SSHD_CONFIG}.new && mv -f {SSHD_CONFIG}.new {SSHD_CONFIG}
+  "$(find_sshd)" -t -f {SSHD_CONFIG} || exit {EXIT_INSTALL_FAILED}
+fi
 """
 
 
@@ -163,8 +225,10 @@ chmod 644 {AUTHORIZED_KEYS}.new && mv -f {AUTHORIZED_KEYS}.new {AUTHORIZED_KEYS}
 """
 
 
-def bring_up_script(authorized_keys: str, provision: bool) -> str:
+def bring_up_script(
+    authorized_keys: str, provision: bool, env: Sequence[tuple[str, str]] = ()
+) -> str:
     """One exec for a new run: set up (when asked), write the keys, start sshd."""
-    parts = [provision_script()] if provision else ["set -u"]
+    parts = [provision_script(env)] if provision else ["set -u"]
     parts += [write_keys_script(authorized_keys), start_script()]
     return "\n".join(parts)

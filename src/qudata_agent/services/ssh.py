@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
+from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.ssh_keys import PublicKey, parse_key, render_authorized_keys
 from qudata_agent.domain.ssh_setup import (
@@ -27,6 +28,7 @@ from qudata_agent.domain.ssh_setup import (
     EXIT_NO_PACKAGE_MANAGER,
     EXIT_SSHD_FAILED,
     bring_up_script,
+    session_env,
     write_keys_script,
 )
 from qudata_agent.errors import AgentError, Conflict, NotFound
@@ -41,6 +43,8 @@ MAX_KEYS_BYTES = 64 * 1024
 
 
 class SshEngine(Protocol):
+    def inspect(self, container_id: str) -> ContainerState: ...
+
     def exec_run(
         self, container_id: str, argv: list[str], timeout_s: float = 30
     ) -> tuple[int, str]: ...
@@ -201,10 +205,13 @@ class SshService:
             if provision:
                 await self._set(instance_id, INSTALLING)
             keys = await self._authorized_keys(instance_id)
+            env = []
+            if provision:  # the container's environment, for SSH sessions
+                env = session_env((await self._blocking.quick(self._engine.inspect, cid)).env)
             # One exec: set up (maybe minutes of install), keys, sshd. Not under
             # the lock, so key changes never wait on an install; the check below
             # catches a key that changed meanwhile.
-            await self._bring_up(cid, bring_up_script(keys, provision), provision)
+            await self._bring_up(cid, bring_up_script(keys, provision, env), provision)
             async with self._lock(instance_id):
                 await self._set(instance_id, READY, run=instance.started_at)
                 if await self._authorized_keys(instance_id) != keys:

@@ -1,0 +1,62 @@
+"""The container's environment as SSH sessions get it (pure text builders)."""
+
+from __future__ import annotations
+
+import subprocess
+
+from qudata_agent.domain.ssh_setup import (
+    MAX_ENV_BYTES,
+    SSHD_CONFIG_TEXT,
+    bring_up_script,
+    profile_env_text,
+    session_env,
+    sshd_config_text,
+)
+
+
+def test_session_variables_bad_names_and_unquotable_values_stay_out() -> None:
+    env = session_env(
+        [
+            "PATH=/opt/conda/bin:/usr/bin",
+            "HOME=/nonexistent",
+            "TERM=dumb",
+            "HOSTNAME=abc",
+            "NVIDIA_VISIBLE_DEVICES=GPU-1",
+            "BAD-NAME=1",
+            "NOVALUE",
+            'QUOTE=a"b',
+            "BACKSLASH=a\\b",
+            "NEWLINE=a\nb",
+            "EMPTY=",
+            "PATH=/later/wins",
+        ]
+    )
+    assert env == [("PATH", "/later/wins"), ("NVIDIA_VISIBLE_DEVICES", "GPU-1"), ("EMPTY", "")]
+
+
+def test_the_environment_is_capped() -> None:
+    big = [f"V{i}={'x' * 1000}" for i in range(100)]
+    env = session_env(big)
+    assert 0 < len(env) < 100
+    assert sum(len(n) + len(v) + 4 for n, v in env) <= MAX_ENV_BYTES
+
+
+def test_one_setenv_line_with_each_pair_quoted_whole() -> None:
+    assert sshd_config_text([]) == SSHD_CONFIG_TEXT
+    text = sshd_config_text([("A", "b c"), ("LD_LIBRARY_PATH", "/usr/local/nvidia/lib64")])
+    assert text.startswith(SSHD_CONFIG_TEXT)
+    assert text.count("SetEnv") == 1
+    assert text.endswith('SetEnv "A=b c" "LD_LIBRARY_PATH=/usr/local/nvidia/lib64"\n')
+
+
+def test_the_profile_file_gives_the_values_back_exactly_in_sh() -> None:
+    env = [("A", "it's $HOME `x` b  c"), ("B", "")]
+    script = profile_env_text(env) + 'printf "%s|%s" "$A" "$B"'
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout == "it's $HOME `x` b  c|"
+
+
+def test_bring_up_with_an_environment_is_shell_syntax() -> None:
+    script = bring_up_script("", True, [("A", "it's"), ("PATH", "/x:/y")])
+    subprocess.run(["sh", "-n", "-c", script], check=True)
+    assert "SetEnv" in script and "/etc/profile.d/qudata-env.sh" in script

@@ -34,6 +34,9 @@ with a fresh ed25519 key, retried every 50 ms until it exits 0):
    the same way:
    - agent: `POST /instances` to the first successful login; the agent
      installs OpenSSH with apt inside the container (needs the Debian mirror).
+     The client waits for `ssh.status` ready as in case 1: a login tried
+     every 50 ms through a minute of install would start a hundred ssh
+     processes, whose CPU the install on a small host then lacks.
    - install floor: in a fresh `docker run -d qudata-test/debian:12 tail -f
      /dev/null` container, the time of `docker exec C sh -c
      "<the agent's provision_script()>"` alone (apt-get update and install,
@@ -696,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(install_runs):
                 for which in ("agent", "floor") if i % 2 == 0 else ("floor", "agent"):
                     if which == "agent":
-                        inst_agent.append(bench.run_agent(BARE_IMAGE, INSTALL_LOGIN_TIMEOUT_S))
+                        sample = bench.run_agent(BARE_IMAGE, INSTALL_LOGIN_TIMEOUT_S, True)
+                        inst_agent.append(sample)
                     else:
                         inst_floor.append(bench.run_install_floor())
                 print(".", end="", flush=True)

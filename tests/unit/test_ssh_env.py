@@ -38,7 +38,9 @@ def test_the_environment_is_capped() -> None:
     big = [f"V{i}={'x' * 1000}" for i in range(100)]
     env = session_env(big)
     assert 0 < len(env) < 100
-    assert sum(len(n) + len(v) + 4 for n, v in env) <= MAX_ENV_BYTES
+    assert len(bring_up_script("", True, env)) - len(bring_up_script("", True, [])) <= (
+        MAX_ENV_BYTES + 200
+    )
 
 
 def test_one_setenv_line_with_each_pair_quoted_whole() -> None:
@@ -60,3 +62,16 @@ def test_bring_up_with_an_environment_is_shell_syntax() -> None:
     script = bring_up_script("", True, [("A", "it's"), ("PATH", "/x:/y")])
     subprocess.run(["sh", "-n", "-c", script], check=True)
     assert "SetEnv" in script and "/etc/profile.d/qudata-env.sh" in script
+
+
+def test_the_largest_bring_up_fits_in_one_exec_argument() -> None:
+    """Linux caps one argument at 128 KiB (MAX_ARG_STRLEN): the most keys the service
+    takes and the largest environment must fit together, or the exec fails (E2BIG)."""
+    from qudata_agent.services.ssh import MAX_KEYS_BYTES
+
+    keys = "x" * MAX_KEYS_BYTES
+    for filler in ("y", "'"):  # a quote costs five characters each time it is quoted
+        env = session_env(f"V{i}={filler * 200}" for i in range(1000))
+        assert env, filler
+        script = bring_up_script(keys, True, env)
+        assert len(script.encode()) < 128 * 1024, filler

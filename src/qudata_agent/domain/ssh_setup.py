@@ -69,14 +69,25 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # sshd before 8.5 cannot quote these inside a SetEnv value; control characters
 # have no place in one either.
 _ENV_UNSAFE = re.compile(r'["\\\x00-\x1f\x7f]')
-MAX_ENV_BYTES = 32 * 1024  # both files travel inline in one exec argument
+# What the environment adds to the bring-up script, both files quoted into it:
+# with the keys it must fit one exec argument (Linux: 128 KiB).
+MAX_ENV_BYTES = 24 * 1024
+
+
+def _script_cost(name: str, value: str) -> int:
+    """Bytes a variable adds to the script: its SetEnv pair and its profile line, each
+    shell-quoted once more inside the script (every ' becomes five characters)."""
+    pair = f'"{name}={value}" '
+    line = f"export {name}={shlex.quote(value)}\n"
+    return sum(len(text) + 4 * text.count("'") for text in (pair, line))
 
 
 def session_env(container_env: Iterable[str]) -> list[tuple[str, str]]:
     """The container's `NAME=value` list (Docker's Config.Env) as SSH sessions get it.
 
     Session variables (HOME, TERM...) are left to sshd, values sshd cannot carry
-    are left out, and the whole is capped at MAX_ENV_BYTES; a later duplicate wins.
+    are left out, and the whole is capped (MAX_ENV_BYTES in the script); a later
+    duplicate wins.
     """
     chosen: dict[str, str] = {}
     for item in container_env:
@@ -87,7 +98,7 @@ def session_env(container_env: Iterable[str]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     size = 0
     for name, value in chosen.items():
-        size += len(name) + len(value) + 4
+        size += _script_cost(name, value)
         if size > MAX_ENV_BYTES:
             break
         out.append((name, value))

@@ -163,7 +163,14 @@ def test_ssh_sessions_see_the_containers_environment(agent_api: list[Any], keys:
     env = {"PATH": path, "QUDATA_TEST_GREETING": "hello  world's"}
     assert api.create(**DEBIAN_SSH, ssh_enabled=True, env_variables=env).status_code == 202
     assert _add(api, keys.one).status_code == 200
-    port = _wait_ssh(api)["ssh"]["port"]
+    state = _wait_ssh(api)
+    port = state["ssh"]["port"]
+    # The environment may hold the renter's secrets: its files are root's alone.
+    modes = docker(
+        "exec", state["container_id"], "stat", "-c", "%a",
+        "/etc/qudata/sshd_config", "/etc/profile.d/qudata-env.sh",
+    )  # fmt: skip
+    assert modes.split() == ["600", "600"]
     command = keys.ssh("one", port, 'echo "$QUDATA_TEST_GREETING"; echo "$PATH"; echo "$HOME"')
     assert command.stdout.splitlines() == ["hello  world's", path, "/root"], command.stderr
     login = keys.ssh("one", port, "bash -lc 'echo \"$PATH|$QUDATA_TEST_GREETING\"'")

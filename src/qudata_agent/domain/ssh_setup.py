@@ -181,10 +181,13 @@ chmod 755 {QUDATA_DIR} "$D"
 printf '%s' {profile} > {PROFILE_ENV}.new && mv -f {PROFILE_ENV}.new {PROFILE_ENV}
 printf '%s' {config} > {SSHD_CONFIG}.new && mv -f {SSHD_CONFIG}.new {SSHD_CONFIG}
 [ -f {AUTHORIZED_KEYS} ] || : > {AUTHORIZED_KEYS}
-chmod 644 {AUTHORIZED_KEYS} {SSHD_CONFIG} {PROFILE_ENV}
+# The environment may hold the renter's secrets (tokens in env_variables): root only.
+chmod 644 {AUTHORIZED_KEYS}
+chmod 600 {SSHD_CONFIG} {PROFILE_ENV}
 if ! "$(find_sshd)" -t -f {SSHD_CONFIG} 2>/dev/null; then
   # An sshd older than 7.8 knows no SetEnv: login shells still get the profile file.
   printf '%s' {plain} > {SSHD_CONFIG}.new && mv -f {SSHD_CONFIG}.new {SSHD_CONFIG}
+  chmod 600 {SSHD_CONFIG}
   "$(find_sshd)" -t -f {SSHD_CONFIG} || exit {EXIT_INSTALL_FAILED}
 fi
 """

@@ -205,9 +205,8 @@ class SshService:
             if provision:
                 await self._set(instance_id, INSTALLING)
             keys = await self._authorized_keys(instance_id)
-            env = []
-            if provision:  # the container's environment, for SSH sessions
-                env = session_env((await self._blocking.quick(self._engine.inspect, cid)).env)
+            # The container's environment, for SSH sessions; written with the setup.
+            env = await self._session_env(cid) if provision else []
             # One exec: set up (maybe minutes of install), keys, sshd. Not under
             # the lock, so key changes never wait on an install; the check below
             # catches a key that changed meanwhile.
@@ -224,6 +223,10 @@ class SshService:
                 await self._set(instance_id, FAILED, reason)
             except AgentError as stored:  # e.g. a full disk: the next run tries again
                 log.warning("ssh state not recorded", extra={"error": stored.message})
+
+    async def _session_env(self, container_id: str) -> list[tuple[str, str]]:
+        state = await self._blocking.quick(self._engine.inspect, container_id)
+        return session_env(state.env)
 
     async def _bring_up(self, container_id: str, script: str, provision: bool) -> None:
         run = self._blocking.slow if provision else self._blocking.quick

@@ -271,3 +271,18 @@ def signals_ignored() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def keep_log(agent: AgentProc, dest: Path | None) -> None:
+    """A copy of the agent's log at `dest` (--agent-log), before the workdir goes."""
+    if dest is not None and agent.log_path.exists():
+        with contextlib.suppress(OSError):
+            shutil.copyfile(agent.log_path, dest)
+
+
+def exit_code(code: int, problems: list[str]) -> int:
+    """The run's exit status once cleanup reported `problems`: a cleanup that left
+    something behind turns a verdict (0 PASS, 1 FAIL) into 2."""
+    for problem in problems:
+        print(f"cleanup: {problem}", file=sys.stderr)
+    return 2 if problems and code in (0, 1) else code

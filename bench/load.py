@@ -68,6 +68,7 @@ import httpx
 from _common import (
     AgentProc,
     BenchError,
+    exit_code,
     interrupt_on_signals,
     need_images,
     remove_containers,
@@ -514,11 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         with signals_ignored():
             problems = _cleanup(agent, token)
             shutil.rmtree(workdir, ignore_errors=True)
-        for problem in problems:
-            print(f"cleanup: {problem}", file=sys.stderr)
-        if problems and code in (0, 1):
-            code = 2
-    return code
+    return exit_code(code, problems)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,10 @@ from _common import (
     BenchError,
     docker,
     docker_version,
+    exit_code,
     free_port,
     interrupt_on_signals,
+    keep_log,
     need_images,
     parse_log_time,
     run_cmd,
@@ -764,15 +766,9 @@ def main(argv: list[str] | None = None) -> int:
             if bench is None:
                 agent.stop()
             reader.stop()
-            if args.agent_log is not None and agent.log_path.exists():
-                with contextlib.suppress(OSError):
-                    shutil.copyfile(agent.log_path, args.agent_log)
+            keep_log(agent, args.agent_log)
             shutil.rmtree(workdir, ignore_errors=True)
-        for problem in problems:
-            print(f"cleanup: {problem}", file=sys.stderr)
-        if problems and code in (0, 1):
-            code = 2
-    return code
+    return exit_code(code, problems)
 
 
 if __name__ == "__main__":

@@ -239,6 +239,33 @@ async def test_restore_resumes_a_build_cut_short_and_adopts_its_container(
     store.close()
 
 
+async def test_a_pull_resumed_without_credentials_says_why_it_failed(tmp_path: Path) -> None:
+    """Credentials are not kept: a pull cut short by a restart goes on without them, and
+    if the registry refuses it, the reason says what to do."""
+    engine = FakeEngine()
+    store = Store.open(tmp_path / "agent.db")
+    blocking = Blocking()
+    first = _service(engine, store, blocking)
+    await first.create(CreateOrder(image="slow", image_tag="1"))
+    for _ in range(200):
+        current = await first.current()
+        if current is not None and current.phase == "pulling":
+            break
+        await asyncio.sleep(0.01)
+    await first.close()  # the agent goes away mid-pull
+
+    engine.pull_error = "denied"
+    engine.pull_gate.set()
+    second = _service(engine, store, blocking)
+    await second.restore()
+    failed = await _wait(second, Status.ERROR)
+    assert failed.reason.startswith("denied")  # the registry's own words first
+    assert "does not keep registry credentials" in failed.reason
+    await second.close()
+    blocking.close()
+    store.close()
+
+
 async def test_orphans_and_vanished_containers_are_cleaned_up(parts: Any) -> None:
     service, engine, store = parts
     await service.create(CreateOrder(image="present", image_tag="1", ports={"8080": "auto"}))

@@ -45,6 +45,12 @@ from qudata_agent.services.pulls import PullCoordinator
 log = logging.getLogger(__name__)
 
 LAST_LOG_LINES = 20
+# Registry credentials live only in memory for the pull (the contract: never
+# stored in clear), so a pull resumed after an agent restart goes without them.
+RESUMED_PULL_HINT = (
+    " (the agent restarted during this pull and does not keep registry credentials:"
+    " for a private image, delete the instance and create it again)"
+)
 
 
 class Engine(Protocol):
@@ -259,11 +265,12 @@ class InstanceService:
         return instance
 
     def _start_build(self, instance: Instance, order: CreateOrder | None) -> None:
+        """Builds in the background; without `order`, a build resumed after a restart."""
         auth = order.credentials if order is not None else None
         cancel = asyncio.Event()
-        task = asyncio.create_task(self._build(instance, auth, cancel), name=f"build {instance.id}")
-        build = _Build(task, cancel)
-        self._builds[instance.id] = build
+        build = self._build(instance, auth, cancel, resumed=order is None)
+        task = asyncio.create_task(build, name=f"build {instance.id}")
+        self._builds[instance.id] = _Build(task, cancel)
         task.add_done_callback(lambda _t: self._builds.pop(instance.id, None))
 
     async def _checkpoint(self, cancel: asyncio.Event) -> None:
@@ -282,7 +289,9 @@ class InstanceService:
         await self._checkpoint(cancel)
         pull.result()
 
-    async def _build(self, instance: Instance, auth: Any, cancel: asyncio.Event) -> None:
+    async def _build(
+        self, instance: Instance, auth: Any, cancel: asyncio.Event, resumed: bool = False
+    ) -> None:
         spec = ContainerSpec.from_json(instance.spec_json)
         now = self._clock
         try:
@@ -314,7 +323,10 @@ class InstanceService:
         except AgentError as e:
             if cancel.is_set():
                 return
-            await self._fail(instance, e.message)
+            reason = e.message
+            if resumed and instance.phase == "pulling":
+                reason += RESUMED_PULL_HINT
+            await self._fail(instance, reason)
         except Exception:
             if cancel.is_set():
                 return

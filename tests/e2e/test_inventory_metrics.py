@@ -9,14 +9,10 @@ loopback only; nothing here reaches the internet.
 from __future__ import annotations
 
 import os
-import socket
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from qudata_agent.adapters.host import default_route_address
 from support.agent_proc import AgentProcess
 from support.fake_cp import DEFAULT_INIT, FakeControlPlane
+from support.ip_service import IpService, dead_url
 
 AgentFactory = Callable[..., AgentProcess]
 CP_SECRET = DEFAULT_INIT["secret_key"]
@@ -149,68 +146,36 @@ def test_the_inventory_is_sent_again_when_it_changes(
     assert len(changed) == 1 and changed[0]["changed"] == ["configuration.memory_speed"]
 
 
-class _IpServer:
-    """A loopback "what is my IP" service."""
-
-    def __init__(self, answer: bytes) -> None:
-        asked = self.asked = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                asked.append(self.path)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/ip"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def ip_server() -> Iterator[_IpServer]:
-    server = _IpServer(b"198.51.100.23\n")
+def ip_server() -> Iterator[IpService]:
+    server = IpService(b"198.51.100.23\n")
     yield server
     server.close()
 
 
-def _dead_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/ip"
-
-
 def test_the_public_address_comes_from_the_lookups(
-    fake_cp: FakeControlPlane, agent_factory: AgentFactory, ip_server: _IpServer
+    fake_cp: FakeControlPlane, agent_factory: AgentFactory, ip_server: IpService
 ) -> None:
-    urls = f"{_dead_url()},{ip_server.url}"
+    urls = f"{dead_url()},{ip_server.url}"
     agent_factory(_cp_env(fake_cp, QUDATA_ADDRESS_LOOKUP_URLS=urls)).start()
     (init,) = fake_cp.wait_for("/init")
     assert init.body["address"] == "198.51.100.23"
-    assert ip_server.asked == ["/ip"]
+    assert ip_server.paths == ["/ip"]
 
 
 def test_the_configured_address_wins_over_the_lookups(
-    fake_cp: FakeControlPlane, agent_factory: AgentFactory, ip_server: _IpServer
+    fake_cp: FakeControlPlane, agent_factory: AgentFactory, ip_server: IpService
 ) -> None:
     env = _cp_env(fake_cp, QUDATA_ADDRESS="203.0.113.7", QUDATA_ADDRESS_LOOKUP_URLS=ip_server.url)
     agent_factory(env).start()
     (init,) = fake_cp.wait_for("/init")
     assert init.body["address"] == "203.0.113.7"
-    assert ip_server.asked == []
+    assert ip_server.paths == []
 
 
 def test_without_an_answer_the_default_route_address_is_used(
     fake_cp: FakeControlPlane, agent_factory: AgentFactory
 ) -> None:
-    agent_factory(_cp_env(fake_cp, QUDATA_ADDRESS_LOOKUP_URLS=_dead_url())).start()
+    agent_factory(_cp_env(fake_cp, QUDATA_ADDRESS_LOOKUP_URLS=dead_url())).start()
     (init,) = fake_cp.wait_for("/init")
     assert init.body["address"] == default_route_address()

@@ -6,10 +6,7 @@ or at a server on 127.0.0.1.
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -17,6 +14,7 @@ import pytest
 
 from qudata_agent.adapters.public_address import PublicAddress, parse_address
 from qudata_agent.config import DEFAULT_ADDRESS_LOOKUP_URLS, ConfigError, load_settings
+from support.ip_service import IpService, dead_url
 
 
 @pytest.mark.parametrize(
@@ -92,54 +90,21 @@ async def test_a_long_answer_is_refused() -> None:
 # the real wire, on loopback
 
 
-class _Server:
-    def __init__(self, body: bytes, delay_s: float = 0.0) -> None:
-        server = self
-        self.paths: list[str] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.paths.append(self.path)
-                if delay_s:
-                    threading.Event().wait(delay_s)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/ip"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def servers() -> Iterator[list[_Server]]:
-    made: list[_Server] = []
+def servers() -> Iterator[list[IpService]]:
+    made: list[IpService] = []
     yield made
     for server in made:
         server.close()
 
 
-def _dead_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/"
-
-
 async def test_over_the_wire_a_dead_and_a_slow_service_are_passed_over(
-    servers: list[_Server],
+    servers: list[IpService],
 ) -> None:
-    slow = _Server(b"192.0.2.1\n", delay_s=2.0)
-    good = _Server(b"198.51.100.23\n")
+    slow = IpService(b"192.0.2.1\n", delay_s=2.0)
+    good = IpService(b"198.51.100.23\n")
     servers += [slow, good]
-    lookup = PublicAddress([_dead_url(), slow.url, good.url], timeout_s=0.5)
+    lookup = PublicAddress([dead_url(), slow.url, good.url], timeout_s=0.5)
     assert await lookup.lookup() == "198.51.100.23"
     assert good.paths == ["/ip"]
     assert await lookup.lookup() == "198.51.100.23"  # a second lookup works too

@@ -11,6 +11,7 @@ stop never stops, removes or otherwise touches a tenant's container.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -226,19 +227,17 @@ class Agent:
     ) -> InstanceService:
         s = self.settings
 
-        async def gpu_uuids() -> tuple[str, ...]:
-            report = await parts.nvml.report_async()
-            return tuple(gpu.uuid for gpu in report.gpus)
-
         return InstanceService(
             engine=parts.docker,
             store=parts.store,
             blocking=parts.blocking,
             pulls=PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s),
             ports=PortAllocator(s.port_range, frozenset({agent_port}), port_is_free),
-            gpu_uuids=gpu_uuids,
+            gpu_uuids=functools.partial(parts.nvml.uuids_async, strict=True),
             agent_id=parts.agent_id,
             stop_timeout_s=s.stop_timeout_s,
+            crash_restarts=s.crash_restarts,
+            log_max_bytes=s.container_log_mb * 1024**2,
             network=net.network,
             prepare_network=net.prepare,
             storage=storage,
@@ -247,21 +246,13 @@ class Agent:
     def _reporter(
         self, parts: _Parts, instances: InstanceService, cp: ControlPlane
     ) -> StatsReporter:
-        known_gpus: list[tuple[str, ...]] = []
-
-        async def host_gpus() -> tuple[str, ...]:
-            if not known_gpus:  # the inventory is read once; NVML is asked per tick
-                report = await parts.nvml.report_async()
-                known_gpus.append(tuple(gpu.uuid for gpu in report.gpus))
-            return known_gpus[0]
-
         telemetry = Telemetry(
             current=instances.current,
             engine=parts.docker,
             cgroups=CgroupReader(),
             host=HostCounters(),
             gpu_samples=parts.nvml.samples_async,
-            host_gpus=host_gpus,
+            host_gpus=parts.nvml.uuids_async,
             size=HostSize(cpus=os.cpu_count() or 1, memory_bytes=host_memory_bytes()),
             blocking=parts.blocking,
         )
@@ -298,10 +289,10 @@ class Agent:
             await _until_done(instances.restore, "restore instances from Docker")
             await run_every(s.sync_interval_s, sync, "sync", first_delay_s=0)
 
-        supervisor.start("reconcile", reconcile())
+        supervisor.start("reconcile", reconcile)
         supervisor.start(
             "docker-events",
-            docker_events_loop(
+            lambda: docker_events_loop(
                 parts.docker,
                 parts.agent_id,
                 instances.on_container_event,
@@ -310,7 +301,7 @@ class Agent:
             ),
         )
         parts.metrics.follow_health(parts.health)
-        supervisor.start("gpu-events", gpu_events_loop(parts.nvml, parts.health))
+        supervisor.start("gpu-events", lambda: gpu_events_loop(parts.nvml, parts.health))
         if cp is not None:
             reporter = self._reporter(parts, instances, cp)
             instances.on_change(reporter.poke)
@@ -326,7 +317,7 @@ class Agent:
                         inventory_loop(registrar.refresh_inventory, s.inventory_interval_s)
                     )
 
-            supervisor.start("control-plane", control_plane())
+            supervisor.start("control-plane", control_plane)
 
     async def _serve(self, parts: _Parts) -> int:
         s = self.settings
@@ -373,10 +364,10 @@ class Agent:
             if parts.api_key
             else None
         )
-        supervisor = Supervisor()
+        supervisor = Supervisor(on_death=parts.metrics.loop_died)
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._start_loops(supervisor, parts, instances, net, cp, listening)
-        supervisor.start("storage", self._watch_storage(storage, instances))
+        supervisor.start("storage", lambda: self._watch_storage(storage, instances))
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         try:
             if await wait_started(server, serving):

@@ -70,6 +70,8 @@ class Settings:
     # Where Docker cannot cap a container's size: refuse storage_gb, or accept and watch it.
     storage_policy: StoragePolicy = StoragePolicy.MONITOR
     storage_check_interval_s: float = 60.0  # how often an uncapped writable layer is measured
+    crash_restarts: int = 5  # a crashing command is restarted this often, then left `error`
+    container_log_mb: int = 100  # each container's log, all rotated files together
 
     @property
     def standalone(self) -> bool:
@@ -258,6 +260,8 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
             "storage_check_interval_s",
             lambda n, r: _parse_float(n, r, 1, 86400),
         ),
+        "QUDATA_CRASH_RESTARTS": ("crash_restarts", lambda n, r: _parse_int(n, r, 0, 100)),
+        "QUDATA_CONTAINER_LOG_MB": ("container_log_mb", lambda n, r: _parse_int(n, r, 1, 10240)),
     }
     for var, (attr, parse) in parsers.items():
         raw = env.get(var)

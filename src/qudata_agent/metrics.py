@@ -77,6 +77,12 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self._loop_restarts = Counter(
+            "qudata_loop_restarts",
+            "Background loops that died and were started again, by loop",
+            ["loop"],
+            registry=self.registry,
+        )
         self._stats: StatsSource | None = None
         self._health: HealthSource | None = None
         self.registry.register(_Snapshot(self))
@@ -92,6 +98,9 @@ class Metrics:
 
     def reconcile_ran(self, ok: bool) -> None:
         self._reconciles.labels(result="ok" if ok else "error").inc()
+
+    def loop_died(self, loop: str) -> None:
+        self._loop_restarts.labels(loop=loop).inc()
 
     # -- sources read at scrape time --------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState, PortBinding
@@ -66,11 +68,32 @@ def test_pending_phase_is_cleared_when_it_leaves_pending() -> None:
 
 @pytest.mark.parametrize("action", list(Action))
 def test_actions_only_on_built_instances(action: Action) -> None:
-    for status in (Status.PENDING, Status.ERROR, Status.DESTROYED):
+    for status in (Status.PENDING, Status.DESTROYED):
         with pytest.raises(IllegalTransition):
             _instance(status).check_action(action)
+    failed_build = replace(_instance(Status.ERROR), container_id=None, reason="pull denied")
+    with pytest.raises(IllegalTransition, match="creation failed"):
+        failed_build.check_action(action)
     _instance(Status.RUNNING).check_action(action)
     _instance(Status.PAUSED).check_action(action)
+    _instance(Status.ERROR).check_action(action)  # a crashed one keeps its container
+
+
+def test_exit_0_is_done_and_a_crash_docker_gave_up_on_is_an_error() -> None:
+    done = observe(_instance(), _state("exited", 0), now=1)
+    assert (done.status, done.exit_code) == (Status.PAUSED, 0)
+    assert "finished" in (done.reason or "")
+
+    gave_up = _state("exited", 2, restart_policy="on-failure", max_retries=3, restart_count=3)
+    crashed = observe(_instance(), gave_up, now=1)
+    assert (crashed.status, crashed.exit_code) == (Status.ERROR, 2)
+    assert "crashed" in (crashed.reason or "") and "3 restarts" in (crashed.reason or "")
+    assert crashed.container_id == "c-1"  # kept, with its data
+    # Still restarting (Docker has retries left): not an error yet.
+    retrying = _state("exited", 2, restart_policy="on-failure", max_retries=3, restart_count=1)
+    assert observe(_instance(), retrying, now=1).status is Status.PAUSED
+    # Started again by the renter: out of error.
+    assert observe(crashed, _state("running"), now=2).status is Status.RUNNING
 
 
 def test_record_round_trip() -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.domain.inventory import GpuInfo, GpuReport
+from qudata_agent.errors import Unavailable
 
 HAS_DRIVER = Path("/proc/driver/nvidia/version").exists()
 
@@ -202,3 +203,55 @@ def test_close_is_safe_to_repeat_and_report_after_close_degrades() -> None:
     assert fake.shutdowns == 0  # never initialised, nothing to shut down
     assert nvml.report().gpus == ()
     assert nvml.report().error
+
+
+class HangingNvml(FakeNvml):
+    """A driver call that hangs until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.hang = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        if self.hang:
+            self.release.wait(10)
+        return super().nvmlDeviceGetCount()
+
+
+async def test_a_hung_driver_never_holds_a_caller_past_the_timeout() -> None:
+    fake = HangingNvml()
+    nvml = Nvml(fake, call_timeout_s=0.2, gpu_list_max_age_s=0)
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        report = await nvml.report_async()
+        assert report.gpus == () and "did not answer" in (report.error or "")
+        assert loop.time() - began < 1.0
+        with pytest.raises(Unavailable):  # a create must not read "no answer" as "no GPU"
+            await nvml.uuids_async(strict=True)
+        began = loop.time()
+        assert await nvml.uuids_async() == ()  # the stats tick gets nothing, at once
+        assert await nvml.samples_async(("GPU-0000",)) == ()
+        assert loop.time() - began < 0.1  # while it is stuck, nothing queues behind it
+        fake.hang = False
+        fake.release.set()
+        await asyncio.sleep(0.05)
+        assert await nvml.uuids_async(strict=True) == ("GPU-0000", "GPU-0001")
+    finally:
+        fake.release.set()
+        nvml.close()
+
+
+async def test_the_gpu_list_is_read_again_once_it_is_old() -> None:
+    fake = FakeNvml()
+    now = [0.0]
+    nvml = Nvml(fake, gpu_list_max_age_s=30, clock=lambda: now[0])
+    try:
+        assert len(await nvml.uuids_async()) == 2
+        fake.names = fake.names[:1]  # a GPU fell off the bus
+        assert len(await nvml.uuids_async()) == 2  # still the recent read
+        now[0] = 31
+        assert await nvml.uuids_async() == ("GPU-0000",)
+    finally:
+        nvml.close()

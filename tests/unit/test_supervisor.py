@@ -1,9 +1,8 @@
-"""Supervisor: owns background loops; stop cancels and awaits them; a crash is logged once."""
+"""Supervisor: owns background loops; stop cancels and awaits them; a dead loop is restarted."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 
 import pytest
@@ -26,8 +25,8 @@ async def test_stop_cancels_and_awaits_every_loop() -> None:
     supervisor = Supervisor()
     cancelled: list[str] = []
     a, b = asyncio.Event(), asyncio.Event()
-    supervisor.start("a", _forever(a, cancelled, "a"))
-    supervisor.start("b", _forever(b, cancelled, "b"))
+    supervisor.start("a", lambda: _forever(a, cancelled, "a"))
+    supervisor.start("b", lambda: _forever(b, cancelled, "b"))
     await asyncio.wait_for(asyncio.gather(a.wait(), b.wait()), 1)
     assert supervisor.running() == ["a", "b"]
 
@@ -50,7 +49,7 @@ async def test_stop_waits_for_a_loop_that_cleans_up_on_cancel() -> None:
             await asyncio.sleep(0.01)  # cleanup that needs the loop
             cleaned.set()
 
-    supervisor.start("cleanup", loop())
+    supervisor.start("cleanup", lambda: loop())
     await started.wait()
     await supervisor.stop(timeout_s=1)
     assert cleaned.is_set()
@@ -60,7 +59,7 @@ async def test_stop_twice_is_safe() -> None:
     supervisor = Supervisor()
     cancelled: list[str] = []
     started = asyncio.Event()
-    supervisor.start("a", _forever(started, cancelled, "a"))
+    supervisor.start("a", lambda: _forever(started, cancelled, "a"))
     await started.wait()
     await supervisor.stop(timeout_s=1)
     await supervisor.stop(timeout_s=1)
@@ -73,37 +72,37 @@ async def test_stop_with_nothing_started_returns() -> None:
     assert supervisor.running() == []
 
 
-async def test_a_crashing_loop_is_logged_once_and_leaves_the_others_running(
+async def test_a_dead_loop_is_logged_counted_and_restarted_while_others_run(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=SUPERVISOR_LOGGER)
-    supervisor = Supervisor()
+    deaths: list[str] = []
+    supervisor = Supervisor(on_death=deaths.append, backoff_base_s=0.01, backoff_cap_s=0.02)
     cancelled: list[str] = []
     healthy = asyncio.Event()
+    runs: list[int] = []
+    third_run = asyncio.Event()
 
     async def crash() -> None:
-        await asyncio.sleep(0)
+        runs.append(len(runs))
+        if len(runs) >= 3:
+            third_run.set()
+            await asyncio.Event().wait()  # the third run stays up
         raise ValueError("boom in the loop")
 
-    supervisor.start("healthy", _forever(healthy, cancelled, "healthy"))
-    supervisor.start("crasher", crash())
-    await healthy.wait()
-    for _ in range(100):  # the done callback runs a loop iteration after the task ends
-        await asyncio.sleep(0.001)
-        if any(r.levelno >= logging.ERROR for r in caplog.records):
-            break
+    supervisor.start("healthy", lambda: _forever(healthy, cancelled, "healthy"))
+    supervisor.start("crasher", crash)
+    await asyncio.wait_for(asyncio.gather(healthy.wait(), third_run.wait()), 2)
 
-    assert supervisor.running() == ["healthy"]
+    assert supervisor.running() == ["crasher", "healthy"]
+    assert deaths == ["crasher", "crasher"]
     died = [r for r in caplog.records if r.name == SUPERVISOR_LOGGER and r.levelno >= logging.ERROR]
-    assert len(died) == 1
-    assert died[0].__dict__["loop"] == "crasher"
-    assert died[0].exc_info is not None
-    assert isinstance(died[0].exc_info[1], ValueError)
+    assert [r.__dict__["loop"] for r in died] == ["crasher", "crasher"]
+    assert died[0].exc_info is not None and isinstance(died[0].exc_info[1], ValueError)
 
     await supervisor.stop(timeout_s=1)
     assert cancelled == ["healthy"]
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1  # stop does not log the crash again
+    assert supervisor.running() == []
 
 
 async def test_a_loop_that_returns_normally_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -113,7 +112,7 @@ async def test_a_loop_that_returns_normally_is_not_logged(caplog: pytest.LogCapt
     async def once() -> None:
         await asyncio.sleep(0)
 
-    supervisor.start("once", once())
+    supervisor.start("once", lambda: once())
     await asyncio.sleep(0.01)
     assert supervisor.running() == []
     await supervisor.stop(timeout_s=1)
@@ -124,17 +123,15 @@ async def test_starting_the_same_name_twice_while_running_raises() -> None:
     supervisor = Supervisor()
     cancelled: list[str] = []
     started = asyncio.Event()
-    supervisor.start("a", _forever(started, cancelled, "a"))
+    supervisor.start("a", lambda: _forever(started, cancelled, "a"))
     await started.wait()
     second_ran = []
 
     async def second() -> None:
         second_ran.append(True)
 
-    duplicate = second()
     with pytest.raises(RuntimeError, match="already running"):
-        supervisor.start("a", duplicate)
-    assert inspect.getcoroutinestate(duplicate) == inspect.CORO_CLOSED  # no "never awaited"
+        supervisor.start("a", second)
     await supervisor.stop(timeout_s=1)
     assert second_ran == []
     assert cancelled == ["a"]
@@ -147,9 +144,9 @@ async def test_a_name_can_be_reused_once_its_loop_has_ended() -> None:
     async def once(n: int) -> None:
         runs.append(n)
 
-    supervisor.start("job", once(1))
+    supervisor.start("job", lambda: once(1))
     await asyncio.sleep(0.01)
-    supervisor.start("job", once(2))
+    supervisor.start("job", lambda: once(2))
     await asyncio.sleep(0.01)
     assert runs == [1, 2]
     await supervisor.stop(timeout_s=1)
@@ -163,10 +160,8 @@ async def test_start_after_stop_raises() -> None:
     async def late() -> None:
         ran.append(True)
 
-    coro = late()
     with pytest.raises(RuntimeError, match="stopping"):
-        supervisor.start("late", coro)
-    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+        supervisor.start("late", late)
     await asyncio.sleep(0)
     assert ran == []
     assert supervisor.running() == []
@@ -188,7 +183,7 @@ async def test_a_loop_that_ignores_cancellation_is_reported_after_the_timeout(
             except asyncio.CancelledError:
                 continue
 
-    supervisor.start("stubborn", stubborn())
+    supervisor.start("stubborn", lambda: stubborn())
     await started.wait()
     await supervisor.stop(timeout_s=0.05)
     late = [r for r in caplog.records if r.getMessage() == "loop did not stop in time"]

@@ -19,12 +19,14 @@ What stays true:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any, Protocol
 
 import docker
@@ -46,6 +48,7 @@ from qudata_agent.adapters.docker_pull import (
 from qudata_agent.domain.container_spec import (
     LABEL_AGENT,
     LABEL_INSTANCE,
+    LOG_FILES,
     ContainerSpec,
     ContainerState,
 )
@@ -537,7 +540,15 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "shm_size": spec.shm_bytes,
         "pids_limit": spec.pids_limit,
         "ports": {f"{p.container_port}/{p.protocol}": ("0.0.0.0", p.host_port) for p in spec.ports},
-        "restart_policy": {"Name": spec.restart_policy},
+        "restart_policy": _restart_policy(spec),
+        "log_config": docker.types.LogConfig(
+            type="local",
+            config={
+                "max-size": str(max(1, spec.log_max_bytes // LOG_FILES)),
+                "max-file": str(LOG_FILES),
+            },
+        ),
+        "runtime": spec.runtime,
         "cap_drop": ["ALL"],
         "cap_add": list(spec.cap_add),
         "security_opt": list(spec.security_opt),
@@ -561,11 +572,19 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     return kwargs
 
 
+def _restart_policy(spec: ContainerSpec) -> dict[str, Any]:
+    policy: dict[str, Any] = {"Name": spec.restart_policy}
+    if spec.restart_policy == "on-failure":
+        policy["MaximumRetryCount"] = spec.restart_retries
+    return policy
+
+
 def _state_from_attrs(attrs: dict[str, Any]) -> ContainerState:
     """`docker inspect` output -> ContainerState."""
     state = attrs.get("State") or {}
     labels = (attrs.get("Config") or {}).get("Labels") or {}
     status = str(state.get("Status") or "unknown")
+    policy = (attrs.get("HostConfig") or {}).get("RestartPolicy") or {}
     return ContainerState(
         container_id=str(attrs["Id"]),
         name=str(attrs.get("Name") or "").lstrip("/"),
@@ -580,6 +599,10 @@ def _state_from_attrs(attrs: dict[str, Any]) -> ContainerState:
         started_at=_when(state.get("StartedAt")),
         finished_at=_when(state.get("FinishedAt")),
         restart_count=int(attrs.get("RestartCount") or 0),
+        restart_policy=str(policy.get("Name") or ""),
+        max_retries=int(policy.get("MaximumRetryCount") or 0),
+        created_ts=_epoch(attrs.get("Created")),
+        started_ts=_epoch(state.get("StartedAt")),
         ports=_host_ports(attrs),
         pid=int(state.get("Pid") or 0) or None,
         env=tuple(str(item) for item in (attrs.get("Config") or {}).get("Env") or ()),
@@ -588,6 +611,21 @@ def _state_from_attrs(attrs: dict[str, Any]) -> ContainerState:
 
 def _when(value: Any) -> str | None:
     return None if not value or value == _NEVER else str(value)
+
+
+def _epoch(value: Any) -> float | None:
+    """Docker's RFC 3339 time (nanoseconds, `Z`) as Unix seconds; None for its zero time."""
+    text = _when(value)
+    if text is None:
+        return None
+    main, dot, rest = text.partition(".")
+    if dot:  # keep microseconds: datetime takes no more digits
+        digits = "".join(itertools.takewhile(str.isdigit, rest))
+        main = f"{main}.{digits[:6]}{rest[len(digits) :]}"
+    try:
+        return datetime.fromisoformat(main.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _host_ports(attrs: dict[str, Any]) -> dict[str, int]:

@@ -13,6 +13,12 @@ What stays true:
 - `report()` never raises for NVML's sake: a missing library, an unloaded
   driver, a permission problem or a missing `pynvml` give a report with no GPUs
   and a short `error`, logged once per distinct reason. No GPU is ever invented.
+- No caller waits on NVML longer than `call_timeout_s`: a hung driver gives
+  the caller an empty answer (or `Unavailable` where it asked for strictness)
+  instead of holding the create path or the stats tick; while a call is still
+  stuck, later calls answer at once the same way rather than queue behind it.
+- The list of the host's GPUs (`uuids_async`) is read again once it is older
+  than `gpu_list_max_age_s`, so a GPU that fell off the bus is noticed.
 - Events are waited for on the NVML thread with a short timeout per call
   (`events_async`), so no call holds the thread for long and a stop is prompt;
   without NVML, a GPU or event support, `events_async` answers None at once
@@ -28,12 +34,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from qudata_agent.domain.gpu_health import EventKind, GpuEvent
 from qudata_agent.domain.inventory import GpuInfo, GpuReport, GpuSample, format_cuda_version
+from qudata_agent.errors import Unavailable
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _OK: Final = "ok"
 # NVML's event type bits (nvmlEventType*), part of its stable ABI.
@@ -83,8 +91,19 @@ class NvmlModule(Protocol):
 class Nvml:
     """GPU inventory through NVML, on one dedicated thread."""
 
-    def __init__(self, module: NvmlModule | None = None) -> None:
+    def __init__(
+        self,
+        module: NvmlModule | None = None,
+        call_timeout_s: float = 5.0,
+        gpu_list_max_age_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._module = module
+        self._call_timeout_s = call_timeout_s
+        self._gpu_list_max_age_s = gpu_list_max_age_s
+        self._clock = clock
+        self._stuck: asyncio.Future[Any] | None = None  # a call that outlived its timeout
+        self._gpu_list: tuple[float, tuple[str, ...]] | None = None  # (read at, uuids)
         self._initialised = False
         self._closed = False
         self._logged: str | None = None  # _OK or the last error reason logged
@@ -102,39 +121,77 @@ class Nvml:
             future = self._executor.submit(self._report)
         return future.result()
 
-    async def report_async(self) -> GpuReport:
-        """`report()` for the event loop: runs on the NVML thread, never blocks the loop."""
+    async def _bounded(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the NVML thread, waited for at most `call_timeout_s`.
+
+        Raises `Unavailable` when NVML does not answer in time, or while an
+        earlier call is still stuck, or once the adapter is closed.
+        """
         with self._lock:
             if self._closed:
-                return GpuReport(error="NVML adapter closed")
-            future = asyncio.get_running_loop().run_in_executor(self._executor, self._report)
-        return await future
+                raise Unavailable("NVML adapter closed")
+            if self._stuck is not None and not self._stuck.done():
+                raise Unavailable("NVML is not answering (a call to the GPU driver hangs)")
+            future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._call_timeout_s)
+        except TimeoutError:
+            self._stuck = future
+            if self._logged != "hung":
+                logger.warning(
+                    "NVML did not answer within %.0f s; GPU figures left out until it does",
+                    self._call_timeout_s,
+                )
+                self._logged = "hung"
+            raise Unavailable(
+                f"NVML did not answer within {self._call_timeout_s:g} s (the GPU driver hangs)"
+            ) from None
+
+    async def report_async(self) -> GpuReport:
+        """`report()` for the event loop: runs on the NVML thread, never blocks the loop."""
+        try:
+            return await self._bounded(self._report)
+        except Unavailable as e:
+            return GpuReport(error=e.message)
+
+    async def uuids_async(self, strict: bool = False) -> tuple[str, ...]:
+        """The host's GPUs, read again once the last read is older than `gpu_list_max_age_s`.
+
+        With `strict`, a hung NVML raises `Unavailable` (a create that needs
+        GPUs must not take "no answer" for "no GPU"); else it gives ().
+        """
+        now = self._clock()
+        if self._gpu_list is not None and now - self._gpu_list[0] < self._gpu_list_max_age_s:
+            return self._gpu_list[1]
+        try:
+            report = await self._bounded(self._report)
+        except Unavailable:
+            if strict:
+                raise
+            return ()
+        uuids = tuple(gpu.uuid for gpu in report.gpus)
+        self._gpu_list = (now, uuids)
+        return uuids
 
     async def samples_async(self, uuids: tuple[str, ...]) -> tuple[GpuSample, ...]:
         """Utilisation, memory and temperature of these GPUs; a GPU NVML cannot read is left out."""
         if not uuids:
             return ()
-        with self._lock:
-            if self._closed:
-                return ()
-            future = asyncio.get_running_loop().run_in_executor(
-                self._executor, self._samples, uuids
-            )
-        return await future
+        try:
+            return await self._bounded(self._samples, uuids)
+        except Unavailable:
+            return ()
 
     async def events_async(self, wait_ms: int = 100) -> tuple[GpuEvent, ...] | None:
         """The GPUs' XID and ECC events since the last call, waiting up to `wait_ms` for one.
 
         None when events cannot be had now (no NVML, no GPU, no event support,
-        adapter closed); the caller asks again later.
+        adapter closed, NVML hung); the caller asks again later.
         """
-        with self._lock:
-            if self._closed:
-                return None
-            future = asyncio.get_running_loop().run_in_executor(
-                self._executor, self._events, wait_ms
-            )
-        return await future
+        try:
+            return await self._bounded(self._events, wait_ms)
+        except Unavailable:
+            return None
 
     def close(self) -> None:
         """Shut NVML down (when initialised) and stop the NVML thread; safe to repeat."""

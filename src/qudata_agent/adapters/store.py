@@ -7,6 +7,9 @@ Owns the schema and its migrations (numbered, applied in order, recorded in
 - a value written with `set` is durable when the call returns;
 - a write SQLite cannot make (a full disk, an I/O error) raises `Unavailable`,
   and a failed transaction is rolled back, never left open;
+- a write that a constraint refuses never escapes as sqlite3's error: one that
+  names a missing instance (its record was deleted meanwhile) is `NotFound`,
+  any other `Conflict`;
 - calls are blocking: async code reaches them through `blocking.Blocking`.
 """
 
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.ssh_keys import PublicKey
-from qudata_agent.errors import Conflict, Unavailable
+from qudata_agent.errors import Conflict, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,10 @@ class Store:
                 yield
             except sqlite3.OperationalError as e:
                 raise Unavailable(f"the state database cannot be written: {e}") from e
+            except sqlite3.IntegrityError as e:
+                if e.sqlite_errorname == "SQLITE_CONSTRAINT_FOREIGNKEY":
+                    raise NotFound("the instance is gone (deleted meanwhile)") from e
+                raise Conflict("the change conflicts with what is recorded") from e
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -168,7 +175,7 @@ class Store:
                     "INSERT INTO gpu_allocations(uuid, instance_id) VALUES(?, ?)",
                     [(uuid, instance.id) for uuid in instance.gpus],
                 )
-        except sqlite3.IntegrityError as e:
+        except Conflict as e:  # a primary key of the allocations refused it
             raise Conflict("a host port or GPU of this instance is already allocated") from e
 
     def update_instance(self, instance: Instance) -> None:
@@ -181,8 +188,21 @@ class Store:
     def release_resources(self, instance_id: str) -> None:
         """Frees the instance's ports and GPUs (its record stays)."""
         with self._transaction() as tx:
-            tx.execute("DELETE FROM port_allocations WHERE instance_id = ?", (instance_id,))
-            tx.execute("DELETE FROM gpu_allocations WHERE instance_id = ?", (instance_id,))
+            self._release(tx, instance_id)
+
+    def fail_instance(self, instance: Instance) -> None:
+        """Records a failed build and frees its ports and GPUs, in one transaction."""
+        with self._transaction() as tx:
+            tx.execute(
+                "UPDATE instances SET status = ?, record = ? WHERE id = ?",
+                (instance.status.value, instance.to_json(), instance.id),
+            )
+            self._release(tx, instance.id)
+
+    @staticmethod
+    def _release(tx: sqlite3.Connection, instance_id: str) -> None:
+        tx.execute("DELETE FROM port_allocations WHERE instance_id = ?", (instance_id,))
+        tx.execute("DELETE FROM gpu_allocations WHERE instance_id = ?", (instance_id,))
 
     def delete_instance(self, instance_id: str) -> None:
         """Removes the record; its ports and GPUs go with it (ON DELETE CASCADE)."""

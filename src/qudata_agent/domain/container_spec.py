@@ -10,7 +10,13 @@ What stays true:
 - every container the agent makes carries the labels `qudata.agent_id` and
   `qudata.instance_id` and the deterministic name `qudata-<instance id>`;
 - no spec mounts a host path or the Docker socket, runs privileged, or lacks
-  `no-new-privileges`.
+  `no-new-privileges`;
+- the GPU variables the NVIDIA runtime reads (`GPU_ENV`) are the agent's:
+  exactly the rented GPUs, `void` when none, whatever the order or the image
+  says; the OCI runtime is pinned (`runc`), so a host whose default runtime is
+  `nvidia` cannot widen what a container sees;
+- the restart policy follows what the instance runs (see `restart_policy`)
+  and the container's log is capped and rotated.
 """
 
 from __future__ import annotations
@@ -46,6 +52,36 @@ CAPABILITIES: tuple[str, ...] = (
 SECURITY_OPTS: tuple[str, ...] = ("no-new-privileges:true",)
 DEFAULT_PIDS_LIMIT = 4096
 MIN_SHM_BYTES = 64 * 1024**2
+RUNTIME = "runc"
+# The variables through which the NVIDIA container runtime (or a default
+# runtime set to it) decides what a container sees: the agent sets them.
+VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
+DRIVER_CAPABILITIES = "NVIDIA_DRIVER_CAPABILITIES"
+GPU_ENV: tuple[str, ...] = (VISIBLE_DEVICES, DRIVER_CAPABILITIES)
+NO_GPU = "void"
+GPU_CAPABILITIES = "compute,utility"
+DEFAULT_CRASH_RESTARTS = 5
+DEFAULT_LOG_MAX_BYTES = 100 * 1024**2
+LOG_FILES = 5  # the log is kept in this many rotated files
+
+
+def restart_policy(idle: bool, crash_restarts: int) -> tuple[str, int]:
+    """(Docker restart policy, retries) for an instance.
+
+    An idle instance (`command: null`) always comes back (`unless-stopped`:
+    after a crash, a dockerd restart or a reboot, but not after a stop through
+    the API). A command is a job: when it exits 0 it is done and stays
+    stopped; when it crashes Docker restarts it with its own doubling delay at
+    most `crash_restarts` times, then leaves it stopped (`on-failure:N`).
+    """
+    return ("unless-stopped", 0) if idle else ("on-failure", crash_restarts)
+
+
+def gpu_env(gpu_uuids: tuple[str, ...]) -> dict[str, str]:
+    """What the NVIDIA runtime is told: exactly these GPUs, or none at all."""
+    if not gpu_uuids:
+        return {VISIBLE_DEVICES: NO_GPU}
+    return {VISIBLE_DEVICES: ",".join(gpu_uuids), DRIVER_CAPABILITIES: GPU_CAPABILITIES}
 
 
 def container_name(instance_id: str) -> str:
@@ -74,6 +110,9 @@ class ContainerSpec:
     gpu_uuids: tuple[str, ...] = ()
     storage_bytes: int | None = None  # writable-layer size, where the driver enforces it
     restart_policy: str = "unless-stopped"
+    restart_retries: int = 0  # with "on-failure": how many restarts before it stays stopped
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES  # container log, all rotated files together
+    runtime: str = RUNTIME
     network: str | None = None  # None: Docker's default bridge
     cap_add: tuple[str, ...] = CAPABILITIES
     security_opt: tuple[str, ...] = SECURITY_OPTS
@@ -114,6 +153,10 @@ class ContainerState:
     started_at: str | None = None
     finished_at: str | None = None
     restart_count: int = 0
+    restart_policy: str = ""  # HostConfig.RestartPolicy.Name ("on-failure", "unless-stopped")
+    max_retries: int = 0  # HostConfig.RestartPolicy.MaximumRetryCount (on-failure)
+    created_ts: float | None = None  # Created, Unix seconds
+    started_ts: float | None = None  # StartedAt, Unix seconds (None: never started)
     ports: dict[str, int] = field(default_factory=dict)  # "8080/tcp" -> host port
     pid: int | None = None  # the container's init process on the host, while it runs
     env: tuple[str, ...] = ()  # Config.Env: the image's ENV and the instance's, "NAME=value"
@@ -121,3 +164,13 @@ class ContainerState:
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+    @property
+    def gave_up(self) -> bool:
+        """Docker's on-failure policy used up its restarts and left the crash stopped."""
+        return (
+            self.status == "exited"
+            and bool(self.exit_code)
+            and self.restart_policy == "on-failure"
+            and self.restart_count >= self.max_retries
+        )

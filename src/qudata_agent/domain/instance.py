@@ -4,20 +4,27 @@
                    |
                    v
     +---------> pending ----------------------+
-    |              |  pulled, created, started |  failure (pull, create, start)
-    |              v                           v
+    |              |  pulled, created, started |  failure (pull, create, start):
+    |              v                           v  no container is left
     |           running <------------+      error
-    |           |     ^               |        |
-    |     stop, |     | start,        |        |
-    |     exit  v     | restart       |        |
-    |           paused -+             |        |
-    |                                          |
+    |           |     ^               |     ^   |
+    |     stop, |     | start,        |     |   | start, restart: only a crashed
+    |     exit  v     | restart       |     |   | one (its container is kept)
+    |           paused -+             |     |   v
+    |              |   Docker gave up restarting a crash   running / paused
+    |              +--------------------------+
+    |
     |    delete (from any state) ---> destroyed (the record is gone)
     +--- (a create cut short by a crash is resumed from pending)
 
 `pending` carries a phase (queued, pulling, creating, starting) for the
-answer. Only the transitions in `ALLOWED` happen; `Instance.move` refuses the
-rest, and the first failure reason is kept (a later failure does not hide the
+answer. A command that exits 0 is done: `paused` with `exit_code` 0, and it
+stays so. One that crashes is restarted by Docker a bounded number of times
+(domain.container_spec.restart_policy); when Docker gives up, the instance is
+`error` with the exit code, its container and data kept, and `start` runs it
+again. An `error` from a failed build has no container: only delete helps.
+Only the transitions in `ALLOWED` happen; `Instance.move` refuses the rest,
+and the first failure reason is kept (a later failure does not hide the
 cause). Pure: no I/O, no clocks except those passed in.
 """
 
@@ -56,15 +63,16 @@ ALLOWED: dict[Status, frozenset[Status]] = {
     Status.PENDING: frozenset({Status.PENDING, Status.RUNNING, Status.PAUSED, Status.ERROR}),
     Status.RUNNING: frozenset({Status.RUNNING, Status.PAUSED, Status.ERROR}),
     Status.PAUSED: frozenset({Status.PAUSED, Status.RUNNING, Status.ERROR}),
-    Status.ERROR: frozenset({Status.ERROR}),
+    # Out of error only a crashed instance (one with a container) moves, by an action.
+    Status.ERROR: frozenset({Status.ERROR, Status.RUNNING, Status.PAUSED}),
     Status.DESTROYED: frozenset(),
 }
 
 # Which statuses each action may start from (anything else is a 409).
 ACTION_FROM: dict[Action, frozenset[Status]] = {
-    Action.STOP: frozenset({Status.RUNNING, Status.PAUSED}),
-    Action.START: frozenset({Status.RUNNING, Status.PAUSED}),
-    Action.RESTART: frozenset({Status.RUNNING, Status.PAUSED}),
+    Action.STOP: frozenset({Status.RUNNING, Status.PAUSED, Status.ERROR}),
+    Action.START: frozenset({Status.RUNNING, Status.PAUSED, Status.ERROR}),
+    Action.RESTART: frozenset({Status.RUNNING, Status.PAUSED, Status.ERROR}),
 }
 
 
@@ -90,6 +98,7 @@ class Instance:
     updated_at: float = 0.0
     spec_json: str = "{}"  # the ContainerSpec, serialized (no credentials)
     started_at: str | None = None  # Docker's StartedAt: a new value means a new run
+    wanted_at: float = 0.0  # when `wanted` was last recorded (the reconcile's yardstick)
 
     def new_run_of(self, before: Instance) -> bool:
         """True when this (running) instance is a fresh start compared with `before`."""
@@ -113,6 +122,15 @@ class Instance:
                 f"cannot {action} an instance that is {self.status}"
                 + (f" ({self.phase})" if self.phase else "")
             )
+        if self.container_id is None:
+            raise IllegalTransition(
+                f"cannot {action} an instance whose creation failed ({self.reason});"
+                " delete it and create it again"
+            )
+
+    def want(self, wanted: Wanted, now: float) -> Instance:
+        """The renter's intent, recorded before the Docker call that carries it out."""
+        return replace(self, wanted=wanted, wanted_at=now, updated_at=now)
 
     def to_json(self) -> str:
         record: dict[str, Any] = asdict(self)
@@ -145,6 +163,18 @@ def observe(instance: Instance, state: ContainerState, now: float) -> Instance:
         return instance.move(
             Status.ERROR, now=now, reason=reason, exit_code=state.exit_code, **seen
         )
+    if state.gave_up and instance.wanted is Wanted.RUNNING:
+        reason = (
+            f"crashed: exited with code {state.exit_code}"
+            + (" (killed: out of memory)" if state.oom_killed else "")
+            + f" after {state.restart_count} restarts; left stopped with its data"
+            " (see last_logs; start runs it again)"
+        )
+        if instance.status is Status.ERROR:
+            reason = instance.reason or reason  # the same crash, seen again
+        return replace(
+            instance.move(Status.ERROR, now=now, exit_code=state.exit_code, **seen), reason=reason
+        )
     return instance.move(
         Status.PAUSED,
         now=now,
@@ -163,6 +193,8 @@ def _paused_reason(instance: Instance, state: ContainerState) -> str:
         return "stopped"
     if state.status == "created":
         return "created, not started" + (f": {state.error}" if state.error else "")
+    if state.exit_code == 0:
+        return "finished: the command exited with code 0 (start runs it again)"
     reason = f"exited on its own with code {state.exit_code}"
     if state.oom_killed:
         reason += " (killed: out of memory)"

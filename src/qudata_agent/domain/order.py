@@ -12,10 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qudata_agent.domain.container_spec import (
+    DEFAULT_CRASH_RESTARTS,
+    DEFAULT_LOG_MAX_BYTES,
+    GPU_ENV,
     IDLE_COMMAND,
     MIN_SHM_BYTES,
     ContainerSpec,
     PortBinding,
+    gpu_env,
+    restart_policy,
 )
 from qudata_agent.domain.gpus import Resources
 
@@ -57,6 +62,11 @@ def _binding(key: str, host_port: int) -> PortBinding:
     return PortBinding(int(number), host_port, protocol or "tcp")
 
 
+def dropped_env(order: CreateOrder) -> tuple[str, ...]:
+    """The order's variables the agent overrides (the GPU ones): to tell the renter."""
+    return tuple(name for name in GPU_ENV if name in order.env)
+
+
 def build_spec(
     order: CreateOrder,
     *,
@@ -68,14 +78,22 @@ def build_spec(
     gpus: tuple[str, ...],
     storage_bytes: int | None,
     network: str | None = None,
+    crash_restarts: int = DEFAULT_CRASH_RESTARTS,
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
 ) -> ContainerSpec:
+    idle = order.command is None
     command = IDLE_COMMAND if order.command is None else ("/bin/sh", "-c", order.command)
+    policy, retries = restart_policy(idle, crash_restarts)
+    env = {k: v for k, v in order.env.items() if k not in GPU_ENV}
     return ContainerSpec(
         instance_id=instance_id,
         agent_id=agent_id,
         image=image,
         command=command,
-        env=dict(order.env),
+        env=env | gpu_env(gpus),
+        restart_policy=policy,
+        restart_retries=retries,
+        log_max_bytes=log_max_bytes,
         nano_cpus=None if resources.cpu_cores is None else int(resources.cpu_cores * 1e9),
         memory_bytes=resources.memory_bytes,
         shm_bytes=shm_bytes(resources.memory_bytes),

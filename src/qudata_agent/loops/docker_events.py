@@ -7,8 +7,10 @@ stop of the agent finish within one window without having to interrupt a
 blocked socket read, and reconnects by itself after dockerd restarts.
 
 What stays true: each event reaches `on_event` in order, on the event loop;
-after a gap (Docker down), `on_resume` runs once so that what happened
-meanwhile is caught by a full sync; failures are logged once per streak.
+a handler that fails is logged and the next event is handled (a handler's
+error is never taken for a lost stream); after a gap (Docker down),
+`on_resume` runs once so that what happened meanwhile is caught by a full
+sync; failures are logged once per streak.
 """
 
 from __future__ import annotations
@@ -76,15 +78,15 @@ async def docker_events_loop(
                 if getter.done():
                     action, container_id = getter.result()
                     log.debug("docker event", extra={"action": action, "container": container_id})
-                    await on_event(container_id)
+                    await _handle(on_event, container_id)
                 else:
                     getter.cancel()
             reader.result()
             if failing:
                 log.info("Docker event stream back")
-                await on_resume()
                 failing = False
                 backoff.reset()
+                await _handle(lambda _cid: on_resume(), "")
         except AgentError as e:
             if not failing:
                 log.warning("Docker event stream lost; reconnecting", extra={"error": e.message})
@@ -92,3 +94,13 @@ async def docker_events_loop(
             await asyncio.sleep(backoff.next_delay())
             continue
         since = until
+
+
+async def _handle(handler: Callable[[str], Awaitable[None]], container_id: str) -> None:
+    """One event's handling: its failure is its own (the sync catches up later)."""
+    try:
+        await handler(container_id)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.warning("handling a Docker event failed", exc_info=e, extra={"container": container_id})

@@ -26,7 +26,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.backoff import Backoff
+from qudata_agent.domain.container_spec import (
+    DEFAULT_CRASH_RESTARTS,
+    DEFAULT_LOG_MAX_BYTES,
+    ContainerSpec,
+    ContainerState,
+)
 from qudata_agent.domain.gpus import Resources, choose_gpus, parse_resources
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
 from qudata_agent.domain.instance import (
@@ -37,9 +43,21 @@ from qudata_agent.domain.instance import (
     Wanted,
     observe,
 )
-from qudata_agent.domain.order import CreateOrder, build_spec
+from qudata_agent.domain.order import CreateOrder, build_spec, dropped_env
 from qudata_agent.domain.ports import PortAllocator, parse_port_requests
-from qudata_agent.errors import AgentError, Conflict, NotFound
+from qudata_agent.domain.reconcile import (
+    DEFAULT_GRACE_S,
+    Forget,
+    Observe,
+    RemoveLeftover,
+    RemoveOrphan,
+    Start,
+    Step,
+    Stop,
+    plan,
+    start_was_missed,
+)
+from qudata_agent.errors import AgentError, Conflict, NotFound, Unavailable
 from qudata_agent.services.pulls import PullCoordinator
 
 log = logging.getLogger(__name__)
@@ -85,6 +103,8 @@ class InstanceStore(Protocol):
     def update_instance(self, instance: Instance) -> None: ...
 
     def release_resources(self, instance_id: str) -> None: ...
+
+    def fail_instance(self, instance: Instance) -> None: ...
 
     def delete_instance(self, instance_id: str) -> None: ...
 
@@ -135,6 +155,10 @@ class InstanceService:
         network: str | None = None,
         prepare_network: Callable[[], Awaitable[None]] | None = None,
         stop_timeout_s: int = 10,
+        crash_restarts: int = DEFAULT_CRASH_RESTARTS,
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
+        grace_s: float = DEFAULT_GRACE_S,
+        cleanup_retry_s: float = 0.5,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine = engine
@@ -148,6 +172,10 @@ class InstanceService:
         self._network = network
         self._prepare_network = prepare_network
         self._stop_timeout_s = stop_timeout_s
+        self._crash_restarts = crash_restarts
+        self._log_max_bytes = log_max_bytes
+        self._grace_s = grace_s
+        self._cleanup_retry_s = cleanup_retry_s
         self._clock = clock
         self._create_lock = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -201,6 +229,8 @@ class InstanceService:
         ref = resolve_image(order.image, order.image_tag)
         resources = parse_resources(order.env)
         requests = parse_port_requests(order.ports, order.ssh_enabled)
+        # Asked before the lock: a slow GPU driver never holds up another create.
+        all_gpus = await self._gpu_uuids() if resources.gpu_count else ()
         async with self._create_lock:
             existing = await self.current()
             if existing is not None:
@@ -208,7 +238,6 @@ class InstanceService:
                     f"an instance already exists ({existing.id}, {existing.status});"
                     " delete it first"
                 )
-            all_gpus = await self._gpu_uuids() if resources.gpu_count else ()
             instance = await self._blocking.quick(
                 self._place, order, ref, resources, requests, all_gpus
             )
@@ -216,6 +245,11 @@ class InstanceService:
             "instance accepted",
             extra={"instance_id": instance.id, "image": instance.image, "ports": instance.ports},
         )
+        for name in dropped_env(order):
+            log.warning(
+                "the order's GPU variable is set by the agent; its value was dropped",
+                extra={"instance_id": instance.id, "variable": name},
+            )
         self._start_build(instance, order)
         self._changed()
         return instance
@@ -245,6 +279,8 @@ class InstanceService:
             gpus=gpus,
             storage_bytes=storage,
             network=self._network,
+            crash_restarts=self._crash_restarts,
+            log_max_bytes=self._log_max_bytes,
         )
         now = self._clock()
         instance = Instance(
@@ -259,6 +295,7 @@ class InstanceService:
             ssh_enabled=order.ssh_enabled,
             created_at=now,
             updated_at=now,
+            wanted_at=now,
             spec_json=spec.to_json(),
         )
         self._store.insert_instance(instance)
@@ -348,12 +385,43 @@ class InstanceService:
             return state.container_id
 
     async def _fail(self, instance: Instance, reason: str) -> None:
-        """A build failed: remove what was made, free everything, keep the reason."""
+        """A build failed: free everything and keep the reason, whatever else is down.
+
+        The container is removed with a few retries; if Docker still refuses,
+        the record says the build failed (no container id) and the reconcile
+        removes the leftover once Docker answers. Recording the failure (and
+        freeing ports and GPUs in the same transaction) is retried until the
+        store takes it: the instance never stays `pending` with its resources.
+        """
         log.warning("instance build failed", extra={"instance_id": instance.id, "reason": reason})
-        await self._remove_container(instance)
-        await self._blocking.quick(self._store.release_resources, instance.id)
         failed = instance.move(Status.ERROR, now=self._clock(), reason=reason, container_id=None)
-        await self._save(replace(failed, ports={}, gpus=()))
+        failed = replace(failed, ports={}, gpus=())
+        await self._until_done(
+            lambda: self._remove_container(instance), "remove a failed build", attempts=3
+        )
+        await self._until_done(
+            lambda: self._blocking.quick(self._store.fail_instance, failed), "record a failed build"
+        )
+
+    async def _until_done(
+        self, step: Callable[[], Awaitable[object]], what: str, attempts: int | None = None
+    ) -> bool:
+        """Runs `step` until it succeeds (or `attempts` ran out): False if it never did."""
+        backoff = Backoff(base_s=self._cleanup_retry_s, cap_s=max(self._cleanup_retry_s, 10.0))
+        tried = 0
+        while True:
+            try:
+                await step()
+                return True
+            except AgentError as e:
+                tried += 1
+                if tried == 1:
+                    log.warning(
+                        "cleanup step failed; retrying", extra={"step": what, "error": e.message}
+                    )
+                if attempts is not None and tried >= attempts:
+                    return False
+            await asyncio.sleep(backoff.next_delay())
 
     async def _remove_container(self, instance: Instance) -> None:
         for ref in dict.fromkeys(r for r in (instance.container_id, instance.container_name) if r):
@@ -413,9 +481,10 @@ class InstanceService:
             except IllegalTransition as e:
                 raise Conflict(str(e)) from None
             wanted = Wanted.STOPPED if action is Action.STOP else Wanted.RUNNING
-            # A real write even when `wanted` is unchanged (SQLite skips identical
-            # rows): a store that cannot take it refuses before Docker is touched.
-            instance = await self._save(replace(instance, wanted=wanted, updated_at=self._clock()))
+            # The intent first (with its time, so the reconcile can tell an action
+            # cut short by a crash): a store that cannot take it refuses before
+            # Docker is touched.
+            instance = await self._save(instance.want(wanted, self._clock()))
             assert instance.container_id is not None
             try:
                 await self._docker_action(action, instance.container_id)
@@ -454,9 +523,11 @@ class InstanceService:
             build.cancel.set()
             await asyncio.wait({build.task})
         async with self._lock(instance.id):
-            instance = await self._reload(instance)
-            await self._remove_container(instance)
-            await self._blocking.quick(self._store.delete_instance, instance.id)
+            fresh = await self._blocking.quick(self._store.get_instance, instance.id)
+            if fresh is None:
+                return instance  # a delete that ran meanwhile did it: the same answer
+            await self._remove_container(fresh)
+            await self._blocking.quick(self._store.delete_instance, fresh.id)
         self._locks.pop(instance.id, None)
         log.info("instance deleted", extra={"instance_id": instance.id})
         self._changed()
@@ -474,10 +545,13 @@ class InstanceService:
 
     async def refresh(self, instance: Instance) -> None:
         """Brings one (built) instance in line with its container."""
-        if instance.id in self._builds or instance.status in (Status.PENDING, Status.ERROR):
+        if instance.id in self._builds or not self._built(instance):
             return
         async with self._lock(instance.id):
-            instance = await self._reload(instance)
+            fresh = await self._blocking.quick(self._store.get_instance, instance.id)
+            if fresh is None or not self._built(fresh):
+                return  # deleted, or failed, meanwhile
+            instance = fresh
             ref = instance.container_id or instance.container_name
             try:
                 state = await self._blocking.quick(self._engine.inspect, ref)
@@ -503,19 +577,93 @@ class InstanceService:
             if container_id in (instance.container_id, instance.container_name):
                 await self.refresh(instance)
 
+    @staticmethod
+    def _built(instance: Instance) -> bool:
+        """Has a container of its own to follow (not pending, not a failed build)."""
+        return instance.status is not Status.PENDING and instance.container_id is not None
+
     async def sync(self) -> None:
-        """The full pass: orphans removed, every built instance refreshed."""
-        instances = await self._blocking.quick(self._store.list_instances)
-        known = {i.id for i in instances}
-        containers = await self._blocking.quick(self._engine.list_managed, self._agent_id)
-        for state in containers:
-            if state.instance_id not in known:
+        """The full pass: the store read first, then Docker's list, then the plan applied.
+
+        A step that fails does not stop the others; the pass then raises, so
+        that it is counted and logged, and the next pass tries again.
+        """
+        wanted = await self._blocking.quick(self._store.list_instances)
+        observed = await self._blocking.quick(self._engine.list_managed, self._agent_id)
+        steps = plan(
+            wanted, observed, building=set(self._builds), now=self._clock(), grace_s=self._grace_s
+        )
+        failed = 0
+        for step in steps:
+            try:
+                await self._apply(step)
+            except AgentError as e:
+                failed += 1
                 log.warning(
-                    "removing a container with no instance record", extra={"container": state.name}
+                    "reconcile step failed",
+                    extra={"step": type(step).__name__, "error": e.message},
                 )
-                await self._blocking.slow(self._engine.remove, state.container_id)
-        for instance in instances:
-            await self.refresh(instance)
+        if failed:
+            raise Unavailable(f"{failed} of {len(steps)} reconcile steps failed")
+
+    async def _apply(self, step: Step) -> None:
+        if isinstance(step, RemoveOrphan):
+            await self._remove_orphan(step)
+        elif isinstance(step, RemoveLeftover):
+            async with self._lock(step.instance_id):
+                fresh = await self._blocking.quick(self._store.get_instance, step.instance_id)
+                if (
+                    fresh is not None
+                    and fresh.container_id is None
+                    and fresh.status is Status.ERROR
+                ):
+                    log.info(
+                        "removing the container of a failed build", extra={"instance_id": fresh.id}
+                    )
+                    await self._blocking.slow(self._engine.remove, step.container_id)
+        elif isinstance(step, Forget | Observe):
+            fresh = await self._blocking.quick(self._store.get_instance, step.instance_id)
+            if fresh is not None:
+                await self.refresh(fresh)
+        elif isinstance(step, Start | Stop):
+            await self._converge(step)
+
+    async def _remove_orphan(self, step: RemoveOrphan) -> None:
+        # Checked again now: a create that raced the listing has its record by now.
+        if step.instance_id is not None:
+            if step.instance_id in self._builds:
+                return
+            if await self._blocking.quick(self._store.get_instance, step.instance_id):
+                return
+        log.warning(
+            "removing a container with no instance record", extra={"container": step.container_id}
+        )
+        await self._blocking.slow(self._engine.remove, step.container_id)
+
+    async def _converge(self, step: Start | Stop) -> None:
+        """Carries out an intent that a crash of the agent cut short."""
+        async with self._lock(step.instance_id):
+            instance = await self._blocking.quick(self._store.get_instance, step.instance_id)
+            if instance is None or not self._built(instance):
+                return
+            state = await self._blocking.quick(self._engine.inspect, step.container_id)
+            if isinstance(step, Stop):
+                if instance.wanted is not Wanted.STOPPED or not state.running:
+                    return
+                await self._blocking.slow(
+                    self._engine.stop, step.container_id, self._stop_timeout_s
+                )
+            else:
+                if instance.wanted is not Wanted.RUNNING or not start_was_missed(instance, state):
+                    return
+                await self._blocking.quick(self._engine.start, step.container_id)
+            log.info(
+                "carried out an interrupted action",
+                extra={"instance_id": instance.id, "wanted": instance.wanted},
+            )
+            state = await self._blocking.quick(self._engine.inspect, step.container_id)
+            await self._save_observed(instance, state)
+        self._changed()
 
     async def restore(self) -> None:
         """At start: resume interrupted builds, adopt containers, drop the vanished."""

@@ -1,0 +1,133 @@
+"""A fake Docker engine for unit tests of the instance service: containers in a dict.
+
+Stands in for `adapters.docker_engine.DockerEngine` behind the service's `Engine`
+protocol; the real engine is covered by tests/integration and tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from qudata_agent.adapters.store import Store
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.instance import Status
+from qudata_agent.domain.ports import PortAllocator
+from qudata_agent.errors import AgentError, Conflict, NotFound
+from qudata_agent.services.instances import InstanceService
+from qudata_agent.services.pulls import PullCoordinator
+
+
+class PullFailed(AgentError):
+    pass
+
+
+class FakeEngine:
+    """Containers in a dict; pulls that block until the test lets them go."""
+
+    def __init__(self) -> None:
+        self.images = {"present:1"}
+        self.containers: dict[str, ContainerState] = {}
+        self.specs: dict[str, ContainerSpec] = {}
+        self.pull_gate = threading.Event()
+        self.pull_error: str | None = None
+        self.pulls = 0
+        self._ids = 0
+
+    def image_present(self, ref: str) -> bool:
+        return ref in self.images
+
+    def pull(
+        self, ref: str, auth: Any, on_progress: Callable[[Any], None], inactivity_s: float
+    ) -> None:
+        self.pulls += 1
+        self.pull_gate.wait(10)
+        if self.pull_error:
+            raise PullFailed(self.pull_error)
+        self.images.add(ref)
+
+    def create(self, spec: ContainerSpec) -> str:
+        if any(c.name == spec.name for c in self.containers.values()):
+            raise Conflict("name in use")
+        self._ids += 1
+        cid = f"c{self._ids}"
+        self.specs[cid] = spec
+        self.containers[cid] = ContainerState(
+            cid, spec.name, spec.instance_id, spec.agent_id, "created", created_ts=time.time()
+        )
+        return cid
+
+    def _set(self, cid: str, status: str, exit_code: int | None = None) -> None:
+        old = self._get(cid)
+        started = time.time() if status == "running" else old.started_ts
+        self.containers[old.container_id] = replace(
+            old,
+            status=status,
+            exit_code=exit_code,
+            started_ts=started,
+            started_at=str(started) if started else None,
+        )
+
+    def _get(self, ref: str) -> ContainerState:
+        for c in self.containers.values():
+            if ref in (c.container_id, c.name):
+                return c
+        raise NotFound(f"no container {ref}")
+
+    def start(self, container_id: str) -> None:
+        self._set(container_id, "running")
+
+    def stop(self, container_id: str, timeout_s: int = 10) -> None:
+        self._set(container_id, "exited", 143)
+
+    def restart(self, container_id: str, timeout_s: int = 10) -> None:
+        self._set(container_id, "running")
+
+    def remove(self, container_id: str) -> bool:
+        try:
+            c = self._get(container_id)
+        except NotFound:
+            return False
+        del self.containers[c.container_id]
+        return True
+
+    def inspect(self, container_id: str) -> ContainerState:
+        return self._get(container_id)
+
+    def list_managed(self, agent_id: str) -> list[ContainerState]:
+        return [c for c in self.containers.values() if c.agent_id == agent_id]
+
+    def logs(self, container_id: str, tail: int) -> str:
+        return "log line\n"
+
+
+def make_service(
+    engine: FakeEngine, store: Store, blocking: Blocking, **options: Any
+) -> InstanceService:
+    async def no_gpus() -> tuple[str, ...]:
+        return ()
+
+    return InstanceService(
+        engine=engine,
+        store=store,
+        blocking=blocking,
+        pulls=PullCoordinator(engine, blocking, inactivity_s=5),
+        ports=PortAllocator((30000, 30009), frozenset(), lambda port, proto: True),
+        gpu_uuids=no_gpus,
+        agent_id="agent-1",
+        **options,
+    )
+
+
+async def wait_for(service: InstanceService, *statuses: Status) -> Any:
+    for _ in range(500):
+        instance = await service.current()
+        if instance is not None and instance.status in statuses:
+            return instance
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never reached {statuses}: {await service.current()}")

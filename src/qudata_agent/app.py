@@ -237,6 +237,7 @@ class Agent:
             agent_id=parts.agent_id,
             stop_timeout_s=s.stop_timeout_s,
             crash_restarts=s.crash_restarts,
+            host_size=(float(os.cpu_count() or 1), host_memory_bytes()),
             log_max_bytes=s.container_log_mb * 1024**2,
             network=net.network,
             prepare_network=net.prepare,

@@ -114,3 +114,14 @@ def choose_gpus(count: int, all_gpus: Sequence[str], allocated: Collection[str])
             f" {len(dict.fromkeys(all_gpus))} on this host are free"
         )
     return tuple(free[:count])
+
+
+def check_host_holds(resources: Resources, host_cpus: float, host_memory_bytes: int) -> None:
+    """Conflict, naming what the host has, for an order larger than the whole host."""
+    if resources.cpu_cores is not None and resources.cpu_cores > host_cpus:
+        raise Conflict(f"needs {resources.cpu_cores:g} CPU cores, the host has {host_cpus:g}")
+    if resources.memory_bytes is not None and resources.memory_bytes > host_memory_bytes:
+        raise Conflict(
+            f"needs {resources.memory_bytes / 1024**3:g} GB of memory,"
+            f" the host has {host_memory_bytes / 1024**3:.1f} GB"
+        )

@@ -33,7 +33,7 @@ from qudata_agent.domain.container_spec import (
     ContainerSpec,
     ContainerState,
 )
-from qudata_agent.domain.gpus import Resources, choose_gpus, parse_resources
+from qudata_agent.domain.gpus import Resources, check_host_holds, choose_gpus, parse_resources
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
 from qudata_agent.domain.instance import (
     Action,
@@ -159,6 +159,7 @@ class InstanceService:
         log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
         grace_s: float = DEFAULT_GRACE_S,
         cleanup_retry_s: float = 0.5,
+        host_size: tuple[float, int] | None = None,  # (CPUs, memory bytes): admission
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine = engine
@@ -176,6 +177,7 @@ class InstanceService:
         self._log_max_bytes = log_max_bytes
         self._grace_s = grace_s
         self._cleanup_retry_s = cleanup_retry_s
+        self._host_size = host_size
         self._clock = clock
         self._create_lock = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -229,6 +231,8 @@ class InstanceService:
         ref = resolve_image(order.image, order.image_tag)
         resources = parse_resources(order.env)
         requests = parse_port_requests(order.ports, order.ssh_enabled)
+        if self._host_size is not None:
+            check_host_holds(resources, *self._host_size)
         # Asked before the lock: a slow GPU driver never holds up another create.
         all_gpus = await self._gpu_uuids() if resources.gpu_count else ()
         async with self._create_lock:
@@ -466,7 +470,9 @@ class InstanceService:
 
     @staticmethod
     def _exited_on_its_own(instance: Instance) -> bool:
-        return instance.status is Status.PAUSED and instance.wanted is Wanted.RUNNING
+        """Finished or crashed (not stopped through the API): its last lines tell why."""
+        stopped = instance.status in (Status.PAUSED, Status.ERROR)
+        return stopped and instance.wanted is Wanted.RUNNING and instance.container_id is not None
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from qudata_agent.adapters.host import (
     default_route_address,
     disk_free_bytes,
     host_memory_bytes,
+    ipv6_available,
     machine_fingerprint,
     mount_options,
     resolv_conf_texts,
@@ -50,6 +51,7 @@ from qudata_agent.domain.backoff import Backoff
 from qudata_agent.domain.firewall import parse_nameservers
 from qudata_agent.domain.gpu_health import HealthRecord
 from qudata_agent.domain.inventory import init_host_payload
+from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.errors import AgentError, Unavailable
 from qudata_agent.loops.docker_events import docker_events_loop
@@ -226,7 +228,6 @@ class Agent:
         self, parts: _Parts, agent_port: int, net: NetworkGuard, storage: StorageGuard
     ) -> InstanceService:
         s = self.settings
-
         return InstanceService(
             engine=parts.docker,
             store=parts.store,
@@ -236,10 +237,13 @@ class Agent:
             gpu_uuids=functools.partial(parts.nvml.uuids_async, strict=True),
             agent_id=parts.agent_id,
             stop_timeout_s=s.stop_timeout_s,
-            crash_restarts=s.crash_restarts,
             host_size=(float(os.cpu_count() or 1), host_memory_bytes()),
-            log_max_bytes=s.container_log_mb * 1024**2,
-            network=net.network,
+            host=HostDefaults(
+                network=net.network,
+                crash_restarts=s.crash_restarts,
+                log_max_bytes=s.container_log_mb * 1024**2,
+                disable_ipv6=ipv6_available(),
+            ),
             prepare_network=net.prepare,
             storage=storage,
         )

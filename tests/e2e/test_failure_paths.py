@@ -138,6 +138,15 @@ def test_gpu_variables_are_the_agents_and_the_runtime_is_pinned(
     assert "NVIDIA_VISIBLE_DEVICES" in api.agent.log()  # the renter is told it was dropped
 
 
+def test_instances_have_no_ipv6_around_the_ipv4_wall(api: Api) -> None:
+    if not Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").exists():
+        pytest.fail("this test needs a kernel with IPv6 (the case the setting is for)")
+    api.create(**BUSYBOX)
+    cid = api.wait("running")["container_id"]
+    assert docker("exec", cid, "cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6").strip() == "1"
+    assert "inet6" not in docker("exec", cid, "ip", "addr")
+
+
 def test_container_logs_are_capped_and_still_readable(api: Api) -> None:
     line = "x" * 1000
     api.create(**BUSYBOX, command=f"i=0; while [ $i -lt 8000 ]; do echo {line}; i=$((i+1)); done")

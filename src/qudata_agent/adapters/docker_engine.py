@@ -52,6 +52,7 @@ from qudata_agent.domain.container_spec import (
     ContainerSpec,
     ContainerState,
 )
+from qudata_agent.domain.network import NetworkInfo, network_options
 from qudata_agent.domain.storage import StorageInfo
 from qudata_agent.errors import AgentError, Conflict, NotFound, Unavailable
 
@@ -300,28 +301,40 @@ class DockerEngine:
 
     # -- networks -----------------------------------------------------------------
 
-    def ensure_network(self, name: str, bridge: str, labels: dict[str, str]) -> str:
-        """The agent's bridge network for instances (made once); its id.
-
-        Inter-container traffic is off on it: instances never see each other.
-        """
+    def find_network(self, name: str) -> NetworkInfo | None:
+        """The network of exactly this name, as Docker describes it."""
         with self._translated(f"network {name}"):
-            found = self._api().api.networks(names=[name])
-            for network in found:
+            for network in self._api().api.networks(names=[name]):
                 if network.get("Name") == name:
-                    return str(network["Id"])
+                    attrs = self._api().api.inspect_network(network["Id"])
+                    return NetworkInfo(
+                        name=name,
+                        network_id=str(attrs["Id"]),
+                        driver=str(attrs.get("Driver") or ""),
+                        options={str(k): str(v) for k, v in (attrs.get("Options") or {}).items()},
+                        ipv6=bool(attrs.get("EnableIPv6")),
+                        internal=bool(attrs.get("Internal")),
+                        containers=len(attrs.get("Containers") or {}),
+                    )
+        return None
+
+    def create_network(self, name: str, bridge: str, labels: dict[str, str]) -> str:
+        """A bridge network as `domain.network.network_options` says; its id."""
+        with self._translated(f"network {name}"):
             created = self._api().api.create_network(
                 name,
                 driver="bridge",
-                options={
-                    "com.docker.network.bridge.name": bridge,
-                    "com.docker.network.bridge.enable_icc": "false",
-                },
+                options=network_options(bridge),
                 labels=labels,
+                enable_ipv6=False,
                 check_duplicate=True,
             )
         log.info("instance network created", extra={"network": name, "bridge": bridge})
         return str(created["Id"])
+
+    def remove_network(self, network_id: str) -> None:
+        with self._translated(f"network {network_id}"):
+            self._api().api.remove_network(network_id)
 
     # -- inside a container -----------------------------------------------------
 
@@ -569,6 +582,8 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         kwargs["storage_opt"] = {"size": str(spec.storage_bytes)}
     if spec.network:
         kwargs["network"] = spec.network
+    if spec.sysctls:
+        kwargs["sysctls"] = dict(spec.sysctls)
     return kwargs
 
 

@@ -159,6 +159,11 @@ def read_link_speed_gbps(iface: str, sys_root: str = "/sys") -> float | None:
     return mbits / 1000 if mbits > 0 else None
 
 
+def ipv6_available(proc_root: str = "/proc") -> bool:
+    """Whether the kernel has IPv6 (off with `ipv6.disable=1`: its sysctls are absent then)."""
+    return Path(proc_root, "sys/net/ipv6/conf/all/disable_ipv6").exists()
+
+
 def default_route_address(proc_root: str = "/proc") -> str | None:
     """The first IPv4 address of the default-route interface; None without one."""
     route = _read_text(f"{proc_root}/net/route")

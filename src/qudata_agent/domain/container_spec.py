@@ -59,6 +59,7 @@ VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 DRIVER_CAPABILITIES = "NVIDIA_DRIVER_CAPABILITIES"
 GPU_ENV: tuple[str, ...] = (VISIBLE_DEVICES, DRIVER_CAPABILITIES)
 NO_GPU = "void"
+IPV6_OFF = "net.ipv6.conf.all.disable_ipv6"  # a sysctl of the container's own network namespace
 GPU_CAPABILITIES = "compute,utility"
 DEFAULT_CRASH_RESTARTS = 5
 DEFAULT_LOG_MAX_BYTES = 100 * 1024**2
@@ -113,6 +114,7 @@ class ContainerSpec:
     restart_retries: int = 0  # with "on-failure": how many restarts before it stays stopped
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES  # container log, all rotated files together
     runtime: str = RUNTIME
+    sysctls: dict[str, str] = field(default_factory=dict)
     network: str | None = None  # None: Docker's default bridge
     cap_add: tuple[str, ...] = CAPABILITIES
     security_opt: tuple[str, ...] = SECURITY_OPTS

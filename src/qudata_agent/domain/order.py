@@ -16,6 +16,7 @@ from qudata_agent.domain.container_spec import (
     DEFAULT_LOG_MAX_BYTES,
     GPU_ENV,
     IDLE_COMMAND,
+    IPV6_OFF,
     MIN_SHM_BYTES,
     ContainerSpec,
     PortBinding,
@@ -32,6 +33,19 @@ class RegistryCredentials:
     username: str
     password: str = field(repr=False)
     registry: str | None = None
+
+
+@dataclass(frozen=True)
+class HostDefaults:
+    """What every container on this host gets, whatever the order (from the settings)."""
+
+    network: str | None = None  # None: Docker's default bridge
+    crash_restarts: int = DEFAULT_CRASH_RESTARTS
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    disable_ipv6: bool = False  # the host has IPv6 and the wall is IPv4 only
+
+
+NO_DEFAULTS = HostDefaults()
 
 
 @dataclass(frozen=True)
@@ -77,13 +91,11 @@ def build_spec(
     ports: dict[str, int],
     gpus: tuple[str, ...],
     storage_bytes: int | None,
-    network: str | None = None,
-    crash_restarts: int = DEFAULT_CRASH_RESTARTS,
-    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
+    host: HostDefaults = NO_DEFAULTS,
 ) -> ContainerSpec:
     idle = order.command is None
     command = IDLE_COMMAND if order.command is None else ("/bin/sh", "-c", order.command)
-    policy, retries = restart_policy(idle, crash_restarts)
+    policy, retries = restart_policy(idle, host.crash_restarts)
     env = {k: v for k, v in order.env.items() if k not in GPU_ENV}
     return ContainerSpec(
         instance_id=instance_id,
@@ -93,12 +105,13 @@ def build_spec(
         env=env | gpu_env(gpus),
         restart_policy=policy,
         restart_retries=retries,
-        log_max_bytes=log_max_bytes,
+        log_max_bytes=host.log_max_bytes,
+        sysctls={IPV6_OFF: "1"} if host.disable_ipv6 else {},
         nano_cpus=None if resources.cpu_cores is None else int(resources.cpu_cores * 1e9),
         memory_bytes=resources.memory_bytes,
         shm_bytes=shm_bytes(resources.memory_bytes),
         ports=tuple(_binding(key, port) for key, port in sorted(ports.items())),
         gpu_uuids=gpus,
         storage_bytes=storage_bytes,
-        network=network,
+        network=host.network,
     )

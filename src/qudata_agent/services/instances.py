@@ -27,12 +27,7 @@ from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.backoff import Backoff
-from qudata_agent.domain.container_spec import (
-    DEFAULT_CRASH_RESTARTS,
-    DEFAULT_LOG_MAX_BYTES,
-    ContainerSpec,
-    ContainerState,
-)
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.gpus import Resources, check_host_holds, choose_gpus, parse_resources
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
 from qudata_agent.domain.instance import (
@@ -43,7 +38,13 @@ from qudata_agent.domain.instance import (
     Wanted,
     observe,
 )
-from qudata_agent.domain.order import CreateOrder, build_spec, dropped_env
+from qudata_agent.domain.order import (
+    NO_DEFAULTS,
+    CreateOrder,
+    HostDefaults,
+    build_spec,
+    dropped_env,
+)
 from qudata_agent.domain.ports import PortAllocator, parse_port_requests
 from qudata_agent.domain.reconcile import (
     DEFAULT_GRACE_S,
@@ -152,11 +153,9 @@ class InstanceService:
         gpu_uuids: Callable[[], Awaitable[tuple[str, ...]]],
         agent_id: str,
         storage: Storage | None = None,  # None: storage_gb is accepted and ignored
-        network: str | None = None,
+        host: HostDefaults = NO_DEFAULTS,
         prepare_network: Callable[[], Awaitable[None]] | None = None,
         stop_timeout_s: int = 10,
-        crash_restarts: int = DEFAULT_CRASH_RESTARTS,
-        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
         grace_s: float = DEFAULT_GRACE_S,
         cleanup_retry_s: float = 0.5,
         host_size: tuple[float, int] | None = None,  # (CPUs, memory bytes): admission
@@ -170,11 +169,9 @@ class InstanceService:
         self._gpu_uuids = gpu_uuids
         self._agent_id = agent_id
         self._storage = storage
-        self._network = network
+        self._host = host
         self._prepare_network = prepare_network
         self._stop_timeout_s = stop_timeout_s
-        self._crash_restarts = crash_restarts
-        self._log_max_bytes = log_max_bytes
         self._grace_s = grace_s
         self._cleanup_retry_s = cleanup_retry_s
         self._host_size = host_size
@@ -282,9 +279,7 @@ class InstanceService:
             ports=ports,
             gpus=gpus,
             storage_bytes=storage,
-            network=self._network,
-            crash_restarts=self._crash_restarts,
-            log_max_bytes=self._log_max_bytes,
+            host=self._host,
         )
         now = self._clock()
         instance = Instance(

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from faults.registry import Image, StallingRegistry
 from faults.rig import BUSYBOX, RigFactory
 from support.docker_api import docker, inspect
 
@@ -167,3 +168,41 @@ def test_dockerd_restart_under_a_running_agent(rigs: RigFactory, record_property
     stopped_at = time.monotonic()
     rig.wait(lambda s: s["status"] == "paused", 5, "paused after docker stop")
     assert time.monotonic() - stopped_at < 5
+
+
+@pytest.mark.timeout(240)
+def test_a_build_failing_while_docker_is_down_ends_in_error_with_all_freed(
+    rigs: RigFactory, record_property: Any
+) -> None:
+    """dockerd stops in the middle of a pull: the build fails and its cleanup meets Docker
+    down too. The instance must not stay `pending` holding its ports: it shows `error`,
+    ports freed, while Docker is still away; and nothing of it is left once Docker is back."""
+    assert _docker_answers(), "dockerd must be up before the test"
+    registry = StallingRegistry(Image.export("qudata-test/busybox:1")).start()
+    rig = rigs({"QUDATA_SYNC_INTERVAL": "2"})
+    try:
+        ref = f"{registry.host}/fault/busybox"
+        resp = rig.api.create(image=ref, image_tag="latest", ports={"8080": "auto"})
+        assert resp.status_code == 202, resp.text
+        registry.wait_stalled()
+        try:
+            pid = _main_dockerd()
+            os.kill(pid, signal.SIGTERM)
+            _wait(lambda: not Path(f"/proc/{pid}").exists(), 90, "dockerd exit")
+            down_at = time.monotonic()
+            failed = rig.wait(lambda s: s["status"] == "error", 60, "error while Docker is down")
+            record_property("error_after_s", round(time.monotonic() - down_at, 1))
+            assert not _docker_answers()  # still away: the failure did not wait for Docker
+            assert failed["allocated_ports"] == {} and failed["container_id"] is None
+            (held,) = rig.query("SELECT count(*) FROM port_allocations")[0]
+            assert held == 0
+        finally:
+            registry.gate.set()
+            _restore_dockerd()
+        time.sleep(5)  # a sync or two with Docker back
+        assert rig.containers() == []
+        assert rig.api.get()["status"] == "error"
+        assert rig.api.delete().status_code == 200
+    finally:
+        registry.gate.set()
+        registry.stop()

@@ -16,9 +16,11 @@ What stays true:
 - an instance converges towards `wanted`: a container running while the
   renter wanted it stopped is stopped; one not running while the renter asked
   for it to run *after* its last start (the intent was recorded but the start
-  never happened: the agent crashed in between) is started. A container that
-  ran after the intent and then exited on its own is left to the restart
-  policy (domain.container_spec) and reported, never started again here.
+  never happened: the agent crashed in between) is started, and so is a
+  crashed command Docker stopped restarting before its retries ran out (a
+  dockerd restart or a reboot killed it: Docker's on-failure policy does not
+  bring those back). A command that exited 0 is done and stays so; a crash
+  Docker gave up on (retries used) is left stopped.
 """
 
 from __future__ import annotations
@@ -116,10 +118,20 @@ def _converge(instance: Instance, state: ContainerState | None) -> list[Step]:
 
 
 def start_was_missed(instance: Instance, state: ContainerState) -> bool:
-    """The renter asked for a run that never began (the container last started before that)."""
-    if state.status not in ("exited", "created") or instance.wanted_at <= 0:
+    """The container should run and nothing else will start it.
+
+    Either the renter asked for a run that never began (the container last
+    started before that), or a crashed command was left stopped with
+    restarts to spare (killed by a dockerd restart or a reboot).
+    """
+    if state.status not in ("exited", "created"):
         return False
-    return state.started_ts is None or state.started_ts < instance.wanted_at
+    if instance.wanted_at > 0 and (
+        state.started_ts is None or state.started_ts < instance.wanted_at
+    ):
+        return True
+    crashed = state.status == "exited" and bool(state.exit_code)
+    return crashed and state.restart_policy == "on-failure" and not state.gave_up
 
 
 def _container_of(instance: Instance, observed: Sequence[ContainerState]) -> ContainerState | None:

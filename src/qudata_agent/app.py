@@ -256,7 +256,7 @@ class Agent:
             return known_gpus[0]
 
         telemetry = Telemetry(
-            current=instances.current,
+            instances=lambda: parts.blocking.quick(parts.store.list_instances),
             engine=parts.docker,
             cgroups=CgroupReader(),
             host=HostCounters(),
@@ -264,6 +264,7 @@ class Agent:
             host_gpus=host_gpus,
             size=HostSize(cpus=os.cpu_count() or 1, memory_bytes=host_memory_bytes()),
             blocking=parts.blocking,
+            max_instances=self.settings.max_instances,
         )
         parts.metrics.follow_stats(telemetry)
         return StatsReporter(telemetry.sample, cp.stats, (ControlPlaneError,))

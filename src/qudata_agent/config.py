@@ -70,6 +70,9 @@ class Settings:
     # Where Docker cannot cap a container's size: refuse storage_gb, or accept and watch it.
     storage_policy: StoragePolicy = StoragePolicy.MONITOR
     storage_check_interval_s: float = 60.0  # how often an uncapped writable layer is measured
+    max_instances: int = 1  # instances the host may run at once (CONTRACT.md section 4)
+    reserved_cpu_cores: float = 1.0  # CPUs kept back from instances for the host itself
+    reserved_memory_gb: float = 2.0  # GiB of memory kept back likewise
 
     @property
     def standalone(self) -> bool:
@@ -257,6 +260,15 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         "QUDATA_STORAGE_CHECK_INTERVAL": (
             "storage_check_interval_s",
             lambda n, r: _parse_float(n, r, 1, 86400),
+        ),
+        "QUDATA_MAX_INSTANCES": ("max_instances", lambda n, r: _parse_int(n, r, 1, 256)),
+        "QUDATA_RESERVED_CPU_CORES": (
+            "reserved_cpu_cores",
+            lambda n, r: _parse_float(n, r, 0, 1024),
+        ),
+        "QUDATA_RESERVED_MEMORY_GB": (
+            "reserved_memory_gb",
+            lambda n, r: _parse_float(n, r, 0, 65536),
         ),
     }
     for var, (attr, parse) in parsers.items():

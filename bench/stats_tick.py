@@ -1,4 +1,5 @@
-"""What one stats tick costs: CgroupReader vs `docker stats --no-stream`, same containers.
+"""What one stats tick costs: CgroupReader vs `docker stats --no-stream`, and the whole
+telemetry tick with 8 and with 50 instances.
 
 Starts 50 idle busybox containers (label `qudata.test=cgroups`, removed at the
 end, also on Ctrl-C or failure), then for 1, 10 and 50 of them measures:
@@ -11,12 +12,22 @@ end, also on Ctrl-C or failure), then for 1, 10 and 50 of them measures:
   of the docker CLI (children's rusage) and of dockerd + containerd (from
   /proc/<pid>/stat), since that is where `docker stats` spends its work.
 
-Run: .venv/bin/python bench/stats_tick.py [--ticks 50] [--sizes 1,10,50]
+Then the agent's whole tick, `Telemetry.sample()` with QUDATA_MAX_INSTANCES
+above 1 (the payload with every instance, as the stats loop sends it), for 8
+and 50 of the containers as running instances (each with its limits in its
+spec, its pid found through the real Docker engine once): CPU per tick of
+this process, all threads (the event loop and the worker that reads the
+cgroups), over many ticks. Targets: at most 20 ms per tick at 50 instances,
+and linear growth (the CPU per instance at 50 at most 1.5x that at 8).
+
+Run: .venv/bin/python bench/stats_tick.py [--ticks 50] [--sizes 1,10,50] [--instances 8,50]
+Exit status: 0 when the telemetry targets hold, 1 when not.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import resource
 import subprocess
@@ -28,13 +39,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from qudata_agent.adapters.cgroups import CgroupReader
+from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.host import HostCounters
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.container_spec import ContainerSpec
+from qudata_agent.domain.instance import Instance, Status, Wanted
+from qudata_agent.domain.inventory import GpuSample
 from qudata_agent.domain.usage import CgroupSample, compute_usage
+from qudata_agent.services.telemetry import HostSize, Telemetry
 
 BUSYBOX = "qudata-test/busybox:1"
 HOST_CPUS = os.cpu_count() or 1
 HOST_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DAEMONS = ("dockerd", "containerd")
+TICK_TARGET_MS = 20.0  # per telemetry tick, at the largest instance count
+LINEAR_TARGET = 1.5  # CPU per instance, largest count over smallest
 
 
 def _docker(*args: str) -> str:
@@ -135,16 +155,94 @@ def _cold_ms(targets: list[tuple[str, int]]) -> float:
     return (time.process_time() - cpu) / len(targets) * 1000
 
 
-def main() -> None:
+def _instance(n: int, container_id: str) -> Instance:
+    spec = ContainerSpec(
+        instance_id=f"bench-{n}", agent_id="bench", image=BUSYBOX, command=("sleep", "3600"),
+        nano_cpus=int(0.5e9), memory_bytes=64 * 2**20, gpu_uuids=(),
+    )  # fmt: skip
+    return Instance(
+        id=spec.instance_id, status=Status.RUNNING, wanted=Wanted.RUNNING, image=BUSYBOX,
+        container_name=spec.name, container_id=container_id, created_at=float(n),
+        spec_json=spec.to_json(), started_at="bench",
+    )  # fmt: skip
+
+
+async def _no_gpus(_: tuple[str, ...]) -> tuple[GpuSample, ...]:
+    return ()
+
+
+async def _no_host_gpus() -> tuple[str, ...]:
+    return ()
+
+
+async def _telemetry_ticks(targets: list[tuple[str, int]], ticks: int) -> Figures:
+    instances = [_instance(n, cid) for n, (cid, _) in enumerate(targets)]
+
+    async def listed() -> list[Instance]:
+        return instances
+
+    engine, blocking = DockerEngine(), Blocking()
+    try:
+        telemetry = Telemetry(
+            instances=listed, engine=engine, cgroups=CgroupReader(), host=HostCounters(),
+            gpu_samples=_no_gpus, host_gpus=_no_host_gpus,
+            size=HostSize(HOST_CPUS, HOST_MEMORY), blocking=blocking, max_instances=len(targets),
+        )  # fmt: skip
+        payload = await telemetry.sample()  # warm: pids looked up, cgroup paths resolved
+        assert len(payload["instances"]) == len(targets)
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(ticks):
+            payload = await telemetry.sample()
+        figures = Figures(
+            cpu_ms=(time.process_time() - cpu) / ticks * 1000,
+            wall_ms=(time.perf_counter() - wall) / ticks * 1000,
+        )
+        unread = [e for e in payload["instances"] if e["ram_util"] == 0]
+        if unread:
+            raise SystemExit(f"{len(unread)} instances had no figures: the tick is not whole")
+        return figures
+    finally:
+        blocking.close()
+        engine.close()
+
+
+def telemetry_table(running: list[tuple[str, int]], counts: list[int], ticks: int) -> bool:
+    """The whole telemetry tick for each count of instances; True when the targets hold."""
+    print(f"telemetry tick (Telemetry.sample, every instance in the payload), {ticks} ticks:")
+    print(f"{'instances':>9} | {'CPU/tick':>9} {'wall/tick':>9} | {'CPU/instance':>12}")
+    rows = []
+    for n in counts:
+        got = asyncio.run(_telemetry_ticks(running[:n], ticks))
+        rows.append((n, got))
+        print(f"{n:>9} | {got.cpu_ms:>6.2f} ms {got.wall_ms:>6.2f} ms | {got.cpu_ms / n:>9.3f} ms")
+    (small, first), (large, last) = rows[0], rows[-1]
+    growth = (last.cpu_ms / large) / max(first.cpu_ms / small, 1e-9)
+    tick_ok, linear_ok = last.cpu_ms <= TICK_TARGET_MS, growth <= LINEAR_TARGET
+    print(
+        f"{large} vs {small} instances: CPU per tick x{last.cpu_ms / max(first.cpu_ms, 1e-9):.2f}"
+        f" for x{large / small:.2f} the instances; per instance x{growth:.2f}"
+        f" (target <= {LINEAR_TARGET:g}: {'PASS' if linear_ok else 'FAIL'})"
+    )
+    print(
+        f"CPU per tick at {large}: {last.cpu_ms:.2f} ms, {last.cpu_ms / TICK_TARGET_MS:.2f}x"
+        f" the {TICK_TARGET_MS:g} ms target ({'PASS' if tick_ok else 'FAIL'});"
+        f" {last.cpu_ms / 3000 * 100:.3f}% of one CPU at one tick per 3 s"
+    )
+    return tick_ok and linear_ok
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=50)
     parser.add_argument("--sizes", default="1,10,50")
+    parser.add_argument("--instances", default="8,50")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    counts = sorted(int(s) for s in args.instances.split(","))
     reader = CgroupReader()
     daemons = _daemon_pids()
     print(f"cgroup v{2 if reader.v2 else 1}, {HOST_CPUS} CPUs, {args.ticks} ticks per size")
-    with _containers(max(sizes)) as running:
+    with _containers(max(*sizes, *counts)) as running:
         print(f"cold first sample: {_cold_ms(running):.3f} ms CPU per container")
         header = f"{'n':>3} | {'ours CPU':>9} {'wall':>8} | {'docker stats CLI CPU':>20}"
         print(header + f" {'daemons CPU':>11} {'wall':>9} | CPU ratio  wall ratio")
@@ -159,8 +257,10 @@ def main() -> None:
                 f" {their_cpu / max(mine.cpu_ms, 1e-6):>8.0f}x"
                 f" {theirs.wall_ms / max(mine.wall_ms, 1e-6):>9.0f}x"
             )
-    print("ours: per tick, every container; docker stats: one call for the same containers")
+        print("ours: per tick, every container; docker stats: one call for the same containers")
+        ok = telemetry_table(running, counts, args.ticks)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -252,7 +252,7 @@ class Agent:
         self, parts: _Parts, instances: InstanceService, cp: ControlPlane
     ) -> StatsReporter:
         telemetry = Telemetry(
-            current=instances.current,
+            instances=lambda: parts.blocking.quick(parts.store.list_instances),
             engine=parts.docker,
             cgroups=CgroupReader(),
             host=HostCounters(),
@@ -260,6 +260,7 @@ class Agent:
             host_gpus=parts.nvml.uuids_async,
             size=HostSize(cpus=os.cpu_count() or 1, memory_bytes=host_memory_bytes()),
             blocking=parts.blocking,
+            max_instances=self.settings.max_instances,
         )
         parts.metrics.follow_stats(telemetry)
         return StatsReporter(telemetry.sample, cp.stats, (ControlPlaneError,))

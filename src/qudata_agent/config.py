@@ -72,6 +72,9 @@ class Settings:
     storage_check_interval_s: float = 60.0  # how often an uncapped writable layer is measured
     crash_restarts: int = 5  # a crashing command is restarted this often, then left `error`
     container_log_mb: int = 100  # each container's log, all rotated files together
+    max_instances: int = 1  # instances the host may run at once (CONTRACT.md section 4)
+    reserved_cpu_cores: float = 1.0  # CPUs kept back from instances for the host itself
+    reserved_memory_gb: float = 2.0  # GiB of memory kept back likewise
 
     @property
     def standalone(self) -> bool:
@@ -262,6 +265,15 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         ),
         "QUDATA_CRASH_RESTARTS": ("crash_restarts", lambda n, r: _parse_int(n, r, 0, 100)),
         "QUDATA_CONTAINER_LOG_MB": ("container_log_mb", lambda n, r: _parse_int(n, r, 1, 10240)),
+        "QUDATA_MAX_INSTANCES": ("max_instances", lambda n, r: _parse_int(n, r, 1, 256)),
+        "QUDATA_RESERVED_CPU_CORES": (
+            "reserved_cpu_cores",
+            lambda n, r: _parse_float(n, r, 0, 1024),
+        ),
+        "QUDATA_RESERVED_MEMORY_GB": (
+            "reserved_memory_gb",
+            lambda n, r: _parse_float(n, r, 0, 65536),
+        ),
     }
     for var, (attr, parse) in parsers.items():
         raw = env.get(var)

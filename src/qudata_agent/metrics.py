@@ -136,6 +136,10 @@ def _stats_families(payload: dict[str, Any] | None) -> Iterator[Metric]:
     if payload is None:
         return
     status = str(payload.get("status", "destroyed"))
+    entries = payload.get("instances")
+    if isinstance(entries, list):  # several instances per host: labelled by instance_id
+        yield from _labelled_families(status, payload, entries)
+        return
     subject = "host" if status == "destroyed" else "instance"
     for field, (name, doc) in _STATS_GAUGES.items():
         value = payload.get(field)
@@ -147,6 +151,29 @@ def _stats_families(payload: dict[str, Any] | None) -> Iterator[Metric]:
         "qudata_instance_status", "1 for the instance's current status", labels=["status"]
     )
     state.add_metric([status], 1.0)
+    yield state
+
+
+def _labelled_families(status: str, host: dict[str, Any], entries: list[Any]) -> Iterator[Metric]:
+    """The host's figures (`instance_id` "") and each instance's, in one family per figure."""
+    rows = [("host", "", host)] + [
+        ("instance", str(e.get("instance_id", "")), e) for e in entries if isinstance(e, dict)
+    ]
+    for field, (name, doc) in _STATS_GAUGES.items():
+        family = GaugeMetricFamily(name, doc, labels=["subject", "instance_id"])
+        for subject, instance_id, figures in rows:
+            value = figures.get(field)
+            if isinstance(value, int | float):
+                family.add_metric([subject, instance_id], float(value))
+        yield family
+    state = GaugeMetricFamily(
+        "qudata_instance_status",
+        "1 for each instance's current status (instance_id \"\": the host's summary)",
+        labels=["status", "instance_id"],
+    )
+    state.add_metric([status, ""], 1.0)
+    for _, instance_id, figures in rows[1:]:
+        state.add_metric([str(figures.get("status", "")), instance_id], 1.0)
     yield state
 
 

@@ -30,6 +30,22 @@ def test_defaults_with_an_empty_environment() -> None:
     assert settings.docker_host is None
     assert settings.log_level == "INFO"
     assert settings.log_format == "json"
+    assert settings.max_instances == 1  # one instance per host, as CONTRACT.md section 1
+    assert settings.reserved_cpu_cores == 1.0
+    assert settings.reserved_memory_gb == 2.0
+
+
+def test_the_multi_instance_settings() -> None:
+    settings = load_settings(
+        environ={
+            "QUDATA_MAX_INSTANCES": " 8 ",
+            "QUDATA_RESERVED_CPU_CORES": "0.5",
+            "QUDATA_RESERVED_MEMORY_GB": "0",
+        }
+    )
+    assert settings.max_instances == 8
+    assert settings.reserved_cpu_cores == 0.5
+    assert settings.reserved_memory_gb == 0.0
 
 
 def test_unrelated_variables_are_ignored() -> None:
@@ -103,6 +119,13 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("QUDATA_CP_TIMEOUT", "soon"),
         ("QUDATA_CP_BACKOFF_MAX", "0"),
         ("QUDATA_SHUTDOWN_TIMEOUT", "3600"),
+        ("QUDATA_MAX_INSTANCES", "0"),
+        ("QUDATA_MAX_INSTANCES", "2.5"),
+        ("QUDATA_MAX_INSTANCES", "1000"),
+        ("QUDATA_RESERVED_CPU_CORES", "-1"),
+        ("QUDATA_RESERVED_CPU_CORES", "nan"),
+        ("QUDATA_RESERVED_MEMORY_GB", "lots"),
+        ("QUDATA_RESERVED_MEMORY_GB", "inf"),
     ],
 )
 def test_a_bad_value_names_its_variable(var: str, value: str) -> None:

@@ -15,14 +15,17 @@ from qudata_agent.adapters.host import (
     HostProbe,
     default_route_address,
     default_route_interface,
+    host_shape,
     machine_fingerprint,
     parse_cpuinfo_mhz,
     parse_cpuinfo_model,
     read_cpu_freq_ghz,
+    read_cpus,
     read_link_speed_gbps,
 )
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.domain.inventory import GpuReport, init_host_payload
+from qudata_agent.domain.topology import Cpu, GpuTopology, parse_cpu_list
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -205,3 +208,59 @@ def test_probe_on_this_machine() -> None:
     assert payload["gpu_amount"] == 0
     assert payload["gpu_name"] is None
     assert payload["vram"] == 0
+
+
+# -- CPU topology from sysfs ----------------------------------------------------
+
+
+def _cpu_tree(
+    root: Path, online: str, topo: dict[int, tuple[int, int]], nodes: dict[int, str]
+) -> None:
+    base = root / "devices" / "system" / "cpu"
+    base.mkdir(parents=True)
+    (base / "online").write_text(online + "\n")
+    for cpu, (core, package) in topo.items():
+        d = base / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "core_id").write_text(f"{core}\n")
+        (d / "physical_package_id").write_text(f"{package}\n")
+    for node, cpulist in nodes.items():
+        d = root / "devices" / "system" / "node" / f"node{node}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(cpulist + "\n")
+
+
+def test_cpu_topology_two_sockets_with_smt(tmp_path: Path) -> None:
+    # 2 sockets x 2 cores x 2 threads; CPUs 4 and 5 are offline; core ids repeat per socket.
+    topo = {0: (0, 0), 1: (1, 0), 2: (0, 1), 3: (1, 1), 6: (0, 1), 7: (1, 1)}
+    _cpu_tree(tmp_path, "0-3,6-7", topo, {0: "0-1,4-5", 1: "2-3,6-7"})
+    cpus = read_cpus(str(tmp_path))
+    assert cpus == (
+        Cpu(0, 0, 0, 0),
+        Cpu(1, 1, 0, 0),
+        Cpu(2, 0, 1, 1),
+        Cpu(3, 1, 1, 1),
+        Cpu(6, 0, 1, 1),
+        Cpu(7, 1, 1, 1),
+    )
+    assert cpus[2].physical_core == cpus[4].physical_core  # SMT siblings
+
+
+def test_cpu_topology_without_numa_or_topology_files(tmp_path: Path) -> None:
+    _cpu_tree(tmp_path, "0-2", {0: (0, 0)}, {})
+    assert read_cpus(str(tmp_path)) == (Cpu(0, 0, 0, None), Cpu(1, 1, 0, None), Cpu(2, 2, 0, None))
+
+
+def test_cpu_topology_without_sysfs_takes_the_affinity(tmp_path: Path) -> None:
+    cpus = read_cpus(str(tmp_path / "none"))
+    assert [c.cpu for c in cpus] == sorted(os.sched_getaffinity(0))
+    assert all(c.node is None for c in cpus)
+
+
+def test_this_hosts_shape_has_no_gpu_and_its_cpus() -> None:
+    shape = host_shape(GpuTopology())
+    assert shape.gpus.gpus == ()
+    assert len(shape.cpus) == len(
+        parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text())
+    )
+    assert shape.memory_bytes > 0

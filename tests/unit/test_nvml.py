@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qudata_agent.adapters.nvml import Nvml
+from qudata_agent.adapters.nvml import Nvml, read_numa_node, sysfs_bus_id
 from qudata_agent.domain.inventory import GpuInfo, GpuReport
+from qudata_agent.domain.topology import GpuPlace, Link
 from qudata_agent.errors import Unavailable
 
 HAS_DRIVER = Path("/proc/driver/nvidia/version").exists()
@@ -253,5 +254,99 @@ async def test_the_gpu_list_is_read_again_once_it_is_old() -> None:
         assert len(await nvml.uuids_async()) == 2  # still the recent read
         now[0] = 31
         assert await nvml.uuids_async() == ("GPU-0000",)
+    finally:
+        nvml.close()
+
+
+# -- topology ------------------------------------------------------------------
+
+
+@dataclass
+class FakePci:
+    busId: bytes
+
+
+class FakeTopologyNvml(FakeNvml):
+    """Four GPUs: 0-1 over NVLink, 2-3 behind one PCIe switch, across the pairs SYS;
+    GPU 3's NVLink query fails and the 1-2 level is unreadable."""
+
+    def __init__(self) -> None:
+        super().__init__(names=("NVIDIA A100-SXM4-40GB",) * 4)
+        self.calls_from: set[str] = set()
+
+    def nvmlDeviceGetPciInfo(self, handle: int) -> FakePci:
+        self.calls_from.add(threading.current_thread().name)
+        return FakePci(busId=f"00000000:{0x18 + handle * 0x20:02X}:00.0".encode())
+
+    def nvmlDeviceGetP2PStatus(self, a: int, b: int, index: int) -> int:
+        assert index == 2  # NVML_P2P_CAPS_INDEX_NVLINK
+        if 3 in (a, b):
+            raise FakeNVMLError()
+        return 0 if {a, b} == {0, 1} else 4  # OK, else NVML_P2P_STATUS_NOT_SUPPORTED
+
+    def nvmlDeviceGetTopologyCommonAncestor(self, a: int, b: int) -> int:
+        if {a, b} == {1, 2}:
+            raise FakeNVMLError()
+        return 10 if {a, b} == {2, 3} else 50
+
+
+def _numa_tree(root: Path, nodes: dict[str, str]) -> None:
+    for bus, node in nodes.items():
+        device = root / "bus" / "pci" / "devices" / bus
+        device.mkdir(parents=True)
+        (device / "numa_node").write_text(node + "\n")
+
+
+async def test_topology_from_a_fake_and_sysfs(tmp_path: Path) -> None:
+    _numa_tree(tmp_path, {"0000:18:00.0": "0", "0000:38:00.0": "0", "0000:58:00.0": "1",
+                          "0000:78:00.0": "-1"})  # fmt: skip
+    fake = FakeTopologyNvml()
+    nvml = Nvml(fake, sys_root=str(tmp_path))
+    try:
+        topology = await nvml.topology_async()
+    finally:
+        nvml.close()
+    assert topology.gpus == (
+        GpuPlace("GPU-0000", "0000:18:00.0", 0),
+        GpuPlace("GPU-0001", "0000:38:00.0", 0),
+        GpuPlace("GPU-0002", "0000:58:00.0", 1),
+        GpuPlace("GPU-0003", "0000:78:00.0", None),  # -1: the kernel does not know
+    )
+    assert topology.link("GPU-0000", "GPU-0001") is Link.NVLINK
+    assert topology.link("GPU-0002", "GPU-0003") is Link.PIX  # NVLink query failed: PCIe level
+    assert topology.link("GPU-0000", "GPU-0002") is Link.SYSTEM
+    assert frozenset(("GPU-0001", "GPU-0002")) not in topology.links  # unreadable: left out
+    assert topology.link("GPU-0001", "GPU-0002") is Link.SYSTEM  # and taken as the farthest
+    assert len(fake.calls_from) == 1 and next(iter(fake.calls_from)).startswith("nvml")
+
+
+async def test_topology_without_nvml_is_empty() -> None:
+    nvml = Nvml(BrokenNvml())
+    try:
+        topology = await nvml.topology_async()
+    finally:
+        nvml.close()
+    assert topology.gpus == () and not topology.links
+    nvml.close()
+    assert (await nvml.topology_async()).gpus == ()
+
+
+def test_bus_ids_and_numa_nodes(tmp_path: Path) -> None:
+    assert sysfs_bus_id("00000000:1B:00.0") == "0000:1b:00.0"
+    assert sysfs_bus_id("0001:C3:1F.7") == "0001:c3:1f.7"
+    with pytest.raises(ValueError):
+        sysfs_bus_id("1B:00")
+    _numa_tree(tmp_path, {"0000:1b:00.0": "1", "0000:43:00.0": "junk"})
+    assert read_numa_node("0000:1b:00.0", str(tmp_path)) == 1
+    assert read_numa_node("0000:43:00.0", str(tmp_path)) is None
+    assert read_numa_node("0000:99:00.0", str(tmp_path)) is None
+    assert read_numa_node("../../etc", str(tmp_path)) is None
+
+
+@pytest.mark.skipif(HAS_DRIVER, reason="this host has an NVIDIA driver")
+async def test_real_nvml_without_gpu_has_no_topology() -> None:
+    nvml = Nvml()
+    try:
+        assert (await nvml.topology_async()).gpus == ()
     finally:
         nvml.close()

@@ -572,6 +572,8 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     }
     if spec.nano_cpus:
         kwargs["nano_cpus"] = spec.nano_cpus
+    if spec.cpuset_cpus:
+        kwargs["cpuset_cpus"] = spec.cpuset_cpus
     if spec.memory_bytes:
         kwargs["mem_limit"] = kwargs["memswap_limit"] = spec.memory_bytes  # no extra swap
     if spec.gpu_uuids:

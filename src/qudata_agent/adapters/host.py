@@ -13,6 +13,10 @@ What stays true:
   inventory does not raise because one figure is missing.
 - A host tool that is missing, fails, or runs past its timeout gives None;
   tools run by absolute path, with arguments as a list (no shell) and LC_ALL=C.
+- The CPU topology (`read_cpus`) comes from sysfs: the online CPUs, each
+  one's `core_id` and `physical_package_id`, and the NUMA node whose
+  `cpulist` holds it; a CPU whose topology files are missing is a core of
+  its own on package 0, and without /sys/devices/system/node its node is None.
 - The fingerprint is stable across restarts: the same machine gives the same
   hash as long as its machine id (or, failing that, its DMI uuid or hostname)
   does not change.
@@ -36,6 +40,7 @@ from typing import Protocol
 import psutil
 
 from qudata_agent.domain.inventory import GpuReport, HostInventory
+from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape, parse_cpu_list
 
 logger = logging.getLogger(__name__)
 
@@ -455,6 +460,71 @@ class HostCounters:
 
 def host_memory_bytes() -> int:
     return int(psutil.virtual_memory().total)
+
+
+def _int_file(path: str) -> int | None:
+    text = _read_text(path)
+    try:
+        return int(text.strip()) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _cpu_nodes(sys_root: str) -> dict[int, int]:
+    """CPU -> NUMA node, from /sys/devices/system/node/node*/cpulist."""
+    nodes: dict[int, int] = {}
+    base = Path(sys_root) / "devices" / "system" / "node"
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return nodes
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith("node") and name[4:].isdigit()):
+            continue
+        text = _read_text(entry / "cpulist")
+        try:
+            cpus = parse_cpu_list(text) if text is not None else ()
+        except ValueError:
+            continue
+        for cpu in cpus:
+            nodes.setdefault(cpu, int(name[4:]))
+    return nodes
+
+
+def read_cpus(sys_root: str = "/sys") -> tuple[Cpu, ...]:
+    """The online logical CPUs with their core, package and NUMA node, from sysfs.
+
+    Where sysfs lists no online CPUs, the CPUs this process may run on
+    (`sched_getaffinity`) are taken, each a core of its own.
+    """
+    base = f"{sys_root}/devices/system/cpu"
+    text = _read_text(f"{base}/online")
+    try:
+        online = parse_cpu_list(text) if text is not None else ()
+    except ValueError:
+        online = ()
+    if not online:
+        online = tuple(sorted(os.sched_getaffinity(0)))
+    nodes = _cpu_nodes(sys_root)
+    cpus = []
+    for cpu in online:
+        core = _int_file(f"{base}/cpu{cpu}/topology/core_id")
+        package = _int_file(f"{base}/cpu{cpu}/topology/physical_package_id")
+        cpus.append(
+            Cpu(
+                cpu=cpu,
+                core=cpu if core is None else core,
+                package=0 if package is None or package < 0 else package,
+                node=nodes.get(cpu),
+            )
+        )
+    return tuple(cpus)
+
+
+def host_shape(gpus: GpuTopology, sys_root: str = "/sys") -> HostShape:
+    """The host as placement sees it: `gpus` (from the NVML adapter), its CPUs and memory."""
+    return HostShape(gpus=gpus, cpus=read_cpus(sys_root), memory_bytes=host_memory_bytes())
 
 
 def resolv_conf_texts(

@@ -19,6 +19,12 @@ What stays true:
   stuck, later calls answer at once the same way rather than queue behind it.
 - The list of the host's GPUs (`uuids_async`) is read again once it is older
   than `gpu_list_max_age_s`, so a GPU that fell off the bus is noticed.
+- `topology_async()` reads how the GPUs are linked (NVLink through
+  `nvmlDeviceGetP2PStatus`, else the PCIe level of
+  `nvmlDeviceGetTopologyCommonAncestor`) and each GPU's NUMA node from sysfs
+  (`/sys/bus/pci/devices/<bus id>/numa_node`); a pair NVML cannot answer for
+  is left out (placement takes it as the farthest link), and without NVML or a
+  GPU the topology is empty.
 - Events are waited for on the NVML thread with a short timeout per call
   (`events_async`), so no call holds the thread for long and a stop is prompt;
   without NVML, a GPU or event support, `events_async` answers None at once
@@ -38,6 +44,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 from qudata_agent.domain.gpu_health import EventKind, GpuEvent
 from qudata_agent.domain.inventory import GpuInfo, GpuReport, GpuSample, format_cuda_version
+from qudata_agent.domain.topology import GpuPlace, GpuTopology, Link
 from qudata_agent.errors import Unavailable
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,17 @@ _EVENT_KINDS: Final[dict[int, EventKind]] = {
 _EVENT_MASK: Final = 0x1 | 0x2 | 0x8
 _NVML_ERROR_TIMEOUT: Final = 10  # NVML_ERROR_TIMEOUT: nothing arrived within the wait
 _MAX_EVENTS_PER_CALL: Final = 256
+_P2P_CAPS_INDEX_NVLINK: Final = 2  # NVML_P2P_CAPS_INDEX_NVLINK
+_P2P_STATUS_OK: Final = 0  # NVML_P2P_STATUS_OK
+# nvmlGpuTopologyLevel_t -> Link (the values are NVML's stable ABI).
+_TOPOLOGY_LEVELS: Final[dict[int, Link]] = {
+    0: Link.BOARD,
+    10: Link.PIX,
+    20: Link.PXB,
+    30: Link.PHB,
+    40: Link.NODE,
+    50: Link.SYSTEM,
+}
 
 
 class _MemoryInfo(Protocol):
@@ -86,6 +104,8 @@ class NvmlModule(Protocol):
     def nvmlDeviceRegisterEvents(self, handle: Any, event_types: int, event_set: Any) -> None: ...
     def nvmlEventSetWait(self, event_set: Any, timeout_ms: int) -> Any: ...
     def nvmlEventSetFree(self, event_set: Any) -> None: ...
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> Any: ...
+    def nvmlDeviceGetTopologyCommonAncestor(self, first: Any, second: Any) -> int: ...
 
 
 class Nvml:
@@ -97,6 +117,7 @@ class Nvml:
         call_timeout_s: float = 5.0,
         gpu_list_max_age_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        sys_root: str = "/sys",
     ) -> None:
         self._module = module
         self._call_timeout_s = call_timeout_s
@@ -104,6 +125,7 @@ class Nvml:
         self._clock = clock
         self._stuck: asyncio.Future[Any] | None = None  # a call that outlived its timeout
         self._gpu_list: tuple[float, tuple[str, ...]] | None = None  # (read at, uuids)
+        self._sys_root = sys_root
         self._initialised = False
         self._closed = False
         self._logged: str | None = None  # _OK or the last error reason logged
@@ -181,6 +203,13 @@ class Nvml:
             return await self._bounded(self._samples, uuids)
         except Unavailable:
             return ()
+
+    async def topology_async(self) -> GpuTopology:
+        """How the GPUs are linked and their NUMA nodes; empty without NVML or a GPU."""
+        try:
+            return await self._bounded(self._topology)
+        except Unavailable:
+            return GpuTopology()
 
     async def events_async(self, wait_ms: int = 100) -> tuple[GpuEvent, ...] | None:
         """The GPUs' XID and ECC events since the last call, waiting up to `wait_ms` for one.
@@ -260,6 +289,39 @@ class Nvml:
             except nvml.NVMLError as e:
                 logger.debug("GPU %s not readable: %s", uuid, _reason(e))
         return tuple(samples)
+
+    def _topology(self) -> GpuTopology:
+        try:
+            nvml = self._load()
+            if not self._initialised:
+                nvml.nvmlInit()
+                self._initialised = True
+        except ImportError:
+            return GpuTopology()
+        except nvml.NVMLError:
+            return GpuTopology()  # the inventory logs why NVML is not usable
+        try:
+            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+            places = [self._place(nvml, handle) for handle in handles]
+        except nvml.NVMLError as e:
+            logger.debug("GPU topology not readable: %s", _reason(e))
+            return GpuTopology()
+        links: dict[frozenset[str], Link] = {}
+        for i, first in enumerate(handles):
+            for j in range(i + 1, len(handles)):
+                link = _link(nvml, first, handles[j])
+                if link is not None:
+                    links[frozenset((places[i].uuid, places[j].uuid))] = link
+        return GpuTopology(tuple(places), links)
+
+    def _place(self, nvml: NvmlModule, handle: Any) -> GpuPlace:
+        uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        try:
+            bus_id = sysfs_bus_id(_text(nvml.nvmlDeviceGetPciInfo(handle).busId))
+        except (nvml.NVMLError, ValueError, AttributeError) as e:
+            logger.debug("GPU %s: no PCI bus id: %s", uuid, e)
+            return GpuPlace(uuid)
+        return GpuPlace(uuid, bus_id, read_numa_node(bus_id, self._sys_root))
 
     def _events(self, wait_ms: int) -> tuple[GpuEvent, ...] | None:
         if self._event_set is None and not self._register_events():
@@ -355,6 +417,46 @@ def _gpu(nvml: NvmlModule, index: int) -> GpuInfo:
         name=_text(nvml.nvmlDeviceGetName(handle)),
         memory_total_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
     )
+
+
+def sysfs_bus_id(nvml_bus_id: str) -> str:
+    """NVML's "00000000:1B:00.0" -> sysfs's "0000:1b:00.0"; ValueError when it is neither."""
+    domain, sep, rest = nvml_bus_id.strip().rpartition(":")
+    bus_domain, sep2, bus = domain.rpartition(":")
+    device, dot, function = rest.partition(".")
+    if not (sep and sep2 and dot):
+        raise ValueError(f"not a PCI bus id: {nvml_bus_id!r}")
+    return (
+        f"{int(bus_domain, 16):04x}:{int(bus, 16):02x}:{int(device, 16):02x}.{int(function, 16):x}"
+    )
+
+
+def read_numa_node(bus_id: str, sys_root: str = "/sys") -> int | None:
+    """The NUMA node of a PCI device from sysfs; None when the kernel says -1 or nothing."""
+    if "/" in bus_id or not bus_id:
+        return None
+    try:
+        with open(f"{sys_root}/bus/pci/devices/{bus_id}/numa_node", encoding="ascii") as f:
+            node = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return node if node >= 0 else None
+
+
+def _link(nvml: NvmlModule, first: Any, second: Any) -> Link | None:
+    """How two GPUs are linked: NVLink when peer access over it is OK, else the PCIe level."""
+    p2p = getattr(nvml, "nvmlDeviceGetP2PStatus", None)  # missing from old pynvml releases
+    try:
+        if p2p is not None and p2p(first, second, _P2P_CAPS_INDEX_NVLINK) == _P2P_STATUS_OK:
+            return Link.NVLINK
+    except nvml.NVMLError as e:
+        logger.debug("NVLink status not readable: %s", _reason(e))
+    try:
+        level = int(nvml.nvmlDeviceGetTopologyCommonAncestor(first, second))
+    except nvml.NVMLError as e:
+        logger.debug("PCIe topology not readable: %s", _reason(e))
+        return None
+    return _TOPOLOGY_LEVELS.get(level)
 
 
 def _register(nvml: NvmlModule, event_set: Any, index: int) -> bool:

@@ -104,6 +104,7 @@ class ContainerSpec:
     command: tuple[str, ...]  # argv given to the image's entrypoint
     env: dict[str, str] = field(default_factory=dict)
     nano_cpus: int | None = None  # CPU limit, 1e9 per core
+    cpuset_cpus: str | None = None  # CPUs of its own ("0-3,56-59"); None: any CPU
     memory_bytes: int | None = None  # memory limit; swap limit is the same (no extra swap)
     shm_bytes: int = MIN_SHM_BYTES
     pids_limit: int = DEFAULT_PIDS_LIMIT

@@ -11,14 +11,12 @@ stop never stops, removes or otherwise touches a tenant's container.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
 import socket
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -33,7 +31,9 @@ from qudata_agent.adapters.host import (
     HostProbe,
     default_route_address,
     disk_free_bytes,
+    disk_usage_bytes,
     host_memory_bytes,
+    host_shape,
     ipv6_available,
     machine_fingerprint,
     mount_options,
@@ -58,19 +58,25 @@ from qudata_agent.loops.docker_events import docker_events_loop
 from qudata_agent.loops.gpu_events import gpu_events_loop
 from qudata_agent.loops.inventory import inventory_loop
 from qudata_agent.loops.periodic import run_every
+from qudata_agent.loops.reconcile import reconcile_loop
 from qudata_agent.loops.registration import registration_loop
 from qudata_agent.loops.stats import StatsReporter
 from qudata_agent.loops.supervisor import Supervisor
 from qudata_agent.metrics import Metrics
 from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
+from qudata_agent.services.builds import BuildPipeline
+from qudata_agent.services.capacity import Disk, HostCapacity
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.network import NetworkGuard
 from qudata_agent.services.pulls import PullCoordinator
+from qudata_agent.services.reconciler import Reconciler
+from qudata_agent.services.records import Records
 from qudata_agent.services.registration import Identity, Registrar
 from qudata_agent.services.ssh import SshService
 from qudata_agent.services.storage import StorageGuard
 from qudata_agent.services.telemetry import HostSize, Telemetry
+from qudata_agent.services.views import InstanceViews
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,16 @@ DB_FILE = "agent.db"
 AGENT_ID_KEY = "agent_id"
 AGENT_PORT_KEY = "agent_port"
 FALLBACK_DOCKER_ROOT = "/var/lib/docker"
+
+
+@dataclass(frozen=True)
+class _Services:
+    records: Records
+    instances: InstanceService
+    reconciler: Reconciler
+    ssh: SshService
+    storage: StorageGuard
+    net: NetworkGuard
 
 
 @dataclass
@@ -215,44 +231,83 @@ class Agent:
             free_bytes=disk_free_bytes,
         )
 
-    async def _watch_storage(self, storage: StorageGuard, instances: InstanceService) -> None:
-        """Finds out (and logs) whether storage_gb can be enforced, then watches uncapped layers."""
-        await _until_done(storage.detect, "detect storage quota support")
-
-        async def check() -> None:
-            await storage.check(await instances.current())
-
-        await run_every(self.settings.storage_check_interval_s, check, "storage")
-
-    def _instances(
-        self, parts: _Parts, agent_port: int, net: NetworkGuard, storage: StorageGuard
-    ) -> InstanceService:
+    def _services(self, parts: _Parts, agent_port: int) -> _Services:
+        """The instance side of the agent: records, builds, reconcile, views, SSH, storage."""
         s = self.settings
-        return InstanceService(
+        net = self._network(parts)
+        storage = self._storage(parts)
+        ssh = SshService(parts.docker, parts.store, parts.blocking)
+        records = Records(parts.store, parts.blocking)
+        records.on_new_run(ssh.on_new_run)
+        pulls = PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s)
+        builds = BuildPipeline(
+            records=records,
             engine=parts.docker,
-            store=parts.store,
             blocking=parts.blocking,
-            pulls=PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s),
+            pulls=pulls,
+            prepare_network=net.prepare,
+        )
+        views = InstanceViews(
+            engine=parts.docker,
+            blocking=parts.blocking,
+            pulls=pulls,
+            ssh=ssh.view,
+            gpu_health=lambda i: parts.health.problems(i.gpus, since=i.created_at),
+            storage=storage,
+        )
+        instances = InstanceService(
+            records=records,
+            builds=builds,
+            views=views,
+            engine=parts.docker,
+            blocking=parts.blocking,
             ports=PortAllocator(s.port_range, frozenset({agent_port}), port_is_free),
-            gpu_uuids=functools.partial(parts.nvml.uuids_async, strict=True),
+            capacity=self._capacity(parts),
             agent_id=parts.agent_id,
-            stop_timeout_s=s.stop_timeout_s,
-            host_size=(float(os.cpu_count() or 1), host_memory_bytes()),
+            storage=storage,
             host=HostDefaults(
                 network=net.network,
                 crash_restarts=s.crash_restarts,
                 log_max_bytes=s.container_log_mb * 1024**2,
                 disable_ipv6=ipv6_available(),
             ),
-            prepare_network=net.prepare,
-            storage=storage,
+            stop_timeout_s=s.stop_timeout_s,
+        )
+        reconciler = Reconciler(
+            records=records,
+            builds=builds,
+            engine=parts.docker,
+            blocking=parts.blocking,
+            agent_id=parts.agent_id,
+            stop_timeout_s=s.stop_timeout_s,
+            on_pass=parts.metrics.reconcile_ran,
+        )
+        return _Services(records, instances, reconciler, ssh, storage, net)
+
+    def _capacity(self, parts: _Parts) -> HostCapacity:
+        s = self.settings
+
+        def disk() -> Disk:
+            try:
+                root = parts.docker.data_root()
+            except AgentError:
+                root = FALLBACK_DOCKER_ROOT
+            usage = disk_usage_bytes(root)
+            return Disk(*usage) if usage else Disk(None, None)
+
+        return HostCapacity(
+            topology=lambda strict: parts.nvml.topology_async(strict=strict),
+            shape=host_shape,
+            disk=disk,
+            blocking=parts.blocking,
+            max_instances=s.max_instances,
+            reserved_cpu_cores=s.reserved_cpu_cores,
+            reserved_memory_bytes=int(s.reserved_memory_gb * 1024**3),
         )
 
-    def _reporter(
-        self, parts: _Parts, instances: InstanceService, cp: ControlPlane
-    ) -> StatsReporter:
+    def _reporter(self, parts: _Parts, records: Records, cp: ControlPlane) -> StatsReporter:
         telemetry = Telemetry(
-            instances=lambda: parts.blocking.quick(parts.store.list_instances),
+            instances=records.all,
             engine=parts.docker,
             cgroups=CgroupReader(),
             host=HostCounters(),
@@ -269,48 +324,39 @@ class Agent:
         self,
         supervisor: Supervisor,
         parts: _Parts,
-        instances: InstanceService,
-        net: NetworkGuard,
+        services: _Services,
         cp: ControlPlane | None,
         listening: asyncio.Future[int],
     ) -> None:
         s = self.settings
-
-        async def counted_sync() -> None:
-            try:
-                await instances.sync()
-            except Exception:
-                parts.metrics.reconcile_ran(ok=False)
-                raise
-            parts.metrics.reconcile_ran(ok=True)
-
-        async def sync() -> None:
-            try:  # a broken firewall is logged by run_every, and never stops the sync
-                await net.prepare()
-                await net.check()
-            finally:
-                await counted_sync()
-
-        async def reconcile() -> None:
-            await _until_done(instances.restore, "restore instances from Docker")
-            await run_every(s.sync_interval_s, sync, "sync", first_delay_s=0)
-
-        supervisor.start("reconcile", reconcile)
+        reconciler = services.reconciler
+        supervisor.start(
+            "reconcile",
+            lambda: reconcile_loop(reconciler, services.net, s.sync_interval_s),
+        )
         supervisor.start(
             "docker-events",
             lambda: docker_events_loop(
                 parts.docker,
                 parts.agent_id,
-                instances.on_container_event,
-                counted_sync,
+                reconciler.on_container_event,
+                reconciler.sync,
                 parts.blocking,
             ),
+        )
+
+        async def storage_pass() -> None:
+            await services.storage.check(await services.records.all())
+
+        supervisor.start(
+            "storage",
+            lambda: run_every(s.storage_check_interval_s, storage_pass, "storage", first_delay_s=0),
         )
         parts.metrics.follow_health(parts.health)
         supervisor.start("gpu-events", lambda: gpu_events_loop(parts.nvml, parts.health))
         if cp is not None:
-            reporter = self._reporter(parts, instances, cp)
-            instances.on_change(reporter.poke)
+            reporter = self._reporter(parts, services.records, cp)
+            services.records.on_change(reporter.poke)
 
             async def control_plane() -> None:
                 # Stats and inventory checks go out only once the control plane knows this agent.
@@ -335,22 +381,14 @@ class Agent:
             log.error("cannot listen", extra={"error": e.strerror})
             return 1
         port = int(sock.getsockname()[1])
-        net = self._network(parts)
-        storage = self._storage(parts)
-        instances = self._instances(parts, port, net, storage)
-        ssh = SshService(parts.docker, parts.store, parts.blocking)
-        instances.on_new_run(ssh.on_new_run)
-        instances.show_ssh_with(ssh.view)
-        instances.show_gpu_health_with(
-            lambda instance: parts.health.problems(instance.gpus, since=instance.created_at)
-        )
+        services = self._services(parts, port)
         server = make_server(
             create_app(
                 ApiDeps(
                     secret=parts.credentials.agent_secret,
                     max_body_bytes=s.max_body_bytes,
-                    instances=instances,
-                    ssh=ssh,
+                    instances=services.instances,
+                    ssh=services.ssh,
                     metrics=parts.metrics,
                 )
             ),
@@ -372,8 +410,7 @@ class Agent:
         )
         supervisor = Supervisor(on_death=parts.metrics.loop_died)
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._start_loops(supervisor, parts, instances, net, cp, listening)
-        supervisor.start("storage", lambda: self._watch_storage(storage, instances))
+        self._start_loops(supervisor, parts, services, cp, listening)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         try:
             if await wait_started(server, serving):
@@ -395,30 +432,13 @@ class Agent:
         finally:
             listening.cancel()
             await supervisor.stop(s.shutdown_timeout_s)
-            await instances.close()
-            await ssh.close()
+            await services.instances.close()
+            await services.ssh.close()
             if cp is not None:
                 await cp.aclose()
             sock.close()
         log.info("agent stopped")
         return 0
-
-
-async def _until_done(step: Callable[[], Awaitable[None]], what: str) -> None:
-    """Runs `step` until it succeeds (Docker may come up after the agent)."""
-    backoff = Backoff(base_s=0.5, cap_s=15)
-    failures = 0
-    while True:
-        try:
-            await step()
-            if failures:
-                log.info("succeeded after retries", extra={"step": what, "failures": failures})
-            return
-        except AgentError as e:
-            failures += 1
-            if failures == 1:
-                log.warning("step failed; retrying", extra={"step": what, "error": e.message})
-            await asyncio.sleep(backoff.next_delay())
 
 
 def run(settings: Settings) -> int:

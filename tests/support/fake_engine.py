@@ -16,11 +16,18 @@ from typing import Any
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
-from qudata_agent.domain.instance import Status
+from qudata_agent.domain.instance import Action, Instance, Status
+from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.ports import PortAllocator
+from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape
 from qudata_agent.errors import AgentError, Conflict, NotFound
+from qudata_agent.services.builds import BuildPipeline
+from qudata_agent.services.capacity import Disk, HostCapacity
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.pulls import PullCoordinator
+from qudata_agent.services.reconciler import Reconciler
+from qudata_agent.services.records import Records
+from qudata_agent.services.views import InstanceView, InstanceViews
 
 
 class PullFailed(AgentError):
@@ -106,25 +113,103 @@ class FakeEngine:
         return "log line\n"
 
 
-def make_service(
-    engine: FakeEngine, store: Store, blocking: Blocking, **options: Any
-) -> InstanceService:
-    async def no_gpus() -> tuple[str, ...]:
-        return ()
+class Stack:
+    """The instance side wired as app.py wires it, over a fake engine, driven like the
+    single-instance routes drive it (`act`, `delete` and `current` on the one instance)."""
 
-    return InstanceService(
-        engine=engine,
-        store=store,
-        blocking=blocking,
-        pulls=PullCoordinator(engine, blocking, inactivity_s=5),
-        ports=PortAllocator((30000, 30009), frozenset(), lambda port, proto: True),
-        gpu_uuids=no_gpus,
-        agent_id="agent-1",
-        **options,
-    )
+    def __init__(
+        self,
+        engine: FakeEngine,
+        store: Store,
+        blocking: Blocking,
+        *,
+        cleanup_retry_s: float = 0.5,
+        max_instances: int = 1,
+        topology: GpuTopology | None = None,
+        gpu_health: Callable[[Instance], Any] | None = None,
+        storage: Any = None,
+    ) -> None:
+        self.records = Records(store, blocking)
+        pulls = PullCoordinator(engine, blocking, inactivity_s=5)
+        self.builds = BuildPipeline(
+            records=self.records,
+            engine=engine,
+            blocking=blocking,
+            pulls=pulls,
+            cleanup_retry_s=cleanup_retry_s,
+        )
+        views = InstanceViews(
+            engine=engine, blocking=blocking, pulls=pulls, gpu_health=gpu_health, storage=storage
+        )
+        gpus = topology or GpuTopology()
+
+        async def read_topology(strict: bool) -> GpuTopology:
+            return gpus
+
+        capacity = HostCapacity(
+            topology=read_topology,
+            shape=lambda g: HostShape(
+                gpus=g, cpus=tuple(Cpu(i, i) for i in range(8)), memory_bytes=32 * 1024**3
+            ),
+            disk=lambda: Disk(100 * 1024**3, 50 * 1024**3),
+            blocking=blocking,
+            max_instances=max_instances,
+        )
+        self.service = InstanceService(
+            records=self.records,
+            builds=self.builds,
+            views=views,
+            engine=engine,
+            blocking=blocking,
+            ports=PortAllocator((30000, 30009), frozenset(), lambda port, proto: True),
+            capacity=capacity,
+            agent_id="agent-1",
+            storage=storage,
+        )
+        self.reconciler = Reconciler(
+            records=self.records,
+            builds=self.builds,
+            engine=engine,
+            blocking=blocking,
+            agent_id="agent-1",
+        )
+
+    async def create(self, order: CreateOrder) -> Instance:
+        return await self.service.create(order)
+
+    async def current(self) -> Instance | None:
+        return await self.service.latest()
+
+    async def _sole(self) -> Instance:
+        instance = await self.service.latest()
+        assert instance is not None, "there is no instance"
+        return instance
+
+    async def act(self, action: Action) -> Instance:
+        return await self.service.act((await self._sole()).id, action)
+
+    async def delete(self) -> Instance | None:
+        instance = await self.service.latest()
+        return None if instance is None else await self.service.delete(instance.id)
+
+    async def describe(self, instance: Instance | None = None) -> InstanceView:
+        return await self.service.describe(instance or await self.service.latest())
+
+    async def sync(self) -> None:
+        await self.reconciler.sync()
+
+    async def restore(self) -> None:
+        await self.reconciler.restore()
+
+    async def close(self) -> None:
+        await self.service.close()
 
 
-async def wait_for(service: InstanceService, *statuses: Status) -> Any:
+def make_service(engine: FakeEngine, store: Store, blocking: Blocking, **options: Any) -> Stack:
+    return Stack(engine, store, blocking, **options)
+
+
+async def wait_for(service: Stack, *statuses: Status) -> Any:
     for _ in range(500):
         instance = await service.current()
         if instance is not None and instance.status in statuses:

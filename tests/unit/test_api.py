@@ -522,13 +522,25 @@ class _UnusedInstances:
     async def create(self, order: Any) -> Any:
         raise AssertionError("not called")
 
-    async def describe(self, logs: bool = False, tail: int = 100, instance: Any = None) -> Any:
+    async def all(self) -> Any:
         raise AssertionError("not called")
 
-    async def act(self, action: Any) -> Any:
+    async def get(self, instance_id: str) -> Any:
         raise AssertionError("not called")
 
-    async def delete(self) -> Any:
+    async def latest(self) -> Any:
+        raise AssertionError("not called")
+
+    async def describe(self, instance: Any, logs: bool = False, tail: int = 100) -> Any:
+        raise AssertionError("not called")
+
+    async def act(self, instance_id: str, action: Any) -> Any:
+        raise AssertionError("not called")
+
+    async def delete(self, instance_id: str) -> Any:
+        raise AssertionError("not called")
+
+    async def host(self) -> Any:
         raise AssertionError("not called")
 
 

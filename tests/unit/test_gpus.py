@@ -1,13 +1,11 @@
-"""Resource requests from env_variables, and the all-or-none GPU choice."""
+"""Resource requests from env_variables."""
 
 from __future__ import annotations
 
 import pytest
 
-from qudata_agent.domain.gpus import GIB, Resources, choose_gpus, parse_resources
-from qudata_agent.errors import Conflict, InvalidRequest
-
-GPUS = ("GPU-a", "GPU-b", "GPU-c", "GPU-d")
+from qudata_agent.domain.gpus import GIB, Resources, parse_resources
+from qudata_agent.errors import InvalidRequest
 
 # -- parse_resources -------------------------------------------------------------
 
@@ -105,63 +103,3 @@ def test_message_shortens_a_long_value() -> None:
     with pytest.raises(InvalidRequest) as caught:
         parse_resources({"QUDATA_CPU_CORES": "y" * 500})
     assert "y" * 30 not in caught.value.message
-
-
-# -- choose_gpus -----------------------------------------------------------------
-
-
-def test_zero_gpus_is_empty_even_without_gpus() -> None:
-    assert choose_gpus(0, (), ()) == ()
-    assert choose_gpus(0, GPUS, GPUS) == ()
-
-
-def test_picks_the_lowest_free_gpus_in_host_order() -> None:
-    assert choose_gpus(2, GPUS, ()) == ("GPU-a", "GPU-b")
-    assert choose_gpus(2, GPUS, {"GPU-a", "GPU-c"}) == ("GPU-b", "GPU-d")
-    assert choose_gpus(1, GPUS, frozenset({"GPU-b"})) == ("GPU-a",)
-
-
-def test_all_gpus() -> None:
-    assert choose_gpus(4, GPUS, []) == GPUS
-
-
-def test_follows_the_order_the_host_lists() -> None:
-    assert choose_gpus(2, GPUS, ["GPU-b"]) == ("GPU-a", "GPU-c")
-    assert choose_gpus(2, tuple(reversed(GPUS)), ["GPU-b"]) == ("GPU-d", "GPU-c")
-
-
-def test_host_without_gpu_refuses_any() -> None:
-    with pytest.raises(Conflict, match="this host has no GPU; QUDATA_GPU_COUNT must be 0"):
-        choose_gpus(1, (), ())
-
-
-def test_too_few_free_is_all_or_none() -> None:
-    with pytest.raises(Conflict) as caught:
-        choose_gpus(3, GPUS, {"GPU-a", "GPU-b"})
-    assert "asks for 3" in caught.value.message
-    assert "only 2 of 4" in caught.value.message
-
-
-def test_all_allocated_is_a_conflict() -> None:
-    with pytest.raises(Conflict, match="only 0 of 4"):
-        choose_gpus(1, GPUS, GPUS)
-
-
-def test_duplicate_uuids_from_the_host_are_not_given_twice() -> None:
-    assert choose_gpus(2, ("GPU-a", "GPU-a", "GPU-b"), ()) == ("GPU-a", "GPU-b")
-    with pytest.raises(Conflict, match="only 2 of 2"):
-        choose_gpus(3, ("GPU-a", "GPU-a", "GPU-b"), ())
-
-
-def test_allocated_uuids_unknown_to_the_host_are_ignored() -> None:
-    assert choose_gpus(1, GPUS, {"GPU-gone"}) == ("GPU-a",)
-
-
-def test_negative_count_is_refused() -> None:
-    with pytest.raises(InvalidRequest, match="QUDATA_GPU_COUNT"):
-        choose_gpus(-1, GPUS, ())
-
-
-def test_parsed_count_flows_into_the_choice() -> None:
-    resources = parse_resources({"QUDATA_GPU_COUNT": "2"})
-    assert choose_gpus(resources.gpu_count, GPUS, {"GPU-a"}) == ("GPU-b", "GPU-c")

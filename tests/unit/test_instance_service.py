@@ -184,17 +184,20 @@ async def test_orphans_and_vanished_containers_are_cleaned_up(parts: Any) -> Non
     assert store.allocated_ports() == frozenset()
 
 
-async def test_describe_shows_the_health_of_the_instance_gpus(parts: Any) -> None:
-    service, _engine, _ = parts
+async def test_describe_shows_the_health_of_the_instance_gpus(tmp_path: Path) -> None:
     asked: list[tuple[str, float]] = []
 
     def health(instance: Any) -> list[GpuEvent]:
         asked.append((instance.id, instance.created_at))
         return [GpuEvent("GPU-a", "xid", 79, instance.created_at + 1)]
 
-    service.show_gpu_health_with(health)
+    store, blocking = Store.open(tmp_path / "agent.db"), Blocking()
+    service = make_service(FakeEngine(), store, blocking, gpu_health=health)
     assert (await service.describe()).gpu_health == ()  # no instance, nothing asked
     instance = await service.create(CreateOrder(image="present", image_tag="1"))
     view = await service.describe()
     assert view.gpu_health == (GpuEvent("GPU-a", "xid", 79, instance.created_at + 1),)
     assert asked == [(instance.id, instance.created_at)]
+    await service.close()
+    blocking.close()
+    store.close()

@@ -26,7 +26,6 @@ from qudata_agent.config import ConfigError, load_settings
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.order import CreateOrder
-from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.domain.storage import (
     GIB,
     QuotaSupport,
@@ -39,9 +38,8 @@ from qudata_agent.domain.storage import (
     usage,
 )
 from qudata_agent.errors import Conflict, NotFound, Unavailable
-from qudata_agent.services.instances import InstanceService
-from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.storage import STORE_KEY, StorageGuard, detect_quota_support
+from support.fake_engine import Stack
 
 SAMPLES = Path(__file__).parent / "samples"
 XFS_ROOT = "/var/lib/docker"
@@ -304,20 +302,8 @@ class Parts:
             free_bytes=lambda path: self.free.get(path, 500 * GIB),
         )
 
-    def service(self) -> InstanceService:
-        async def no_gpus() -> tuple[str, ...]:
-            return ()
-
-        return InstanceService(
-            engine=self.engine,
-            store=self.store,
-            blocking=self.blocking,
-            pulls=PullCoordinator(self.engine, self.blocking, inactivity_s=5),
-            ports=PortAllocator((30000, 30009), frozenset(), lambda port, proto: True),
-            gpu_uuids=no_gpus,
-            agent_id="agent-1",
-            storage=self.guard,
-        )
+    def service(self) -> Stack:
+        return Stack(self.engine, self.store, self.blocking, storage=self.guard)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.blocking.close()
@@ -413,21 +399,21 @@ async def test_the_watch_measures_uncapped_layers_and_logs_crossings(
     monitor.store.insert_instance(instance)
     monitor.guard.admit("i-1", 1)
     monitor.engine.sizes["c1"] = GIB // 2
-    await monitor.guard.check(instance)
+    await monitor.guard.check([instance])
     assert await monitor.guard.view(instance) == StorageUsage(1.0, False, 0.5, False)
     over = [r for r in caplog.records if "over its storage_gb" in r.getMessage()]
     assert over == []
 
     monitor.engine.sizes["c1"] = 2 * GIB
-    await monitor.guard.check(instance)
-    await monitor.guard.check(instance)
+    await monitor.guard.check([instance])
+    await monitor.guard.check([instance])
     assert await monitor.guard.view(instance) == StorageUsage(1.0, False, 2.0, True)
     over = [r for r in caplog.records if "over its storage_gb" in r.getMessage()]
     assert len(over) == 1 and over[0].levelno == logging.WARNING
     assert over[0].instance_id == "i-1" and over[0].used_gb == 2.0  # type: ignore[attr-defined]
 
     monitor.engine.sizes["c1"] = GIB // 4
-    await monitor.guard.check(instance)
+    await monitor.guard.check([instance])
     assert "back within its storage_gb" in caplog.records[-1].getMessage()
     assert (await monitor.guard.view(instance)).over_limit is False  # type: ignore[union-attr]
 
@@ -440,19 +426,19 @@ async def test_the_watch_leaves_capped_unasked_and_vanished_containers_alone(
         capped = _instance("capped", "c1")
         parts.store.insert_instance(capped)
         assert parts.guard.admit("capped", 1) == GIB
-        await parts.guard.check(capped)
-        await parts.guard.check(_instance("unasked", "c2"))
-        await parts.guard.check(None)
-        await parts.guard.check(_instance("no-container", None))
+        await parts.guard.check([capped])
+        await parts.guard.check([_instance("unasked", "c2")])
+        await parts.guard.check([])
+        await parts.guard.check([_instance("no-container", None)])
         assert parts.engine.measured == []
         assert await parts.guard.view(capped) == StorageUsage(1.0, True, None, False)
 
         parts.engine.info = EXT4
         parts.guard.admit("capped", 1)  # the support known so far: still capped
-        await parts.guard.check(capped)
+        await parts.guard.check([capped])
         assert parts.engine.measured == []
         parts.guard.admit("capped", 1)  # the check found the change: now watched
-        await parts.guard.check(capped)  # c1 has no size: removed meanwhile
+        await parts.guard.check([capped])  # c1 has no size: removed meanwhile
         assert parts.engine.measured == ["c1"]
     finally:
         parts.close()
@@ -461,7 +447,7 @@ async def test_the_watch_leaves_capped_unasked_and_vanished_containers_alone(
 # -- through the instance service ------------------------------------------------------------
 
 
-async def _running(service: InstanceService) -> Instance:
+async def _running(service: Stack) -> Instance:
     for _ in range(500):
         instance = await service.current()
         if instance is not None and instance.status is Status.RUNNING:

@@ -339,6 +339,15 @@ def _disk_total(path: str) -> int | None:
         return None
 
 
+def disk_usage_bytes(path: str) -> tuple[int, int] | None:
+    """(total, free) bytes of the filesystem that holds `path`; None if unknown."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return None
+    return usage.total, usage.free
+
+
 def disk_free_bytes(path: str) -> int | None:
     """Free bytes (for unprivileged use) on the filesystem that holds `path`; None if unknown."""
     try:

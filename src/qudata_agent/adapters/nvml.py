@@ -204,11 +204,16 @@ class Nvml:
         except Unavailable:
             return ()
 
-    async def topology_async(self) -> GpuTopology:
-        """How the GPUs are linked and their NUMA nodes; empty without NVML or a GPU."""
+    async def topology_async(self, strict: bool = False) -> GpuTopology:
+        """How the GPUs are linked and their NUMA nodes; empty without NVML or a GPU.
+
+        With `strict`, a hung NVML raises `Unavailable` rather than answering empty.
+        """
         try:
             return await self._bounded(self._topology)
         except Unavailable:
+            if strict:
+                raise
             return GpuTopology()
 
     async def events_async(self, wait_ms: int = 100) -> tuple[GpuEvent, ...] | None:

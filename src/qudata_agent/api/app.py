@@ -27,8 +27,14 @@ from qudata_agent.api.middleware import (
     SecretAuth,
 )
 from qudata_agent.api.openapi import build_openapi
-from qudata_agent.api.resources.instances import InstancesApi, InstancesResource
-from qudata_agent.api.resources.ssh import SshApi, SshResource
+from qudata_agent.api.resources.instances import (
+    HostResource,
+    InstancesApi,
+    InstancesResource,
+    V1InstanceResource,
+    V1InstancesResource,
+)
+from qudata_agent.api.resources.ssh import SshApi, SshResource, V1SshResource
 from qudata_agent.api.resources.system import (
     MetricsApi,
     MetricsResource,
@@ -111,10 +117,15 @@ class _OptionsInEnvelope:
 def _mounted(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
     """The resources this app serves; routes of services not given are left out."""
     resources: dict[str, object] = {"ping": PingResource()}
+    limit = deps.max_body_bytes
     if deps.instances is not None:
-        resources["instances"] = InstancesResource(deps.instances, deps.max_body_bytes)
-    if deps.ssh is not None:
-        resources["ssh"] = SshResource(deps.ssh, deps.max_body_bytes)
+        resources["instances"] = InstancesResource(deps.instances, limit)
+        resources["v1_instances"] = V1InstancesResource(deps.instances, limit)
+        resources["v1_instance"] = V1InstanceResource(deps.instances, limit)
+        resources["v1_host"] = HostResource(deps.instances)
+        if deps.ssh is not None:
+            resources["ssh"] = SshResource(deps.ssh, deps.instances, limit)
+            resources["v1_ssh"] = V1SshResource(deps.ssh, limit)
     if deps.metrics is not None:
         resources["metrics"] = MetricsResource(deps.metrics)
     served = tuple(

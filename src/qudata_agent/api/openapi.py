@@ -7,6 +7,7 @@ code it can give, and the `X-Agent-Secret` requirement unless it is public.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel
@@ -62,16 +63,20 @@ def _operation(route: Route, op: Operation, refs: dict[type[BaseModel], Any]) ->
         }
     doc: dict[str, Any] = {
         "summary": op.summary,
-        "operationId": f"{op.method.lower()}{route.path.replace('/', '_').replace('.', '_')}",
+        "operationId": op.method.lower() + re.sub(r"[^A-Za-z0-9]+", "_", route.path),
         "responses": responses,
         "security": [] if op.public else [{"agentSecret": []}],
     }
-    if op.query:
-        doc["parameters"] = [
-            {"name": q.name, "in": "query", "required": False, "schema": q.schema}
-            | ({"description": q.description} if q.description else {})
-            for q in op.query
-        ]
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in re.findall(r"{(\w+)}", route.path)
+    ] + [
+        {"name": q.name, "in": "query", "required": False, "schema": q.schema}
+        | ({"description": q.description} if q.description else {})
+        for q in op.query
+    ]
+    if parameters:
+        doc["parameters"] = parameters
     if op.request is not None:
         doc["requestBody"] = {
             "required": True,

@@ -15,7 +15,9 @@ from pydantic import BaseModel
 from qudata_agent.api.schemas import (
     CreatedInstance,
     CreateInstance,
+    HostState,
     InstanceAction,
+    InstanceList,
     InstanceState,
     SshKeyRequest,
     SshKeys,
@@ -50,6 +52,36 @@ class Route:
     operations: tuple[Operation, ...] = field(default_factory=tuple)
 
 
+_LOG_QUERY = (
+    QueryParam("logs", {"type": "boolean"}, "include the container's logs"),
+    QueryParam(
+        "tail",
+        {"type": "integer", "minimum": 1, "maximum": 10000},
+        "how many log lines (default 100)",
+    ),
+)
+
+
+def _ssh_operations(of: str, errors: tuple[int, ...]) -> tuple[Operation, ...]:
+    return (
+        Operation("GET", f"The public keys on {of}", SshKeys, errors=errors),
+        Operation(
+            "POST",
+            f"Add a public key to {of} (applied at once if sshd is up, else when it is)",
+            SshKeys,
+            request=SshKeyRequest,
+            errors=(*errors, 503),
+        ),
+        Operation(
+            "DELETE",
+            f"Remove exactly that key from {of} (matched on type and body)",
+            SshKeys,
+            request=SshKeyRequest,
+            errors=(*errors, 503),
+        ),
+    )
+
+
 ROUTES: tuple[Route, ...] = (
     Route(
         "/ping",
@@ -70,16 +102,10 @@ ROUTES: tuple[Route, ...] = (
             ),
             Operation(
                 "GET",
-                "The instance's state (status destroyed when there is none)",
+                "The instance's state (status destroyed when there is none; with several,"
+                " the most recently created one)",
                 InstanceState,
-                query=(
-                    QueryParam("logs", {"type": "boolean"}, "include the container's logs"),
-                    QueryParam(
-                        "tail",
-                        {"type": "integer", "minimum": 1, "maximum": 10000},
-                        "how many log lines (default 100)",
-                    ),
-                ),
+                query=_LOG_QUERY,
                 errors=(503,),
             ),
             Operation(
@@ -97,26 +123,51 @@ ROUTES: tuple[Route, ...] = (
             ),
         ),
     ),
+    Route("/ssh", "ssh", _ssh_operations("the instance", (404, 409))),
     Route(
-        "/ssh",
-        "ssh",
+        "/v1/host",
+        "v1_host",
+        (Operation("GET", "What the host has for instances, and what is free", HostState),),
+    ),
+    Route(
+        "/v1/instances",
+        "v1_instances",
         (
-            Operation("GET", "The public keys on the instance", SshKeys, errors=(404, 409)),
+            Operation("GET", "Every instance on the host, oldest first", InstanceList),
             Operation(
                 "POST",
-                "Add a public key (applied at once if sshd is up, else when it is)",
-                SshKeys,
-                request=SshKeyRequest,
-                errors=(404, 409, 503),
+                "Create an instance if it fits what is free (409 naming what is short)",
+                CreatedInstance,
+                request=CreateInstance,
+                status=202,
+                errors=(409, 503),
+            ),
+        ),
+    ),
+    Route(
+        "/v1/instances/{instance_id}",
+        "v1_instance",
+        (
+            Operation("GET", "One instance's state", InstanceState, query=_LOG_QUERY),
+            Operation(
+                "PUT",
+                "stop, start or restart this instance",
+                InstanceState,
+                request=InstanceAction,
+                errors=(409, 503),
             ),
             Operation(
                 "DELETE",
-                "Remove exactly that key (matched on type and body)",
-                SshKeys,
-                request=SshKeyRequest,
-                errors=(404, 409, 503),
+                "Delete this instance: its container, ports and GPUs",
+                InstanceState,
+                errors=(503,),
             ),
         ),
+    ),
+    Route(
+        "/v1/instances/{instance_id}/ssh",
+        "v1_ssh",
+        _ssh_operations("this instance", (404, 409)),
     ),
     Route(
         "/openapi.json",

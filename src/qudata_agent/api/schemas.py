@@ -164,6 +164,12 @@ class InstanceState(BaseModel):
     )
 
 
+class InstanceList(BaseModel):
+    """`GET /v1/instances`: the view of `GET /instances`, one per instance, oldest first."""
+
+    instances: list[InstanceState]
+
+
 class InstanceAction(BaseModel):
     """`PUT /instances`: `{"action": "stop"|"start"|"restart"}` (`command` accepted too)."""
 
@@ -172,6 +178,36 @@ class InstanceAction(BaseModel):
     action: Literal["stop", "start", "restart"] = Field(
         validation_alias=AliasChoices("action", "command")
     )
+
+
+# -- the host (several instances, CONTRACT.md section 4) ---------------------------
+
+
+class GpuCapacity(BaseModel):
+    total: int
+    free: list[str] = Field(description="UUIDs of the GPUs no instance holds")
+
+
+class Amount(BaseModel):
+    total: float | None
+    free: float | None
+
+
+class PortCapacity(BaseModel):
+    range: str = Field(description="QUDATA_PORT_RANGE, e.g. 40000-49999")
+    free: int
+
+
+class HostState(BaseModel):
+    """`GET /v1/host`: what the host has for instances (after the reserves) and what is free."""
+
+    max_instances: int
+    instances: int
+    gpus: GpuCapacity
+    cpu_cores: Amount
+    memory_gb: Amount
+    disk_gb: Amount = Field(description="Docker's data root; free less what is promised")
+    ports: PortCapacity
 
 
 # -- ssh ------------------------------------------------------------------------

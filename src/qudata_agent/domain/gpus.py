@@ -1,28 +1,21 @@
-"""Resource requests and the GPU choice for the instance.
+"""Resource requests: what a create order asks for in its `env_variables`.
 
-Owns `Resources` (the CPU, memory and GPU counts a create order asks for in
-its `env_variables`), `parse_resources` (reads and checks them) and
-`choose_gpus` (picks which GPUs, by UUID, the instance gets). The store keeps
-which GPUs are allocated and passes them back in; nothing here asks NVML.
+Owns `Resources` (the CPU, memory and GPU counts) and `parse_resources`
+(reads and checks them). Which GPUs and CPUs an instance gets is decided by
+`domain.placement`.
 
-What stays true:
-- `cpu_cores` and `memory_bytes` are None (no limit) or finite, positive
-  and within range; `gpu_count` is an integer 0-64 (absent: 0);
-- `choose_gpus` returns all `count` GPUs or raises Conflict: never a part;
-  it picks free GPUs in the host's order (lowest index first), so the same
-  inputs always give the same GPUs, and never a GPU twice;
-- a host without a GPU never hands one out: asking for one is a Conflict,
-  not a container that silently runs on the CPU.
+What stays true: `cpu_cores` and `memory_bytes` are None (not named) or
+finite, positive and within range; `gpu_count` is an integer 0-64 (absent: 0).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from qudata_agent.errors import Conflict, InvalidRequest
+from qudata_agent.errors import InvalidRequest
 
 GIB = 1024**3
 CPU_KEY = "QUDATA_CPU_CORES"
@@ -96,32 +89,3 @@ def parse_resources(env: Mapping[str, str]) -> Resources:
             f" ({MIN_MEMORY_BYTES / GIB:.4f} GiB), as Docker requires"
         )
     return Resources(cpu_cores=cpu, memory_bytes=memory_bytes, gpu_count=_gpu_count(env))
-
-
-def choose_gpus(count: int, all_gpus: Sequence[str], allocated: Collection[str]) -> tuple[str, ...]:
-    """`count` free GPU UUIDs in the host's order, or Conflict; never some of them."""
-    if count < 0:
-        raise InvalidRequest(f"field 'env_variables.{GPU_KEY}': must not be negative")
-    if count == 0:
-        return ()
-    if not all_gpus:
-        raise Conflict(f"this host has no GPU; {GPU_KEY} must be 0")
-    taken = frozenset(allocated)
-    free = [uuid for uuid in dict.fromkeys(all_gpus) if uuid not in taken]
-    if len(free) < count:
-        raise Conflict(
-            f"{GPU_KEY} asks for {count} GPU(s) but only {len(free)} of"
-            f" {len(dict.fromkeys(all_gpus))} on this host are free"
-        )
-    return tuple(free[:count])
-
-
-def check_host_holds(resources: Resources, host_cpus: float, host_memory_bytes: int) -> None:
-    """Conflict, naming what the host has, for an order larger than the whole host."""
-    if resources.cpu_cores is not None and resources.cpu_cores > host_cpus:
-        raise Conflict(f"needs {resources.cpu_cores:g} CPU cores, the host has {host_cpus:g}")
-    if resources.memory_bytes is not None and resources.memory_bytes > host_memory_bytes:
-        raise Conflict(
-            f"needs {resources.memory_bytes / 1024**3:g} GB of memory,"
-            f" the host has {host_memory_bytes / 1024**3:.1f} GB"
-        )

@@ -91,6 +91,7 @@ def build_spec(
     ports: dict[str, int],
     gpus: tuple[str, ...],
     storage_bytes: int | None,
+    cpuset: str | None = None,
     host: HostDefaults = NO_DEFAULTS,
 ) -> ContainerSpec:
     idle = order.command is None
@@ -108,6 +109,7 @@ def build_spec(
         log_max_bytes=host.log_max_bytes,
         sysctls={IPV6_OFF: "1"} if host.disable_ipv6 else {},
         nano_cpus=None if resources.cpu_cores is None else int(resources.cpu_cores * 1e9),
+        cpuset_cpus=cpuset,
         memory_bytes=resources.memory_bytes,
         shm_bytes=shm_bytes(resources.memory_bytes),
         ports=tuple(_binding(key, port) for key, port in sorted(ports.items())),

@@ -1,43 +1,39 @@
-"""The instance service: every use case of the renter's container, and its status path.
+"""The instance service: the renters' instances on this host, and every use case on them.
 
-Owns creation (validate, allocate ports and GPUs, record, then build in the
-background), lifecycle actions, deletion, and convergence with what Docker
-reports (restore at start, events, the periodic sync).
+Owns admission (an order checked against what the host has free, then placed:
+GPUs, cpuset, limits, ports), the record made in the same transaction that
+takes its ports and GPUs, lifecycle actions, deletion, and the collection
+(`get`, `all`, `latest`) the API's routes choose from. The build runs in
+`services.builds`, the convergence with Docker in `services.reconciler`, the
+read view in `services.views`; statuses move through `services.records`.
 
 What stays true:
-- every status change goes through `_save`, which the transition table guards;
-  the intent (a new record, `wanted`) is written before the Docker call and the
-  outcome after it, so a crash in between is found and finished on restart;
-- ports and GPUs are allocated in the same transaction that records the
-  instance and freed in the same one that removes it (or when a build fails);
-- one lock per instance: two lifecycle actions never interleave; while an
-  instance is being built, actions get 409 and only delete may cut in;
-- a build is an asyncio task owned here, cancelled and awaited on close.
+- one create at a time decides (the create lock): concurrent orders never
+  over-commit a GPU, a CPU, memory, disk, a port or the instance limit; with
+  `max_instances` 1 a second create while any instance exists is refused,
+  as the single-instance contract says;
+- an order that does not fit is refused (409, naming what is short) before
+  anything is recorded or created;
+- the intent (`wanted`) is written before the Docker call and the outcome
+  after it, under the instance's lock: two actions on one instance never
+  interleave; while it is being built actions get 409 and only delete cuts in;
+- one instance's action or delete never touches another's container, ports
+  or GPUs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.backoff import Backoff
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
-from qudata_agent.domain.gpus import Resources, check_host_holds, choose_gpus, parse_resources
+from qudata_agent.domain.gpus import Resources, parse_resources
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
-from qudata_agent.domain.instance import (
-    Action,
-    IllegalTransition,
-    Instance,
-    Status,
-    Wanted,
-    observe,
-)
+from qudata_agent.domain.instance import Action, IllegalTransition, Instance, Status, Wanted
 from qudata_agent.domain.order import (
     NO_DEFAULTS,
     CreateOrder,
@@ -45,36 +41,20 @@ from qudata_agent.domain.order import (
     build_spec,
     dropped_env,
 )
+from qudata_agent.domain.placement import Free, Holding, Placement, Request, free, place
 from qudata_agent.domain.ports import PortAllocator, parse_port_requests
-from qudata_agent.domain.reconcile import (
-    DEFAULT_GRACE_S,
-    Forget,
-    Observe,
-    RemoveLeftover,
-    RemoveOrphan,
-    Start,
-    Step,
-    Stop,
-    plan,
-    start_was_missed,
-)
-from qudata_agent.errors import AgentError, Conflict, NotFound, Unavailable
-from qudata_agent.services.pulls import PullCoordinator
+from qudata_agent.domain.topology import parse_cpu_list
+from qudata_agent.errors import Conflict, NotFound
+from qudata_agent.services.builds import BuildPipeline, remove_container
+from qudata_agent.services.capacity import Disk, HostCapacity
+from qudata_agent.services.records import Records
+from qudata_agent.services.views import InstanceView, InstanceViews
 
 log = logging.getLogger(__name__)
-
-LAST_LOG_LINES = 20
-# Registry credentials live only in memory for the pull (the contract: never
-# stored in clear), so a pull resumed after an agent restart goes without them.
-RESUMED_PULL_HINT = (
-    " (the agent restarted during this pull and does not keep registry credentials:"
-    " for a private image, delete the instance and create it again)"
-)
+GIB = 1024**3
 
 
 class Engine(Protocol):
-    def create(self, spec: ContainerSpec) -> str: ...
-
     def start(self, container_id: str) -> None: ...
 
     def stop(self, container_id: str, timeout_s: int = 10) -> None: ...
@@ -85,187 +65,141 @@ class Engine(Protocol):
 
     def inspect(self, container_id: str) -> ContainerState: ...
 
-    def list_managed(self, agent_id: str) -> list[ContainerState]: ...
-
-    def logs(self, container_id: str, tail: int) -> str: ...
-
 
 class Storage(Protocol):
     """The storage guard (`services.storage.StorageGuard`): what a create's storage_gb gets."""
 
     def admit(self, instance_id: str, storage_gb: float) -> int | None: ...
 
-    async def view(self, instance: Instance) -> Any: ...
-
-
-class InstanceStore(Protocol):
-    def insert_instance(self, instance: Instance) -> None: ...
-
-    def update_instance(self, instance: Instance) -> None: ...
-
-    def release_resources(self, instance_id: str) -> None: ...
-
-    def fail_instance(self, instance: Instance) -> None: ...
-
-    def delete_instance(self, instance_id: str) -> None: ...
-
-    def get_instance(self, instance_id: str) -> Instance | None: ...
-
-    def list_instances(self) -> list[Instance]: ...
-
-    def allocated_ports(self) -> frozenset[int]: ...
-
-    def allocated_gpus(self) -> frozenset[str]: ...
-
 
 @dataclass(frozen=True)
-class InstanceView:
-    """What GET /instances shows: the record plus live extras."""
+class HostView:
+    """`GET /v1/host`: what the host has and what is free."""
 
-    instance: Instance | None
-    pull: Any | None = None  # the engine's pull progress while pulling
-    logs: str | None = None
-    last_logs: str | None = None  # after the container exited on its own
-    ssh: Any | None = None  # the SSH service's view (status, port, reason)
-    gpu_health: tuple[Any, ...] = ()  # health problems of its GPUs (domain.gpu_health.GpuEvent)
-    storage: Any | None = None  # what storage_gb gets (domain.storage.StorageUsage)
-
-
-class _BuildCancelled(Exception):
-    pass
+    max_instances: int
+    instances: int
+    gpus: tuple[str, ...]
+    free: Free
+    cpu_cores: float
+    memory_bytes: int
+    disk: Disk
+    port_range: tuple[int, int]
+    ports_free: int
 
 
-@dataclass
-class _Build:
-    task: asyncio.Task[None]
-    cancel: asyncio.Event
+def holding_of(instance: Instance) -> Holding | None:
+    """What an instance holds; a failed build holds nothing (its resources are freed)."""
+    if instance.status is Status.ERROR and instance.container_id is None:
+        return None
+    spec = ContainerSpec.from_json(instance.spec_json)
+    return Holding(
+        gpus=instance.gpus,
+        cpuset=parse_cpu_list(spec.cpuset_cpus) if spec.cpuset_cpus else (),
+        cpu_cores=spec.nano_cpus / 1e9 if spec.nano_cpus else None,
+        memory_bytes=spec.memory_bytes,
+        storage_bytes=spec.storage_bytes,
+    )
 
 
 class InstanceService:
     def __init__(
         self,
         *,
+        records: Records,
+        builds: BuildPipeline,
+        views: InstanceViews,
         engine: Engine,
-        store: InstanceStore,
         blocking: Blocking,
-        pulls: PullCoordinator,
         ports: PortAllocator,
-        gpu_uuids: Callable[[], Awaitable[tuple[str, ...]]],
+        capacity: HostCapacity,
         agent_id: str,
         storage: Storage | None = None,  # None: storage_gb is accepted and ignored
         host: HostDefaults = NO_DEFAULTS,
-        prepare_network: Callable[[], Awaitable[None]] | None = None,
         stop_timeout_s: int = 10,
-        grace_s: float = DEFAULT_GRACE_S,
-        cleanup_retry_s: float = 0.5,
-        host_size: tuple[float, int] | None = None,  # (CPUs, memory bytes): admission
-        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._records = records
+        self._builds = builds
+        self._views = views
         self._engine = engine
-        self._store = store
         self._blocking = blocking
-        self._pulls = pulls
         self._ports = ports
-        self._gpu_uuids = gpu_uuids
+        self._capacity = capacity
         self._agent_id = agent_id
         self._storage = storage
         self._host = host
-        self._prepare_network = prepare_network
         self._stop_timeout_s = stop_timeout_s
-        self._grace_s = grace_s
-        self._cleanup_retry_s = cleanup_retry_s
-        self._host_size = host_size
-        self._clock = clock
         self._create_lock = asyncio.Lock()
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._builds: dict[str, _Build] = {}
-        self._listeners: list[Callable[[], None]] = []
-        self._run_listeners: list[Callable[[Instance], None]] = []
-        self._ssh_view: Callable[[Instance], Awaitable[Any]] | None = None
-        self._gpu_health: Callable[[Instance], Sequence[Any]] | None = None
 
-    def show_ssh_with(self, view: Callable[[Instance], Awaitable[Any]]) -> None:
-        """Where `describe` gets the SSH part of the answer."""
-        self._ssh_view = view
+    # -- the collection -------------------------------------------------------
 
-    def show_gpu_health_with(self, health: Callable[[Instance], Sequence[Any]]) -> None:
-        """Where `describe` gets the health problems of the instance's GPUs."""
-        self._gpu_health = health
+    async def all(self) -> list[Instance]:
+        """Every instance, oldest first."""
+        return await self._records.all()
 
-    def on_change(self, listener: Callable[[], None]) -> None:
-        """`listener` is called after every lifecycle change (e.g. to send stats now)."""
-        self._listeners.append(listener)
+    async def get(self, instance_id: str) -> Instance:
+        found = await self._records.get(instance_id)
+        if found is None:
+            raise NotFound(f"no instance {instance_id}")
+        return found
 
-    def on_new_run(self, listener: Callable[[Instance], None]) -> None:
-        """`listener` is called each time the container starts a new run (SSH comes back)."""
-        self._run_listeners.append(listener)
+    async def latest(self) -> Instance | None:
+        """The most recently created instance (what the single-instance GET shows)."""
+        instances = await self._records.all()
+        return max(instances, key=lambda i: i.created_at) if instances else None
 
-    async def _save_observed(self, before: Instance, state: ContainerState) -> Instance:
-        after = await self._save(observe(before, state, self._clock()))
-        if after.new_run_of(before):
-            for listener in self._run_listeners:
-                listener(after)
-        return after
+    async def describe(
+        self, instance: Instance | None, logs: bool = False, tail: int = 100
+    ) -> InstanceView:
+        return await self._views.describe(instance, logs=logs, tail=tail)
 
-    def _changed(self) -> None:
-        for listener in self._listeners:
-            listener()
-
-    def _lock(self, instance_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(instance_id, asyncio.Lock())
-
-    async def _save(self, instance: Instance) -> Instance:
-        await self._blocking.quick(self._store.update_instance, instance)
-        return instance
-
-    async def current(self) -> Instance | None:
-        instances = await self._blocking.quick(self._store.list_instances)
-        return instances[0] if instances else None
-
-    # -- create ---------------------------------------------------------------
+    # -- create -----------------------------------------------------------------
 
     async def create(self, order: CreateOrder) -> Instance:
         ref = resolve_image(order.image, order.image_tag)
         resources = parse_resources(order.env)
         requests = parse_port_requests(order.ports, order.ssh_enabled)
-        if self._host_size is not None:
-            check_host_holds(resources, *self._host_size)
-        # Asked before the lock: a slow GPU driver never holds up another create.
-        all_gpus = await self._gpu_uuids() if resources.gpu_count else ()
+        # Read before the lock: a slow GPU driver never holds up another create.
+        capacity, _disk = await self._capacity.read(need_gpus=resources.gpu_count > 0)
         async with self._create_lock:
-            existing = await self.current()
-            if existing is not None:
+            existing = await self._records.all()
+            if self._capacity.max_instances == 1 and existing:
                 raise Conflict(
-                    f"an instance already exists ({existing.id}, {existing.status});"
+                    f"an instance already exists ({existing[0].id}, {existing[0].status});"
                     " delete it first"
                 )
-            instance = await self._blocking.quick(
-                self._place, order, ref, resources, requests, all_gpus
-            )
+            holdings = [h for h in map(holding_of, existing) if h is not None]
+            storage_bytes = None if order.storage_gb is None else int(order.storage_gb * GIB)
+            placement = place(capacity, holdings, Request.of(resources, storage_bytes))
+            instance = await self._blocking.quick(self._record, order, ref, placement, requests)
         log.info(
             "instance accepted",
-            extra={"instance_id": instance.id, "image": instance.image, "ports": instance.ports},
+            extra={
+                "instance_id": instance.id,
+                "image": instance.image,
+                "ports": instance.ports,
+                "gpus": instance.gpus,
+                "cpuset": placement.cpuset_cpus,
+            },
         )
         for name in dropped_env(order):
             log.warning(
                 "the order's GPU variable is set by the agent; its value was dropped",
                 extra={"instance_id": instance.id, "variable": name},
             )
-        self._start_build(instance, order)
-        self._changed()
+        self._builds.start(instance, order.credentials)
+        self._records.changed()
         return instance
 
-    def _place(
+    def _record(
         self,
         order: CreateOrder,
         ref: ImageRef,
-        resources: Resources,
+        placement: Placement,
         requests: dict[str, int | None],
-        all_gpus: tuple[str, ...],
     ) -> Instance:
-        """Allocates and records the instance (runs in a thread, under the create lock)."""
-        ports = self._ports.allocate(requests, self._store.allocated_ports())
-        gpus = choose_gpus(resources.gpu_count, all_gpus, self._store.allocated_gpus())
+        """Takes ports and records the instance (in a thread, under the create lock)."""
+        store = self._records.store
+        ports = self._ports.allocate(requests, store.allocated_ports())
         instance_id = str(uuid.uuid4())
         storage = None
         if order.storage_gb is not None and self._storage is not None:
@@ -275,13 +209,14 @@ class InstanceService:
             instance_id=instance_id,
             agent_id=self._agent_id,
             image=str(ref),
-            resources=resources,
+            resources=Resources(placement.cpu_cores, placement.memory_bytes, len(placement.gpus)),
             ports=ports,
-            gpus=gpus,
+            gpus=placement.gpus,
+            cpuset=placement.cpuset_cpus,
             storage_bytes=storage,
             host=self._host,
         )
-        now = self._clock()
+        now = self._records.clock()
         instance = Instance(
             id=instance_id,
             status=Status.PENDING,
@@ -289,7 +224,7 @@ class InstanceService:
             image=str(ref),
             container_name=spec.name,
             ports=ports,
-            gpus=gpus,
+            gpus=placement.gpus,
             phase="queued",
             ssh_enabled=order.ssh_enabled,
             created_at=now,
@@ -297,186 +232,32 @@ class InstanceService:
             wanted_at=now,
             spec_json=spec.to_json(),
         )
-        self._store.insert_instance(instance)
+        store.insert_instance(instance)
         return instance
 
-    def _start_build(self, instance: Instance, order: CreateOrder | None) -> None:
-        """Builds in the background; without `order`, a build resumed after a restart."""
-        auth = order.credentials if order is not None else None
-        cancel = asyncio.Event()
-        build = self._build(instance, auth, cancel, resumed=order is None)
-        task = asyncio.create_task(build, name=f"build {instance.id}")
-        self._builds[instance.id] = _Build(task, cancel)
-        task.add_done_callback(lambda _t: self._builds.pop(instance.id, None))
-
-    async def _checkpoint(self, cancel: asyncio.Event) -> None:
-        if cancel.is_set():
-            raise _BuildCancelled
-
-    async def _pull_unless_cancelled(self, ref: str, auth: Any, cancel: asyncio.Event) -> None:
-        pull = asyncio.ensure_future(self._pulls.ensure(ref, auth))
-        stop = asyncio.ensure_future(cancel.wait())
-        try:
-            await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not pull.done():
-                pull.cancel()  # the shared pull itself goes on (shielded)
-        await self._checkpoint(cancel)
-        pull.result()
-
-    async def _build(
-        self, instance: Instance, auth: Any, cancel: asyncio.Event, resumed: bool = False
-    ) -> None:
-        spec = ContainerSpec.from_json(instance.spec_json)
-        now = self._clock
-        try:
-            if not await self._pulls.present(spec.image):
-                instance = await self._save(
-                    instance.move(Status.PENDING, now=now(), phase="pulling")
-                )
-                self._changed()
-                await self._pull_unless_cancelled(spec.image, auth, cancel)
-            await self._checkpoint(cancel)
-            instance = await self._save(instance.move(Status.PENDING, now=now(), phase="creating"))
-            if self._prepare_network is not None:
-                await self._prepare_network()
-            container_id = await self._create_or_adopt(spec)
-            instance = await self._save(
-                instance.move(
-                    Status.PENDING, now=now(), phase="starting", container_id=container_id
-                )
-            )
-            await self._checkpoint(cancel)
-            await self._blocking.quick(self._engine.start, container_id)
-            state = await self._blocking.quick(self._engine.inspect, container_id)
-            async with self._lock(instance.id):
-                instance = await self._save_observed(instance, state)
-            log.info("instance up", extra={"instance_id": instance.id, "status": instance.status})
-        except _BuildCancelled:
-            log.info("instance build cancelled", extra={"instance_id": instance.id})
-            return
-        except AgentError as e:
-            if cancel.is_set():
-                return
-            reason = e.message
-            if resumed and instance.phase == "pulling":
-                reason += RESUMED_PULL_HINT
-            await self._fail(instance, reason)
-        except Exception:
-            if cancel.is_set():
-                return
-            log.exception("instance build failed", extra={"instance_id": instance.id})
-            await self._fail(instance, "internal error while creating the instance")
-        self._changed()
-
-    async def _create_or_adopt(self, spec: ContainerSpec) -> str:
-        """Creates the container, or adopts the one a crashed build already made."""
-        try:
-            return await self._blocking.quick(self._engine.create, spec)
-        except Conflict:
-            state = await self._blocking.quick(self._engine.inspect, spec.name)
-            if state.instance_id != spec.instance_id or state.agent_id != spec.agent_id:
-                raise
-            log.info(
-                "adopted the container of an interrupted build", extra={"container": spec.name}
-            )
-            return state.container_id
-
-    async def _fail(self, instance: Instance, reason: str) -> None:
-        """A build failed: free everything and keep the reason, whatever else is down.
-
-        The container is removed with a few retries; if Docker still refuses,
-        the record says the build failed (no container id) and the reconcile
-        removes the leftover once Docker answers. Recording the failure (and
-        freeing ports and GPUs in the same transaction) is retried until the
-        store takes it: the instance never stays `pending` with its resources.
-        """
-        log.warning("instance build failed", extra={"instance_id": instance.id, "reason": reason})
-        failed = instance.move(Status.ERROR, now=self._clock(), reason=reason, container_id=None)
-        failed = replace(failed, ports={}, gpus=())
-        await self._until_done(
-            lambda: self._remove_container(instance), "remove a failed build", attempts=3
+    async def host(self) -> HostView:
+        capacity, disk = await self._capacity.read()
+        records = await self._records.all()
+        holdings = [h for h in map(holding_of, records) if h is not None]
+        taken = await self._blocking.quick(self._records.store.allocated_ports)
+        low, high = self._ports.port_range
+        return HostView(
+            max_instances=capacity.max_instances,
+            instances=len(records),
+            gpus=capacity.shape.gpus.uuids,
+            free=free(capacity, holdings),
+            cpu_cores=capacity.cpu_cores,
+            memory_bytes=capacity.memory_bytes,
+            disk=disk,
+            port_range=(low, high),
+            ports_free=(high - low + 1) - sum(low <= p <= high for p in taken),
         )
-        await self._until_done(
-            lambda: self._blocking.quick(self._store.fail_instance, failed), "record a failed build"
-        )
-
-    async def _until_done(
-        self, step: Callable[[], Awaitable[object]], what: str, attempts: int | None = None
-    ) -> bool:
-        """Runs `step` until it succeeds (or `attempts` ran out): False if it never did."""
-        backoff = Backoff(base_s=self._cleanup_retry_s, cap_s=max(self._cleanup_retry_s, 10.0))
-        tried = 0
-        while True:
-            try:
-                await step()
-                return True
-            except AgentError as e:
-                tried += 1
-                if tried == 1:
-                    log.warning(
-                        "cleanup step failed; retrying", extra={"step": what, "error": e.message}
-                    )
-                if attempts is not None and tried >= attempts:
-                    return False
-            await asyncio.sleep(backoff.next_delay())
-
-    async def _remove_container(self, instance: Instance) -> None:
-        for ref in dict.fromkeys(r for r in (instance.container_id, instance.container_name) if r):
-            await self._blocking.slow(self._engine.remove, ref)
-
-    # -- read -----------------------------------------------------------------
-
-    async def describe(
-        self, logs: bool = False, tail: int = 100, instance: Instance | None = None
-    ) -> InstanceView:
-        """The current instance, or `instance` as an action left it, for an answer."""
-        if instance is None:
-            instance = await self.current()
-        if instance is None:
-            return InstanceView(None)
-        pull = self._pulls.progress(instance.image) if instance.phase == "pulling" else None
-        text = last = None
-        if instance.container_id and (logs or self._exited_on_its_own(instance)):
-            try:
-                if logs:
-                    text = await self._blocking.quick(
-                        self._engine.logs, instance.container_id, tail
-                    )
-                if self._exited_on_its_own(instance):
-                    last = await self._blocking.quick(
-                        self._engine.logs, instance.container_id, LAST_LOG_LINES
-                    )
-            except NotFound:
-                pass  # removed a moment ago; the event will say so
-        ssh = await self._ssh_view(instance) if self._ssh_view is not None else None
-        health = tuple(self._gpu_health(instance)) if self._gpu_health is not None else ()
-        storage = await self._storage.view(instance) if self._storage is not None else None
-        return InstanceView(
-            instance,
-            pull=pull,
-            logs=text,
-            last_logs=last,
-            ssh=ssh,
-            gpu_health=health,
-            storage=storage,
-        )
-
-    @staticmethod
-    def _exited_on_its_own(instance: Instance) -> bool:
-        """Finished or crashed (not stopped through the API): its last lines tell why."""
-        stopped = instance.status in (Status.PAUSED, Status.ERROR)
-        return stopped and instance.wanted is Wanted.RUNNING and instance.container_id is not None
 
     # -- lifecycle ------------------------------------------------------------
 
-    async def act(self, action: Action) -> Instance:
-        instance = await self.current()
-        if instance is None:
-            raise NotFound("there is no instance")
-        async with self._lock(instance.id):
-            instance = await self._reload(instance)
+    async def act(self, instance_id: str, action: Action) -> Instance:
+        async with self._records.lock(instance_id):
+            instance = await self.get(instance_id)
             try:
                 instance.check_action(action)
             except IllegalTransition as e:
@@ -485,20 +266,20 @@ class InstanceService:
             # The intent first (with its time, so the reconcile can tell an action
             # cut short by a crash): a store that cannot take it refuses before
             # Docker is touched.
-            instance = await self._save(instance.want(wanted, self._clock()))
+            instance = await self._records.save(instance.want(wanted, self._records.clock()))
             assert instance.container_id is not None
             try:
                 await self._docker_action(action, instance.container_id)
                 state = await self._blocking.quick(self._engine.inspect, instance.container_id)
             except NotFound:
-                await self._vanished(instance)
+                await self._records.vanished(instance)
                 raise NotFound("the instance's container was removed outside the agent") from None
-            instance = await self._save_observed(instance, state)
+            instance = await self._records.save_observed(instance, state)
         log.info(
             "instance action",
             extra={"instance_id": instance.id, "action": action.value, "status": instance.status},
         )
-        self._changed()
+        self._records.changed()
         return instance
 
     async def _docker_action(self, action: Action, container_id: str) -> None:
@@ -509,178 +290,20 @@ class InstanceService:
         else:
             await self._blocking.slow(self._engine.restart, container_id, self._stop_timeout_s)
 
-    async def _reload(self, instance: Instance) -> Instance:
-        fresh = await self._blocking.quick(self._store.get_instance, instance.id)
-        if fresh is None:
-            raise NotFound("there is no instance")
-        return fresh
-
-    async def delete(self) -> Instance | None:
-        instance = await self.current()
-        if instance is None:
-            return None
-        build = self._builds.get(instance.id)
-        if build is not None:
-            build.cancel.set()
-            await asyncio.wait({build.task})
-        async with self._lock(instance.id):
-            fresh = await self._blocking.quick(self._store.get_instance, instance.id)
+    async def delete(self, instance_id: str) -> Instance:
+        """Removes the instance's container and record; a delete racing another answers alike."""
+        instance = await self.get(instance_id)
+        await self._builds.cancel(instance.id)
+        async with self._records.lock(instance.id):
+            fresh = await self._records.get(instance.id)
             if fresh is None:
                 return instance  # a delete that ran meanwhile did it: the same answer
-            await self._remove_container(fresh)
-            await self._blocking.quick(self._store.delete_instance, fresh.id)
-        self._locks.pop(instance.id, None)
+            await remove_container(self._engine, self._blocking, fresh)
+            await self._blocking.quick(self._records.store.delete_instance, fresh.id)
+        self._records.forget_lock(instance.id)
         log.info("instance deleted", extra={"instance_id": instance.id})
-        self._changed()
+        self._records.changed()
         return instance
 
-    # -- convergence with Docker ----------------------------------------------
-
-    async def _vanished(self, instance: Instance) -> None:
-        log.warning(
-            "instance container removed outside the agent; instance destroyed",
-            extra={"instance_id": instance.id},
-        )
-        await self._blocking.quick(self._store.delete_instance, instance.id)
-        self._changed()
-
-    async def refresh(self, instance: Instance) -> None:
-        """Brings one (built) instance in line with its container."""
-        if instance.id in self._builds or not self._built(instance):
-            return
-        async with self._lock(instance.id):
-            fresh = await self._blocking.quick(self._store.get_instance, instance.id)
-            if fresh is None or not self._built(fresh):
-                return  # deleted, or failed, meanwhile
-            instance = fresh
-            ref = instance.container_id or instance.container_name
-            try:
-                state = await self._blocking.quick(self._engine.inspect, ref)
-            except NotFound:
-                await self._vanished(instance)
-                return
-            updated = observe(instance, state, self._clock())
-            seen = ("status", "reason", "exit_code", "started_at", "container_id")
-            if any(getattr(updated, f) != getattr(instance, f) for f in seen):
-                updated = await self._save_observed(instance, state)
-                log.info(
-                    "instance status changed",
-                    extra={
-                        "instance_id": instance.id,
-                        "status": updated.status,
-                        "reason": updated.reason,
-                    },
-                )
-                self._changed()
-
-    async def on_container_event(self, container_id: str) -> None:
-        for instance in await self._blocking.quick(self._store.list_instances):
-            if container_id in (instance.container_id, instance.container_name):
-                await self.refresh(instance)
-
-    @staticmethod
-    def _built(instance: Instance) -> bool:
-        """Has a container of its own to follow (not pending, not a failed build)."""
-        return instance.status is not Status.PENDING and instance.container_id is not None
-
-    async def sync(self) -> None:
-        """The full pass: the store read first, then Docker's list, then the plan applied.
-
-        A step that fails does not stop the others; the pass then raises, so
-        that it is counted and logged, and the next pass tries again.
-        """
-        wanted = await self._blocking.quick(self._store.list_instances)
-        observed = await self._blocking.quick(self._engine.list_managed, self._agent_id)
-        steps = plan(
-            wanted, observed, building=set(self._builds), now=self._clock(), grace_s=self._grace_s
-        )
-        failed = 0
-        for step in steps:
-            try:
-                await self._apply(step)
-            except AgentError as e:
-                failed += 1
-                log.warning(
-                    "reconcile step failed",
-                    extra={"step": type(step).__name__, "error": e.message},
-                )
-        if failed:
-            raise Unavailable(f"{failed} of {len(steps)} reconcile steps failed")
-
-    async def _apply(self, step: Step) -> None:
-        if isinstance(step, RemoveOrphan):
-            await self._remove_orphan(step)
-        elif isinstance(step, RemoveLeftover):
-            async with self._lock(step.instance_id):
-                fresh = await self._blocking.quick(self._store.get_instance, step.instance_id)
-                if (
-                    fresh is not None
-                    and fresh.container_id is None
-                    and fresh.status is Status.ERROR
-                ):
-                    log.info(
-                        "removing the container of a failed build", extra={"instance_id": fresh.id}
-                    )
-                    await self._blocking.slow(self._engine.remove, step.container_id)
-        elif isinstance(step, Forget | Observe):
-            fresh = await self._blocking.quick(self._store.get_instance, step.instance_id)
-            if fresh is not None:
-                await self.refresh(fresh)
-        elif isinstance(step, Start | Stop):
-            await self._converge(step)
-
-    async def _remove_orphan(self, step: RemoveOrphan) -> None:
-        # Checked again now: a create that raced the listing has its record by now.
-        if step.instance_id is not None:
-            if step.instance_id in self._builds:
-                return
-            if await self._blocking.quick(self._store.get_instance, step.instance_id):
-                return
-        log.warning(
-            "removing a container with no instance record", extra={"container": step.container_id}
-        )
-        await self._blocking.slow(self._engine.remove, step.container_id)
-
-    async def _converge(self, step: Start | Stop) -> None:
-        """Carries out an intent that a crash of the agent cut short."""
-        async with self._lock(step.instance_id):
-            instance = await self._blocking.quick(self._store.get_instance, step.instance_id)
-            if instance is None or not self._built(instance):
-                return
-            state = await self._blocking.quick(self._engine.inspect, step.container_id)
-            if isinstance(step, Stop):
-                if instance.wanted is not Wanted.STOPPED or not state.running:
-                    return
-                await self._blocking.slow(
-                    self._engine.stop, step.container_id, self._stop_timeout_s
-                )
-            else:
-                if instance.wanted is not Wanted.RUNNING or not start_was_missed(instance, state):
-                    return
-                await self._blocking.quick(self._engine.start, step.container_id)
-            log.info(
-                "carried out an interrupted action",
-                extra={"instance_id": instance.id, "wanted": instance.wanted},
-            )
-            state = await self._blocking.quick(self._engine.inspect, step.container_id)
-            await self._save_observed(instance, state)
-        self._changed()
-
-    async def restore(self) -> None:
-        """At start: resume interrupted builds, adopt containers, drop the vanished."""
-        for instance in await self._blocking.quick(self._store.list_instances):
-            if instance.status is Status.PENDING and instance.id not in self._builds:
-                log.info("resuming an interrupted build", extra={"instance_id": instance.id})
-                self._start_build(instance, None)
-        await self.sync()
-        for instance in await self._blocking.quick(self._store.list_instances):
-            if instance.status is Status.RUNNING:
-                for listener in self._run_listeners:
-                    listener(instance)  # the agent was away: make sure SSH is up
-
     async def close(self) -> None:
-        builds = list(self._builds.values())
-        for build in builds:
-            build.task.cancel()
-        if builds:
-            await asyncio.wait({b.task for b in builds}, timeout=5)
+        await self._builds.close()

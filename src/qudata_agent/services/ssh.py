@@ -91,11 +91,10 @@ class SshService:
     def _lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())
 
-    async def _instance(self) -> Instance:
-        instances = await self._blocking.quick(self._store.list_instances)
-        if not instances:
-            raise NotFound("there is no instance")
-        instance = instances[0]
+    async def _instance(self, instance_id: str) -> Instance:
+        instance = await self._blocking.quick(self._store.get_instance, instance_id)
+        if instance is None:
+            raise NotFound(f"no instance {instance_id}")
         if not instance.ssh_enabled:
             raise Conflict("SSH is not enabled on this instance (create it with ssh_enabled)")
         return instance
@@ -118,15 +117,15 @@ class SshService:
 
     # -- keys -------------------------------------------------------------------
 
-    async def keys(self) -> list[str]:
-        instance = await self._instance()
+    async def keys(self, instance_id: str) -> list[str]:
+        instance = await self._instance(instance_id)
         keys = await self._blocking.quick(self._store.ssh_keys, instance.id)
         return [key.line() for key in keys]
 
-    async def add_key(self, text: str) -> bool:
-        """Adds a key (False: it was there already) and applies it if sshd is up."""
+    async def add_key(self, instance_id: str, text: str) -> bool:
+        """Adds a key to this instance only (False: it was there already); applied if sshd is up."""
         key = parse_key(text)
-        instance = await self._instance()
+        instance = await self._instance(instance_id)
         async with self._lock(instance.id):
             keys = await self._blocking.quick(self._store.ssh_keys, instance.id)
             if len(render_authorized_keys([*keys, key])) > MAX_KEYS_BYTES:
@@ -140,9 +139,9 @@ class SshService:
         )
         return added
 
-    async def remove_key(self, text: str) -> None:
+    async def remove_key(self, instance_id: str, text: str) -> None:
         key = parse_key(text)
-        instance = await self._instance()
+        instance = await self._instance(instance_id)
         async with self._lock(instance.id):
             removed = await self._blocking.quick(self._store.remove_ssh_key, instance.id, key)
             if not removed:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
@@ -181,25 +181,24 @@ class StorageGuard:
         request = (await self._blocking.quick(self._requests)).get(instance.id)
         return None if request is None else usage(request, self._used.get(instance.id))
 
-    async def check(self, instance: Instance | None) -> None:
-        """One watch pass: support detected again, the uncapped layer measured."""
+    async def check(self, instances: Sequence[Instance]) -> None:
+        """One watch pass: support detected again, every uncapped layer measured."""
         await self.detect()
-        if instance is None or instance.container_id is None:
-            self._used.clear()
-            self._over.clear()
-            return
-        request = (await self._blocking.quick(self._requests)).get(instance.id)
-        if request is None or request.enforced:
-            return
-        try:
-            used = await self._blocking.slow(
-                self._engine.writable_layer_bytes, instance.container_id
-            )
-        except NotFound:
-            return  # removed a moment ago; the instance service sees it too
-        self._used = {instance.id: used}
-        self._over &= {instance.id}
-        self._judge(instance.id, request, used)
+        requests = await self._blocking.quick(self._requests)
+        used: dict[str, int] = {}
+        for instance in instances:
+            request = requests.get(instance.id)
+            if instance.container_id is None or request is None or request.enforced:
+                continue
+            try:
+                used[instance.id] = await self._blocking.slow(
+                    self._engine.writable_layer_bytes, instance.container_id
+                )
+            except NotFound:
+                continue  # removed a moment ago; the reconciler sees it too
+            self._judge(instance.id, request, used[instance.id])
+        self._used = used
+        self._over &= set(used)
 
     def _judge(self, instance_id: str, request: StorageRequest, used: int) -> None:
         facts = {

@@ -1,8 +1,13 @@
-"""`/instances`: create, show, act on and delete the renter's instance.
+"""`/instances` (the single-instance routes) and `/v1/instances`, `/v1/host`.
 
 Thin: each responder validates into a schema, makes one service call, and
 renders the envelope. The service's domain objects are turned into the wire
 format here and nowhere else.
+
+"The" instance of the section 1 routes is chosen here, over the collection
+(CONTRACT.md section 4): `GET /instances` shows the most recently created
+one; `PUT`, `DELETE` and `/ssh` act on it while the host has at most one,
+and answer 409 naming the v1 routes while it has several.
 """
 
 from __future__ import annotations
@@ -15,32 +20,57 @@ import falcon.asgi
 from qudata_agent.api.body import read_json
 from qudata_agent.api.envelope import ok
 from qudata_agent.api.schemas import (
+    Amount,
     CreatedInstance,
     CreateInstance,
+    GpuCapacity,
     GpuHealthEvent,
+    HostState,
     InstanceAction,
+    InstanceList,
     InstanceState,
+    PortCapacity,
     PullProgressView,
     SshState,
     StorageState,
 )
 from qudata_agent.domain.instance import Action, Instance
 from qudata_agent.domain.order import CreateOrder, RegistryCredentials
-from qudata_agent.errors import InvalidRequest
+from qudata_agent.errors import Conflict, InvalidRequest, NotFound
 
 MAX_TAIL = 10_000
+GIB = 1024**3
 
 
 class InstancesApi(Protocol):
     async def create(self, order: CreateOrder) -> Instance: ...
 
+    async def all(self) -> list[Instance]: ...
+
+    async def get(self, instance_id: str) -> Instance: ...
+
+    async def latest(self) -> Instance | None: ...
+
     async def describe(
-        self, logs: bool = False, tail: int = 100, instance: Instance | None = None
+        self, instance: Instance | None, logs: bool = False, tail: int = 100
     ) -> Any: ...
 
-    async def act(self, action: Action) -> Instance: ...
+    async def act(self, instance_id: str, action: Action) -> Instance: ...
 
-    async def delete(self) -> Instance | None: ...
+    async def delete(self, instance_id: str) -> Instance: ...
+
+    async def host(self) -> Any: ...
+
+
+async def sole_instance(service: InstancesApi) -> Instance | None:
+    """The one instance the section 1 routes act on; 409 while the host has several."""
+    instances = await service.all()
+    if len(instances) > 1:
+        raise Conflict(
+            f"this host runs {len(instances)} instances: use /v1/instances/{{id}}"
+            " to address one of them"
+        )
+    return instances[0] if instances else None
 
 
 def to_order(body: CreateInstance) -> CreateOrder:
@@ -130,36 +160,125 @@ def _query(req: falcon.asgi.Request) -> tuple[bool, int]:
     return logs_raw in ("true", "1"), int(tail_raw)
 
 
+def _destroyed(deleted: Instance | None) -> InstanceState:
+    return InstanceState(
+        instance_id=None if deleted is None else deleted.id, container_id=None, status="destroyed"
+    )
+
+
+async def _create(service: InstancesApi, req: falcon.asgi.Request, limit: int) -> CreatedInstance:
+    body = await read_json(req, CreateInstance, limit)
+    instance = await service.create(to_order(body))
+    return CreatedInstance(
+        instance_id=instance.id, status=instance.status.value, ports=_ports(instance)
+    )
+
+
+async def _action(req: falcon.asgi.Request, limit: int) -> Action:
+    return Action((await read_json(req, InstanceAction, limit)).action)
+
+
+async def _act(service: InstancesApi, instance_id: str, action: Action) -> InstanceState:
+    # The answer is the state this action left, whatever a later request did since.
+    acted = await service.act(instance_id, action)
+    return to_state(await service.describe(acted))
+
+
 class InstancesResource:
+    """`/instances`: the single-instance contract (section 1)."""
+
     def __init__(self, service: InstancesApi, max_body_bytes: int) -> None:
         self._service = service
         self._limit = max_body_bytes
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        body = await read_json(req, CreateInstance, self._limit)
-        instance = await self._service.create(to_order(body))
-        answer = CreatedInstance(
-            instance_id=instance.id, status=instance.status.value, ports=_ports(instance)
-        )
-        ok(resp, answer, status=202)
+        ok(resp, await _create(self._service, req, self._limit), status=202)
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         logs, tail = _query(req)
-        ok(resp, to_state(await self._service.describe(logs=logs, tail=tail)))
+        latest = await self._service.latest()
+        ok(resp, to_state(await self._service.describe(latest, logs=logs, tail=tail)))
 
     async def on_put(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        body = await read_json(req, InstanceAction, self._limit)
-        # The answer is the state this action left, whatever a later request did since.
-        acted = await self._service.act(Action(body.action))
-        ok(resp, to_state(await self._service.describe(instance=acted)))
+        action = await _action(req, self._limit)
+        instance = await sole_instance(self._service)
+        if instance is None:
+            raise NotFound("there is no instance")
+        ok(resp, await _act(self._service, instance.id, action))
 
     async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        deleted = await self._service.delete()
+        instance = await sole_instance(self._service)
+        deleted = None
+        if instance is not None:
+            try:
+                deleted = await self._service.delete(instance.id)
+            except NotFound:
+                deleted = instance  # a delete racing this one removed it: the same answer
+        ok(resp, _destroyed(deleted))
+
+
+class V1InstancesResource:
+    """`/v1/instances`: every instance, and creating one (section 4)."""
+
+    def __init__(self, service: InstancesApi, max_body_bytes: int) -> None:
+        self._service = service
+        self._limit = max_body_bytes
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        views = [await self._service.describe(i) for i in await self._service.all()]
+        ok(resp, InstanceList(instances=[to_state(view) for view in views]))
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        ok(resp, await _create(self._service, req, self._limit), status=202)
+
+
+class V1InstanceResource:
+    """`/v1/instances/{instance_id}`: one instance by its id."""
+
+    def __init__(self, service: InstancesApi, max_body_bytes: int) -> None:
+        self._service = service
+        self._limit = max_body_bytes
+
+    async def on_get(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, instance_id: str
+    ) -> None:
+        logs, tail = _query(req)
+        instance = await self._service.get(instance_id)
+        ok(resp, to_state(await self._service.describe(instance, logs=logs, tail=tail)))
+
+    async def on_put(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, instance_id: str
+    ) -> None:
+        ok(resp, await _act(self._service, instance_id, await _action(req, self._limit)))
+
+    async def on_delete(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, instance_id: str
+    ) -> None:
+        ok(resp, _destroyed(await self._service.delete(instance_id)))
+
+
+def _gb(value: float | None) -> float | None:
+    return None if value is None else round(value / GIB, 2)
+
+
+class HostResource:
+    """`/v1/host`: what the host has for instances and what is free."""
+
+    def __init__(self, service: InstancesApi) -> None:
+        self._service = service
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        host = await self._service.host()
+        low, high = host.port_range
         ok(
             resp,
-            InstanceState(
-                instance_id=None if deleted is None else deleted.id,
-                container_id=None,
-                status="destroyed",
+            HostState(
+                max_instances=host.max_instances,
+                instances=host.instances,
+                gpus=GpuCapacity(total=len(host.gpus), free=list(host.free.gpus)),
+                cpu_cores=Amount(total=host.cpu_cores, free=host.free.cpu_cores),
+                memory_gb=Amount(total=_gb(host.memory_bytes), free=_gb(host.free.memory_bytes)),
+                disk_gb=Amount(total=_gb(host.disk.total_bytes), free=_gb(host.free.disk_bytes)),
+                ports=PortCapacity(range=f"{low}-{high}", free=host.ports_free),
             ),
         )

@@ -1,0 +1,235 @@
+"""The build pipeline: an accepted instance's image pulled, its container made and started.
+
+Owns the background build of each instance (one asyncio task per instance,
+cancelled and awaited on close) and what happens when one fails.
+
+What stays true:
+- a build moves its instance only forward through `pending` (pulling,
+  creating, starting) and ends it `running`/`paused`, or `error` with the
+  first reason; a build cancelled by a delete leaves the record to the delete;
+- the container is made under its deterministic name, so a build resumed
+  after a crash adopts the container it had already made instead of making
+  a second one;
+- a failure is handled even when Docker or the disk is down too: the
+  container removal is retried a few times (then left to the reconcile, which
+  removes the leftover of a failed build), and the record of the failure,
+  which frees the ports and GPUs in the same transaction, is retried until
+  the store takes it; an instance never stays `pending` holding resources;
+- registry credentials live in the build's memory only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.backoff import Backoff
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.instance import Instance, Status
+from qudata_agent.errors import AgentError, Conflict
+from qudata_agent.services.pulls import PullCoordinator
+from qudata_agent.services.records import Records
+
+log = logging.getLogger(__name__)
+
+# Registry credentials live only in memory for the pull (the contract: never
+# stored in clear), so a pull resumed after an agent restart goes without them.
+RESUMED_PULL_HINT = (
+    " (the agent restarted during this pull and does not keep registry credentials:"
+    " for a private image, delete the instance and create it again)"
+)
+
+
+class BuildEngine(Protocol):
+    def create(self, spec: ContainerSpec) -> str: ...
+
+    def start(self, container_id: str) -> None: ...
+
+    def remove(self, container_id: str) -> bool: ...
+
+    def inspect(self, container_id: str) -> ContainerState: ...
+
+
+class _BuildCancelled(Exception):
+    pass
+
+
+@dataclass
+class _Build:
+    task: asyncio.Task[None]
+    cancel: asyncio.Event
+
+
+class BuildPipeline:
+    def __init__(
+        self,
+        *,
+        records: Records,
+        engine: BuildEngine,
+        blocking: Blocking,
+        pulls: PullCoordinator,
+        prepare_network: Callable[[], Awaitable[None]] | None = None,
+        cleanup_retry_s: float = 0.5,
+    ) -> None:
+        self._records = records
+        self._engine = engine
+        self._blocking = blocking
+        self._pulls = pulls
+        self._prepare_network = prepare_network
+        self._cleanup_retry_s = cleanup_retry_s
+        self._builds: dict[str, _Build] = {}
+
+    def building(self) -> frozenset[str]:
+        """The instances whose build is in flight."""
+        return frozenset(self._builds)
+
+    def start(self, instance: Instance, credentials: Any | None, resumed: bool = False) -> None:
+        """Builds in the background; `resumed`: a build cut short by a restart of the agent."""
+        cancel = asyncio.Event()
+        task = asyncio.create_task(
+            self._build(instance, credentials, cancel, resumed), name=f"build {instance.id}"
+        )
+        self._builds[instance.id] = _Build(task, cancel)
+        task.add_done_callback(lambda _t: self._builds.pop(instance.id, None))
+
+    async def cancel(self, instance_id: str) -> None:
+        """Stops the instance's build (if any) at its next step and waits for it to end."""
+        build = self._builds.get(instance_id)
+        if build is not None:
+            build.cancel.set()
+            await asyncio.wait({build.task})
+
+    async def close(self) -> None:
+        builds = list(self._builds.values())
+        for build in builds:
+            build.task.cancel()
+        if builds:
+            await asyncio.wait({b.task for b in builds}, timeout=5)
+
+    # -- the pipeline -----------------------------------------------------------
+
+    @staticmethod
+    def _checkpoint(cancel: asyncio.Event) -> None:
+        if cancel.is_set():
+            raise _BuildCancelled
+
+    async def _pull_unless_cancelled(self, ref: str, auth: Any, cancel: asyncio.Event) -> None:
+        pull = asyncio.ensure_future(self._pulls.ensure(ref, auth))
+        stop = asyncio.ensure_future(cancel.wait())
+        try:
+            await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not pull.done():
+                pull.cancel()  # the shared pull itself goes on (shielded)
+        self._checkpoint(cancel)
+        pull.result()
+
+    async def _step(self, instance: Instance, phase: str, **changes: object) -> Instance:
+        now = self._records.clock()
+        return await self._records.save(
+            instance.move(Status.PENDING, now=now, phase=phase, **changes)
+        )
+
+    async def _build(
+        self, instance: Instance, auth: Any, cancel: asyncio.Event, resumed: bool
+    ) -> None:
+        spec = ContainerSpec.from_json(instance.spec_json)
+        try:
+            if not await self._pulls.present(spec.image):
+                instance = await self._step(instance, "pulling")
+                self._records.changed()
+                await self._pull_unless_cancelled(spec.image, auth, cancel)
+            self._checkpoint(cancel)
+            instance = await self._step(instance, "creating")
+            if self._prepare_network is not None:
+                await self._prepare_network()
+            container_id = await self._create_or_adopt(spec)
+            instance = await self._step(instance, "starting", container_id=container_id)
+            self._checkpoint(cancel)
+            await self._blocking.quick(self._engine.start, container_id)
+            state = await self._blocking.quick(self._engine.inspect, container_id)
+            async with self._records.lock(instance.id):
+                instance = await self._records.save_observed(instance, state)
+            log.info("instance up", extra={"instance_id": instance.id, "status": instance.status})
+        except _BuildCancelled:
+            log.info("instance build cancelled", extra={"instance_id": instance.id})
+            return
+        except AgentError as e:
+            if cancel.is_set():
+                return
+            reason = e.message
+            if resumed and instance.phase == "pulling":
+                reason += RESUMED_PULL_HINT
+            await self._fail(instance, reason)
+        except Exception:
+            if cancel.is_set():
+                return
+            log.exception("instance build failed", extra={"instance_id": instance.id})
+            await self._fail(instance, "internal error while creating the instance")
+        self._records.changed()
+
+    async def _create_or_adopt(self, spec: ContainerSpec) -> str:
+        """Creates the container, or adopts the one a crashed build already made."""
+        try:
+            return await self._blocking.quick(self._engine.create, spec)
+        except Conflict:
+            state = await self._blocking.quick(self._engine.inspect, spec.name)
+            if state.instance_id != spec.instance_id or state.agent_id != spec.agent_id:
+                raise
+            log.info(
+                "adopted the container of an interrupted build", extra={"container": spec.name}
+            )
+            return state.container_id
+
+    # -- failure ------------------------------------------------------------------
+
+    async def _fail(self, instance: Instance, reason: str) -> None:
+        """A build failed: free everything and keep the reason, whatever else is down."""
+        log.warning("instance build failed", extra={"instance_id": instance.id, "reason": reason})
+        now = self._records.clock()
+        failed = instance.move(Status.ERROR, now=now, reason=reason, container_id=None)
+        failed = replace(failed, ports={}, gpus=())
+        await self._until_done(
+            lambda: remove_container(self._engine, self._blocking, instance),
+            "remove a failed build",
+            attempts=3,
+        )
+        await self._until_done(
+            lambda: self._blocking.quick(self._records.store.fail_instance, failed),
+            "record a failed build",
+        )
+
+    async def _until_done(
+        self, step: Callable[[], Awaitable[object]], what: str, attempts: int | None = None
+    ) -> bool:
+        """Runs `step` until it succeeds (or `attempts` ran out): False if it never did."""
+        backoff = Backoff(base_s=self._cleanup_retry_s, cap_s=max(self._cleanup_retry_s, 10.0))
+        tried = 0
+        while True:
+            try:
+                await step()
+                return True
+            except AgentError as e:
+                tried += 1
+                if tried == 1:
+                    log.warning(
+                        "cleanup step failed; retrying", extra={"step": what, "error": e.message}
+                    )
+                if attempts is not None and tried >= attempts:
+                    return False
+            await asyncio.sleep(backoff.next_delay())
+
+
+class _Remover(Protocol):
+    def remove(self, container_id: str) -> bool: ...
+
+
+async def remove_container(engine: _Remover, blocking: Blocking, instance: Instance) -> None:
+    """Removes the instance's container, by id and by name (a create may have left only that)."""
+    for ref in dict.fromkeys(r for r in (instance.container_id, instance.container_name) if r):
+        await blocking.slow(engine.remove, ref)

@@ -1,0 +1,110 @@
+"""The instances' records and the one path every status change takes.
+
+Owns the writes of an instance's record after its creation, the per-instance
+locks, and the listeners told of changes. The instance service, the build
+pipeline and the reconciler all move statuses through here.
+
+What stays true:
+- every status change is a transition the table in `domain.instance` allows
+  (`Instance.move`, `observe`), written to the store before anyone is told;
+- one lock per instance: the holder is the only one acting on that instance
+  (its lifecycle action, its build's last step, its reconcile step);
+- a listener of new runs hears of each fresh start of a container once
+  (SSH comes back on it); a listener of changes hears of every change (the
+  stats are sent at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.container_spec import ContainerState
+from qudata_agent.domain.instance import Instance, observe
+
+log = logging.getLogger(__name__)
+
+
+class InstanceStore(Protocol):
+    def insert_instance(self, instance: Instance) -> None: ...
+
+    def update_instance(self, instance: Instance) -> None: ...
+
+    def release_resources(self, instance_id: str) -> None: ...
+
+    def fail_instance(self, instance: Instance) -> None: ...
+
+    def delete_instance(self, instance_id: str) -> None: ...
+
+    def get_instance(self, instance_id: str) -> Instance | None: ...
+
+    def list_instances(self) -> list[Instance]: ...
+
+    def allocated_ports(self) -> frozenset[int]: ...
+
+    def allocated_gpus(self) -> frozenset[str]: ...
+
+
+class Records:
+    def __init__(
+        self, store: InstanceStore, blocking: Blocking, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self._blocking = blocking
+        self.clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._run_listeners: list[Callable[[Instance], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """`listener` is called after every lifecycle change (e.g. to send stats now)."""
+        self._listeners.append(listener)
+
+    def on_new_run(self, listener: Callable[[Instance], None]) -> None:
+        """`listener` is called each time a container starts a new run (SSH comes back)."""
+        self._run_listeners.append(listener)
+
+    def lock(self, instance_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(instance_id, asyncio.Lock())
+
+    def forget_lock(self, instance_id: str) -> None:
+        self._locks.pop(instance_id, None)
+
+    async def get(self, instance_id: str) -> Instance | None:
+        return await self._blocking.quick(self.store.get_instance, instance_id)
+
+    async def all(self) -> list[Instance]:
+        """Every record, oldest first."""
+        return await self._blocking.quick(self.store.list_instances)
+
+    async def save(self, instance: Instance) -> Instance:
+        await self._blocking.quick(self.store.update_instance, instance)
+        return instance
+
+    async def save_observed(self, before: Instance, state: ContainerState) -> Instance:
+        """The record after Docker reported `state`; new-run listeners told of a fresh start."""
+        after = await self.save(observe(before, state, self.clock()))
+        if after.new_run_of(before):
+            self.new_run(after)
+        return after
+
+    def new_run(self, instance: Instance) -> None:
+        for listener in self._run_listeners:
+            listener(instance)
+
+    def changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    async def vanished(self, instance: Instance) -> None:
+        """Its container was removed behind the agent's back: the record goes, with its ports."""
+        log.warning(
+            "instance container removed outside the agent; instance destroyed",
+            extra={"instance_id": instance.id},
+        )
+        await self._blocking.quick(self.store.delete_instance, instance.id)
+        self.changed()

@@ -1,0 +1,95 @@
+"""The read view of an instance: its record with what is live around it, for an answer.
+
+Owns `InstanceView` and how it is put together: the pull's progress while
+pulling, the container's logs when asked (and its last lines when it
+finished or crashed on its own), the SSH state, the health of its GPUs, and
+what its `storage_gb` got. Reads only; changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.instance import Instance, Status, Wanted
+from qudata_agent.errors import NotFound
+from qudata_agent.services.pulls import PullCoordinator
+
+LAST_LOG_LINES = 20
+
+
+class LogEngine(Protocol):
+    def logs(self, container_id: str, tail: int) -> str: ...
+
+
+class StorageView(Protocol):
+    async def view(self, instance: Instance) -> Any: ...
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """What GET /instances shows: the record plus live extras."""
+
+    instance: Instance | None
+    pull: Any | None = None  # the engine's pull progress while pulling
+    logs: str | None = None
+    last_logs: str | None = None  # after the container exited on its own
+    ssh: Any | None = None  # the SSH service's view (status, port, reason)
+    gpu_health: tuple[Any, ...] = ()  # health problems of its GPUs (domain.gpu_health.GpuEvent)
+    storage: Any | None = None  # what storage_gb gets (domain.storage.StorageUsage)
+
+
+def exited_on_its_own(instance: Instance) -> bool:
+    """Finished or crashed (not stopped through the API): its last lines tell why."""
+    stopped = instance.status in (Status.PAUSED, Status.ERROR)
+    return stopped and instance.wanted is Wanted.RUNNING and instance.container_id is not None
+
+
+class InstanceViews:
+    def __init__(
+        self,
+        *,
+        engine: LogEngine,
+        blocking: Blocking,
+        pulls: PullCoordinator,
+        ssh: Callable[[Instance], Awaitable[Any]] | None = None,
+        gpu_health: Callable[[Instance], Sequence[Any]] | None = None,
+        storage: StorageView | None = None,
+    ) -> None:
+        self._engine = engine
+        self._blocking = blocking
+        self._pulls = pulls
+        self._ssh = ssh
+        self._gpu_health = gpu_health
+        self._storage = storage
+
+    async def describe(
+        self, instance: Instance | None, logs: bool = False, tail: int = 100
+    ) -> InstanceView:
+        if instance is None:
+            return InstanceView(None)
+        pull = self._pulls.progress(instance.image) if instance.phase == "pulling" else None
+        text = last = None
+        if instance.container_id and (logs or exited_on_its_own(instance)):
+            try:
+                if logs:
+                    text = await self._blocking.quick(
+                        self._engine.logs, instance.container_id, tail
+                    )
+                if exited_on_its_own(instance):
+                    last = await self._blocking.quick(
+                        self._engine.logs, instance.container_id, LAST_LOG_LINES
+                    )
+            except NotFound:
+                pass  # removed a moment ago; the event will say so
+        return InstanceView(
+            instance,
+            pull=pull,
+            logs=text,
+            last_logs=last,
+            ssh=await self._ssh(instance) if self._ssh is not None else None,
+            gpu_health=tuple(self._gpu_health(instance)) if self._gpu_health is not None else (),
+            storage=await self._storage.view(instance) if self._storage is not None else None,
+        )

@@ -48,11 +48,13 @@ from qudata_agent.config import Settings
 from qudata_agent.domain.backoff import Backoff
 from qudata_agent.domain.firewall import parse_nameservers
 from qudata_agent.domain.gpu_health import HealthRecord
+from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.inventory import init_host_payload
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.errors import AgentError, Unavailable
 from qudata_agent.loops.docker_events import docker_events_loop
 from qudata_agent.loops.gpu_events import gpu_events_loop
+from qudata_agent.loops.images import image_gc_loop, prepull_loop
 from qudata_agent.loops.inventory import inventory_loop
 from qudata_agent.loops.periodic import run_every
 from qudata_agent.loops.registration import registration_loop
@@ -61,6 +63,8 @@ from qudata_agent.loops.supervisor import Supervisor
 from qudata_agent.metrics import Metrics
 from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
+from qudata_agent.services.image_cache import ImageCache
+from qudata_agent.services.images import ImageService
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.network import NetworkGuard
 from qudata_agent.services.pulls import PullCoordinator
@@ -221,8 +225,49 @@ class Agent:
 
         await run_every(self.settings.storage_check_interval_s, check, "storage")
 
+    def _images(self, parts: _Parts) -> ImageService:
+        pulls = PullCoordinator(parts.docker, parts.blocking, self.settings.pull_inactivity_s)
+        return ImageService(parts.docker, parts.store, parts.blocking, pulls)
+
+    def _image_cache(self, parts: _Parts, images: ImageService) -> ImageCache:
+        s = self.settings
+        cache_gb = s.image_cache_gb
+        return ImageCache(
+            parts.docker,
+            parts.store,
+            parts.blocking,
+            busy=images.busy,
+            keep=s.prepull,
+            thresholds=Thresholds(
+                min_free_bytes=int(s.image_gc_free_gb * GIB),
+                max_cache_bytes=None if cache_gb is None else int(cache_gb * GIB),
+            ),
+            free_bytes=disk_free_bytes,
+            on_removed=parts.metrics.image_removed,
+        )
+
+    def _start_image_loops(
+        self, supervisor: Supervisor, images: ImageService, cache: ImageCache
+    ) -> None:
+        s = self.settings
+        supervisor.start("image-gc", image_gc_loop(cache, s.image_gc_interval_s))
+        if s.prepull:
+
+            async def prepull(ref: str) -> None:
+                await images.ensure(ref, None)
+
+            supervisor.start(
+                "prepull",
+                prepull_loop(s.prepull, prepull, images.renters_idle, s.prepull_interval_s),
+            )
+
     def _instances(
-        self, parts: _Parts, agent_port: int, net: NetworkGuard, storage: StorageGuard
+        self,
+        parts: _Parts,
+        agent_port: int,
+        net: NetworkGuard,
+        storage: StorageGuard,
+        images: ImageService,
     ) -> InstanceService:
         s = self.settings
 
@@ -234,7 +279,7 @@ class Agent:
             engine=parts.docker,
             store=parts.store,
             blocking=parts.blocking,
-            pulls=PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s),
+            images=images,
             ports=PortAllocator(s.port_range, frozenset({agent_port}), port_is_free),
             gpu_uuids=gpu_uuids,
             agent_id=parts.agent_id,
@@ -340,7 +385,10 @@ class Agent:
         port = int(sock.getsockname()[1])
         net = self._network(parts)
         storage = self._storage(parts)
-        instances = self._instances(parts, port, net, storage)
+        images = self._images(parts)
+        instances = self._instances(parts, port, net, storage, images)
+        image_cache = self._image_cache(parts, images)
+        instances.on_change(image_cache.poke)  # a delete may leave an image unused
         ssh = SshService(parts.docker, parts.store, parts.blocking)
         instances.on_new_run(ssh.on_new_run)
         instances.show_ssh_with(ssh.view)
@@ -377,6 +425,7 @@ class Agent:
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._start_loops(supervisor, parts, instances, net, cp, listening)
         supervisor.start("storage", self._watch_storage(storage, instances))
+        self._start_image_loops(supervisor, images, image_cache)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         try:
             if await wait_started(server, serving):

@@ -77,6 +77,12 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self._image_removals = Counter(
+            "qudata_image_removals",
+            "Cached images the image GC removed, by reason (free_space, cache_size)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._stats: StatsSource | None = None
         self._health: HealthSource | None = None
         self.registry.register(_Snapshot(self))
@@ -92,6 +98,9 @@ class Metrics:
 
     def reconcile_ran(self, ok: bool) -> None:
         self._reconciles.labels(result="ok" if ok else "error").inc()
+
+    def image_removed(self, reason: str) -> None:
+        self._image_removals.labels(reason=reason).inc()
 
     # -- sources read at scrape time --------------------------------------------
 

@@ -19,10 +19,12 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.gpu_health import GpuEvent
+from qudata_agent.domain.image_access import LocalImage, RegistryUnreachable
 from qudata_agent.domain.instance import Action, Status
 from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.errors import AgentError, Conflict, NotFound
+from qudata_agent.services.images import ImageService
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.pulls import PullCoordinator
 
@@ -45,6 +47,12 @@ class FakeEngine:
 
     def image_present(self, ref: str) -> bool:
         return ref in self.images
+
+    def local_image(self, ref: str) -> LocalImage | None:
+        return LocalImage(f"id-{ref}") if ref in self.images else None  # built here: not checked
+
+    def registry_digest(self, ref: str, auth: Any) -> str:
+        raise RegistryUnreachable("no registry here")
 
     def pull(
         self, ref: str, auth: Any, on_progress: Callable[[Any], None], inactivity_s: float
@@ -126,7 +134,7 @@ def _service(engine: FakeEngine, store: Store, blocking: Blocking) -> InstanceSe
         engine=engine,
         store=store,
         blocking=blocking,
-        pulls=PullCoordinator(engine, blocking, inactivity_s=5),
+        images=ImageService(engine, store, blocking, PullCoordinator(engine, blocking, 5)),
         ports=PortAllocator((30000, 30009), frozenset(), lambda port, proto: True),
         gpu_uuids=no_gpus,
         agent_id="agent-1",

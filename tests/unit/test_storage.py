@@ -24,6 +24,7 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import ConfigError, load_settings
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.image_access import LocalImage, RegistryUnreachable
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.ports import PortAllocator
@@ -39,6 +40,7 @@ from qudata_agent.domain.storage import (
     usage,
 )
 from qudata_agent.errors import Conflict, NotFound, Unavailable
+from qudata_agent.services.images import ImageService
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.storage import STORE_KEY, StorageGuard, detect_quota_support
@@ -243,6 +245,12 @@ class FakeEngine:
     def image_present(self, ref: str) -> bool:
         return ref in self.images
 
+    def local_image(self, ref: str) -> LocalImage | None:
+        return LocalImage(f"id-{ref}") if ref in self.images else None  # built here: not checked
+
+    def registry_digest(self, ref: str, auth: Any) -> str:
+        raise RegistryUnreachable("no registry here")
+
     def pull(
         self, ref: str, auth: Any, on_progress: Callable[[Any], None], inactivity_s: float
     ) -> None:
@@ -312,7 +320,12 @@ class Parts:
             engine=self.engine,
             store=self.store,
             blocking=self.blocking,
-            pulls=PullCoordinator(self.engine, self.blocking, inactivity_s=5),
+            images=ImageService(
+                self.engine,
+                self.store,
+                self.blocking,
+                PullCoordinator(self.engine, self.blocking, 5),
+            ),
             ports=PortAllocator((30000, 30009), frozenset(), lambda port, proto: True),
             gpu_uuids=no_gpus,
             agent_id="agent-1",

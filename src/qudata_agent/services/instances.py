@@ -40,7 +40,7 @@ from qudata_agent.domain.instance import (
 from qudata_agent.domain.order import CreateOrder, build_spec
 from qudata_agent.domain.ports import PortAllocator, parse_port_requests
 from qudata_agent.errors import AgentError, Conflict, NotFound
-from qudata_agent.services.pulls import PullCoordinator
+from qudata_agent.services.images import ImageService
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class InstanceView:
     ssh: Any | None = None  # the SSH service's view (status, port, reason)
     gpu_health: tuple[Any, ...] = ()  # health problems of its GPUs (domain.gpu_health.GpuEvent)
     storage: Any | None = None  # what storage_gb gets (domain.storage.StorageUsage)
+    image_check: Any | None = None  # how its image was vouched for (services.images.ImageCheck)
 
 
 class _BuildCancelled(Exception):
@@ -127,7 +128,7 @@ class InstanceService:
         engine: Engine,
         store: InstanceStore,
         blocking: Blocking,
-        pulls: PullCoordinator,
+        images: ImageService,
         ports: PortAllocator,
         gpu_uuids: Callable[[], Awaitable[tuple[str, ...]]],
         agent_id: str,
@@ -140,7 +141,7 @@ class InstanceService:
         self._engine = engine
         self._store = store
         self._blocking = blocking
-        self._pulls = pulls
+        self._images = images
         self._ports = ports
         self._gpu_uuids = gpu_uuids
         self._agent_id = agent_id
@@ -277,8 +278,8 @@ class InstanceService:
         if cancel.is_set():
             raise _BuildCancelled
 
-    async def _pull_unless_cancelled(self, ref: str, auth: Any, cancel: asyncio.Event) -> None:
-        pull = asyncio.ensure_future(self._pulls.ensure(ref, auth))
+    async def _unless_cancelled(self, work: Awaitable[Any], cancel: asyncio.Event) -> None:
+        pull = asyncio.ensure_future(work)
         stop = asyncio.ensure_future(cancel.wait())
         try:
             await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -295,12 +296,16 @@ class InstanceService:
         spec = ContainerSpec.from_json(instance.spec_json)
         now = self._clock
         try:
-            if not await self._pulls.present(spec.image):
+
+            async def pulling() -> None:
+                nonlocal instance
                 instance = await self._save(
                     instance.move(Status.PENDING, now=now(), phase="pulling")
                 )
                 self._changed()
-                await self._pull_unless_cancelled(spec.image, auth, cancel)
+
+            image = self._images.ensure(spec.image, auth, instance.id, pulling)
+            await self._unless_cancelled(image, cancel)
             await self._checkpoint(cancel)
             instance = await self._save(instance.move(Status.PENDING, now=now(), phase="creating"))
             if self._prepare_network is not None:
@@ -369,7 +374,7 @@ class InstanceService:
             instance = await self.current()
         if instance is None:
             return InstanceView(None)
-        pull = self._pulls.progress(instance.image) if instance.phase == "pulling" else None
+        pull = self._images.progress(instance.image) if instance.phase == "pulling" else None
         text = last = None
         if instance.container_id and (logs or self._exited_on_its_own(instance)):
             try:
@@ -386,6 +391,7 @@ class InstanceService:
         ssh = await self._ssh_view(instance) if self._ssh_view is not None else None
         health = tuple(self._gpu_health(instance)) if self._gpu_health is not None else ()
         storage = await self._storage.view(instance) if self._storage is not None else None
+        image_check = await self._images.view(instance.id)
         return InstanceView(
             instance,
             pull=pull,
@@ -394,6 +400,7 @@ class InstanceService:
             ssh=ssh,
             gpu_health=health,
             storage=storage,
+            image_check=image_check,
         )
 
     @staticmethod

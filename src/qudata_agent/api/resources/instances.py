@@ -18,6 +18,7 @@ from qudata_agent.api.schemas import (
     CreatedInstance,
     CreateInstance,
     GpuHealthEvent,
+    ImageCheckState,
     InstanceAction,
     InstanceState,
     PullProgressView,
@@ -106,7 +107,14 @@ def to_state(view: Any) -> InstanceState:
             for e in getattr(view, "gpu_health", ())
         ],
         storage=_storage(getattr(view, "storage", None)),
+        image_check=_image_check(getattr(view, "image_check", None)),
     )
+
+
+def _image_check(check: Any) -> ImageCheckState | None:
+    if check is None:
+        return None
+    return ImageCheckState(digest=check.digest, checked=check.checked, note=check.note)
 
 
 def _storage(usage: Any) -> StorageState | None:

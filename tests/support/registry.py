@@ -48,6 +48,8 @@ storage:
     enabled: true
 http:
   addr: 127.0.0.1:{port}
+"""
+_AUTH = """\
 auth:
   htpasswd:
     realm: qudata-test
@@ -86,6 +88,7 @@ class Registry:
     password: str = field(repr=False)
     proc: subprocess.Popen[bytes] | None = None
     user: str = USER
+    private: bool = True  # False: anyone may pull (and push) without credentials
 
     @property
     def host(self) -> str:
@@ -112,20 +115,22 @@ class Registry:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls) -> Iterator[Registry]:
-        registry = cls.start()
+    def running(cls, private: bool = True) -> Iterator[Registry]:
+        registry = cls.start(private)
         try:
             yield registry
         finally:
             registry.stop()
 
     @classmethod
-    def start(cls) -> Registry:
+    def start(cls, private: bool = True) -> Registry:
         work = Path(tempfile.mkdtemp(prefix="qudata-registry-"))
-        registry = cls(work, _free_port(), password=f"pw-{uuid.uuid4().hex}")
+        registry = cls(work, _free_port(), password=f"pw-{uuid.uuid4().hex}", private=private)
         try:
             registry._launch()
-            registry._login()
+            (work / "docker-config").mkdir(mode=0o700)
+            if private:
+                registry._login()
         except BaseException:
             registry.stop()
             raise
@@ -135,9 +140,10 @@ class Registry:
         htpasswd = self.work / "htpasswd"
         _run("htpasswd", "-B", "-b", "-c", str(htpasswd), self.user, self.password)
         config = self.work / "config.yml"
-        config.write_text(
-            _CONFIG.format(data=self.work / "data", port=self.port, htpasswd=htpasswd)
-        )
+        text = _CONFIG.format(data=self.work / "data", port=self.port)
+        if self.private:
+            text += _AUTH.format(htpasswd=htpasswd)
+        config.write_text(text)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 ["docker-registry", "serve", str(config)],
@@ -156,7 +162,6 @@ class Registry:
         raise RuntimeError(f"docker-registry did not listen in {START_TIMEOUT_S:g} s")
 
     def _login(self) -> None:
-        (self.work / "docker-config").mkdir(mode=0o700)
         _run(
             "docker",
             "login",
@@ -191,15 +196,14 @@ class Registry:
     # -- images ----------------------------------------------------------------------
 
     def push_new(self, name: str, tag: str = "1") -> tuple[str, str]:
-        """Pushes a new small image (a unique label over the busybox test image) as
-        `name:tag`; returns (reference, manifest digest). The local tag is removed,
-        so whoever wants it must pull it."""
+        """Pushes a new small image (the busybox test image and one small layer of its
+        own) as `name:tag`; returns (reference, manifest digest). The local tag is
+        removed, so whoever wants it must pull it."""
         ref = f"{self.host}/{name}:{tag}"
         build = self.work / f"build-{uuid.uuid4().hex}"
         build.mkdir()
-        (build / "Dockerfile").write_text(
-            f"FROM {BASE_IMAGE}\nLABEL qudata.test.unique={uuid.uuid4().hex}\n"
-        )
+        (build / "unique").write_text(uuid.uuid4().hex)
+        (build / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\nCOPY unique /unique\n")
         env = {**self.docker_env, "DOCKER_BUILDKIT": "0"}
         _run("docker", "build", "-q", "-t", ref, str(build), env=env)
         out = _run("docker", "push", ref, env=self.docker_env)
@@ -228,16 +232,13 @@ class Registry:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return [Request(m, p, int(s)) for m, p, s in _ACCESS.findall(text)]
 
-    def manifest_gets(self, name: str) -> int:
-        """GETs of `name`'s manifests that succeeded (each pull makes at least one)."""
-        return sum(
-            1
-            for r in self.requests()
-            if r.method == "GET" and r.path.startswith(f"/v2/{name}/manifests/") and r.status == 200
-        )
+    def manifest_requests(self, name: str) -> int:
+        """Requests (HEAD or GET) for `name`'s manifests, answered or not."""
+        return sum(1 for r in self.requests() if r.path.startswith(f"/v2/{name}/manifests/"))
 
     def blob_gets(self, name: str) -> int:
-        """Blob downloads of `name` that succeeded (a pull fetches the config and layers)."""
+        """Blob downloads of `name` that succeeded: a pull fetches its own layer, a
+        registry check at most the config."""
         return sum(
             1
             for r in self.requests()

@@ -231,9 +231,11 @@ class ImageService:
             raise Conflict(f"image {name}: {e.message}") from None
         except RegistryUnreachable as e:
             if private:
+                given = "no credentials" if auth is None else "credentials"
                 raise Conflict(
-                    f"image {name} is private (it was pulled with credentials) and"
-                    f" access could not be confirmed with the registry: {e.message}"
+                    f"image {name} is private (it was pulled with credentials); this order"
+                    f" has {given} and access could not be confirmed with the registry:"
+                    f" {e.message}"
                 ) from None
             log.warning("registry not reachable; cached image used", extra={"image": name})
             return ImageCheck(_digest_of(local, repository, ref), False, NOTE_UNREACHABLE)

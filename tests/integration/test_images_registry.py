@@ -219,3 +219,31 @@ async def test_gc_removes_unused_images_lru_first_and_keeps_the_protected(
         assert await cache.collect() == []  # nothing else is the agent's to remove
     finally:
         container.remove(force=True)
+
+
+async def test_gc_removes_the_old_image_of_a_moved_prepull_tag(
+    parts: Parts, open_registry: Registry
+) -> None:
+    name = _name()
+    ref, _ = open_registry.push_new(name)
+    await parts.images.ensure(ref, None, None)
+    old = parts.engine.local_image(ref)
+    open_registry.push_new(name)  # the tag moves
+    await parts.images.ensure(ref, None, None)
+    new = parts.engine.local_image(ref)
+    assert old is not None and new is not None and old.image_id != new.image_id
+    free = disk_free_bytes(parts.engine.data_root())
+    assert free is not None
+    cache = ImageCache(
+        parts.engine,
+        parts.store,
+        parts.blocking,
+        busy=frozenset,
+        keep=(ref,),
+        thresholds=Thresholds(min_free_bytes=free + 1000 * GIB),
+        free_bytes=disk_free_bytes,
+    )
+    done = await cache.collect()
+    assert [r.image.image_id for r in done] == [old.image_id]
+    assert parts.engine.local_image(old.image_id) is None
+    assert parts.engine.local_image(ref) == new

@@ -100,7 +100,10 @@ class ImageCache:
             if image is None:
                 await q(self._store.forget_cached, image_id)  # removed outside the agent
                 continue
-            cached.append(CachedImage(image_id, refs, image.size, last_used))
+            # Only the references that still name it: the old image of a moved tag
+            # (pre-pulled or being pulled again) is not protected by the tag's name.
+            current = tuple(r for r in refs if r in image.tags or r in image.digests)
+            cached.append(CachedImage(image_id, current, image.size, last_used))
         if not cached:
             return []
         in_use = set(await q(self._engine.container_image_ids))

@@ -10,6 +10,8 @@ the GC only ever sees these images on the shared dockerd.
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from qudata_agent.adapters.docker_engine import DockerEngine
 from qudata_agent.adapters.host import disk_free_bytes
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
+from qudata_agent.domain.image_access import RegistryUnreachable
 from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.order import RegistryCredentials
 from qudata_agent.errors import AgentError
@@ -247,3 +250,19 @@ async def test_gc_removes_the_old_image_of_a_moved_prepull_tag(
     assert [r.image.image_id for r in done] == [old.image_id]
     assert parts.engine.local_image(old.image_id) is None
     assert parts.engine.local_image(ref) == new
+
+
+def test_a_silent_registry_counts_as_unreachable_within_the_check_timeout() -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        engine = DockerEngine(check_timeout_s=1)
+        try:
+            started = time.monotonic()
+            with pytest.raises(RegistryUnreachable):
+                engine.registry_digest(f"127.0.0.1:{port}/team/app:1", None)
+            assert time.monotonic() - started < 10
+            assert engine.info()  # the engine itself still answers
+        finally:
+            engine.close()

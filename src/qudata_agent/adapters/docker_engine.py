@@ -61,6 +61,9 @@ DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 _UNREACHABLE = (docker.errors.DockerException, requests.exceptions.RequestException)
 _NEVER = "0001-01-01T00:00:00Z"  # Docker's zero time: "did not happen"
 _POOL_SIZE = 32  # quick and slow pools together never wait for a connection
+# A registry that does not answer (packets dropped) must not hold a create for long:
+# past this the check counts as "registry unreachable".
+_CHECK_TIMEOUT_S = 15.0
 
 
 class DockerError(AgentError):
@@ -86,9 +89,15 @@ def _timed_out(e: BaseException) -> bool:
 
 
 class DockerEngine:
-    def __init__(self, base_url: str | None = None, timeout_s: int = 30) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout_s: int = 30,
+        check_timeout_s: float = _CHECK_TIMEOUT_S,
+    ) -> None:
         self._base_url = base_url or DEFAULT_SOCKET
         self._timeout = timeout_s
+        self._check_timeout_s = check_timeout_s
         self._client: docker.DockerClient | None = None
         self._lock = threading.Lock()
         self._streams: set[_Closable] = set()  # pulls and event streams in flight
@@ -236,10 +245,16 @@ class DockerEngine:
         # An empty config, never None: with None the SDK would send the host's own
         # docker login (~/.docker/config.json) on a renter's behalf.
         config = auth_config(auth, repository) if auth is not None else {}
+        api = self._own_client(self._check_timeout_s)
         try:
             with self._translated(f"registry check of {ref}"):
-                api = self._api().api
                 answer = api.inspect_distribution(ref, auth_config=config)  # type: ignore[no-untyped-call]
+        except Unavailable as e:
+            if not _timed_out(e):
+                raise  # Docker itself is down
+            raise RegistryUnreachable(
+                f"the registry did not answer about {ref} within {self._check_timeout_s:g} s"
+            ) from e
         except NotFound as e:
             raise RegistryRefused(f"the registry has no {ref}") from e
         except DockerError as e:
@@ -249,6 +264,8 @@ class DockerEngine:
             if api_error is not None and api_error.status_code in (401, 403):
                 raise RegistryRefused(f"the registry refused access to {ref}: {text}") from e
             raise RegistryUnreachable(f"the registry could not be asked about {ref}: {text}") from e
+        finally:
+            api.close()
         digest = str((answer.get("Descriptor") or {}).get("digest") or "")
         if not digest:
             raise RegistryUnreachable(f"the registry gave no digest for {ref}")

@@ -226,7 +226,8 @@ class ImageService:
     ) -> ImageCheck | None:
         """Asks the registry; the check when the local copy may be used, None to pull."""
         try:
-            remote = await self._blocking.quick(self._engine.registry_digest, name, auth)
+            # The slow pool: a registry that drops packets may hold this for seconds.
+            remote = await self._blocking.slow(self._engine.registry_digest, name, auth)
         except RegistryRefused as e:
             raise Conflict(f"image {name}: {e.message}") from None
         except RegistryUnreachable as e:

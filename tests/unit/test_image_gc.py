@@ -9,6 +9,7 @@ from qudata_agent.domain.image_access import (
     LocalImage,
     Step,
     after_check,
+    familiar_ref,
     first_step,
     normal_repository,
     repository_digests,
@@ -118,3 +119,17 @@ def test_image_settings_are_read_and_checked() -> None:
         load_settings({"QUDATA_PREPULL": "ok,Bad Name"})
     with pytest.raises(ConfigError, match="QUDATA_IMAGE_GC_FREE_GB"):
         load_settings({"QUDATA_IMAGE_GC_FREE_GB": "-1"})
+
+
+@pytest.mark.parametrize(
+    ("ref", "familiar"),
+    [
+        ("docker.io/library/busybox:1", "busybox:1"),
+        ("busybox", "busybox:latest"),
+        ("docker.io/nvidia/cuda:12", "nvidia/cuda:12"),
+        ("reg:5000/team/app", "reg:5000/team/app:latest"),
+        (f"docker.io/library/busybox@{D1}", f"busybox@{D1}"),
+    ],
+)
+def test_references_compare_as_docker_lists_them(ref: str, familiar: str) -> None:
+    assert familiar_ref(ref) == familiar

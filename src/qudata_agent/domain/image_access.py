@@ -57,6 +57,17 @@ def normal_repository(repository: str) -> str:
     return repository
 
 
+def familiar_ref(ref: str) -> str:
+    """`ref` as Docker lists it in RepoTags/RepoDigests ("docker.io/library/x:1" is "x:1")."""
+    name, at, digest = ref.partition("@")
+    if at:
+        return f"{normal_repository(name)}@{digest}"
+    slash, colon = name.rfind("/"), name.rfind(":")
+    if colon > slash:
+        return f"{normal_repository(name[:colon])}:{name[colon + 1 :]}"
+    return f"{normal_repository(name)}:latest"
+
+
 def repository_digests(image: LocalImage, repository: str) -> frozenset[str]:
     """The manifest digests Docker recorded for `image` in `repository`."""
     name = normal_repository(repository)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.image_access import LocalImage
+from qudata_agent.domain.image_access import LocalImage, familiar_ref
 from qudata_agent.domain.image_gc import CachedImage, Removal, Thresholds, plan
 from qudata_agent.errors import Conflict
 
@@ -69,7 +69,7 @@ class ImageCache:
         self._store = store
         self._blocking = blocking
         self._busy = busy
-        self._keep = frozenset(keep)
+        self._keep = frozenset(familiar_ref(ref) for ref in keep)
         self._thresholds = thresholds
         self._free_bytes = free_bytes
         self._on_removed = on_removed
@@ -160,7 +160,7 @@ class ImageCache:
 
 def _ids_named(images: Any, refs: list[str]) -> set[str]:
     """The ids of the local images that `refs` name (by tag or by digest reference)."""
-    wanted = set(refs)
+    wanted = {familiar_ref(ref) for ref in refs}
     return {
         image.image_id
         for image in images

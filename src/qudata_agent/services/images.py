@@ -38,6 +38,7 @@ from qudata_agent.domain.image_access import (
     RegistryUnreachable,
     Step,
     after_check,
+    familiar_ref,
     first_step,
     normal_repository,
     repository_digests,
@@ -118,7 +119,8 @@ class ImageService:
 
     def busy(self) -> frozenset[str]:
         """References being checked or pulled right now (the GC leaves them alone)."""
-        return frozenset(ref for ref, n in self._busy.items() if n) | self._pulls.pulling()
+        refs = {ref for ref, n in self._busy.items() if n} | self._pulls.pulling()
+        return frozenset(familiar_ref(ref) for ref in refs)
 
     async def renters_idle(self) -> None:
         """Returns once no renter's image is being checked or pulled."""
@@ -268,7 +270,9 @@ class ImageService:
         finally:
             if auth is not None:
                 self._private_pulls[repository] -= 1
-        await self._blocking.quick(self._store.cache_pulled, image.image_id, name, self._clock())
+        # Recorded as Docker lists it (what the GC compares), not as the order spelt it.
+        pulled = (image.image_id, familiar_ref(name), self._clock())
+        await self._blocking.quick(self._store.cache_pulled, *pulled)
         return image
 
 

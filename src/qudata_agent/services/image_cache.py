@@ -105,22 +105,28 @@ class ImageCache:
             current = tuple(r for r in refs if r in image.tags or r in image.digests)
             cached.append(CachedImage(image_id, current, image.size, last_used))
         if not cached:
+            log.debug("image GC pass", extra={"cached": 0, "removed": 0})
             return []
         in_use = set(await q(self._engine.container_image_ids))
         in_use |= _ids_named(local.values(), [i.image for i in await q(self._store.list_instances)])
         root = await q(self._engine.data_root)
+        free = await q(self._free_bytes, root)
         removals = plan(
             cached,
             in_use=in_use,
             pulling=self._busy(),
             keep=self._keep,
-            free_bytes=await q(self._free_bytes, root),
+            free_bytes=free,
             thresholds=self._thresholds,
         )
         done = []
         for removal in removals:
             if await self._remove(removal, local[removal.image.image_id]):
                 done.append(removal)
+        log.debug(
+            "image GC pass",
+            extra={"cached": len(cached), "removed": len(done), "free_bytes": free},
+        )
         return done
 
     async def _remove(self, removal: Removal, image: LocalImage) -> bool:

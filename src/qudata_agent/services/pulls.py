@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 
 class Puller(Protocol):
-    def image_present(self, ref: str) -> bool: ...
-
     def pull(self, ref: str, auth: Any, on_progress: Any, inactivity_s: float) -> None: ...
 
 
@@ -44,9 +42,6 @@ class PullCoordinator:
     def pulling(self) -> frozenset[str]:
         """The references with a pull in flight."""
         return frozenset(ref for ref, _ in self._pulls)
-
-    async def present(self, ref: str) -> bool:
-        return await self._blocking.quick(self._engine.image_present, ref)
 
     async def ensure(self, ref: str, auth: Any | None) -> None:
         """Returns once `ref` is present locally; raises the engine's error if not."""

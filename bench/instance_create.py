@@ -116,6 +116,9 @@ class Bench:
     network: str | None = None
     container_ids: set[str] = field(default_factory=set)
     inflight: subprocess.Popen[str] | None = None
+    # What (a) creates and (b)/(c) run: another script may point both at another image.
+    create_body: dict[str, Any] = field(default_factory=lambda: dict(CREATE_BODY))
+    image: str = f"{IMAGE}:{TAG}"
 
     def connect(self) -> None:
         self.client = self.agent.client()
@@ -169,7 +172,7 @@ class Bench:
         api = self._api()
         sent_at = time.time()
         t0 = time.perf_counter()
-        resp = api.post("/instances", json=CREATE_BODY)
+        resp = api.post("/instances", json=self.create_body)
         post_ms = (time.perf_counter() - t0) * 1000
         if resp.status_code != 202:
             raise BenchError(f"POST /instances answered {resp.status_code}: {resp.text}")
@@ -196,7 +199,7 @@ class Bench:
             "-p", f"{free_port(PORT_RANGE)}:8080",
             "--label", BENCH_LABEL, "--label", f"{RUN_LABEL_KEY}={self.token}",
             *(["--network", network] if network else []),
-            f"{IMAGE}:{TAG}", "tail", "-f", "/dev/null",
+            self.image, "tail", "-f", "/dev/null",
         ]  # fmt: skip
         t0 = time.perf_counter()
         self.inflight = subprocess.Popen(

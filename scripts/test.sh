@@ -9,7 +9,8 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 need_root
-apt_install busybox-static debootstrap openssh-client git shellcheck systemd btrfs-progs iproute2
+apt_install busybox-static debootstrap openssh-client git shellcheck systemd btrfs-progs iproute2 \
+  docker-registry apache2-utils
 ensure_dockerd
 ensure_venv test
 "$ROOT/scripts/build-test-images.sh"

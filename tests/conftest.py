@@ -11,6 +11,7 @@ import pytest
 
 from support.agent_proc import AgentProcess
 from support.fake_cp import FakeControlPlane
+from support.registry import Registry
 
 # Tests log at DEBUG (see pyproject) so every log call runs; the HTTP clients'
 # own chatter would drown a failure's report.
@@ -41,3 +42,17 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     for agent in made:
         if agent.proc is not None and agent.proc.poll() is None:
             agent.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    """A real registry with htpasswd authentication (its images need credentials)."""
+    with Registry.running(private=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def open_registry() -> Iterator[Registry]:
+    """A real registry anyone may pull from (public images)."""
+    with Registry.running(private=False) as running:
+        yield running

@@ -50,12 +50,14 @@ from qudata_agent.config import Settings
 from qudata_agent.domain.backoff import Backoff
 from qudata_agent.domain.firewall import parse_nameservers
 from qudata_agent.domain.gpu_health import HealthRecord
+from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.inventory import init_host_payload
 from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.errors import AgentError, Unavailable
 from qudata_agent.loops.docker_events import docker_events_loop
 from qudata_agent.loops.gpu_events import gpu_events_loop
+from qudata_agent.loops.images import image_gc_loop, prepull_loop
 from qudata_agent.loops.inventory import inventory_loop
 from qudata_agent.loops.periodic import run_every
 from qudata_agent.loops.reconcile import reconcile_loop
@@ -67,6 +69,8 @@ from qudata_agent.server import PortUnavailable, listen, make_server, wait_start
 from qudata_agent.services.builds import BuildPipeline
 from qudata_agent.services.capacity import Disk, HostCapacity
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
+from qudata_agent.services.image_cache import ImageCache
+from qudata_agent.services.images import ImageService
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.network import NetworkGuard
 from qudata_agent.services.pulls import PullCoordinator
@@ -94,6 +98,8 @@ class _Services:
     ssh: SshService
     storage: StorageGuard
     net: NetworkGuard
+    images: ImageService
+    image_cache: ImageCache
 
 
 @dataclass
@@ -240,17 +246,20 @@ class Agent:
         records = Records(parts.store, parts.blocking)
         records.on_new_run(ssh.on_new_run)
         pulls = PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s)
+        images = ImageService(parts.docker, parts.store, parts.blocking, pulls)
+        image_cache = self._image_cache(parts, images)
+        records.on_change(image_cache.poke)  # a delete may leave an image unused
         builds = BuildPipeline(
             records=records,
             engine=parts.docker,
             blocking=parts.blocking,
-            pulls=pulls,
+            images=images,
             prepare_network=net.prepare,
         )
         views = InstanceViews(
             engine=parts.docker,
             blocking=parts.blocking,
-            pulls=pulls,
+            images=images,
             ssh=ssh.view,
             gpu_health=lambda i: parts.health.problems(i.gpus, since=i.created_at),
             storage=storage,
@@ -282,7 +291,38 @@ class Agent:
             stop_timeout_s=s.stop_timeout_s,
             on_pass=parts.metrics.reconcile_ran,
         )
-        return _Services(records, instances, reconciler, ssh, storage, net)
+        return _Services(records, instances, reconciler, ssh, storage, net, images, image_cache)
+
+    def _image_cache(self, parts: _Parts, images: ImageService) -> ImageCache:
+        s = self.settings
+        cache_gb = s.image_cache_gb
+        return ImageCache(
+            parts.docker,
+            parts.store,
+            parts.blocking,
+            busy=images.busy,
+            keep=s.prepull,
+            thresholds=Thresholds(
+                min_free_bytes=int(s.image_gc_free_gb * GIB),
+                max_cache_bytes=None if cache_gb is None else int(cache_gb * GIB),
+            ),
+            free_bytes=disk_free_bytes,
+            on_removed=parts.metrics.image_removed,
+        )
+
+    def _start_image_loops(self, supervisor: Supervisor, services: _Services) -> None:
+        s = self.settings
+        images, cache = services.images, services.image_cache
+        supervisor.start("image-gc", lambda: image_gc_loop(cache, s.image_gc_interval_s))
+        if s.prepull:
+
+            async def prepull(ref: str) -> None:
+                await images.ensure(ref, None)
+
+            supervisor.start(
+                "prepull",
+                lambda: prepull_loop(s.prepull, prepull, images.renters_idle, s.prepull_interval_s),
+            )
 
     def _capacity(self, parts: _Parts) -> HostCapacity:
         s = self.settings
@@ -411,6 +451,7 @@ class Agent:
         supervisor = Supervisor(on_death=parts.metrics.loop_died)
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._start_loops(supervisor, parts, services, cp, listening)
+        self._start_image_loops(supervisor, services)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         try:
             if await wait_started(server, serving):

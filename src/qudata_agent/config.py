@@ -21,7 +21,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from qudata_agent.domain.firewall import parse_allow_list
+from qudata_agent.domain.image_ref import resolve_image
 from qudata_agent.domain.storage import StoragePolicy
+from qudata_agent.errors import InvalidRequest
 
 PREFIX = "QUDATA_"
 DEFAULT_API_URL = "https://internal.qudata.ai/v0"
@@ -75,6 +77,14 @@ class Settings:
     max_instances: int = 1  # instances the host may run at once (CONTRACT.md section 4)
     reserved_cpu_cores: float = 1.0  # CPUs kept back from instances for the host itself
     reserved_memory_gb: float = 2.0  # GiB of memory kept back likewise
+    # The image cache: unused images go (least recently used first) while Docker's data
+    # root has less free than this (0: never for free space) or, when set, while the
+    # cached images total more than image_cache_gb.
+    image_gc_free_gb: float = 20.0
+    image_cache_gb: float | None = None
+    image_gc_interval_s: float = 600.0
+    prepull: tuple[str, ...] = ()  # image references pulled after start, kept in the cache
+    prepull_interval_s: float = 86400.0  # how often the pre-pull list is checked again
 
     @property
     def standalone(self) -> bool:
@@ -179,6 +189,19 @@ def _parse_networks(name: str, raw: str) -> tuple[str, ...]:
         raise ConfigError(f"{name}: expected comma-separated networks (CIDR): {e}") from None
 
 
+def _parse_images(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated image references, each as the agent will pull it ("busybox:latest")."""
+    refs = []
+    for item in raw.split(","):
+        if item.strip():
+            try:
+                refs.append(str(resolve_image(item.strip(), None)))
+            except InvalidRequest as e:
+                problem = e.message.removeprefix("field 'image': ")
+                raise ConfigError(f"{name}: {item.strip()!r}: {problem}") from None
+    return tuple(dict.fromkeys(refs))
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Reads KEY=VALUE lines (comments, blank lines and `export ` allowed)."""
     try:
@@ -273,6 +296,17 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         "QUDATA_RESERVED_MEMORY_GB": (
             "reserved_memory_gb",
             lambda n, r: _parse_float(n, r, 0, 65536),
+        ),
+        "QUDATA_IMAGE_GC_FREE_GB": ("image_gc_free_gb", lambda n, r: _parse_float(n, r, 0, 1e6)),
+        "QUDATA_IMAGE_CACHE_GB": ("image_cache_gb", lambda n, r: _parse_float(n, r, 0, 1e6)),
+        "QUDATA_IMAGE_GC_INTERVAL": (
+            "image_gc_interval_s",
+            lambda n, r: _parse_float(n, r, 1, 86400),
+        ),
+        "QUDATA_PREPULL": ("prepull", _parse_images),
+        "QUDATA_PREPULL_INTERVAL": (
+            "prepull_interval_s",
+            lambda n, r: _parse_float(n, r, 1, 30 * 86400),
         ),
     }
     for var, (attr, parse) in parsers.items():

@@ -83,6 +83,12 @@ class Metrics:
             ["loop"],
             registry=self.registry,
         )
+        self._image_removals = Counter(
+            "qudata_image_removals",
+            "Cached images the image GC removed, by reason (free_space, cache_size)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._stats: StatsSource | None = None
         self._health: HealthSource | None = None
         self.registry.register(_Snapshot(self))
@@ -101,6 +107,9 @@ class Metrics:
 
     def loop_died(self, loop: str) -> None:
         self._loop_restarts.labels(loop=loop).inc()
+
+    def image_removed(self, reason: str) -> None:
+        self._image_removals.labels(reason=reason).inc()
 
     # -- sources read at scrape time --------------------------------------------
 

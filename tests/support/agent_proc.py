@@ -45,6 +45,9 @@ class AgentProcess:
                 # Tests never reach the internet: no "what is my IP" lookups unless a
                 # test points them at its own loopback server.
                 "QUDATA_ADDRESS_LOOKUP_URLS": "none",
+                # Docker here is shared: no agent under test removes images unless a
+                # test turns its image GC on (with images of its own).
+                "QUDATA_IMAGE_GC_FREE_GB": "0",
             }
         )
         base.update(env or {})

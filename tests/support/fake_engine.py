@@ -16,6 +16,7 @@ from typing import Any
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.image_access import LocalImage, RegistryUnreachable
 from qudata_agent.domain.instance import Action, Instance, Status
 from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.ports import PortAllocator
@@ -23,6 +24,7 @@ from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape
 from qudata_agent.errors import AgentError, Conflict, NotFound
 from qudata_agent.services.builds import BuildPipeline
 from qudata_agent.services.capacity import Disk, HostCapacity
+from qudata_agent.services.images import ImageService
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.reconciler import Reconciler
@@ -48,6 +50,12 @@ class FakeEngine:
 
     def image_present(self, ref: str) -> bool:
         return ref in self.images
+
+    def local_image(self, ref: str) -> LocalImage | None:
+        return LocalImage(f"id-{ref}") if ref in self.images else None  # built here: not checked
+
+    def registry_digest(self, ref: str, auth: Any) -> str:
+        raise RegistryUnreachable("no registry here")
 
     def pull(
         self, ref: str, auth: Any, on_progress: Callable[[Any], None], inactivity_s: float
@@ -130,16 +138,16 @@ class Stack:
         storage: Any = None,
     ) -> None:
         self.records = Records(store, blocking)
-        pulls = PullCoordinator(engine, blocking, inactivity_s=5)
+        images = ImageService(engine, store, blocking, PullCoordinator(engine, blocking, 5))  # type: ignore[arg-type]
         self.builds = BuildPipeline(
             records=self.records,
             engine=engine,
             blocking=blocking,
-            pulls=pulls,
+            images=images,
             cleanup_retry_s=cleanup_retry_s,
         )
         views = InstanceViews(
-            engine=engine, blocking=blocking, pulls=pulls, gpu_health=gpu_health, storage=storage
+            engine=engine, blocking=blocking, images=images, gpu_health=gpu_health, storage=storage
         )
         gpus = topology or GpuTopology()
 

@@ -24,6 +24,7 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import ConfigError, load_settings
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.image_access import LocalImage, RegistryUnreachable
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.storage import (
@@ -240,6 +241,12 @@ class FakeEngine:
     # what the instance service needs
     def image_present(self, ref: str) -> bool:
         return ref in self.images
+
+    def local_image(self, ref: str) -> LocalImage | None:
+        return LocalImage(f"id-{ref}") if ref in self.images else None  # built here: not checked
+
+    def registry_digest(self, ref: str, auth: Any) -> str:
+        raise RegistryUnreachable("no registry here")
 
     def pull(
         self, ref: str, auth: Any, on_progress: Callable[[Any], None], inactivity_s: float

@@ -136,3 +136,21 @@ def test_a_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
 def test_a_database_in_a_missing_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Unavailable):
         Store.open(tmp_path / "missing" / "state.db")
+
+
+def test_private_images_and_the_image_cache(store: Store) -> None:
+    digest = "sha256:" + "b" * 64
+    assert not store.is_private("reg/app", [digest])
+    assert not store.is_private("reg/app", [])
+    store.mark_private("reg/app", [digest])
+    store.mark_private("reg/app", [digest])  # twice is fine
+    assert store.is_private("reg/app", ["sha256:other", digest])
+    assert not store.is_private("reg/other", [digest])
+    store.cache_pulled("id-1", "reg/app:1", 10.0)
+    store.cache_pulled("id-1", "reg/app:2", 20.0)
+    store.cache_pulled("id-1", "reg/app:1", 30.0)
+    store.cache_used("id-1", 40.0)
+    store.cache_used("id-unknown", 50.0)  # not the agent's: nothing recorded
+    assert store.cached_images() == [("id-1", ("reg/app:1", "reg/app:2"), 40.0)]
+    store.forget_cached("id-1")
+    assert store.cached_images() == []

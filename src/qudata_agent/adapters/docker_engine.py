@@ -52,6 +52,7 @@ from qudata_agent.domain.container_spec import (
     ContainerSpec,
     ContainerState,
 )
+from qudata_agent.domain.image_access import LocalImage, RegistryRefused, RegistryUnreachable
 from qudata_agent.domain.network import NetworkInfo, network_options
 from qudata_agent.domain.storage import StorageInfo
 from qudata_agent.errors import AgentError, Conflict, NotFound, Unavailable
@@ -64,6 +65,9 @@ DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 _UNREACHABLE = (docker.errors.DockerException, requests.exceptions.RequestException)
 _NEVER = "0001-01-01T00:00:00Z"  # Docker's zero time: "did not happen"
 _POOL_SIZE = 32  # quick and slow pools together never wait for a connection
+# A registry that does not answer (packets dropped) must not hold a create for long:
+# past this the check counts as "registry unreachable".
+_CHECK_TIMEOUT_S = 15.0
 
 
 class DockerError(AgentError):
@@ -89,9 +93,15 @@ def _timed_out(e: BaseException) -> bool:
 
 
 class DockerEngine:
-    def __init__(self, base_url: str | None = None, timeout_s: int = 30) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout_s: int = 30,
+        check_timeout_s: float = _CHECK_TIMEOUT_S,
+    ) -> None:
         self._base_url = base_url or DEFAULT_SOCKET
         self._timeout = timeout_s
+        self._check_timeout_s = check_timeout_s
         self._client: docker.DockerClient | None = None
         self._lock = threading.Lock()
         self._streams: set[_Closable] = set()  # pulls and event streams in flight
@@ -190,6 +200,80 @@ class DockerEngine:
         except NotFound:
             return False
         return True
+
+    def local_image(self, ref: str) -> LocalImage | None:
+        """What Docker has under `ref` (a tag or a digest reference), or None."""
+        try:
+            with self._translated(f"image {ref}"):
+                attrs: dict[str, Any] = self._api().api.inspect_image(ref)  # type: ignore[no-untyped-call]
+        except NotFound:
+            return None
+        return _local_image(attrs)
+
+    def local_images(self) -> list[LocalImage]:
+        """Every image Docker has (tagged or not)."""
+        with self._translated("image list"):
+            found = self._api().api.images(all=False)
+        return [_local_image(summary) for summary in found]
+
+    def container_image_ids(self) -> frozenset[str]:
+        """The image ids of every container, running or not, the agent's or not."""
+        with self._translated("container list"):
+            found = self._api().api.containers(all=True)
+        return frozenset(str(c.get("ImageID") or "") for c in found) - {""}
+
+    def remove_image(self, ref: str) -> bool:
+        """Untags `ref` (or removes the image by id) without force; False if not there.
+
+        Docker deletes the layers once the last reference is gone, and refuses
+        (Conflict) while any container, even a stopped one, uses the image.
+        """
+        try:
+            with self._translated(f"removal of image {ref}"):
+                self._api().api.remove_image(ref, force=False, noprune=False)
+        except NotFound:
+            return False
+        return True
+
+    def registry_digest(self, ref: str, auth: RegistryAuth | None) -> str:
+        """The manifest digest the registry gives for `ref` now, asked through the daemon.
+
+        The daemon makes the request as it would for a pull (its TLS, proxy and
+        insecure-registry settings, the registry's token flow), with `auth`
+        sent for this request only; no layer is downloaded. A registry that
+        answers no (401, 403, 404): `RegistryRefused`; one that cannot be asked
+        (the daemon reports that as a 500, also when credentials are missing):
+        `RegistryUnreachable`. Messages never hold the password.
+        """
+        repository, _ = split_reference(ref)
+        # An empty config, never None: with None the SDK would send the host's own
+        # docker login (~/.docker/config.json) on a renter's behalf.
+        config = auth_config(auth, repository) if auth is not None else {}
+        api = self._own_client(self._check_timeout_s)
+        try:
+            with self._translated(f"registry check of {ref}"):
+                answer = api.inspect_distribution(ref, auth_config=config)  # type: ignore[no-untyped-call]
+        except Unavailable as e:
+            if not _timed_out(e):
+                raise  # Docker itself is down
+            raise RegistryUnreachable(
+                f"the registry did not answer about {ref} within {self._check_timeout_s:g} s"
+            ) from e
+        except NotFound as e:
+            raise RegistryRefused(f"the registry has no {ref}") from e
+        except DockerError as e:
+            cause = e.__cause__
+            api_error = cause if isinstance(cause, docker.errors.APIError) else None
+            text = "" if api_error is None else redact(_explain(api_error), auth)
+            if api_error is not None and api_error.status_code in (401, 403):
+                raise RegistryRefused(f"the registry refused access to {ref}: {text}") from e
+            raise RegistryUnreachable(f"the registry could not be asked about {ref}: {text}") from e
+        finally:
+            api.close()
+        digest = str((answer.get("Descriptor") or {}).get("digest") or "")
+        if not digest:
+            raise RegistryUnreachable(f"the registry gave no digest for {ref}")
+        return digest
 
     def pull(
         self,
@@ -535,6 +619,16 @@ def _follow_pull(
             progress = tally.feed(message)
             if progress is not None:
                 on_progress(progress)
+
+
+def _local_image(attrs: dict[str, Any]) -> LocalImage:
+    """`docker image inspect` (or an image list entry) -> LocalImage."""
+    return LocalImage(
+        image_id=str(attrs.get("Id") or ""),
+        tags=tuple(t for t in attrs.get("RepoTags") or () if t and t != "<none>:<none>"),
+        digests=tuple(d for d in attrs.get("RepoDigests") or () if d and "<none>" not in d),
+        size=int(attrs.get("Size") or 0),
+    )
 
 
 def _docker_time(t: float | None) -> Any:

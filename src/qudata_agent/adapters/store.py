@@ -15,10 +15,11 @@ Owns the schema and its migrations (numbered, applied in order, recorded in
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +55,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE ssh_state (instance_id TEXT PRIMARY KEY"
         " REFERENCES instances(id) ON DELETE CASCADE,"
         " status TEXT NOT NULL, reason TEXT, run TEXT)",
+    ),
+    (
+        # Images pulled with credentials, by repository and manifest digest: a
+        # later order must have the registry confirm its own access. Never
+        # credentials: only what names the image.
+        "CREATE TABLE private_images (repository TEXT NOT NULL, digest TEXT NOT NULL,"
+        " PRIMARY KEY (repository, digest))",
+        # Images the agent pulled (the cache its GC manages): the references it
+        # pulled into each, and when an instance last used it (else its pull).
+        "CREATE TABLE cached_images (image_id TEXT PRIMARY KEY, refs TEXT NOT NULL,"
+        " last_used REAL NOT NULL)",
+        # What each instance's image check found (digest, when checked, a note).
+        "CREATE TABLE instance_images (instance_id TEXT PRIMARY KEY"
+        " REFERENCES instances(id) ON DELETE CASCADE,"
+        " image_id TEXT NOT NULL, digest TEXT, checked_at REAL, note TEXT)",
     ),
 )
 
@@ -276,6 +292,92 @@ class Store:
                 " reason = excluded.reason, run = excluded.run",
                 (instance_id, status, reason, run),
             )
+
+    # -- images ------------------------------------------------------------------
+
+    def mark_private(self, repository: str, digests: Iterable[str]) -> None:
+        with self._writing():
+            self._conn.executemany(
+                "INSERT INTO private_images(repository, digest) VALUES(?, ?)"
+                " ON CONFLICT DO NOTHING",
+                [(repository, d) for d in digests],
+            )
+
+    def is_private(self, repository: str, digests: Iterable[str]) -> bool:
+        wanted = list(digests)
+        if not wanted:
+            return False
+        marks = ",".join("?" * len(wanted))
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT 1 FROM private_images WHERE repository = ? AND digest IN ({marks})",  # noqa: S608 (only placeholders)
+                (repository, *wanted),
+            ).fetchone()
+        return row is not None
+
+    def cache_pulled(self, image_id: str, ref: str, at: float) -> None:
+        """Records that the agent pulled `ref` into `image_id` (the image becomes the GC's)."""
+        with self._transaction() as tx:
+            row = tx.execute(
+                "SELECT refs FROM cached_images WHERE image_id = ?", (image_id,)
+            ).fetchone()
+            refs = [] if row is None else list(json.loads(row[0]))
+            if ref not in refs:
+                refs.append(ref)
+            tx.execute(
+                "INSERT INTO cached_images(image_id, refs, last_used) VALUES(?, ?, ?)"
+                " ON CONFLICT(image_id) DO UPDATE SET refs = excluded.refs,"
+                " last_used = excluded.last_used",
+                (image_id, json.dumps(refs), at),
+            )
+
+    def cache_used(self, image_id: str, at: float) -> None:
+        """An instance was created from `image_id` (nothing happens for an image not cached)."""
+        with self._writing():
+            self._conn.execute(
+                "UPDATE cached_images SET last_used = ? WHERE image_id = ?", (at, image_id)
+            )
+
+    def cached_images(self) -> list[tuple[str, tuple[str, ...], float]]:
+        """(image id, refs the agent pulled into it, last use) of every cached image."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT image_id, refs, last_used FROM cached_images ORDER BY image_id"
+            ).fetchall()
+        return [(str(i), tuple(json.loads(r)), float(t)) for i, r, t in rows]
+
+    def forget_cached(self, image_id: str) -> None:
+        with self._writing():
+            self._conn.execute("DELETE FROM cached_images WHERE image_id = ?", (image_id,))
+
+    def set_instance_image(
+        self,
+        instance_id: str,
+        image_id: str,
+        digest: str | None,
+        checked_at: float | None,
+        note: str | None,
+    ) -> None:
+        with self._writing():
+            self._conn.execute(
+                "INSERT INTO instance_images(instance_id, image_id, digest, checked_at, note)"
+                " VALUES(?, ?, ?, ?, ?) ON CONFLICT(instance_id) DO UPDATE SET"
+                " image_id = excluded.image_id, digest = excluded.digest,"
+                " checked_at = excluded.checked_at, note = excluded.note",
+                (instance_id, image_id, digest, checked_at, note),
+            )
+
+    def instance_image(
+        self, instance_id: str
+    ) -> tuple[str, str | None, float | None, str | None] | None:
+        """(image id, digest, checked at, note) of the instance's image check, if any."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT image_id, digest, checked_at, note FROM instance_images"
+                " WHERE instance_id = ?",
+                (instance_id,),
+            ).fetchone()
+        return None if row is None else (str(row[0]), row[1], row[2], row[3])
 
     def close(self) -> None:
         with self._lock:

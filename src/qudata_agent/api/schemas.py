@@ -134,6 +134,20 @@ class StorageState(BaseModel):
     over_limit: bool = Field(description="the writable layer is larger than requested_gb")
 
 
+class ImageCheckState(BaseModel):
+    """How the instance's image was vouched for when it was created."""
+
+    digest: str | None = Field(
+        default=None, description="the image's manifest digest (null: never came from a registry)"
+    )
+    checked: bool = Field(
+        description="true: the registry confirmed access and the digest for this order"
+    )
+    note: str | None = Field(
+        default=None, description="why it was not checked (registry unreachable, pinned, local)"
+    )
+
+
 class InstanceState(BaseModel):
     """`GET /instances`: with no instance, status `destroyed` and null ids."""
 
@@ -161,6 +175,9 @@ class InstanceState(BaseModel):
     )
     storage: StorageState | None = Field(
         default=None, description="present when the create asked for storage_gb"
+    )
+    image_check: ImageCheckState | None = Field(
+        default=None, description="once the image is ready: its digest and how it was checked"
     )
 
 

@@ -31,7 +31,7 @@ from qudata_agent.domain.backoff import Backoff
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.errors import AgentError, Conflict
-from qudata_agent.services.pulls import PullCoordinator
+from qudata_agent.services.images import ImageService
 from qudata_agent.services.records import Records
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,14 @@ class BuildPipeline:
         records: Records,
         engine: BuildEngine,
         blocking: Blocking,
-        pulls: PullCoordinator,
+        images: ImageService,
         prepare_network: Callable[[], Awaitable[None]] | None = None,
         cleanup_retry_s: float = 0.5,
     ) -> None:
         self._records = records
         self._engine = engine
         self._blocking = blocking
-        self._pulls = pulls
+        self._images = images
         self._prepare_network = prepare_network
         self._cleanup_retry_s = cleanup_retry_s
         self._builds: dict[str, _Build] = {}
@@ -117,8 +117,8 @@ class BuildPipeline:
         if cancel.is_set():
             raise _BuildCancelled
 
-    async def _pull_unless_cancelled(self, ref: str, auth: Any, cancel: asyncio.Event) -> None:
-        pull = asyncio.ensure_future(self._pulls.ensure(ref, auth))
+    async def _unless_cancelled(self, work: Awaitable[Any], cancel: asyncio.Event) -> None:
+        pull = asyncio.ensure_future(work)
         stop = asyncio.ensure_future(cancel.wait())
         try:
             await asyncio.wait({pull, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -140,10 +140,14 @@ class BuildPipeline:
     ) -> None:
         spec = ContainerSpec.from_json(instance.spec_json)
         try:
-            if not await self._pulls.present(spec.image):
+
+            async def pulling() -> None:  # the image service pulls: the answer shows it
+                nonlocal instance
                 instance = await self._step(instance, "pulling")
                 self._records.changed()
-                await self._pull_unless_cancelled(spec.image, auth, cancel)
+
+            image = self._images.ensure(spec.image, auth, instance.id, pulling)
+            await self._unless_cancelled(image, cancel)
             self._checkpoint(cancel)
             instance = await self._step(instance, "creating")
             if self._prepare_network is not None:

@@ -3,7 +3,8 @@
 Owns `InstanceView` and how it is put together: the pull's progress while
 pulling, the container's logs when asked (and its last lines when it
 finished or crashed on its own), the SSH state, the health of its GPUs, and
-what its `storage_gb` got. Reads only; changes nothing.
+what its `storage_gb` got, and how its image was vouched for (private,
+checked with the registry, or run from the cache). Reads only; changes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.errors import NotFound
-from qudata_agent.services.pulls import PullCoordinator
+from qudata_agent.services.images import ImageService
 
 LAST_LOG_LINES = 20
 
@@ -39,6 +40,7 @@ class InstanceView:
     ssh: Any | None = None  # the SSH service's view (status, port, reason)
     gpu_health: tuple[Any, ...] = ()  # health problems of its GPUs (domain.gpu_health.GpuEvent)
     storage: Any | None = None  # what storage_gb gets (domain.storage.StorageUsage)
+    image_check: Any | None = None  # how its image was vouched for (services.images.ImageCheck)
 
 
 def exited_on_its_own(instance: Instance) -> bool:
@@ -53,14 +55,14 @@ class InstanceViews:
         *,
         engine: LogEngine,
         blocking: Blocking,
-        pulls: PullCoordinator,
+        images: ImageService,
         ssh: Callable[[Instance], Awaitable[Any]] | None = None,
         gpu_health: Callable[[Instance], Sequence[Any]] | None = None,
         storage: StorageView | None = None,
     ) -> None:
         self._engine = engine
         self._blocking = blocking
-        self._pulls = pulls
+        self._images = images
         self._ssh = ssh
         self._gpu_health = gpu_health
         self._storage = storage
@@ -70,7 +72,7 @@ class InstanceViews:
     ) -> InstanceView:
         if instance is None:
             return InstanceView(None)
-        pull = self._pulls.progress(instance.image) if instance.phase == "pulling" else None
+        pull = self._images.progress(instance.image) if instance.phase == "pulling" else None
         text = last = None
         if instance.container_id and (logs or exited_on_its_own(instance)):
             try:
@@ -92,4 +94,5 @@ class InstanceViews:
             ssh=await self._ssh(instance) if self._ssh is not None else None,
             gpu_health=tuple(self._gpu_health(instance)) if self._gpu_health is not None else (),
             storage=await self._storage.view(instance) if self._storage is not None else None,
+            image_check=await self._images.view(instance.id),
         )

@@ -26,6 +26,7 @@ from qudata_agent.api.schemas import (
     GpuCapacity,
     GpuHealthEvent,
     HostState,
+    ImageCheckState,
     InstanceAction,
     InstanceList,
     InstanceState,
@@ -136,7 +137,14 @@ def to_state(view: Any) -> InstanceState:
             for e in getattr(view, "gpu_health", ())
         ],
         storage=_storage(getattr(view, "storage", None)),
+        image_check=_image_check(getattr(view, "image_check", None)),
     )
+
+
+def _image_check(check: Any) -> ImageCheckState | None:
+    if check is None:
+        return None
+    return ImageCheckState(digest=check.digest, checked=check.checked, note=check.note)
 
 
 def _storage(usage: Any) -> StorageState | None:

@@ -1,0 +1,142 @@
+"""The image service and the pre-pull loop with a small fake engine (the real registry
+is covered in tests/integration/test_images_registry.py and tests/e2e/test_images.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qudata_agent.adapters.store import Store
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.image_access import LocalImage, RegistryRefused, RegistryUnreachable
+from qudata_agent.domain.instance import Instance, Status, Wanted
+from qudata_agent.domain.order import RegistryCredentials
+from qudata_agent.errors import AgentError
+from qudata_agent.loops.images import prepull_loop
+from qudata_agent.services.images import NOTE_UNREACHABLE, ImageService
+from qudata_agent.services.pulls import PullCoordinator
+
+DIGEST = "sha256:" + "a" * 64
+REF = "reg:5000/team/app:1"
+RIGHT = RegistryCredentials("renter", "right-password", "reg:5000")
+
+
+class FakeRegistryEngine:
+    """One image in a registry that wants RIGHT; pulls wait for a gate."""
+
+    def __init__(self) -> None:
+        self.local: dict[str, LocalImage] = {}
+        self.reachable = True
+        self.gate = threading.Event()
+        self.gate.set()
+        self.pulls: list[str] = []
+        self.checks: list[Any] = []
+
+    def local_image(self, ref: str) -> LocalImage | None:
+        return self.local.get(ref)
+
+    def registry_digest(self, ref: str, auth: Any) -> str:
+        self.checks.append(auth)
+        if not self.reachable:
+            raise RegistryUnreachable("down")
+        if auth != RIGHT:
+            raise RegistryRefused("the registry refused access")
+        return DIGEST
+
+    def image_present(self, ref: str) -> bool:
+        return ref in self.local
+
+    def pull(self, ref: str, auth: Any, on_progress: Any, inactivity_s: float) -> None:
+        self.pulls.append(ref)
+        self.gate.wait(10)
+        if ref.startswith("reg:5000/") and auth != RIGHT:
+            raise AgentError("pull refused")
+        repo = ref.rsplit(":", 1)[0]
+        self.local[ref] = LocalImage("id-" + ref, (ref,), (f"{repo}@{DIGEST}",), 10)
+
+
+@pytest.fixture
+async def parts(tmp_path: Path) -> AsyncIterator[tuple[ImageService, FakeRegistryEngine, Store]]:
+    engine = FakeRegistryEngine()
+    store = Store.open(tmp_path / "agent.db")
+    blocking = Blocking()
+    service = ImageService(engine, store, blocking, PullCoordinator(engine, blocking, 5))
+    yield service, engine, store
+    engine.gate.set()
+    blocking.close()
+    store.close()
+
+
+def _instance(store: Store, instance_id: str) -> None:
+    store.insert_instance(
+        Instance(
+            id=instance_id,
+            status=Status.PENDING,
+            wanted=Wanted.RUNNING,
+            image=REF,
+            container_name=f"qudata-{instance_id}",
+            created_at=1.0,
+            updated_at=1.0,
+            spec_json="{}",
+        )
+    )
+
+
+async def test_a_resumed_build_keeps_the_image_it_was_granted(parts: Any) -> None:
+    service, engine, store = parts
+    _instance(store, "i1")
+    first = await service.ensure(REF, RIGHT, "i1")
+    assert first.checked and first.digest == DIGEST
+    # After a restart the build has no credentials; its own grant still holds...
+    again = await service.ensure(REF, None, "i1")
+    assert again == first
+    # ...but no other order's.
+    _instance(store, "i2")
+    engine.reachable = False
+    with pytest.raises(AgentError, match="is private"):
+        await service.ensure(REF, None, "i2")
+    assert store.is_private("reg:5000/team/app", [DIGEST])
+    assert "right-password" not in repr(await service.view("i1"))
+
+
+async def test_a_public_image_runs_from_the_cache_when_the_registry_is_down(parts: Any) -> None:
+    service, engine, _ = parts
+    await service.ensure("pub:5000/x:1", None)
+    engine.reachable = False
+    check = await service.ensure("pub:5000/x:1", None)
+    assert check.note == NOTE_UNREACHABLE and not check.checked
+    assert engine.pulls == ["pub:5000/x:1"]
+
+
+async def test_prepulls_wait_for_a_renter_pull_and_go_one_at_a_time(parts: Any) -> None:
+    service, engine, store = parts
+    engine.gate.clear()
+    _instance(store, "i1")
+    renter = asyncio.ensure_future(service.ensure(REF, RIGHT, "i1"))
+    await asyncio.sleep(0.05)
+    started: list[str] = []
+
+    async def prepull(ref: str) -> None:
+        started.append(ref)
+        await service.ensure(ref, None)
+
+    loop = asyncio.ensure_future(
+        prepull_loop(("pub:5000/a:1", "pub:5000/b:1"), prepull, service.renters_idle, 3600)
+    )
+    await asyncio.sleep(0.1)
+    assert started == []  # the renter's pull goes first
+    engine.gate.set()
+    await renter
+    for _ in range(100):
+        if len(engine.pulls) == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.pulls == [REF, "pub:5000/a:1", "pub:5000/b:1"]
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await loop

@@ -45,8 +45,16 @@ import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.gpus import Resources
-from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape, Link, format_cpu_list
+from qudata_agent.domain.topology import (
+    Cpu,
+    GpuTopology,
+    HostShape,
+    Link,
+    format_cpu_list,
+    parse_cpu_list,
+)
 from qudata_agent.errors import Conflict
 
 GIB = 1024**3
@@ -89,6 +97,18 @@ class Holding:
     memory_bytes: int | None = None  # its memory limit; None: none (the whole host)
     storage_bytes: int | None = None  # the writable-layer size promised
     storage_used_bytes: int = 0  # of that, already written (so already off the free space)
+
+    @classmethod
+    def of_spec(cls, spec: ContainerSpec, storage_used_bytes: int = 0) -> Holding:
+        """What an existing instance holds, from the spec it was created with."""
+        return cls(
+            gpus=spec.gpu_uuids,
+            cpuset=parse_cpu_list(spec.cpuset_cpus) if spec.cpuset_cpus else (),
+            cpu_cores=None if spec.nano_cpus is None else spec.nano_cpus / 1e9,
+            memory_bytes=spec.memory_bytes,
+            storage_bytes=spec.storage_bytes,
+            storage_used_bytes=storage_used_bytes,
+        )
 
 
 @dataclass(frozen=True)

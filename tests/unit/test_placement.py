@@ -16,12 +16,15 @@ from qudata_agent.domain.placement import (
     Placement,
     Refusal,
     Request,
+    choose_gpus,
     decide,
     free,
     place,
 )
 from qudata_agent.domain.topology import (
     Cpu,
+    GpuPlace,
+    GpuTopology,
     HostShape,
     Link,
     format_cpu_list,
@@ -250,3 +253,18 @@ def test_a_holding_from_the_spec_an_instance_was_made_with() -> None:
     held = Holding.of_spec(ContainerSpec.from_json(spec.to_json()), storage_used_bytes=GIB)
     assert held == replace(placement.holding(), storage_used_bytes=GIB)
     assert Holding.of_spec(replace(spec, nano_cpus=None, cpuset_cpus=None)).cpu_cores is None
+
+
+def test_many_gpus_are_searched_greedily_and_still_keep_an_island_together() -> None:
+    uuids = [f"GPU-{i:02d}" for i in range(20)]  # five NVLink islands of four
+    links = {
+        frozenset((a, b)): Link.NVLINK if i // 4 == j // 4 else Link.SYSTEM
+        for i, a in enumerate(uuids)
+        for j, b in enumerate(uuids)
+        if i < j
+    }
+    topology = GpuTopology(tuple(GpuPlace(u) for u in uuids), links)
+    assert choose_gpus(topology, uuids, 4) == tuple(uuids[:4])  # C(20, 4) > the exhaustive bound
+    broken = [u for u in uuids if u != "GPU-01"]
+    assert choose_gpus(topology, broken, 4) == tuple(uuids[4:8])
+    assert choose_gpus(topology, broken, 3) == ("GPU-00", "GPU-02", "GPU-03")  # the broken one

@@ -4,25 +4,43 @@ Run by hand where a GPU and its driver are present (see README.md next to
 this file); pytest never collects it. Everything the agent reports is read
 through the agent's own adapters (the NVML adapter, the host probe, the
 `/init/host` payload builder, the metrics registry) and compared with what
-`nvidia-smi` prints. Exit code: 0 when everything matches, 1 on any mismatch
-(each is printed), 2 when there is no NVIDIA GPU, driver or nvidia-smi here.
+`nvidia-smi` prints. Then an instance per GPU: the GPU topology the agent
+reads against `nvidia-smi topo -m`, placement handing each of as many
+one-GPU orders as there are GPUs a GPU of its own (and refusing one more),
+and, with Docker and the NVIDIA Container Toolkit (`--image`), a container
+per GPU made through the agent's Docker adapter that sees exactly its GPU,
+with the telemetry of each instance showing that GPU's figures.
+Exit code: 0 when everything matches, 1 on any mismatch (each is printed),
+2 when there is no NVIDIA GPU, driver or nvidia-smi here.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from qudata_agent.adapters.host import HostProbe
+from qudata_agent.adapters.cgroups import CgroupReader
+from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.host import HostCounters, HostProbe, host_memory_bytes, host_shape
 from qudata_agent.adapters.nvml import Nvml
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.container_spec import ContainerSpec
+from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.inventory import GpuReport, GpuSample, init_host_payload, short_gpu_name
+from qudata_agent.domain.placement import Capacity, Holding, Placement, Refusal, Request, decide
+from qudata_agent.domain.topology import GpuTopology, HostShape, parse_smi_topology
 from qudata_agent.metrics import Metrics
+from qudata_agent.services.telemetry import HostSize, Telemetry
 
 MIB = 1024**2
 GIB = 1024**3
@@ -174,6 +192,97 @@ def compare_metrics(text: str, samples: tuple[GpuSample, ...]) -> list[str]:
     ]
 
 
+def compare_topology(smi_topo_text: str, smi: list[SmiGpu], topology: GpuTopology) -> list[str]:
+    """Mismatches between `nvidia-smi topo -m` and the links and NUMA nodes the agent read."""
+    try:
+        matrix = parse_smi_topology(smi_topo_text)
+    except ValueError as e:
+        return [f"nvidia-smi topo -m not understood: {e}"]
+    by_index = {g.index: g.uuid for g in smi}
+    problems = []
+    if {g.uuid for g in topology.gpus} != set(by_index.values()):
+        problems.append("the agent's topology does not list the GPUs nvidia-smi lists")
+    for (i, j), link in sorted(matrix.links.items()):
+        if i < j and i in by_index and j in by_index:
+            got = topology.link(by_index[i], by_index[j])
+            if got != link:
+                problems.append(f"GPU{i}-GPU{j}: agent {got.name}, nvidia-smi {link.name}")
+    for index, node in sorted(matrix.numa_nodes.items()):
+        got_node = topology.node_of(by_index.get(index, ""))
+        if node is not None and got_node != node:
+            problems.append(f"GPU{index}: NUMA node {got_node}, nvidia-smi {node}")
+    return problems
+
+
+def place_one_per_gpu(shape: HostShape) -> tuple[list[Placement], Placement | Refusal]:
+    """As many one-GPU orders as GPUs (naming nothing else), then one more."""
+    capacity = Capacity(shape, max_instances=len(shape.gpus.gpus) + 1)
+    holdings: list[Holding] = []
+    placed: list[Placement] = []
+    for _ in shape.gpus.gpus:
+        answer = decide(capacity, holdings, Request(gpu_count=1))
+        if not isinstance(answer, Placement):
+            break
+        placed.append(answer)
+        holdings.append(answer.holding())
+    return placed, decide(capacity, holdings, Request(gpu_count=1))
+
+
+def compare_placement(
+    shape: HostShape, placed: Sequence[Placement], extra: Placement | Refusal
+) -> list[str]:
+    """Each GPU to exactly one instance, CPU and memory shared out, the extra one refused."""
+    problems = []
+    given = [u for p in placed for u in p.gpus]
+    if sorted(given) != sorted(shape.gpus.uuids) or any(len(p.gpus) != 1 for p in placed):
+        problems.append(f"GPUs placed {given}, expected each of {list(shape.gpus.uuids)} once")
+    cpus = sum(p.cpu_cores or 0 for p in placed)
+    if placed and (cpus > len(shape.cpus) or any(p.cpu_cores is None for p in placed)):
+        problems.append(f"CPU limits {[p.cpu_cores for p in placed]} exceed the host's")
+    if not isinstance(extra, Refusal) or "needs 1 GPU, 0 free" not in extra.shortages:
+        problems.append(f"one GPU more than the host has was not refused: {extra}")
+    return problems
+
+
+_SMI_LIST = re.compile(r"^GPU \d+: .*\(UUID: (GPU-[0-9a-fA-F-]+)\)", re.MULTILINE)
+
+
+def compare_container_gpus(expected_uuid: str, smi_list_text: str) -> list[str]:
+    """`nvidia-smi -L` run in an instance's container lists its GPU and no other."""
+    seen = _SMI_LIST.findall(smi_list_text)
+    if seen != [expected_uuid]:
+        return [f"container for {expected_uuid} sees {seen or 'no GPU'}"]
+    return []
+
+
+def compare_instance_stats(
+    smi: list[SmiGpu], entries: Sequence[dict[str, Any]], gpu_of: dict[str, str]
+) -> list[str]:
+    """Each instance's `/stats` entry carries the figures of its own GPU."""
+    by_uuid = {g.uuid: g for g in smi}
+    problems = []
+    for entry in entries:
+        gpu = by_uuid.get(gpu_of.get(str(entry.get("instance_id")), ""))
+        if gpu is None:
+            continue
+        if gpu.temperature_c is not None and (
+            entry.get("gpu_temp") is None
+            or abs(float(entry["gpu_temp"]) - gpu.temperature_c) > TEMP_TOLERANCE
+        ):
+            problems.append(
+                f"instance on {gpu.uuid}: gpu_temp {entry.get('gpu_temp')}, "
+                f"nvidia-smi {gpu.temperature_c}"
+            )
+        if gpu.util_percent is not None and (
+            abs(float(entry.get("gpu_util", 0)) - gpu.util_percent) > UTIL_TOLERANCE
+        ):
+            problems.append(
+                f"instance on {gpu.uuid}: gpu_util {entry.get('gpu_util')}, "
+                f"nvidia-smi {gpu.util_percent}"
+            )
+    return problems
+
+
 def _smi(*args: str) -> str:
     return subprocess.run(
         ["nvidia-smi", *args], check=True, capture_output=True, text=True, timeout=30
@@ -186,9 +295,107 @@ async def _agent_side(nvml: Nvml, uuids: tuple[str, ...]) -> tuple[Any, ...]:
     return samples, events
 
 
+async def _containers_per_gpu(
+    nvml: Nvml, placed: Sequence[Placement], image: str, smi: list[SmiGpu]
+) -> list[str]:
+    """A container per placement through the agent's Docker adapter, and its telemetry."""
+    owner = f"check-gpu-{uuid.uuid4().hex[:12]}"
+    engine, blocking = DockerEngine(), Blocking()
+    problems: list[str] = []
+    made: list[str] = []
+    try:
+        instances = []
+        for n, placement in enumerate(placed):
+            spec = ContainerSpec(
+                instance_id=f"{owner}-{n}", agent_id=owner, image=image,
+                command=("sh", "-c", "nvidia-smi -L; sleep 600"),
+                nano_cpus=None if placement.cpu_cores is None else int(placement.cpu_cores * 1e9),
+                cpuset_cpus=placement.cpuset_cpus, memory_bytes=placement.memory_bytes,
+                gpu_uuids=placement.gpus,
+            )  # fmt: skip
+            cid = engine.create(spec)
+            made.append(cid)
+            engine.start(cid)
+            state = engine.inspect(cid)
+            instances.append(
+                Instance(
+                    id=spec.instance_id,
+                    status=Status.RUNNING,
+                    wanted=Wanted.RUNNING,
+                    image=image,
+                    container_name=spec.name,
+                    gpus=placement.gpus,
+                    container_id=cid,
+                    created_at=float(n),
+                    spec_json=spec.to_json(),
+                    started_at=state.started_at,
+                )
+            )
+        await asyncio.sleep(3)
+        for instance, placement in zip(instances, placed, strict=True):
+            logs = engine.logs(instance.container_id or "", tail=20)
+            problems += compare_container_gpus(placement.gpus[0], logs)
+
+        async def listed() -> list[Instance]:
+            return instances
+
+        async def host_gpus() -> tuple[str, ...]:
+            return tuple(g.uuid for g in smi)
+
+        telemetry = Telemetry(
+            instances=listed, engine=engine, cgroups=CgroupReader(), host=HostCounters(),
+            gpu_samples=nvml.samples_async, host_gpus=host_gpus,
+            size=HostSize(os.cpu_count() or 1, host_memory_bytes()), blocking=blocking,
+            max_instances=len(instances) + 1,
+        )  # fmt: skip
+        payload = await telemetry.sample()
+        fresh = parse_query(_smi(f"--query-gpu={QUERY_FIELDS}", "--format=csv,noheader,nounits"))
+        gpu_of = {i.id: i.gpus[0] for i in instances}
+        problems += compare_instance_stats(fresh, payload["instances"], gpu_of)
+        print(f"instances: {len(instances)} containers, one GPU each; /stats entries:")
+        for entry in payload["instances"]:
+            print(f"  {gpu_of[entry['instance_id']]}: {entry}")
+    finally:
+        for cid in made:
+            engine.remove(cid)
+        blocking.close()
+        engine.close()
+    return problems
+
+
+def _instance_per_gpu(nvml: Nvml, smi: list[SmiGpu], image: str | None) -> list[str]:
+    topology = asyncio.run(nvml.topology_async())
+    shape = host_shape(topology)
+    print("topology (agent):")
+    for gpu in topology.gpus:
+        links = {
+            other.uuid[:12]: topology.link(gpu.uuid, other.uuid).name
+            for other in topology.gpus
+            if other.uuid != gpu.uuid
+        }
+        print(f"  {gpu.uuid} bus {gpu.pci_bus_id} NUMA {gpu.numa_node} {links}")
+    problems = compare_topology(_smi("topo", "-m"), smi, topology)
+    placed, extra = place_one_per_gpu(shape)
+    for p in placed:
+        print(
+            f"  placed {p.gpus} cpus {p.cpu_cores} cpuset {p.cpuset_cpus} memory {p.memory_bytes}"
+        )
+    problems += compare_placement(shape, placed, extra)
+    if image is None:
+        print("containers per GPU: not checked (give --image IMAGE with Docker and the toolkit)")
+    elif len(placed) == len(topology.gpus):
+        problems += asyncio.run(_containers_per_gpu(nvml, placed, image, smi))
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docker-root", default="/", help="path whose filesystem is 'disk'")
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="run a container per GPU from this local image (glibc-based, e.g. debian:12)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("nvidia-smi") is None:
         print("no nvidia-smi here: not a machine with an NVIDIA driver", file=sys.stderr)
@@ -209,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         payload: dict[str, Any] = init_host_payload(HostProbe(nvml).inventory(args.docker_root))
         uuids = tuple(g.uuid for g in report.gpus)
         samples, events = asyncio.run(_agent_side(nvml, uuids))
+        per_gpu = _instance_per_gpu(nvml, smi, args.image)
     finally:
         nvml.close()
     metrics = Metrics()
@@ -238,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         *compare_inventory(smi, cuda, report, payload),
         *compare_samples(smi, samples),
         *compare_metrics(text, samples),
+        *per_gpu,
     ]
     for problem in problems:
         print(f"MISMATCH: {problem}")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from qudata_agent.domain.inventory import (
     HostInventory,
     init_host_payload,
 )
+from qudata_agent.domain.topology import Link, shape_from_json
 
 SCRIPT = Path(__file__).parents[1] / "gpu" / "check_gpu.py"
 MIB = 1024**2
@@ -126,3 +128,61 @@ def test_without_nvidia_smi_it_exits_2(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "no nvidia-smi" in done.stderr
+
+
+# -- an instance per GPU -------------------------------------------------------------
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def _pcie() -> Any:
+    record = json.loads((SAMPLES / "topology_8x_pcie_two_sockets.json").read_text())
+    return shape_from_json(record)
+
+
+def _smi_rows(shape: Any) -> list[Any]:
+    return [
+        SimpleNamespace(index=i, uuid=u, temperature_c=40.0 + i, util_percent=10.0 * i)
+        for i, u in enumerate(shape.gpus.uuids)
+    ]
+
+
+def test_topology_matching_nvidia_smi_passes_and_a_wrong_link_is_named(check: Any) -> None:
+    shape = _pcie()
+    text = (SAMPLES / "nvidia_smi_topo_8x_pcie_two_sockets.txt").read_text()
+    rows = _smi_rows(shape)
+    assert check.compare_topology(text, rows, shape.gpus) == []
+    a, b = shape.gpus.uuids[:2]
+    wrong = replace(shape.gpus, links={**shape.gpus.links, frozenset((a, b)): Link.SYSTEM})
+    assert check.compare_topology(text, rows, wrong) == ["GPU0-GPU1: agent SYSTEM, nvidia-smi PIX"]
+    assert check.compare_topology("garbage", rows, shape.gpus)[0].startswith("nvidia-smi topo")
+
+
+def test_one_instance_per_gpu_is_placed_and_one_more_refused(check: Any) -> None:
+    shape = _pcie()
+    placed, extra = check.place_one_per_gpu(shape)
+    assert len(placed) == 8 and check.compare_placement(shape, placed, extra) == []
+    assert sorted(u for p in placed for u in p.gpus) == sorted(shape.gpus.uuids)
+    problems = check.compare_placement(shape, placed[:7], extra)
+    assert problems and problems[0].startswith("GPUs placed")
+
+
+def test_a_container_sees_only_its_gpu(check: Any) -> None:
+    listing = f"GPU 0: NVIDIA H100 80GB HBM3 (UUID: {UUIDS[0]})\n"
+    assert check.compare_container_gpus(UUIDS[0], listing) == []
+    both = listing + f"GPU 1: NVIDIA H100 80GB HBM3 (UUID: {UUIDS[1]})\n"
+    assert check.compare_container_gpus(UUIDS[0], both) != []
+    assert check.compare_container_gpus(UUIDS[0], "No devices were found\n") == [
+        f"container for {UUIDS[0]} sees no GPU"
+    ]
+
+
+def test_each_instances_stats_carry_its_gpu(check: Any) -> None:
+    rows = check.parse_query(QUERY)
+    entries = [
+        {"instance_id": "a", "gpu_util": 1.0, "gpu_temp": 31.0},
+        {"instance_id": "b", "gpu_util": 95.0, "gpu_temp": 64.0},
+    ]
+    assert check.compare_instance_stats(rows, entries, {"a": UUIDS[0], "b": UUIDS[1]}) == []
+    swapped = check.compare_instance_stats(rows, entries, {"a": UUIDS[1], "b": UUIDS[0]})
+    assert len(swapped) == 4

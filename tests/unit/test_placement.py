@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.placement import (
     GIB,
     Capacity,
@@ -14,12 +16,15 @@ from qudata_agent.domain.placement import (
     Placement,
     Refusal,
     Request,
+    choose_gpus,
     decide,
     free,
     place,
 )
 from qudata_agent.domain.topology import (
     Cpu,
+    GpuPlace,
+    GpuTopology,
     HostShape,
     Link,
     format_cpu_list,
@@ -235,3 +240,31 @@ def test_a_host_without_cpu_topology_still_admits_by_limits() -> None:
     flat = HostShape(cpus=tuple(Cpu(i, i) for i in range(4)), memory_bytes=8 * GIB)
     answer = admitted(decide(Capacity(flat, max_instances=2), [], Request(cpu_cores=2)))
     assert answer.cpuset == (1, 2)  # one thread per core; CPU 0 left to the system
+
+
+def test_a_holding_from_the_spec_an_instance_was_made_with() -> None:
+    placement = admitted(decide(cap(PCIE), [], Request(2, cpu_cores=4, memory_bytes=GIB,
+                                                       storage_bytes=5 * GIB)))  # fmt: skip
+    spec = ContainerSpec(
+        instance_id="i", agent_id="a", image="img", command=("sleep",),
+        nano_cpus=int(4e9), cpuset_cpus=placement.cpuset_cpus, memory_bytes=GIB,
+        gpu_uuids=placement.gpus, storage_bytes=5 * GIB,
+    )  # fmt: skip
+    held = Holding.of_spec(ContainerSpec.from_json(spec.to_json()), storage_used_bytes=GIB)
+    assert held == replace(placement.holding(), storage_used_bytes=GIB)
+    assert Holding.of_spec(replace(spec, nano_cpus=None, cpuset_cpus=None)).cpu_cores is None
+
+
+def test_many_gpus_are_searched_greedily_and_still_keep_an_island_together() -> None:
+    uuids = [f"GPU-{i:02d}" for i in range(20)]  # five NVLink islands of four
+    links = {
+        frozenset((a, b)): Link.NVLINK if i // 4 == j // 4 else Link.SYSTEM
+        for i, a in enumerate(uuids)
+        for j, b in enumerate(uuids)
+        if i < j
+    }
+    topology = GpuTopology(tuple(GpuPlace(u) for u in uuids), links)
+    assert choose_gpus(topology, uuids, 4) == tuple(uuids[:4])  # C(20, 4) > the exhaustive bound
+    broken = [u for u in uuids if u != "GPU-01"]
+    assert choose_gpus(topology, broken, 4) == tuple(uuids[4:8])
+    assert choose_gpus(topology, broken, 3) == ("GPU-00", "GPU-02", "GPU-03")  # the broken one

@@ -42,11 +42,19 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.gpus import Resources
-from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape, Link, format_cpu_list
+from qudata_agent.domain.topology import (
+    Cpu,
+    GpuTopology,
+    HostShape,
+    Link,
+    format_cpu_list,
+    parse_cpu_list,
+)
 from qudata_agent.errors import Conflict
 
 GIB = 1024**3
@@ -89,6 +97,18 @@ class Holding:
     memory_bytes: int | None = None  # its memory limit; None: none (the whole host)
     storage_bytes: int | None = None  # the writable-layer size promised
     storage_used_bytes: int = 0  # of that, already written (so already off the free space)
+
+    @classmethod
+    def of_spec(cls, spec: ContainerSpec, storage_used_bytes: int = 0) -> Holding:
+        """What an existing instance holds, from the spec it was created with."""
+        return cls(
+            gpus=spec.gpu_uuids,
+            cpuset=parse_cpu_list(spec.cpuset_cpus) if spec.cpuset_cpus else (),
+            cpu_cores=None if spec.nano_cpus is None else spec.nano_cpus / 1e9,
+            memory_bytes=spec.memory_bytes,
+            storage_bytes=spec.storage_bytes,
+            storage_used_bytes=storage_used_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -265,10 +285,13 @@ def _memory_limit(capacity: Capacity, request: Request, free_bytes: int) -> int 
 # -- GPUs ---------------------------------------------------------------------------
 
 
-def _score(topology: GpuTopology, chosen: Sequence[str], rest: Collection[str]) -> tuple[int, ...]:
+Matrix = list[list[int]]  # link levels between candidate GPUs, by position
+
+
+def _score(links: Matrix, chosen: Sequence[int], rest: Sequence[int]) -> tuple[int, ...]:
     """Lower is better: worst and summed link inside, then how well `rest` keeps together."""
-    inside = [topology.link(a, b) for a, b in itertools.combinations(chosen, 2)]
-    left = [topology.link(a, b) for a, b in itertools.combinations(sorted(rest), 2)]
+    inside = [links[a][b] for a, b in itertools.combinations(chosen, 2)]
+    left = [links[a][b] for a, b in itertools.combinations(rest, 2)]
     return (max(inside, default=Link.NVLINK), sum(inside), max(left, default=Link.NVLINK),
             sum(left))  # fmt: skip
 
@@ -284,30 +307,30 @@ def choose_gpus(topology: GpuTopology, free_gpus: Sequence[str], count: int) -> 
         raise ValueError(f"{count} GPUs asked, {len(candidates)} free")
     if count == len(candidates):
         return tuple(candidates)
+    links = [[int(topology.link(a, b)) for b in candidates] for a in candidates]
+    positions = range(len(candidates))
     if math.comb(len(candidates), count) <= _EXHAUSTIVE_MAX:
-        subsets: Iterable[tuple[str, ...]] = itertools.combinations(candidates, count)
+        subsets: Iterable[tuple[int, ...]] = itertools.combinations(positions, count)
     else:
-        subsets = (_grow(topology, candidates, seed, count) for seed in candidates)
-    best: tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]] | None = None
+        subsets = (_grow(links, seed, count) for seed in positions)
+    best: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     for subset in subsets:
-        rest = [u for u in candidates if u not in subset]
-        key = (_score(topology, subset, rest), tuple(sorted(order[u] for u in subset)), subset)
-        if best is None or key[:2] < best[:2]:
+        chosen = tuple(sorted(subset))
+        rest = [i for i in positions if i not in chosen]
+        key = (_score(links, chosen, rest), chosen)
+        if best is None or key < best:
             best = key
     assert best is not None
-    return tuple(sorted(best[2], key=order.__getitem__))
+    return tuple(candidates[i] for i in best[1])
 
 
-def _grow(topology: GpuTopology, candidates: list[str], seed: str, count: int) -> tuple[str, ...]:
+def _grow(links: Matrix, seed: int, count: int) -> tuple[int, ...]:
     """A greedy group from `seed`: each next GPU the closest to those already in."""
     group = [seed]
     while len(group) < count:
         nearest = min(
-            (u for u in candidates if u not in group),
-            key=lambda u: (
-                max(topology.link(u, g) for g in group),
-                sum(topology.link(u, g) for g in group),
-            ),
+            (u for u in range(len(links)) if u not in group),
+            key=lambda u: (max(links[u][g] for g in group), sum(links[u][g] for g in group), u),
         )
         group.append(nearest)
     return tuple(group)

@@ -43,7 +43,6 @@ from qudata_agent.domain.order import (
 )
 from qudata_agent.domain.placement import Free, Holding, Placement, Request, free, place
 from qudata_agent.domain.ports import PortAllocator, parse_port_requests
-from qudata_agent.domain.topology import parse_cpu_list
 from qudata_agent.errors import Conflict, NotFound
 from qudata_agent.services.builds import BuildPipeline, remove_container
 from qudata_agent.services.capacity import Disk, HostCapacity
@@ -91,14 +90,7 @@ def holding_of(instance: Instance) -> Holding | None:
     """What an instance holds; a failed build holds nothing (its resources are freed)."""
     if instance.status is Status.ERROR and instance.container_id is None:
         return None
-    spec = ContainerSpec.from_json(instance.spec_json)
-    return Holding(
-        gpus=instance.gpus,
-        cpuset=parse_cpu_list(spec.cpuset_cpus) if spec.cpuset_cpus else (),
-        cpu_cores=spec.nano_cpus / 1e9 if spec.nano_cpus else None,
-        memory_bytes=spec.memory_bytes,
-        storage_bytes=spec.storage_bytes,
-    )
+    return Holding.of_spec(ContainerSpec.from_json(instance.spec_json))
 
 
 class InstanceService:

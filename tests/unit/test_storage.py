@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,8 +22,6 @@ from qudata_agent.adapters.host import mount_options, parse_mount_options
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import ConfigError, load_settings
-from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
-from qudata_agent.domain.image_access import LocalImage, RegistryUnreachable
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.storage import (
@@ -40,7 +37,7 @@ from qudata_agent.domain.storage import (
 )
 from qudata_agent.errors import Conflict, NotFound, Unavailable
 from qudata_agent.services.storage import STORE_KEY, StorageGuard, detect_quota_support
-from support.fake_engine import Stack
+from support.fake_engine import FakeEngine, Stack
 
 SAMPLES = Path(__file__).parent / "samples"
 XFS_ROOT = "/var/lib/docker"
@@ -215,17 +212,15 @@ def test_the_policy_setting() -> None:
 # -- the guard ---------------------------------------------------------------------------
 
 
-class FakeEngine:
-    """Containers in a dict, `docker info`'s storage part, and layer sizes set by the test."""
+class StorageEngine(FakeEngine):
+    """The shared fake engine, with `docker info`'s storage part and layer sizes set by the test."""
 
     def __init__(self, info: StorageInfo) -> None:
+        super().__init__()
         self.info = info
         self.info_error: Exception | None = None
         self.sizes: dict[str, int] = {}
         self.measured: list[str] = []
-        self.images = {"present:1"}
-        self.containers: dict[str, ContainerState] = {}
-        self.specs: dict[str, ContainerSpec] = {}
 
     def storage_info(self) -> StorageInfo:
         if self.info_error is not None:
@@ -238,54 +233,6 @@ class FakeEngine:
             raise NotFound(f"no container {container_id}")
         return self.sizes[container_id]
 
-    # what the instance service needs
-    def image_present(self, ref: str) -> bool:
-        return ref in self.images
-
-    def local_image(self, ref: str) -> LocalImage | None:
-        return LocalImage(f"id-{ref}") if ref in self.images else None  # built here: not checked
-
-    def registry_digest(self, ref: str, auth: Any) -> str:
-        raise RegistryUnreachable("no registry here")
-
-    def pull(
-        self, ref: str, auth: Any, on_progress: Callable[[Any], None], inactivity_s: float
-    ) -> None:
-        self.images.add(ref)
-
-    def create(self, spec: ContainerSpec) -> str:
-        cid = f"c{len(self.containers) + 1}"
-        self.specs[cid] = spec
-        self.containers[cid] = ContainerState(
-            cid, spec.name, spec.instance_id, spec.agent_id, "created"
-        )
-        return cid
-
-    def start(self, container_id: str) -> None:
-        c = self.containers[container_id]
-        self.containers[container_id] = ContainerState(
-            c.container_id, c.name, c.instance_id, c.agent_id, "running"
-        )
-
-    def inspect(self, container_id: str) -> ContainerState:
-        for c in self.containers.values():
-            if container_id in (c.container_id, c.name):
-                return c
-        raise NotFound(container_id)
-
-    def remove(self, container_id: str) -> bool:
-        return self.containers.pop(container_id, None) is not None
-
-    def stop(self, container_id: str, timeout_s: int = 10) -> None: ...
-
-    def restart(self, container_id: str, timeout_s: int = 10) -> None: ...
-
-    def list_managed(self, agent_id: str) -> list[ContainerState]:
-        return list(self.containers.values())
-
-    def logs(self, container_id: str, tail: int) -> str:
-        return ""
-
 
 EXT4 = StorageInfo("overlay2", "extfs", "/var/lib/docker")
 BTRFS = StorageInfo("btrfs", None, "/srv/docker")
@@ -293,7 +240,7 @@ BTRFS = StorageInfo("btrfs", None, "/srv/docker")
 
 class Parts:
     def __init__(self, tmp_path: Path, info: StorageInfo, policy: StoragePolicy) -> None:
-        self.engine = FakeEngine(info)
+        self.engine = StorageEngine(info)
         self.store = Store.open(tmp_path / "agent.db")
         self.blocking = Blocking()
         self.free: dict[str, int | None] = {}
@@ -310,7 +257,7 @@ class Parts:
         )
 
     def service(self) -> Stack:
-        return Stack(self.engine, self.store, self.blocking, storage=self.guard)  # type: ignore[arg-type]
+        return Stack(self.engine, self.store, self.blocking, storage=self.guard)
 
     def close(self) -> None:
         self.blocking.close()
@@ -343,7 +290,7 @@ def test_detect_quota_support_asks_docker_and_the_mount_table() -> None:
         return frozenset({"rw", "prjquota"})
 
     support = detect_quota_support(
-        FakeEngine(StorageInfo("overlay2", "xfs", "/data/docker")), options
+        StorageEngine(StorageInfo("overlay2", "xfs", "/data/docker")), options
     )
     assert support.enforceable and support.data_root == "/data/docker"
     assert asked == ["/data/docker"]

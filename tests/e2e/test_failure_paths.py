@@ -10,7 +10,6 @@ the periodic sync never taking a fresh instance for an orphan.
 from __future__ import annotations
 
 import concurrent.futures
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,27 +18,21 @@ from typing import Any
 import pytest
 
 from support.agent_proc import AgentProcess
-from support.docker_api import Api, agent_id, containers, docker, inspect, remove_containers_of
+from support.docker_api import Api, agent_id, containers, docker, inspect, serve_api
 
 BUSYBOX = {"image": "qudata-test/busybox", "image_tag": "1"}
 CUDA_LIKE = "qudata-test/cuda-like:1"  # busybox whose image ENV asks for every GPU
 AgentFactory = Callable[..., AgentProcess]
 
 
-def _agent(agent_factory: AgentFactory, **env: str) -> Iterator[Api]:
-    agent = agent_factory({"QUDATA_SYNC_INTERVAL": "1", **env}).start()
-    client = Api(agent)
-    owner = agent_id(agent.state_dir)
-    yield client
-    client.client.close()
-    if agent.proc is not None and agent.proc.poll() is None:
-        agent.stop(signal.SIGKILL)
-    remove_containers_of(owner)
-
-
 @pytest.fixture
 def api(agent_factory: AgentFactory) -> Iterator[Api]:
-    yield from _agent(agent_factory, QUDATA_CRASH_RESTARTS="2", QUDATA_CONTAINER_LOG_MB="1")
+    env = {
+        "QUDATA_SYNC_INTERVAL": "1",
+        "QUDATA_CRASH_RESTARTS": "2",
+        "QUDATA_CONTAINER_LOG_MB": "1",
+    }
+    yield from serve_api(agent_factory(env).start())
 
 
 def _until(api: Api, done: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:

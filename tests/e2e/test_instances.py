@@ -15,7 +15,15 @@ import httpx
 import pytest
 
 from support.agent_proc import AgentProcess, free_port
-from support.docker_api import Api, agent_id, containers, docker, inspect, remove_containers_of
+from support.docker_api import (
+    Api,
+    agent_id,
+    containers,
+    docker,
+    inspect,
+    remove_containers_of,
+    serve_api,
+)
 
 BUSYBOX = {"image": "qudata-test/busybox", "image_tag": "1"}
 AgentFactory = Callable[..., AgentProcess]
@@ -23,14 +31,7 @@ AgentFactory = Callable[..., AgentProcess]
 
 @pytest.fixture
 def api(agent_factory: AgentFactory) -> Iterator[Api]:
-    agent = agent_factory({"QUDATA_SYNC_INTERVAL": "1"}).start()
-    client = Api(agent)
-    owner = agent_id(agent.state_dir)
-    yield client
-    client.client.close()
-    if agent.proc is not None and agent.proc.poll() is None:
-        agent.stop(signal.SIGKILL)
-    remove_containers_of(owner)
+    yield from serve_api(agent_factory({"QUDATA_SYNC_INTERVAL": "1"}).start())
 
 
 def test_create_runs_the_container_exactly_as_asked(api: Api) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,14 @@ def remove_containers_of(owner: str) -> None:
     leftovers = containers(owner)
     if leftovers:
         docker("rm", "-f", "-v", *leftovers, check=False)
+
+
+def serve_api(agent: AgentProcess) -> Iterator[Api]:
+    """A fixture body: the started agent's API, and at the end the agent and its containers gone."""
+    client = Api(agent)
+    owner = agent_id(agent.state_dir)
+    yield client
+    client.client.close()
+    if agent.proc is not None and agent.proc.poll() is None:
+        agent.stop(signal.SIGKILL)
+    remove_containers_of(owner)

@@ -41,13 +41,17 @@ from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.public_address import PublicAddress
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
+from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
+from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.store import Store
 from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
 from qudata_agent.domain.backoff import Backoff
+from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.firewall import parse_nameservers
 from qudata_agent.domain.gpu_health import HealthRecord
+from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.inventory import init_host_payload
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.errors import AgentError, Unavailable
@@ -221,8 +225,26 @@ class Agent:
 
         await run_every(self.settings.storage_check_interval_s, check, "storage")
 
+    async def _ssh(self, parts: _Parts) -> SshService:
+        """The SSH service, with the SSH bundle made (once per OpenSSH of the host)."""
+        root = self.settings.state_dir / "ssh"
+        bundle: Bundle | str
+        try:
+            bundle = await parts.blocking.slow(SshBundle(root / "bundles").ensure)
+        except (AgentError, OSError) as e:
+            error = e.message if isinstance(e, AgentError) else str(e)
+            log.error("no SSH for instances: the SSH bundle cannot be made", extra={"error": error})
+            bundle = f"the agent's SSH is not available on this host: {error}"
+        files = InstanceSshFiles(root / "instances")
+        return SshService(parts.docker, parts.store, parts.blocking, files, bundle)
+
     def _instances(
-        self, parts: _Parts, agent_port: int, net: NetworkGuard, storage: StorageGuard
+        self,
+        parts: _Parts,
+        agent_port: int,
+        net: NetworkGuard,
+        storage: StorageGuard,
+        prepare_spec: Callable[[Instance, ContainerSpec], Awaitable[ContainerSpec]],
     ) -> InstanceService:
         s = self.settings
 
@@ -241,6 +263,7 @@ class Agent:
             stop_timeout_s=s.stop_timeout_s,
             network=net.network,
             prepare_network=net.prepare,
+            prepare_spec=prepare_spec,
             storage=storage,
         )
 
@@ -340,9 +363,11 @@ class Agent:
         port = int(sock.getsockname()[1])
         net = self._network(parts)
         storage = self._storage(parts)
-        instances = self._instances(parts, port, net, storage)
-        ssh = SshService(parts.docker, parts.store, parts.blocking)
+        ssh = await self._ssh(parts)
+        instances = self._instances(parts, port, net, storage, ssh.prepare)
         instances.on_new_run(ssh.on_new_run)
+        instances.on_change(ssh.prune_soon)  # a deleted instance's SSH directory goes too
+        ssh.prune_soon()
         instances.show_ssh_with(ssh.view)
         instances.show_gpu_health_with(
             lambda instance: parts.health.problems(instance.gpus, since=instance.created_at)

@@ -49,6 +49,7 @@ from qudata_agent.domain.container_spec import (
     ContainerSpec,
     ContainerState,
 )
+from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.domain.storage import StorageInfo
 from qudata_agent.errors import AgentError, Conflict, NotFound, Unavailable
 
@@ -186,6 +187,20 @@ class DockerEngine:
         except NotFound:
             return False
         return True
+
+    def image_config(self, ref: str) -> ImageConfig:
+        """What the (local) image runs and for which platform: its Config and Architecture."""
+        with self._translated(f"image {ref}"):
+            attrs: dict[str, Any] = self._api().images.get(ref).attrs
+        config = attrs.get("Config") or {}
+        return ImageConfig(
+            entrypoint=tuple(str(a) for a in config.get("Entrypoint") or ()),
+            cmd=tuple(str(a) for a in config.get("Cmd") or ()),
+            user=str(config.get("User") or ""),
+            env=tuple(str(item) for item in config.get("Env") or ()),
+            architecture=str(attrs.get("Architecture") or ""),
+            os=str(attrs.get("Os") or "linux"),
+        )
 
     def pull(
         self,
@@ -558,6 +573,17 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         kwargs["storage_opt"] = {"size": str(spec.storage_bytes)}
     if spec.network:
         kwargs["network"] = spec.network
+    if spec.entrypoint is not None:
+        kwargs["entrypoint"] = list(spec.entrypoint)
+    if spec.user is not None:
+        kwargs["user"] = spec.user
+    if spec.mounts:
+        kwargs["mounts"] = [
+            docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+            for m in spec.mounts
+        ]
+    if spec.tmpfs:
+        kwargs["tmpfs"] = dict(spec.tmpfs)
     return kwargs
 
 

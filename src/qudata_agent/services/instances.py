@@ -134,6 +134,8 @@ class InstanceService:
         storage: Storage | None = None,  # None: storage_gb is accepted and ignored
         network: str | None = None,
         prepare_network: Callable[[], Awaitable[None]] | None = None,
+        # The container's final spec for an instance (the SSH service: its init and mounts).
+        prepare_spec: Callable[[Instance, ContainerSpec], Awaitable[ContainerSpec]] | None = None,
         stop_timeout_s: int = 10,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -147,6 +149,7 @@ class InstanceService:
         self._storage = storage
         self._network = network
         self._prepare_network = prepare_network
+        self._prepare_spec = prepare_spec
         self._stop_timeout_s = stop_timeout_s
         self._clock = clock
         self._create_lock = asyncio.Lock()
@@ -305,6 +308,8 @@ class InstanceService:
             instance = await self._save(instance.move(Status.PENDING, now=now(), phase="creating"))
             if self._prepare_network is not None:
                 await self._prepare_network()
+            if self._prepare_spec is not None:
+                spec = await self._prepare_spec(instance, spec)
             container_id = await self._create_or_adopt(spec)
             instance = await self._save(
                 instance.move(

@@ -9,7 +9,9 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 need_root
-apt_install busybox-static debootstrap openssh-client git shellcheck systemd btrfs-progs iproute2
+# openssh-server, patchelf and busybox-static make the agent's SSH bundle.
+apt_install busybox-static debootstrap openssh-client openssh-server patchelf git shellcheck \
+  systemd btrfs-progs iproute2
 ensure_dockerd
 ensure_venv test
 "$ROOT/scripts/build-test-images.sh"

@@ -134,6 +134,7 @@ def parse_status(output: str) -> tuple[bool, str | None]:
 # Every tool is busybox's own applet: the image may have none.
 INIT_SCRIPT = f"""# The QuData agent's init: starts the agent's sshd, then the image's workload.
 # Arguments: MODE (run|idle) USER (the image's, may be empty) SETHOME (1|0) -- ARGV...
+set -f  # no globbing of words taken from logs
 B=$(readlink -f {CURRENT})
 I={INSTANCE_MOUNT}
 mode=$1 user=$2 sethome=$3
@@ -155,6 +156,10 @@ accounts() {{
     >> /etc/passwd
 }}
 
+news() {{ # what sshd logged since it was started, the last 3 lines on one
+  [ -f {LOG_FILE} ] && echo $(tail -c +$((size + 1)) {LOG_FILE} | tail -n 3)
+}}
+
 start_sshd() {{
   shell=$(field /etc/passwd root 7)
   [ -n "$shell" ] || shell=/bin/sh
@@ -166,21 +171,22 @@ start_sshd() {{
   mkdir -p /run/sshd /var/log /etc/profile.d 2>/dev/null
   chmod 755 /run/sshd 2>/dev/null
   ln -sf $I/{ENVIRONMENT} {PROFILE_LINK} 2>/dev/null
-  size=$(wc -c < {LOG_FILE} 2>/dev/null || echo 0)
+  size=0
+  [ -f {LOG_FILE} ] && size=$(wc -c < {LOG_FILE})
   [ "$size" -gt {LOG_KEEP_BYTES} ] && mv -f {LOG_FILE} {LOG_FILE}.1 && size=0
   if ! out=$("$B/bin/sshd" -f $I/{SSHD_CONFIG} -E {LOG_FILE} 2>&1); then
-    tell "failed: sshd did not start: $(echo $out; tail -c +$((size + 1)) {LOG_FILE} | tail -n 3)"
+    tell "failed: sshd did not start: $(echo $out $(news))"
     return
   fi
   # sshd forks before it binds and writes its pid file once it listens.
   n=0
   while [ ! -s {PID_FILE} ]; do
-    new=$(tail -c +$((size + 1)) {LOG_FILE} 2>/dev/null | tail -n 3)
+    new=$(news)
     if [ -n "$new" ] || [ $n -ge 600 ]; then
       case $new in
         *"Address already in use"*) new="port 22 in the container is taken by another program";;
       esac
-      tell "failed: sshd did not start: $(echo ${{new:-no word from sshd in 3 s}})"
+      tell "failed: sshd did not start: ${{new:-no word from sshd in 3 s}}"
       return
     fi
     usleep 5000

@@ -15,12 +15,13 @@ import pytest
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec
+from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.ssh_init import INIT, ImageConfig
 from qudata_agent.domain.ssh_keys import parse_key
 from qudata_agent.services.ssh import NO_AGENT_SSH, SshService
 
+STARTED_AT = "2026-01-01T00:00:00Z"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@host"
 
 
@@ -30,9 +31,15 @@ class EngineStandIn:
         self.code = code
         self.output = output
         self.execs: list[list[str]] = []
+        self.started_at = STARTED_AT  # what Docker says of the container's current run
 
     def image_config(self, ref: str) -> ImageConfig:
         return self.image
+
+    def inspect(self, container_id: str) -> ContainerState:
+        return ContainerState(
+            container_id, "qudata-i1", "i1", "a1", "running", started_at=self.started_at
+        )
 
     def exec_run(
         self, container_id: str, argv: list[str], timeout_s: float = 30
@@ -70,7 +77,7 @@ def _instance(store: Store, ssh: bool = True) -> Instance:
         container_name="qudata-i1",
         container_id="c1",
         ssh_enabled=ssh,
-        started_at="2026-01-01T00:00:00Z",
+        started_at=STARTED_AT,
     )
     store.insert_instance(instance)
     return instance
@@ -161,6 +168,19 @@ async def test_the_inits_word_becomes_the_ssh_state(
         assert state[2] == instance.started_at and (await service.view(instance)).status == "ready"
     else:
         assert state[1] is not None and words in state[1], state
+    await service.close()
+
+
+async def test_a_failed_ask_during_a_restart_is_left_to_the_next_run(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    instance = _instance(store)
+    engine = EngineStandIn(IMAGE, 126, "OCI runtime exec failed: broken pipe")
+    service, _ = _service(store, blocking, tmp_path, engine)
+    await service.prepare(instance, SPEC)
+    engine.started_at = "2026-01-01T00:00:09Z"  # the container started again meanwhile
+    await _watched(service, instance)
+    assert store.ssh_state("i1") == ("installing", None, None)
     await service.close()
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.ssh_init import (
     ImageConfig,
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DISABLED, INSTALLING, READY, FAILED = "disabled", "installing", "ready", "failed"
 WAIT_TIMEOUT_S = 30.0
+ASK_ATTEMPTS, ASK_RETRY_S = 3, 0.5
 # sshd reads authorized_keys at every login: keep it small.
 MAX_KEYS_BYTES = 64 * 1024
 NO_AGENT_SSH = (
@@ -58,6 +59,8 @@ NO_AGENT_SSH = (
 
 class SshEngine(Protocol):
     def image_config(self, ref: str) -> ImageConfig: ...
+
+    def inspect(self, container_id: str) -> ContainerState: ...
 
     def exec_run(
         self, container_id: str, argv: list[str], timeout_s: float = 30
@@ -227,13 +230,17 @@ class SshService:
         env = session_env(container_env(image.env, spec.env))
         async with self._lock(instance.id):
             keys = await self._authorized_keys(instance.id)
-            where = await self._blocking.quick(
-                self._files.prepare,
-                instance.id,
-                sshd_config_text(env),
-                profile_env_text(env),
-                keys,
-            )
+            try:
+                where = await self._blocking.quick(
+                    self._files.prepare,
+                    instance.id,
+                    sshd_config_text(env),
+                    profile_env_text(env),
+                    keys,
+                )
+            except AgentError as e:  # a full disk, say: the instance runs without SSH
+                await self._fail(instance.id, e.message)
+                return spec
             await self._set(instance.id, INSTALLING)
         return ssh_spec(
             spec, image, bundles_dir=str(self._bundle.bundles_dir), instance_dir=str(where)
@@ -269,17 +276,36 @@ class SshService:
             if state is None or state[0] != FAILED:  # keep the reason given at the build
                 await self._fail(instance_id, NO_AGENT_SSH)
             return
-        code, out = await self._blocking.quick(
-            self._engine.exec_run, instance.container_id, wait_status_argv(), WAIT_TIMEOUT_S
-        )
+        for attempt in range(ASK_ATTEMPTS):
+            if attempt:  # an exec cut short by a stop: is this run still on?
+                await asyncio.sleep(ASK_RETRY_S)
+                if await self._moved_on(instance.container_id, instance.started_at):
+                    return  # stopped or started again: the next run's pass decides
+            try:
+                code, out = await self._blocking.quick(
+                    self._engine.exec_run, instance.container_id, wait_status_argv(), WAIT_TIMEOUT_S
+                )
+            except AgentError as e:
+                code, out = -1, e.message
+            if code == 0:
+                break
         ready, reason = parse_status(out) if code == 0 else (False, None)
         if ready:
             await self._set(instance_id, READY, run=instance.started_at)
             log.info("ssh ready", extra={"instance_id": instance_id})
             return
+        if await self._moved_on(instance.container_id, instance.started_at):
+            return  # stopped or started again meanwhile: the next run's pass decides
         if reason is None:
             reason = f"cannot ask the container about sshd (exit {code}): {out.strip()[-200:]}"
         await self._fail(instance_id, reason)
+
+    async def _moved_on(self, container_id: str, started_at: str | None) -> bool:
+        try:
+            state = await self._blocking.quick(self._engine.inspect, container_id)
+        except AgentError:
+            return True  # gone, or Docker away: nothing to say about this run
+        return not state.running or state.started_at != started_at
 
     # -- the instance's directory -----------------------------------------------
 

@@ -164,6 +164,16 @@ def test_the_workload_runs_as_the_images_user_and_sshd_as_root(rig: Rig) -> None
     assert rig.sh(cid, f"stat -c %u /proc/{pid}").strip() == "0"
 
 
+def test_the_workload_is_the_images_own_program_not_a_busybox_applet(rig: Rig) -> None:
+    """The init is a busybox shell, whose `exec ls` would run busybox's ls."""
+    cid = rig.start(DEBIAN, ("ls", "--version"))
+    deadline = time.monotonic() + 10
+    while rig.engine.inspect(cid).running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "GNU coreutils" in _logs(cid)
+    assert rig.engine.inspect(cid).exit_code == 0
+
+
 def test_an_idle_instance_outlives_an_entrypoint_that_ignores_its_arguments(rig: Rig) -> None:
     cid = rig.start(EXITS_IMAGE)
     assert rig.word(cid) == (True, None)

@@ -196,7 +196,9 @@ start_sshd() {{
 }}
 
 as_user() {{ # ARGV...: exec ARGV as the image's USER, as Docker would have
-  case $user in ""|root|0|0:0|root:root|root:0|0:root) exec "$@";; esac
+  # Always through setpriv (glibc's execvp): busybox's own exec would run its
+  # applet of the same name (sh, env, ls...) instead of the image's program.
+  case $user in ""|root|0|0:0|root:root|root:0|0:root) exec "$B/bin/setpriv" -- "$@";; esac
   name=${{user%%:*}} group=
   case $user in *:*) group=${{user#*:}};; esac
   uid=$(field /etc/passwd "$name" 3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +295,41 @@ async def test_describe_shows_the_health_of_the_instance_gpus(parts: Any) -> Non
     view = await service.describe()
     assert view.gpu_health == (GpuEvent("GPU-a", "xid", 79, instance.created_at + 1),)
     assert asked == [(instance.id, instance.created_at)]
+
+
+async def test_the_container_is_created_from_the_spec_the_ssh_service_gives(
+    tmp_path: Path,
+) -> None:
+    """Between the pull and the create, `prepare_spec` has the last word on the spec."""
+    engine = FakeEngine()
+    store = Store.open(tmp_path / "agent.db")
+    blocking = Blocking()
+    seen: list[str] = []
+
+    async def prepare(instance: Any, spec: ContainerSpec) -> ContainerSpec:
+        seen.append(instance.id)
+        return replace(spec, entrypoint=("/init",), user="0:0")
+
+    async def no_gpus() -> tuple[str, ...]:
+        return ()
+
+    service = InstanceService(
+        engine=engine,
+        store=store,
+        blocking=blocking,
+        pulls=PullCoordinator(engine, blocking, inactivity_s=5),
+        ports=PortAllocator((30000, 30009), frozenset(), lambda port, proto: True),
+        gpu_uuids=no_gpus,
+        agent_id="agent-1",
+        prepare_spec=prepare,
+    )
+    try:
+        instance = await service.create(CreateOrder(image="present", image_tag="1"))
+        running = await _wait(service, Status.RUNNING)
+        assert seen == [instance.id]
+        created = engine.specs[running.container_id]
+        assert (created.entrypoint, created.user) == (("/init",), "0:0")
+    finally:
+        await service.close()
+        blocking.close()
+        store.close()

@@ -38,6 +38,9 @@ LAYOUT = "1"  # bump when the bundle's layout changes: a new build follows
 DONE = ".complete"
 SSHD = Path("/usr/sbin/sshd")
 SETPRIV = Path("/usr/bin/setpriv")
+# OpenSSH 9.8 and later split sshd: it execs these (Debian 13 has them; Debian 12
+# and Ubuntu 22.04/24.04 do not). Bundled when present; the init points sshd at them.
+HELPERS = (Path("/usr/lib/openssh/sshd-session"), Path("/usr/lib/openssh/sshd-auth"))
 BUSYBOXES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 # platform.machine() -> Docker's name for the architecture
 _DOCKER_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
@@ -91,9 +94,11 @@ class SshBundle:
         setpriv: Path = SETPRIV,
         busybox: Path | None = None,
         patchelf: str = "patchelf",
+        helpers: tuple[Path, ...] = HELPERS,
     ) -> None:
         self._dir = root
         self._binaries = {"sshd": sshd, "setpriv": setpriv}
+        self._helpers = helpers
         self._busybox = busybox
         self._patchelf = patchelf
 
@@ -110,7 +115,8 @@ class SshBundle:
         try:  # patchelf finds no interpreter in a static binary
             _run([self._patchelf, "--print-interpreter", str(busybox)])
         except BundleError:
-            return self._binaries, busybox
+            helpers = {p.name: p for p in self._helpers if p.is_file()}
+            return {**self._binaries, **helpers}, busybox
         raise BundleError(f"{busybox} is not static: install busybox-static")
 
     def _key(self, files: list[Path]) -> str:

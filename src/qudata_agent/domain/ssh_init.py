@@ -174,7 +174,11 @@ start_sshd() {{
   size=0
   [ -f {LOG_FILE} ] && size=$(wc -c < {LOG_FILE})
   [ "$size" -gt {LOG_KEEP_BYTES} ] && mv -f {LOG_FILE} {LOG_FILE}.1 && size=0
-  if ! out=$("$B/bin/sshd" -f $I/{SSHD_CONFIG} -E {LOG_FILE} 2>&1); then
+  # OpenSSH 9.8+ execs helpers by a path compiled in: point it at the bundle's.
+  set --
+  [ -x "$B/bin/sshd-session" ] && set -- -o "SshdSessionPath=$B/bin/sshd-session"
+  [ -x "$B/bin/sshd-auth" ] && set -- "$@" -o "SshdAuthPath=$B/bin/sshd-auth"
+  if ! out=$("$B/bin/sshd" -f $I/{SSHD_CONFIG} -E {LOG_FILE} "$@" 2>&1); then
     tell "failed: sshd did not start: $(echo $out $(news))"
     return
   fi

@@ -212,12 +212,16 @@ def report(floor: list[float], agent: dict[str, list[float]]) -> bool:
         print(summary(f"agent {image}", agent[image]))
     base = statistics.median(floor)
     ok = True
+    print("case ratios: POST -> first login, blind client, each image against the floor")
     for image in IMAGES:
         ratio = statistics.median(agent[image]) / base
         passed = ratio <= TARGET_RATIO
         ok &= passed
         verdict = "PASS" if passed else "FAIL"
-        print(f"  {image:<28} {ratio:.2f}x the floor (target <= {TARGET_RATIO}x): {verdict}")
+        print(
+            f"  {image + ':':<28} ratio agent/floor = {ratio:.2f}x"
+            f"   target: at most {TARGET_RATIO}x   {verdict}"
+        )
     return ok
 
 

@@ -231,7 +231,7 @@ start_sshd
 [ "$mode" = run ] && as_user "$@"
 
 # Idle: the image's entrypoint (if any) runs beside; the instance stays up for SSH.
-ep= sl=
+ep='' sl=''
 trap 'kill -TERM $ep $sl 2>/dev/null; exit 143' TERM INT HUP
 if [ $# -gt 0 ]; then
   (as_user "$@") &

@@ -8,6 +8,8 @@
 # the checkout this script sits in, or from --source (a directory, a tarball, or
 # an http(s) URL of a tarball). What it does, each step only when needed:
 #   - the Docker engine (the distribution's docker.io) when there is none;
+#   - what the agent's SSH for instances is made from: the distribution's
+#     openssh-server, patchelf and busybox-static (nothing goes into images);
 #   - with an NVIDIA GPU on the PCI bus: checks the driver (installs a packaged
 #     one only with --install-driver; it needs a reboot), installs the NVIDIA
 #     Container Toolkit and registers its runtime with Docker;
@@ -210,6 +212,11 @@ step_docker() {
     warn "systemd is not running here, so this script does not start dockerd:" \
       "start it yourself (e.g. 'dockerd &'); the agent needs it"
   fi
+}
+
+step_ssh() {
+  say "SSH for instances (the host's OpenSSH server, patchelf, a static busybox)"
+  apt_install openssh-server patchelf busybox-static
 }
 
 nvidia_gpus_on_bus() {
@@ -479,6 +486,7 @@ main() {
   step_source
   step_python
   step_docker
+  step_ssh
   step_nvidia
   step_agent
   step_config

@@ -303,15 +303,18 @@ def phase_agent(agent: AgentProc, secret: str, args: argparse.Namespace) -> Phas
 
 
 def _settled_instance(client: httpx.Client) -> None:
-    """An instance that is up and done with SSH (busybox has no sshd and no package
-    manager: SSH fails at once), so GET /instances answers as much as during (a)."""
+    """An instance that is up and done with SSH (on busybox the agent's own sshd is
+    ready at once), so GET /instances answers as much as during (a)."""
     created = client.post("/instances", json={**IDLE_IMAGE, "ssh_enabled": True})
     if created.status_code != 202:
         raise BenchError(f"create refused: {created.status_code} {created.text}")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         data = client.get("/instances").json()["data"]
-        if data["status"] == "running" and (data.get("ssh") or {}).get("status") == "failed":
+        if data["status"] == "running" and (data.get("ssh") or {}).get("status") in (
+            "ready",
+            "failed",
+        ):
             return
         if data["status"] == "error":
             raise BenchError(f"the baseline instance failed: {data.get('reason')}")

@@ -4,6 +4,8 @@
 #   qudata-test/busybox:1       busybox-static, no package manager, no sshd
 #   qudata-test/debian:12       Debian bookworm minbase (apt, no sshd)
 #   qudata-test/debian-ssh:12   the same with openssh-server installed
+#   qudata-test/busybox-user:1  busybox whose USER is not root (renter, uid 1000)
+#   qudata-test/busybox-exits:1 busybox whose ENTRYPOINT ignores its arguments and exits
 set -euo pipefail
 
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -12,14 +14,17 @@ trap 'rm -rf "$WORK"' EXIT
 
 have() { docker image inspect "$1" >/dev/null 2>&1; }
 
-import_dir() { # DIR NAME
-  tar -C "$1" -c . | docker import -c 'CMD ["/bin/sh"]' - "$2" >/dev/null
-  echo "built $2"
+import_dir() { # DIR NAME [CHANGE...]
+  local dir=$1 name=$2
+  shift 2
+  local changes=(-c 'CMD ["/bin/sh"]')
+  for change in "$@"; do changes+=(-c "$change"); done
+  tar -C "$dir" -c . | docker import "${changes[@]}" - "$name" >/dev/null
+  echo "built $name"
 }
 
-build_busybox() {
-  local name=qudata-test/busybox:1
-  have "$name" && { echo "have $name"; return; }
+busybox_root() { # the busybox tree, made once per run in $WORK/busybox
+  [ -d "$WORK/busybox" ] && return 0
   local bb
   bb=$(command -v busybox || true)
   [ -x /bin/busybox ] && bb=/bin/busybox
@@ -32,7 +37,32 @@ build_busybox() {
   done
   printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
   printf 'root:x:0:\n' >"$root/etc/group"
-  import_dir "$root" "$name"
+}
+
+build_busybox() {
+  local name=qudata-test/busybox:1
+  have "$name" && { echo "have $name"; return; }
+  busybox_root
+  import_dir "$WORK/busybox" "$name"
+}
+
+build_busybox_variants() {
+  local user=qudata-test/busybox-user:1 exits=qudata-test/busybox-exits:1
+  if have "$user"; then echo "have $user"; else
+    busybox_root
+    local root=$WORK/busybox-user
+    cp -a "$WORK/busybox" "$root"
+    printf 'renter:x:1000:1000:renter:/home/renter:/bin/sh\n' >>"$root/etc/passwd"
+    printf 'renter:x:1000:\n' >>"$root/etc/group"
+    mkdir -p "$root/home/renter"
+    chown 1000:1000 "$root/home/renter"
+    import_dir "$root" "$user" 'USER renter' 'WORKDIR /home/renter'
+  fi
+  if have "$exits"; then echo "have $exits"; else
+    busybox_root
+    import_dir "$WORK/busybox" "$exits" \
+      'ENTRYPOINT ["/bin/sh", "-c", "echo the entrypoint ignores its arguments and exits"]'
+  fi
 }
 
 build_debian() { # NAME [EXTRA_PACKAGES]
@@ -48,6 +78,7 @@ build_debian() { # NAME [EXTRA_PACKAGES]
 }
 
 build_busybox
+build_busybox_variants
 # The two debootstraps are independent; run them side by side.
 build_debian qudata-test/debian:12 & p1=$!
 build_debian qudata-test/debian-ssh:12 openssh-server & p2=$!

@@ -8,6 +8,8 @@ set -euo pipefail
 
 need_root
 ensure_dockerd
+# What the agent's SSH for instances is made from (nothing is installed into images).
+apt_install openssh-server patchelf busybox-static
 ensure_venv "" # no extras
 export QUDATA_STATE_DIR=${QUDATA_STATE_DIR:-$ROOT/state}
 say "agent state in $QUDATA_STATE_DIR; the agent secret is in $QUDATA_STATE_DIR/agent_secret"

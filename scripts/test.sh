@@ -9,8 +9,10 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 need_root
-apt_install busybox-static debootstrap openssh-client git shellcheck systemd btrfs-progs iproute2 \
-  docker-registry apache2-utils
+# openssh-server, patchelf and busybox-static make the agent's SSH bundle; docker-registry
+# and apache2-utils (htpasswd) are the image tests' real registry.
+apt_install busybox-static debootstrap openssh-client openssh-server patchelf git shellcheck \
+  systemd btrfs-progs iproute2 docker-registry apache2-utils
 ensure_dockerd
 ensure_venv test
 "$ROOT/scripts/build-test-images.sh"

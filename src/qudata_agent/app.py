@@ -43,6 +43,8 @@ from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.public_address import PublicAddress
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
+from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
+from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.store import Store
 from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
@@ -237,14 +239,29 @@ class Agent:
             free_bytes=disk_free_bytes,
         )
 
-    def _services(self, parts: _Parts, agent_port: int) -> _Services:
+    async def _ssh(self, parts: _Parts) -> SshService:
+        """The SSH service, with the SSH bundle made (once per OpenSSH of the host)."""
+        root = self.settings.state_dir / "ssh"
+        bundle: Bundle | str
+        try:
+            bundle = await parts.blocking.slow(SshBundle(root / "bundles").ensure)
+        except (AgentError, OSError) as e:
+            error = e.message if isinstance(e, AgentError) else str(e)
+            log.error("no SSH for instances: the SSH bundle cannot be made", extra={"error": error})
+            bundle = f"the agent's SSH is not available on this host: {error}"
+        files = InstanceSshFiles(root / "instances")
+        return SshService(parts.docker, parts.store, parts.blocking, files, bundle)
+
+    async def _services(self, parts: _Parts, agent_port: int) -> _Services:
         """The instance side of the agent: records, builds, reconcile, views, SSH, storage."""
         s = self.settings
         net = self._network(parts)
         storage = self._storage(parts)
-        ssh = SshService(parts.docker, parts.store, parts.blocking)
+        ssh = await self._ssh(parts)
         records = Records(parts.store, parts.blocking)
         records.on_new_run(ssh.on_new_run)
+        records.on_change(ssh.prune_soon)  # a deleted instance's SSH directory goes too
+        ssh.prune_soon()
         pulls = PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s)
         images = ImageService(parts.docker, parts.store, parts.blocking, pulls)
         image_cache = self._image_cache(parts, images)
@@ -255,6 +272,7 @@ class Agent:
             blocking=parts.blocking,
             images=images,
             prepare_network=net.prepare,
+            prepare_spec=ssh.prepare,
         )
         views = InstanceViews(
             engine=parts.docker,
@@ -421,7 +439,7 @@ class Agent:
             log.error("cannot listen", extra={"error": e.strerror})
             return 1
         port = int(sock.getsockname()[1])
-        services = self._services(parts, port)
+        services = await self._services(parts, port)
         server = make_server(
             create_app(
                 ApiDeps(

@@ -225,6 +225,27 @@ def clock_check(timedatectl: str | None) -> Check:
     )
 
 
+# What the agent's SSH bundle is made from, and the package that brings each.
+SSH_TOOLS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("openssh-server", ("/usr/sbin/sshd",)),
+    ("util-linux", ("/usr/bin/setpriv",)),
+    ("patchelf", ("/usr/bin/patchelf", "/usr/local/bin/patchelf")),
+    ("busybox-static", ("/bin/busybox", "/usr/bin/busybox")),
+)
+
+
+def ssh_check(missing: Sequence[str]) -> Check:
+    """Whether the host has what the agent builds instances' SSH from (`missing`: packages)."""
+    if not missing:
+        return Check("instance ssh", Level.PASS, "sshd, setpriv, patchelf and busybox present")
+    return Check(
+        "instance ssh",
+        Level.WARN,
+        f"missing {', '.join(missing)}: SSH-enabled instances run without SSH",
+        f"apt-get install {' '.join(missing)}",
+    )
+
+
 def control_plane_check(url: str, has_key: bool, answer: int | str | None) -> Check:
     """`answer`: the HTTP status of `GET url`, or why there was none."""
     if not has_key:
@@ -355,6 +376,18 @@ def _data_root_options(info: Mapping[str, Any] | None, probes: Probes) -> frozen
     return probes.mount_options(str(root)) if root else None
 
 
+def _ssh_tools(probes: Probes) -> Check:
+    try:
+        missing = [
+            package
+            for package, paths in SSH_TOOLS
+            if all(probes.mode_of(Path(p)) is None for p in paths)
+        ]
+    except OSError as e:
+        return _permission_check("instance ssh", e)
+    return ssh_check(missing)
+
+
 def run_checks(settings: Settings, probes: Probes, config_file: Path | None = None) -> list[Check]:
     docker_host = settings.docker_host or "unix:///var/run/docker.sock"
     info: dict[str, Any] | None = None
@@ -373,6 +406,7 @@ def run_checks(settings: Settings, probes: Probes, config_file: Path | None = No
         _ports(settings, probes),
         *_file_checks(settings, probes, config_file),
         clock_check(probes.timedatectl()),
+        _ssh_tools(probes),
         _control_plane(settings, probes),
     ]
 

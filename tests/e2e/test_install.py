@@ -139,6 +139,8 @@ def test_a_dry_run_prints_every_step_and_changes_nothing(fresh: Box) -> None:
         "would run: apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "
         "python3 python3-venv",
         "would run: apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends docker.io",
+        "would run: apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "
+        "openssh-server patchelf busybox-static",
         "would create the venv /opt/qudata-agent/venvs/",
         f"would write {ENV_FILE} with QUDATA_API_KEY=*** and QUDATA_STATE_DIR=/var/lib/qudata-",
         "would run: install -d -m 0700 /var/lib/qudata-agent",

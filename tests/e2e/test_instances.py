@@ -65,7 +65,14 @@ def test_create_runs_the_container_exactly_as_asked(api: Api) -> None:
     assert host["RestartPolicy"]["Name"] == "unless-stopped"
     assert host["Privileged"] is False and host["Init"] is True
     assert "ALL" in host["CapDrop"] and "no-new-privileges:true" in host["SecurityOpt"]
-    assert not host.get("Binds") and not attrs["Mounts"]
+    # SSH's two read-only mounts are the only host paths: the bundle, the instance's own dir.
+    binds = {m["Source"]: m["RW"] for m in attrs["Mounts"] if m["Type"] == "bind"}
+    state_dir = api.agent.state_dir
+    assert binds == {
+        str(state_dir / "ssh" / "bundles"): False,
+        str(state_dir / "ssh" / "instances" / data["instance_id"]): False,
+    }
+    assert "docker.sock" not in str(attrs)
     assert {"FOO=bar", "QUDATA_CPU_CORES=0.5"} <= set(attrs["Config"]["Env"])
     bindings = {k.split("/")[0]: v[0]["HostPort"] for k, v in host["PortBindings"].items()}
     assert bindings == ports

@@ -136,6 +136,7 @@ class Stack:
         topology: GpuTopology | None = None,
         gpu_health: Callable[[Instance], Any] | None = None,
         storage: Any = None,
+        prepare_spec: Any = None,
     ) -> None:
         self.records = Records(store, blocking)
         images = ImageService(engine, store, blocking, PullCoordinator(engine, blocking, 5))  # type: ignore[arg-type]
@@ -144,6 +145,7 @@ class Stack:
             engine=engine,
             blocking=blocking,
             images=images,
+            prepare_spec=prepare_spec,
             cleanup_retry_s=cleanup_retry_s,
         )
         views = InstanceViews(

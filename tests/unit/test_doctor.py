@@ -326,6 +326,7 @@ def test_a_ready_cpu_host() -> None:
         "state dir",
         "secret files",
         "clock sync",
+        "instance ssh",
         "control plane",
     ]
     assert doctor.exit_code(checks) == 0
@@ -404,3 +405,14 @@ def test_unreadable_files_say_run_as_root() -> None:
     assert found["state dir"].level is Level.PASS
     assert found["secret files"].level is Level.WARN
     assert found["secret files"].fix and "root" in found["secret files"].fix
+
+
+def test_the_instance_ssh_check_names_the_packages_to_install() -> None:
+    present = {Path("/usr/sbin/sshd"): 0o755, Path("/usr/bin/setpriv"): 0o755}
+    checks = _by_name(doctor.run_checks(_settings(), FakeProbes(modes=present)))
+    check = checks["instance ssh"]
+    assert check.level is Level.WARN
+    assert check.fix == "apt-get install patchelf busybox-static"
+    everything = {**present, Path("/usr/bin/patchelf"): 0o755, Path("/bin/busybox"): 0o755}
+    checks = _by_name(doctor.run_checks(_settings(), FakeProbes(modes=everything)))
+    assert checks["instance ssh"].level is Level.PASS

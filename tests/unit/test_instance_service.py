@@ -18,7 +18,7 @@ import pytest
 
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerState
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.gpu_health import GpuEvent
 from qudata_agent.domain.instance import Action, Status
 from qudata_agent.domain.order import CreateOrder
@@ -201,3 +201,29 @@ async def test_describe_shows_the_health_of_the_instance_gpus(tmp_path: Path) ->
     await service.close()
     blocking.close()
     store.close()
+
+
+async def test_the_container_is_created_from_the_spec_the_ssh_service_gives(
+    tmp_path: Path,
+) -> None:
+    """Between the pull and the create, `prepare_spec` has the last word on the spec."""
+    engine = FakeEngine()
+    store = Store.open(tmp_path / "agent.db")
+    blocking = Blocking()
+    seen: list[str] = []
+
+    async def prepare(instance: Any, spec: ContainerSpec) -> ContainerSpec:
+        seen.append(instance.id)
+        return replace(spec, entrypoint=("/init",), user="0:0")
+
+    service = make_service(engine, store, blocking, prepare_spec=prepare)
+    try:
+        instance = await service.create(CreateOrder(image="present", image_tag="1"))
+        running = await wait_for(service, Status.RUNNING)
+        assert seen == [instance.id]
+        created = engine.specs[running.container_id]
+        assert (created.entrypoint, created.user) == (("/init",), "0:0")
+    finally:
+        await service.close()
+        blocking.close()
+        store.close()

@@ -7,7 +7,7 @@ import subprocess
 from qudata_agent.domain.ssh_setup import (
     MAX_ENV_BYTES,
     SSHD_CONFIG_TEXT,
-    bring_up_script,
+    container_env,
     profile_env_text,
     session_env,
     sshd_config_text,
@@ -34,13 +34,19 @@ def test_session_variables_bad_names_and_unquotable_values_stay_out() -> None:
     assert env == [("PATH", "/later/wins"), ("NVIDIA_VISIBLE_DEVICES", "GPU-1"), ("EMPTY", "")]
 
 
+def test_the_containers_environment_is_the_images_with_the_orders_on_top() -> None:
+    merged = container_env(
+        ["PATH=/opt/conda/bin:/usr/bin", "LANG=C.UTF-8"], {"PATH": "/x", "A": "1"}
+    )
+    assert merged == ["PATH=/x", "LANG=C.UTF-8", "A=1"]
+
+
 def test_the_environment_is_capped() -> None:
     big = [f"V{i}={'x' * 1000}" for i in range(100)]
     env = session_env(big)
     assert 0 < len(env) < 100
-    assert len(bring_up_script("", True, env)) - len(bring_up_script("", True, [])) <= (
-        MAX_ENV_BYTES + 200
-    )
+    added = len(sshd_config_text(env)) - len(SSHD_CONFIG_TEXT) + len(profile_env_text(env))
+    assert added <= MAX_ENV_BYTES + 200
 
 
 def test_one_setenv_line_with_each_pair_quoted_whole() -> None:
@@ -56,22 +62,3 @@ def test_the_profile_file_gives_the_values_back_exactly_in_sh() -> None:
     script = profile_env_text(env) + 'printf "%s|%s" "$A" "$B"'
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout == "it's $HOME `x` b  c|"
-
-
-def test_bring_up_with_an_environment_is_shell_syntax() -> None:
-    script = bring_up_script("", True, [("A", "it's"), ("PATH", "/x:/y")])
-    subprocess.run(["sh", "-n", "-c", script], check=True)
-    assert "SetEnv" in script and "/etc/profile.d/qudata-env.sh" in script
-
-
-def test_the_largest_bring_up_fits_in_one_exec_argument() -> None:
-    """Linux caps one argument at 128 KiB (MAX_ARG_STRLEN): the most keys the service
-    takes and the largest environment must fit together, or the exec fails (E2BIG)."""
-    from qudata_agent.services.ssh import MAX_KEYS_BYTES
-
-    keys = "x" * MAX_KEYS_BYTES
-    for filler in ("y", "'"):  # a quote costs five characters each time it is quoted
-        env = session_env(f"V{i}={filler * 200}" for i in range(1000))
-        assert env, filler
-        script = bring_up_script(keys, True, env)
-        assert len(script.encode()) < 128 * 1024, filler

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from qudata_agent.domain.ssh_init import INIT_SCRIPT
 from qudata_agent.domain.ssh_keys import (
     PublicKey,
     add_key,
@@ -14,7 +15,7 @@ from qudata_agent.domain.ssh_keys import (
     remove_key,
     render_authorized_keys,
 )
-from qudata_agent.domain.ssh_setup import provision_script, start_script
+from qudata_agent.domain.ssh_setup import SSHD_CONFIG_TEXT
 from qudata_agent.errors import InvalidRequest
 
 
@@ -83,10 +84,15 @@ def test_rendered_file_lists_each_key_once_in_order() -> None:
     assert lines == [RSA + " one", ED + " two"]
 
 
-def test_scripts_keep_to_keys_only_and_are_shell_syntax() -> None:
+def test_sshd_keeps_to_keys_only_and_the_init_is_shell_syntax() -> None:
     import subprocess
 
-    for script in (provision_script(), start_script()):
-        subprocess.run(["sh", "-n", "-c", script], check=True)
-    assert "PasswordAuthentication no" in provision_script()
-    assert "PermitRootLogin prohibit-password" in provision_script()
+    subprocess.run(["sh", "-n", "-c", INIT_SCRIPT], check=True)
+    for line in (
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",
+        "UsePAM no",
+        "Subsystem sftp internal-sftp",
+    ):
+        assert line in SSHD_CONFIG_TEXT.splitlines()

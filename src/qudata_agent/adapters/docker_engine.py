@@ -54,6 +54,7 @@ from qudata_agent.domain.container_spec import (
 )
 from qudata_agent.domain.image_access import LocalImage, RegistryRefused, RegistryUnreachable
 from qudata_agent.domain.network import NetworkInfo, network_options
+from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.domain.storage import StorageInfo
 from qudata_agent.errors import AgentError, Conflict, NotFound, Unavailable
 
@@ -274,6 +275,20 @@ class DockerEngine:
         if not digest:
             raise RegistryUnreachable(f"the registry gave no digest for {ref}")
         return digest
+
+    def image_config(self, ref: str) -> ImageConfig:
+        """What the (local) image runs and for which platform: its Config and Architecture."""
+        with self._translated(f"image {ref}"):
+            attrs: dict[str, Any] = self._api().images.get(ref).attrs
+        config = attrs.get("Config") or {}
+        return ImageConfig(
+            entrypoint=tuple(str(a) for a in config.get("Entrypoint") or ()),
+            cmd=tuple(str(a) for a in config.get("Cmd") or ()),
+            user=str(config.get("User") or ""),
+            env=tuple(str(item) for item in config.get("Env") or ()),
+            architecture=str(attrs.get("Architecture") or ""),
+            os=str(attrs.get("Os") or "linux"),
+        )
 
     def pull(
         self,
@@ -680,6 +695,17 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         kwargs["network"] = spec.network
     if spec.sysctls:
         kwargs["sysctls"] = dict(spec.sysctls)
+    if spec.entrypoint is not None:
+        kwargs["entrypoint"] = list(spec.entrypoint)
+    if spec.user is not None:
+        kwargs["user"] = spec.user
+    if spec.mounts:
+        kwargs["mounts"] = [
+            docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+            for m in spec.mounts
+        ]
+    if spec.tmpfs:
+        kwargs["tmpfs"] = dict(spec.tmpfs)
     return kwargs
 
 

@@ -9,8 +9,11 @@ What stays true:
 - a spec never holds registry credentials;
 - every container the agent makes carries the labels `qudata.agent_id` and
   `qudata.instance_id` and the deterministic name `qudata-<instance id>`;
-- no spec mounts a host path or the Docker socket, runs privileged, or lacks
-  `no-new-privileges`;
+- no spec mounts the Docker socket, runs privileged, or lacks
+  `no-new-privileges`; the only host paths a spec mounts are the agent's SSH
+  bundle and that instance's own SSH directory, both read-only (an
+  SSH-enabled instance, `domain.ssh_init`), so one instance's keys never
+  reach another;
 - the GPU variables the NVIDIA runtime reads (`GPU_ENV`) are the agent's:
   exactly the rented GPUs, `void` when none, whatever the order or the image
   says; the OCI runtime is pinned (`runc`), so a host whose default runtime is
@@ -97,6 +100,15 @@ class PortBinding:
 
 
 @dataclass(frozen=True)
+class Mount:
+    """A read-only bind mount of a host directory (the only kind the agent makes)."""
+
+    source: str
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     instance_id: str
     agent_id: str
@@ -120,6 +132,10 @@ class ContainerSpec:
     cap_add: tuple[str, ...] = CAPABILITIES
     security_opt: tuple[str, ...] = SECURITY_OPTS
     init: bool = True
+    entrypoint: tuple[str, ...] | None = None  # None: the image's ENTRYPOINT
+    user: str | None = None  # None: the image's USER
+    mounts: tuple[Mount, ...] = ()
+    tmpfs: tuple[tuple[str, str], ...] = ()  # (container path, mount options)
 
     @property
     def name(self) -> str:
@@ -138,6 +154,10 @@ class ContainerSpec:
         record["ports"] = tuple(PortBinding(**p) for p in record.get("ports", ()))
         for key in ("command", "gpu_uuids", "cap_add", "security_opt"):
             record[key] = tuple(record.get(key, ()))
+        if record.get("entrypoint") is not None:
+            record["entrypoint"] = tuple(record["entrypoint"])
+        record["mounts"] = tuple(Mount(**m) for m in record.get("mounts", ()))
+        record["tmpfs"] = tuple(tuple(t) for t in record.get("tmpfs", ()))
         return cls(**record)
 
 

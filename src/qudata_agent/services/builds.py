@@ -73,6 +73,7 @@ class BuildPipeline:
         blocking: Blocking,
         images: ImageService,
         prepare_network: Callable[[], Awaitable[None]] | None = None,
+        prepare_spec: Callable[[Instance, ContainerSpec], Awaitable[ContainerSpec]] | None = None,
         cleanup_retry_s: float = 0.5,
     ) -> None:
         self._records = records
@@ -80,6 +81,7 @@ class BuildPipeline:
         self._blocking = blocking
         self._images = images
         self._prepare_network = prepare_network
+        self._prepare_spec = prepare_spec  # the SSH service's part: its init, bundle and files
         self._cleanup_retry_s = cleanup_retry_s
         self._builds: dict[str, _Build] = {}
 
@@ -152,6 +154,8 @@ class BuildPipeline:
             instance = await self._step(instance, "creating")
             if self._prepare_network is not None:
                 await self._prepare_network()
+            if self._prepare_spec is not None:
+                spec = await self._prepare_spec(instance, spec)
             container_id = await self._create_or_adopt(spec)
             instance = await self._step(instance, "starting", container_id=container_id)
             self._checkpoint(cancel)

@@ -1,14 +1,20 @@
-"""SSH into the instance: setting up sshd in the container and keeping the renter's keys.
+"""SSH into the instance: the agent's own sshd in every SSH-enabled container, and the keys.
 
-Owns the SSH state of an instance (disabled, installing, ready, failed) and
-its keys. What stays true:
-- keys live in the store first; the container's authorized_keys is rewritten
-  from the store in one atomic rename, so keys survive restarts and keys given
-  while sshd is still being set up are applied once it is ready;
-- adding or removing a key never restarts sshd: open sessions stay;
-- every new run of the container (start, restart, Docker's own restart, an
-  agent restart) brings the agent's sshd back; setup is idempotent;
-- a failed setup is reported with its reason and never stops the instance.
+Owns the SSH state of an instance (disabled, installing, ready, failed), its
+keys and its SSH directory on the host. The build asks `prepare` for the
+container's final spec: the agent's init as its entrypoint, the bundle and
+the instance's own directory mounted read-only (`domain.ssh_init`). What
+stays true:
+- keys live in the store first; the instance's authorized_keys on the host is
+  rewritten from the store in one rename, at once, whatever state the
+  container is in: no exec, no restart of sshd, open sessions stay;
+- nothing is installed into the image and the container needs no network:
+  sshd starts with the container, before its workload;
+- SSH is `ready` once the init says sshd listens in this run of the container
+  (one exec per run, which waits for that word);
+- an image the bundle cannot serve (another architecture) runs without SSH,
+  reported `failed` with the reason; a failure never stops the instance;
+- an instance's directory goes with the instance (`prune`).
 """
 
 from __future__ import annotations
@@ -16,38 +22,71 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerState
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status
+from qudata_agent.domain.ssh_init import (
+    ImageConfig,
+    parse_status,
+    ssh_spec,
+    unsupported,
+    wait_status_argv,
+)
 from qudata_agent.domain.ssh_keys import PublicKey, parse_key, render_authorized_keys
 from qudata_agent.domain.ssh_setup import (
-    EXIT_INSTALL_FAILED,
-    EXIT_KEYS_FAILED,
-    EXIT_NO_PACKAGE_MANAGER,
-    EXIT_SSHD_FAILED,
-    bring_up_script,
+    container_env,
+    profile_env_text,
     session_env,
-    write_keys_script,
+    sshd_config_text,
 )
 from qudata_agent.errors import AgentError, Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
 DISABLED, INSTALLING, READY, FAILED = "disabled", "installing", "ready", "failed"
-PROVISION_TIMEOUT_S = 900.0  # a package install over a slow mirror
-QUICK_TIMEOUT_S = 30.0
-# authorized_keys travels inline in one exec argument (the kernel caps one at 128 KiB).
+WAIT_TIMEOUT_S = 30.0
+ASK_ATTEMPTS, ASK_RETRY_S = 3, 0.5
+# sshd reads authorized_keys at every login: keep it small.
 MAX_KEYS_BYTES = 64 * 1024
+NO_AGENT_SSH = (
+    "this container was made without the agent's SSH (by an older agent?):"
+    " create the instance again"
+)
 
 
 class SshEngine(Protocol):
+    def image_config(self, ref: str) -> ImageConfig: ...
+
     def inspect(self, container_id: str) -> ContainerState: ...
 
     def exec_run(
         self, container_id: str, argv: list[str], timeout_s: float = 30
     ) -> tuple[int, str]: ...
+
+
+class SshFiles(Protocol):
+    def prepare(
+        self, instance_id: str, sshd_config: str, environment: str, authorized_keys: str
+    ) -> Path: ...
+
+    def prepared(self, instance_id: str) -> bool: ...
+
+    def write_keys(self, instance_id: str, authorized_keys: str) -> None: ...
+
+    def instance_ids(self) -> list[str]: ...
+
+    def remove(self, instance_id: str) -> None: ...
+
+
+class BundleInfo(Protocol):
+    @property
+    def bundles_dir(self) -> Path: ...
+
+    @property
+    def arch(self) -> str: ...
 
 
 class SshStore(Protocol):
@@ -75,18 +114,25 @@ class SshView:
     reason: str | None
 
 
-class _SetupFailed(Exception):
-    pass
-
-
 class SshService:
-    def __init__(self, engine: SshEngine, store: SshStore, blocking: Blocking) -> None:
+    def __init__(
+        self,
+        engine: SshEngine,
+        store: SshStore,
+        blocking: Blocking,
+        files: SshFiles,
+        bundle: BundleInfo | str,  # the bundle, or why the host could not make one
+    ) -> None:
         self._engine = engine
         self._store = store
         self._blocking = blocking
+        self._files = files
+        self._bundle = bundle
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        self._prune: asyncio.Task[None] | None = None
+        self._prune_again = False
 
     def _lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())
@@ -107,13 +153,20 @@ class SshService:
         state = await self._blocking.quick(self._store.ssh_state, instance.id)
         status, reason, run = state if state is not None else (INSTALLING, None, None)
         if status == READY and instance.status is Status.RUNNING and run != instance.started_at:
-            status = INSTALLING  # set up, but sshd is not yet back in this run
+            status = INSTALLING  # ready in an earlier run; this one has not said yet
         return SshView(status, instance.ports.get("22"), reason)
 
     async def _set(
         self, instance_id: str, status: str, reason: str | None = None, run: str | None = None
     ) -> None:
         await self._blocking.quick(self._store.set_ssh_state, instance_id, status, reason, run)
+
+    async def _fail(self, instance_id: str, reason: str) -> None:
+        log.warning("ssh setup failed", extra={"instance_id": instance_id, "reason": reason})
+        try:
+            await self._set(instance_id, FAILED, reason)
+        except AgentError as stored:  # e.g. a full disk: the next run tries again
+            log.warning("ssh state not recorded", extra={"error": stored.message})
 
     # -- keys -------------------------------------------------------------------
 
@@ -123,7 +176,8 @@ class SshService:
         return [key.line() for key in keys]
 
     async def add_key(self, instance_id: str, text: str) -> bool:
-        """Adds a key to this instance only (False: it was there already); applied if sshd is up."""
+        """Adds a key to this instance only (False: it was there already); it logs in from
+        the next login on."""
         key = parse_key(text)
         instance = await self._instance(instance_id)
         async with self._lock(instance.id):
@@ -132,7 +186,7 @@ class SshService:
                 raise Conflict(f"the keys of an instance are limited to {MAX_KEYS_BYTES} bytes")
             added = await self._blocking.quick(self._store.add_ssh_key, instance.id, key)
             if added:
-                await self._apply_keys_if_ready(instance)
+                await self._apply_keys(instance.id)
         log.info(
             "ssh key added" if added else "ssh key already present",
             extra={"instance_id": instance.id, "key_type": key.kind},
@@ -146,117 +200,158 @@ class SshService:
             removed = await self._blocking.quick(self._store.remove_ssh_key, instance.id, key)
             if not removed:
                 raise NotFound("that key is not on this instance")
-            await self._apply_keys_if_ready(instance)
+            await self._apply_keys(instance.id)
         log.info("ssh key removed", extra={"instance_id": instance.id, "key_type": key.kind})
-
-    async def _apply_keys_if_ready(self, instance: Instance) -> None:
-        state = await self._blocking.quick(self._store.ssh_state, instance.id)
-        fresh = await self._blocking.quick(self._store.get_instance, instance.id)
-        if state is None or state[0] != READY or fresh is None or not fresh.container_id:
-            return  # applied when setup finishes or the container runs again
-        if fresh.status is not Status.RUNNING:
-            return
-        await self._write_keys(fresh.container_id, fresh.id)
 
     async def _authorized_keys(self, instance_id: str) -> str:
         keys = await self._blocking.quick(self._store.ssh_keys, instance_id)
         return render_authorized_keys(keys)
 
-    async def _write_keys(self, container_id: str, instance_id: str) -> None:
-        script = write_keys_script(await self._authorized_keys(instance_id))
-        await self._exec(container_id, script, QUICK_TIMEOUT_S, "could not write authorized_keys")
+    async def _apply_keys(self, instance_id: str) -> None:
+        """Under the instance's lock: the file follows the store (once there is a file)."""
+        if await self._blocking.quick(self._files.prepared, instance_id):
+            text = await self._authorized_keys(instance_id)
+            await self._blocking.quick(self._files.write_keys, instance_id, text)
 
-    async def _exec(self, container_id: str, script: str, timeout_s: float, failed: str) -> None:
-        code, out = await self._blocking.quick(
-            self._engine.exec_run, container_id, ["sh", "-c", script], timeout_s
+    # -- the container ------------------------------------------------------------
+
+    async def prepare(self, instance: Instance, spec: ContainerSpec) -> ContainerSpec:
+        """The spec to create: with the agent's init and SSH, when the instance has SSH."""
+        if not instance.ssh_enabled:
+            return spec
+        if isinstance(self._bundle, str):
+            await self._fail(instance.id, self._bundle)
+            return spec
+        image = await self._blocking.quick(self._engine.image_config, spec.image)
+        reason = unsupported(image, self._bundle.arch)
+        if reason is not None:
+            await self._fail(instance.id, reason)
+            return spec
+        env = session_env(container_env(image.env, spec.env))
+        async with self._lock(instance.id):
+            keys = await self._authorized_keys(instance.id)
+            try:
+                where = await self._blocking.quick(
+                    self._files.prepare,
+                    instance.id,
+                    sshd_config_text(env),
+                    profile_env_text(env),
+                    keys,
+                )
+            except AgentError as e:  # a full disk, say: the instance runs without SSH
+                await self._fail(instance.id, e.message)
+                return spec
+            await self._set(instance.id, INSTALLING)
+        return ssh_spec(
+            spec, image, bundles_dir=str(self._bundle.bundles_dir), instance_dir=str(where)
         )
-        if code != 0:
-            raise _SetupFailed(f"{failed} (exit {code}): {out.strip()[-300:]}")
-
-    # -- setup ------------------------------------------------------------------
 
     def on_new_run(self, instance: Instance) -> None:
-        """Called on every new run of the container: (re)starts sshd in the background."""
+        """Called on every new run of the container: waits for the init's word on sshd."""
         if not instance.ssh_enabled or not instance.container_id:
             return
         running = self._tasks.get(instance.id)
         if running is not None and not running.done():
             self._again.add(instance.id)  # one more pass once this one ends
             return
-        task = asyncio.create_task(self._ensure_loop(instance.id), name=f"ssh {instance.id}")
+        task = asyncio.create_task(self._watch_loop(instance.id), name=f"ssh {instance.id}")
+        task.add_done_callback(_retrieved)
         self._tasks[instance.id] = task
 
-    async def _ensure_loop(self, instance_id: str) -> None:
+    async def _watch_loop(self, instance_id: str) -> None:
         while True:
             self._again.discard(instance_id)
-            await self._ensure(instance_id)
+            try:
+                await self._watch(instance_id)
+            except AgentError as e:
+                await self._fail(instance_id, e.message)
             if instance_id not in self._again:
                 return
 
-    async def _ensure(self, instance_id: str) -> None:
+    async def _watch(self, instance_id: str) -> None:
         instance = await self._blocking.quick(self._store.get_instance, instance_id)
         if instance is None or instance.status is not Status.RUNNING or not instance.container_id:
             return
-        cid = instance.container_id
-        try:
+        if not await self._blocking.quick(self._files.prepared, instance_id):
             state = await self._blocking.quick(self._store.ssh_state, instance_id)
-            provision = state is None or state[0] != READY
-            if provision:
-                await self._set(instance_id, INSTALLING)
-            keys = await self._authorized_keys(instance_id)
-            # The container's environment, for SSH sessions; written with the setup.
-            env = await self._session_env(cid) if provision else []
-            # One exec: set up (maybe minutes of install), keys, sshd. Not under
-            # the lock, so key changes never wait on an install; the check below
-            # catches a key that changed meanwhile.
-            await self._bring_up(cid, bring_up_script(keys, provision, env), provision)
-            async with self._lock(instance_id):
-                await self._set(instance_id, READY, run=instance.started_at)
-                if await self._authorized_keys(instance_id) != keys:
-                    await self._write_keys(cid, instance_id)
-            log.info("ssh ready", extra={"instance_id": instance_id})
-        except (_SetupFailed, AgentError) as e:
-            reason = e.message if isinstance(e, AgentError) else str(e)
-            log.warning("ssh setup failed", extra={"instance_id": instance_id, "reason": reason})
-            try:
-                await self._set(instance_id, FAILED, reason)
-            except AgentError as stored:  # e.g. a full disk: the next run tries again
-                log.warning("ssh state not recorded", extra={"error": stored.message})
-
-    async def _session_env(self, container_id: str) -> list[tuple[str, str]]:
-        state = await self._blocking.quick(self._engine.inspect, container_id)
-        return session_env(state.env)
-
-    async def _bring_up(self, container_id: str, script: str, provision: bool) -> None:
-        run = self._blocking.slow if provision else self._blocking.quick
-        timeout = PROVISION_TIMEOUT_S if provision else QUICK_TIMEOUT_S
-        code, out = await run(self._engine.exec_run, container_id, ["sh", "-c", script], timeout)
-        if code == 0:
+            if state is None or state[0] != FAILED:  # keep the reason given at the build
+                await self._fail(instance_id, NO_AGENT_SSH)
             return
-        if code == EXIT_NO_PACKAGE_MANAGER:
-            raise _SetupFailed(
-                "the image has no sshd and no package manager to install OpenSSH with"
-            )
-        tail = " ".join(out.strip().splitlines()[-3:])[-300:]
-        if code == EXIT_INSTALL_FAILED:
-            raise _SetupFailed(
-                "installing OpenSSH with the image's package manager failed (can the container"
-                f" reach its package mirror?): {tail}"
-            )
-        if code == EXIT_KEYS_FAILED:
-            raise _SetupFailed(f"writing authorized_keys failed (is the disk full?): {tail}")
-        if code == EXIT_SSHD_FAILED and "Address already in use" in out:
-            raise _SetupFailed(
-                "sshd could not listen: port 22 in the container is taken by another program"
-                " (does the image start its own sshd?)"
-            )
-        if code == EXIT_SSHD_FAILED:
-            raise _SetupFailed(f"sshd did not start: {tail}")
-        raise _SetupFailed(f"bringing up sshd failed (exit {code}): {tail}")
+        for attempt in range(ASK_ATTEMPTS):
+            if attempt:  # an exec cut short by a stop: is this run still on?
+                await asyncio.sleep(ASK_RETRY_S)
+                if await self._moved_on(instance.container_id, instance.started_at):
+                    return  # stopped or started again: the next run's pass decides
+            try:
+                code, out = await self._blocking.quick(
+                    self._engine.exec_run, instance.container_id, wait_status_argv(), WAIT_TIMEOUT_S
+                )
+            except AgentError as e:
+                code, out = -1, e.message
+            if code == 0:
+                break
+        ready, reason = parse_status(out) if code == 0 else (False, None)
+        if ready:
+            await self._set(instance_id, READY, run=instance.started_at)
+            log.info("ssh ready", extra={"instance_id": instance_id})
+            return
+        if await self._moved_on(instance.container_id, instance.started_at):
+            return  # stopped or started again meanwhile: the next run's pass decides
+        if reason is None:
+            reason = f"cannot ask the container about sshd (exit {code}): {out.strip()[-200:]}"
+        await self._fail(instance_id, reason)
+
+    async def _moved_on(self, container_id: str, started_at: str | None) -> bool:
+        try:
+            state = await self._blocking.quick(self._engine.inspect, container_id)
+        except AgentError:
+            return True  # gone, or Docker away: nothing to say about this run
+        return not state.running or state.started_at != started_at
+
+    # -- the instance's directory -----------------------------------------------
+
+    def prune_soon(self) -> None:
+        """Removes (in the background) the SSH directories of instances that are gone."""
+        if self._prune is not None and not self._prune.done():
+            self._prune_again = True
+            return
+        self._prune = asyncio.create_task(self._prune_loop(), name="ssh prune")
+
+    async def _prune_loop(self) -> None:
+        while True:
+            self._prune_again = False
+            try:
+                await self._prune_once()
+            except (AgentError, OSError) as e:
+                log.warning("ssh directories not pruned", extra={"error": str(e)})
+            if not self._prune_again:
+                return
+
+    async def _prune_once(self) -> None:
+        # Listed before the store is read: an instance is recorded before its
+        # directory is made, so a directory listed here whose instance is not
+        # in the store belongs to a deleted one.
+        present = await self._blocking.quick(self._files.instance_ids)
+        if not present:
+            return
+        known = {i.id for i in await self._blocking.quick(self._store.list_instances)}
+        for instance_id in present:
+            if instance_id not in known:
+                await self._blocking.quick(self._files.remove, instance_id)
+                self._locks.pop(instance_id, None)
+                log.info("ssh directory removed", extra={"instance_id": instance_id})
 
     async def close(self) -> None:
         tasks = [t for t in self._tasks.values() if not t.done()]
+        if self._prune is not None and not self._prune.done():
+            tasks.append(self._prune)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A watch that died of something unforeseen is logged, never left unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("ssh watch failed", exc_info=task.exception(), extra={"task": task.get_name()})

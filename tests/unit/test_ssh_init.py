@@ -1,0 +1,115 @@
+"""The spec that starts the agent's init, and the init's word on sshd (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec, Mount
+from qudata_agent.domain.ssh_init import (
+    BUSYBOX,
+    IDLE_ARGS,
+    INIT,
+    ImageConfig,
+    parse_status,
+    ssh_spec,
+    unsupported,
+)
+from qudata_agent.domain.ssh_setup import BUNDLE_MOUNT, INSTANCE_MOUNT, RUN_DIR
+
+CUDA_LIKE = ImageConfig(
+    entrypoint=("/opt/nvidia/nvidia_entrypoint.sh",),
+    cmd=("bash",),
+    user="",
+    env=("PATH=/usr/local/cuda/bin:/usr/bin",),
+    architecture="amd64",
+)
+
+
+def _spec(command: tuple[str, ...] = IDLE_COMMAND, **env: str) -> ContainerSpec:
+    return ContainerSpec(instance_id="i1", agent_id="a1", image="img:1", command=command, env=env)
+
+
+def _final(spec: ContainerSpec, image: ImageConfig) -> ContainerSpec:
+    return ssh_spec(spec, image, bundles_dir="/state/ssh/bundles", instance_dir="/state/ssh/i/i1")
+
+
+def test_an_idle_instance_runs_the_images_entrypoint_with_the_idle_arguments() -> None:
+    final = _final(_spec(), CUDA_LIKE)
+    assert final.entrypoint == (BUSYBOX, "sh", INIT)
+    assert final.command == ("idle", "", "1", "--", "/opt/nvidia/nvidia_entrypoint.sh", *IDLE_ARGS)
+    assert final.user == "0:0"
+
+
+def test_an_idle_instance_without_an_entrypoint_idles_in_the_init_alone() -> None:
+    final = _final(_spec(), ImageConfig(cmd=("/bin/sh",), architecture="amd64"))
+    assert final.command == ("idle", "", "1", "--")  # the image's CMD is not run, as before
+
+
+def test_a_command_goes_to_the_images_entrypoint_as_the_images_user() -> None:
+    image = ImageConfig(entrypoint=("/ep.sh",), user="renter:staff", env=("HOME=/home/x",))
+    final = _final(_spec(("/bin/sh", "-c", "python train.py")), image)
+    assert final.command == (
+        "run", "renter:staff", "0", "--", "/ep.sh", "/bin/sh", "-c", "python train.py",
+    )  # fmt: skip
+
+
+def test_home_is_left_alone_when_the_order_sets_it() -> None:
+    final = _final(_spec(("/bin/sh", "-c", "x"), HOME="/data"), ImageConfig(user="1000"))
+    assert final.command[:3] == ("run", "1000", "0")
+
+
+def test_only_the_bundle_and_the_instances_own_directory_are_mounted_read_only() -> None:
+    final = _final(_spec(), CUDA_LIKE)
+    assert final.mounts == (
+        Mount("/state/ssh/bundles", BUNDLE_MOUNT, read_only=True),
+        Mount("/state/ssh/i/i1", INSTANCE_MOUNT, read_only=True),
+    )
+    assert final.tmpfs == ((RUN_DIR, "mode=755,size=1m"),)
+    assert "AUDIT_WRITE" in final.cap_add and final.cap_add.count("AUDIT_WRITE") == 1
+    assert ContainerSpec.from_json(final.to_json()) == final
+
+
+def test_the_rest_of_the_spec_is_kept() -> None:
+    spec = _spec(QUDATA_CPU_CORES="2")
+    final = _final(spec, CUDA_LIKE)
+    assert (final.env, final.image, final.name, final.labels, final.init) == (
+        spec.env, spec.image, spec.name, spec.labels, True,
+    )  # fmt: skip
+    assert final.security_opt == spec.security_opt
+
+
+@pytest.mark.parametrize(
+    ("image", "words"),
+    [
+        (ImageConfig(architecture="arm64"), "built for arm64"),
+        (ImageConfig(architecture="amd64", os="windows"), "Linux images only"),
+    ],
+)
+def test_an_image_the_bundle_cannot_serve_says_why(image: ImageConfig, words: str) -> None:
+    reason = unsupported(image, "amd64")
+    assert reason is not None and words in reason
+
+
+def test_an_image_the_bundle_serves() -> None:
+    assert unsupported(CUDA_LIKE, "amd64") is None
+    assert unsupported(ImageConfig(), "amd64") is None  # an image that names no platform
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("ready\n", (True, None)),
+        (
+            "failed: sshd did not start: port 22 is taken\n",
+            (False, "sshd did not start: port 22 is taken"),
+        ),
+        ("failed:", (False, "sshd did not start")),
+    ],
+)
+def test_the_inits_word(output: str, expected: tuple[bool, str | None]) -> None:
+    assert parse_status(output) == expected
+
+
+def test_no_word_is_a_failure_that_says_so() -> None:
+    ready, reason = parse_status("")
+    assert not ready and reason is not None and "said nothing" in reason

@@ -240,6 +240,20 @@ def test_host_with_an_unmeasured_disk_answers_null_not_zero() -> None:
     assert data["memory_gb"]["total"] == 126.0
 
 
+def test_host_never_shows_more_free_than_admission_grants() -> None:
+    """Free memory and disk are rounded down: an order for the figure shown fits."""
+    service = FakeInstances()
+    view = _host_view()
+    almost = int(40.4999 * GIB)  # rounded to nearest this would read 40.5, which does not fit
+    service.host_view = replace(
+        view, free=replace(view.free, memory_bytes=almost, disk_bytes=almost)
+    )
+    data = _data(_client(service).simulate_get("/v1/host", headers=AUTH))
+    assert data["memory_gb"]["free"] == 40.49
+    assert data["disk_gb"]["free"] == 40.49
+    assert data["memory_gb"]["free"] * GIB <= almost
+
+
 # -- GET and POST /v1/instances ------------------------------------------------------
 
 

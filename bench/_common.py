@@ -96,16 +96,22 @@ class AgentProc:
     """The real agent, standalone (no control plane), in a session of its own.
 
     A temporary state directory, 127.0.0.1 and a free port, instance ports
-    from `port_range`, JSON log lines at `log_level` into `workdir/agent.log`.
+    from `port_range`, JSON log lines at `log_level` into `workdir/agent.log`;
+    `env` adds settings of the run's own (`QUDATA_MAX_INSTANCES`, ...).
     """
 
     def __init__(
-        self, workdir: Path, port_range: tuple[int, int], log_level: str = "DEBUG"
+        self,
+        workdir: Path,
+        port_range: tuple[int, int],
+        log_level: str = "DEBUG",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = workdir / "state"
         self.log_path = workdir / "agent.log"
         self.port_range = port_range
         self.log_level = log_level
+        self.extra_env = dict(env or {})
         self.port = free_port(port_range)
         self.proc: subprocess.Popen[bytes] | None = None
         self.agent_id: str | None = None
@@ -130,6 +136,7 @@ class AgentProc:
             QUDATA_LOG_LEVEL=self.log_level,
             QUDATA_LOG_FORMAT="json",
         )
+        env.update(self.extra_env)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [*agent_command(), "run"],

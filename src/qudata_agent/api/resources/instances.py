@@ -12,6 +12,7 @@ and answer 409 naming the v1 routes while it has several.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 import falcon
@@ -269,6 +270,11 @@ def _gb(value: float | None) -> float | None:
     return None if value is None else round(value / GIB, 2)
 
 
+def _free_gb(value: float | None) -> float | None:
+    """Rounded down: what is shown free is what an order may ask for (admission floors too)."""
+    return None if value is None else math.floor(value / GIB * 100) / 100
+
+
 class HostResource:
     """`/v1/host`: what the host has for instances and what is free."""
 
@@ -285,8 +291,12 @@ class HostResource:
                 instances=host.instances,
                 gpus=GpuCapacity(total=len(host.gpus), free=list(host.free.gpus)),
                 cpu_cores=Amount(total=host.cpu_cores, free=host.free.cpu_cores),
-                memory_gb=Amount(total=_gb(host.memory_bytes), free=_gb(host.free.memory_bytes)),
-                disk_gb=Amount(total=_gb(host.disk.total_bytes), free=_gb(host.free.disk_bytes)),
+                memory_gb=Amount(
+                    total=_gb(host.memory_bytes), free=_free_gb(host.free.memory_bytes)
+                ),
+                disk_gb=Amount(
+                    total=_gb(host.disk.total_bytes), free=_free_gb(host.free.disk_bytes)
+                ),
                 ports=PortCapacity(range=f"{low}-{high}", free=host.ports_free),
             ),
         )

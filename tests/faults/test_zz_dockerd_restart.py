@@ -206,3 +206,49 @@ def test_a_build_failing_while_docker_is_down_ends_in_error_with_all_freed(
     finally:
         registry.gate.set()
         registry.stop()
+
+
+@pytest.mark.timeout(240)
+def test_dockerd_restart_under_several_instances(rigs: RigFactory) -> None:
+    """Two instances of one host (section 4): after dockerd restarts, both run again and
+    the agent knows each one's new run; a third instance stopped through the API stays
+    stopped."""
+    assert _docker_answers(), "dockerd must be up before the test"
+    rig = rigs({**ENV, "QUDATA_MAX_INSTANCES": "3", "QUDATA_RESERVED_CPU_CORES": "0"})
+    v1 = rig.api.client
+    ids = []
+    for _ in range(3):
+        body = {**BUSYBOX, "env_variables": {"QUDATA_CPU_CORES": "0.2"}}
+        resp = v1.post("/v1/instances", json=body)
+        assert resp.status_code == 202, resp.text
+        ids.append(resp.json()["data"]["instance_id"])
+
+    def state(instance_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = v1.get(f"/v1/instances/{instance_id}").json()["data"]
+        return data
+
+    _wait(lambda: all(state(i)["status"] == "running" for i in ids), 60, "all running")
+    stopped = ids[2]
+    assert v1.put(f"/v1/instances/{stopped}", json={"action": "stop"}).status_code == 200
+    runs = {i: inspect(state(i)["container_id"])["State"]["StartedAt"] for i in ids[:2]}
+    try:
+        pid = _main_dockerd()
+        os.kill(pid, signal.SIGTERM)
+        _wait(lambda: not Path(f"/proc/{pid}").exists(), 90, "dockerd exit")
+        subprocess.run(["bash", "-c", START_DOCKERD], check=True)
+        _wait(_docker_answers, 60, "dockerd answering again")
+    finally:
+        _restore_dockerd()
+
+    def both_back() -> bool:
+        for i in ids[:2]:
+            now = state(i)
+            started = inspect(now["container_id"])["State"].get("StartedAt")
+            if now["status"] != "running" or started == runs[i]:
+                return False
+        return True
+
+    _wait(both_back, 60, "both instances running again, their new runs known")
+    assert state(stopped)["status"] == "paused"
+    assert inspect(state(stopped)["container_id"])["State"]["Running"] is False
+    assert len(rig.containers()) == 3

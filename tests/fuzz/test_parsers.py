@@ -36,10 +36,10 @@ from qudata_agent.domain.gpus import (
     MIN_CPU_CORES,
     MIN_MEMORY_BYTES,
     Resources,
-    choose_gpus,
     parse_resources,
 )
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
+from qudata_agent.domain.placement import choose_gpus
 from qudata_agent.domain.ports import MAX_PORTS, PortAllocator, parse_port_requests
 from qudata_agent.domain.ssh_keys import (
     PublicKey,
@@ -48,6 +48,7 @@ from qudata_agent.domain.ssh_keys import (
     remove_key,
     render_authorized_keys,
 )
+from qudata_agent.domain.topology import GpuPlace, GpuTopology
 from qudata_agent.errors import Conflict, InvalidRequest
 
 FUZZ = settings(
@@ -282,20 +283,21 @@ def test_resource_values_round_trip(cpu: float, memory_gb: float, gpus: int) -> 
 
 @FUZZ
 @given(
-    count=st.integers(-2, 10),
-    all_gpus=st.lists(st.sampled_from([f"GPU-{i}" for i in range(8)]), max_size=10),
+    count=st.integers(0, 10),
+    host=st.lists(st.sampled_from([f"GPU-{i}" for i in range(8)]), max_size=10, unique=True),
     allocated=st.sets(st.sampled_from([f"GPU-{i}" for i in range(10)])),
 )
-def test_gpu_choice_is_all_or_nothing(count: int, all_gpus: list[str], allocated: set[str]) -> None:
+def test_gpu_choice_is_all_or_nothing(count: int, host: list[str], allocated: set[str]) -> None:
+    topology = GpuTopology(gpus=tuple(GpuPlace(uuid) for uuid in host))
+    free = [g for g in host if g not in allocated]
     try:
-        chosen = choose_gpus(count, all_gpus, allocated)
-    except (Conflict, InvalidRequest):
-        free = {g for g in all_gpus if g not in allocated}
-        assert count < 0 or len(free) < count
+        chosen = choose_gpus(topology, free, count)
+    except ValueError:
+        assert len(free) < count
         return
-    assert len(chosen) == max(count, 0) == len(set(chosen))
-    assert all(g in all_gpus and g not in allocated for g in chosen)
-    assert choose_gpus(count, all_gpus, allocated) == chosen  # the same inputs, the same GPUs
+    assert len(chosen) == count == len(set(chosen))
+    assert all(g in host and g not in allocated for g in chosen)
+    assert choose_gpus(topology, free, count) == chosen  # the same inputs, the same GPUs
 
 
 # -- the create body on the wire -------------------------------------------------

@@ -10,6 +10,8 @@ Steps, one after the other (never in parallel: each would skew the others):
                     of 8 instances are created and deleted)
     instance_create bench/instance_create.py (POST -> running against `docker run -d`,
                     same limits, ports and kind of network)
+    multi_create    bench/multi_create.py (8 POST /v1/instances at once -> all running
+                    against 8 concurrent `docker run -d` with the agent's options)
     ssh_login       bench/ssh_login.py (POST -> first SSH login against sshd run by hand)
     stats_tick      bench/stats_tick.py (a stats tick against `docker stats`)
     faults          pytest tests/faults
@@ -132,6 +134,27 @@ def _instance_create(result: Result, tmp: Path) -> None:
         )
 
 
+def _multi_create(result: Result, tmp: Path) -> None:
+    ratio = re.search(
+        r"ratio median\(a\)/median\(b\) = ([\d.]+)x\s+target: at most ([\d.]+)x", result.output
+    )
+    medians = re.findall(r"^\((a|b)\) [^\n]*?([\d.]+)ms", result.output, re.M)
+    count = re.search(r"^(\d+) instances at once", result.output, re.M)
+    n = count.group(1) if count else "8"
+    if ratio:
+        figure = f"{float(ratio.group(1)):.3f}x"
+        if len(medians) >= 2:
+            figure += (
+                f" (agent {medians[0][1]} ms, {n} concurrent docker run -d {medians[1][1]} ms,"
+                " medians)"
+            )
+        ok = "yes" if float(ratio.group(1)) <= float(ratio.group(2)) else "no"
+        result.rows.append(
+            (f"{n} creates at once -> all running / {n} `docker run -d`", figure,
+             f"<= {ratio.group(2)}x", ok)
+        )  # fmt: skip
+
+
 def _ssh_login(result: Result, tmp: Path) -> None:
     case = "first SSH login"
     for line in result.output.splitlines():
@@ -210,6 +233,13 @@ STEPS = [
         lambda tmp: [PY, "bench/instance_create.py"],
         900,
         _instance_create,
+    ),
+    Step(
+        "multi_create",
+        "Eight instances at once",
+        lambda tmp: [PY, "bench/multi_create.py"],
+        900,
+        _multi_create,
     ),
     Step(
         "ssh_login",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates docs/reliability.md from one run on this machine (as root): the
-# load, instance-create, SSH-login and stats-tick benchmarks, then the fault
-# and bad-input suites, one after the other. Takes about 15-30 minutes; run it
-# on an otherwise quiet host. Installs what it needs first, like test.sh.
+# load, instance-create, multi-create, SSH-login and stats-tick benchmarks,
+# then the fault and bad-input suites, one after the other. Takes about 15-30
+# minutes; run it on an otherwise quiet host. Installs what it needs first, like test.sh.
 # Extra arguments go to bench/reliability_report.py (e.g. --only load,fuzz).
 # Exit status: 0 all passed, 1 a step failed, 2 a step could not run; the
 # report is written in every case.

@@ -2,8 +2,11 @@
 
 Two thread pools: `quick` for calls that answer in milliseconds (inspect, a
 database write, an inventory read) and `slow` for calls that may block for
-minutes (image pulls, stop/wait, log streams), so a long pull can never starve
-the quick calls the API needs. What stays true: nothing blocking runs on the
+seconds or minutes (image pulls, container create, start, stop, restart,
+the full container listing, log streams), so neither a long pull nor eight
+container starts on a loaded host can starve the quick calls the API needs
+(under a burst of creates, `GET /instances` waited behind `docker start`
+when both shared one pool). What stays true: nothing blocking runs on the
 event loop thread; `close()` waits for running quick calls, refuses new ones,
 and leaves slow calls to be aborted by their owners.
 """
@@ -21,7 +24,7 @@ T = TypeVar("T")
 
 
 class Blocking:
-    def __init__(self, quick_workers: int = 8, slow_workers: int = 8) -> None:
+    def __init__(self, quick_workers: int = 8, slow_workers: int = 16) -> None:
         self._quick = ThreadPoolExecutor(quick_workers, thread_name_prefix="quick")
         self._slow = ThreadPoolExecutor(slow_workers, thread_name_prefix="slow")
 

@@ -159,7 +159,7 @@ class BuildPipeline:
             container_id = await self._create_or_adopt(spec)
             instance = await self._step(instance, "starting", container_id=container_id)
             self._checkpoint(cancel)
-            await self._blocking.quick(self._engine.start, container_id)
+            await self._blocking.slow(self._engine.start, container_id)
             state = await self._blocking.quick(self._engine.inspect, container_id)
             async with self._records.lock(instance.id):
                 instance = await self._records.save_observed(instance, state)
@@ -184,7 +184,7 @@ class BuildPipeline:
     async def _create_or_adopt(self, spec: ContainerSpec) -> str:
         """Creates the container, or adopts the one a crashed build already made."""
         try:
-            return await self._blocking.quick(self._engine.create, spec)
+            return await self._blocking.slow(self._engine.create, spec)
         except Conflict:
             state = await self._blocking.quick(self._engine.inspect, spec.name)
             if state.instance_id != spec.instance_id or state.agent_id != spec.agent_id:

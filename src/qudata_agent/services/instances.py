@@ -278,7 +278,7 @@ class InstanceService:
         if action is Action.STOP:
             await self._blocking.slow(self._engine.stop, container_id, self._stop_timeout_s)
         elif action is Action.START:
-            await self._blocking.quick(self._engine.start, container_id)
+            await self._blocking.slow(self._engine.start, container_id)
         else:
             await self._blocking.slow(self._engine.restart, container_id, self._stop_timeout_s)
 

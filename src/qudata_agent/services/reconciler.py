@@ -110,7 +110,7 @@ class Reconciler:
 
     async def _sync(self) -> None:
         wanted = await self._records.all()
-        observed = await self._blocking.quick(self._engine.list_managed, self._agent_id)
+        observed = await self._blocking.slow(self._engine.list_managed, self._agent_id)
         steps = plan(
             wanted,
             observed,
@@ -212,7 +212,7 @@ class Reconciler:
             else:
                 if instance.wanted is not Wanted.RUNNING or not start_was_missed(instance, state):
                     return
-                await self._blocking.quick(self._engine.start, step.container_id)
+                await self._blocking.slow(self._engine.start, step.container_id)
             log.info(
                 "converged an instance towards what the renter wanted",
                 extra={"instance_id": instance.id, "wanted": instance.wanted},

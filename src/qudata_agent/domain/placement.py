@@ -420,4 +420,5 @@ def _cores(value: float) -> str:
 
 
 def _gib(value: int) -> str:
-    return f"{math.floor(value / GIB * 100) / 100:g}"
+    """GiB rounded down to 0.01, written out in full ("1000000", not "1e+06")."""
+    return f"{math.floor(value / GIB * 100) / 100:.2f}".rstrip("0").rstrip(".")

@@ -4,6 +4,8 @@
 #   qudata-test/busybox:1       busybox-static, no package manager, no sshd
 #   qudata-test/debian:12       Debian bookworm minbase (apt, no sshd)
 #   qudata-test/debian-ssh:12   the same with openssh-server installed
+#   qudata-test/debian-systemd:12  Debian bookworm that boots systemd as PID 1, with
+#                               docker.io, iptables and python3-venv (tests/systemd)
 set -euo pipefail
 
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -47,11 +49,37 @@ build_debian() { # NAME [EXTRA_PACKAGES]
   import_dir "$root" "$name"
 }
 
+# A host to boot: systemd as PID 1 (the container runs /sbin/init), Docker inside.
+build_systemd() {
+  local name=qudata-test/debian-systemd:12
+  have "$name" && { echo "have $name"; return; }
+  local root=$WORK/systemd
+  debootstrap --variant=minbase \
+    --include=systemd-sysv,dbus,docker.io,iptables,python3-venv,ca-certificates,procps,sqlite3,curl \
+    bookworm "$root" "$MIRROR" >"$WORK/systemd.log" 2>&1 \
+    || { tail -20 "$WORK/systemd.log" >&2; return 1; }
+  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+  # Nothing a container boots needs a console or a clock; docker starts only when asked.
+  local unit
+  for unit in getty.target console-getty.service systemd-timesyncd.service \
+    apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer; do
+    ln -sf /dev/null "$root/etc/systemd/system/$unit"
+  done
+  rm -f "$root"/etc/systemd/system/multi-user.target.wants/docker.service \
+    "$root"/etc/systemd/system/sockets.target.wants/docker.socket
+  : >"$root/etc/machine-id"
+  tar -C "$root" -c . | docker import -c 'CMD ["/sbin/init"]' -c 'ENV container=docker' \
+    - "$name" >/dev/null
+  echo "built $name"
+}
+
 build_busybox
-# The two debootstraps are independent; run them side by side.
+# The debootstraps are independent; run them side by side.
 build_debian qudata-test/debian:12 & p1=$!
 build_debian qudata-test/debian-ssh:12 openssh-server & p2=$!
+build_systemd & p3=$!
 rc=0
 wait $p1 || rc=1
 wait $p2 || rc=1
+wait $p3 || rc=1
 exit $rc

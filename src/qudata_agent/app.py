@@ -42,6 +42,7 @@ from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.public_address import PublicAddress
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
 from qudata_agent.adapters.store import Store
+from qudata_agent.adapters.systemd import Notifier
 from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
@@ -58,6 +59,7 @@ from qudata_agent.loops.periodic import run_every
 from qudata_agent.loops.registration import registration_loop
 from qudata_agent.loops.stats import StatsReporter
 from qudata_agent.loops.supervisor import Supervisor
+from qudata_agent.loops.watchdog import ping_interval_s, watchdog_loop
 from qudata_agent.metrics import Metrics
 from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
@@ -377,10 +379,15 @@ class Agent:
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._start_loops(supervisor, parts, instances, net, cp, listening)
         supervisor.start("storage", self._watch_storage(storage, instances))
+        notifier = Notifier(s.notify_socket)
+        if s.watchdog_usec and notifier.enabled:
+            interval = ping_interval_s(s.watchdog_usec)
+            supervisor.start("watchdog", watchdog_loop(notifier.watchdog, interval))
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         try:
             if await wait_started(server, serving):
                 listening.set_result(port)
+                notifier.ready(f"listening on port {port}")
                 log.info(
                     "agent listening",
                     extra={
@@ -396,6 +403,7 @@ class Agent:
             log.error("HTTP server failed to start", extra={"code": e.code})
             return 1
         finally:
+            notifier.stopping()
             listening.cancel()
             await supervisor.stop(s.shutdown_timeout_s)
             await instances.close()

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.log_format,
             file=settings.log_file,
             file_max_bytes=settings.log_file_max_mb * 1024 * 1024,
+            journal=logs.stderr_is_journal(settings.journal_stream),
         )
     except OSError as e:
         print(f"qudata-agent: QUDATA_LOG_FILE: cannot be opened ({e.strerror})", file=sys.stderr)

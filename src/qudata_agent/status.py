@@ -244,7 +244,7 @@ def read_recorded(state_dir: Path) -> Recorded | None:
     db = state_dir / DB_FILE
     if not db.is_file():
         return None
-    store = Store.open(db)
+    store = Store.open_readonly(db)  # never migrated or written here
     try:
         port = store.get(AGENT_PORT_KEY)
         instances = tuple(

@@ -231,6 +231,21 @@ def test_the_service_runs_under_systemd_and_registers(installed: tuple[Host, str
     assert "net.ipv4.ip_local_reserved_ports = 40000-49999" in sysctl
 
 
+def test_doctor_reports_live_restore_and_the_pull_settings(installed: tuple[Host, str]) -> None:
+    host, _ = installed
+    _, text = host.code("qudata-agent doctor")
+    report = json.loads(host.sh("qudata-agent doctor --json || true"))
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["live restore"]["level"] == "pass", text
+    assert "max-concurrent-downloads 6" in checks["pulls"]["detail"], text
+    assert "http://127.0.0.1:5999" in checks["pulls"]["detail"], text
+    assert checks["ephemeral ports"]["level"] == "pass", text
+    assert checks["control plane"]["level"] == "pass", text
+    assert "authenticated call" in checks["control plane"]["detail"], text
+    assert "clock skew" in checks["control plane"]["detail"], text
+    assert "GiB free on /var/lib/docker" in checks["docker disk"]["detail"], text
+
+
 def test_an_instance_is_kept_through_agent_and_docker_restarts(installed: tuple[Host, str]) -> None:
     host, _ = installed
     image = subprocess.run(["docker", "save", TENANT_IMAGE], capture_output=True, check=True)
@@ -355,6 +370,12 @@ def test_failures_give_exit_codes_automation_can_trust(installed: tuple[Host, st
     assert code == 2 and "--api-key-file" in output
     code, output = host.code("bash /src/install.sh --frobnicate")
     assert code == 2
+    # --strict: a doctor failure fails the run. Here: a port range inside the kernel's
+    # ephemeral range that cannot be reserved now (/proc/sys is read-only in here).
+    code, output = host.code("bash /src/install.sh --strict --set QUDATA_PORT_RANGE=50000-50999")
+    assert code == 4, output
+    assert "doctor found a failure" in output
+    assert host.sh("systemctl is-active qudata-agent").strip() == "active"
     # A setting the agent refuses: the service does not come up, and the run says so.
     code, output = host.code("bash /src/install.sh --set QUDATA_PORT_RANGE=1000-1100")
     assert code == 3 and "is not active" in output, output

@@ -124,6 +124,20 @@ class ControlPlane:
     async def stats(self, payload: dict[str, Any]) -> None:
         await self._post("/stats", payload)
 
+    async def check(self) -> tuple[int, str | None]:
+        """An authenticated `GET` of the base URL (for `doctor`): its status and Date header.
+
+        Any HTTP answer is returned (a 401 or 403 says the key is refused);
+        only no answer at all raises `ControlPlaneError`.
+        """
+        try:
+            resp = await self._client.get("", headers=self._headers())
+        except httpx.TimeoutException as e:
+            raise ControlPlaneError("GET: timed out") from e
+        except httpx.HTTPError as e:
+            raise ControlPlaneError(f"GET: {type(e).__name__}: {self._echo(e)}") from e
+        return resp.status_code, resp.headers.get("date")
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

@@ -424,7 +424,9 @@ count_pci() {
 nvidia_gpus_on_bus() { count_pci 0x10de '0x03*'; }       # display or 3D controller
 nvidia_switches_on_bus() { count_pci 0x10de '0x0680*'; } # NVSwitch: HGX/DGX boards
 
-driver_version() { nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1; }
+driver_version() {
+  { nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null || true; } | head -1
+}
 
 install_driver() {
   case $OS_ID in
@@ -468,9 +470,12 @@ is_pgp_key() { grep -q 'BEGIN PGP PUBLIC KEY BLOCK' "$1"; }
 add_toolkit_repo() {
   local key=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
   local list=/etc/apt/sources.list.d/nvidia-container-toolkit.list
-  local base=https://nvidia.github.io/libnvidia-container
+  local base=${QUDATA_INSTALL_NVIDIA_REPO:-https://nvidia.github.io/libnvidia-container}
   # -s: an empty file (what a failed download of older versions left) is no list.
   [ -s "$list" ] && [ -s "$key" ] && return 0
+  if [ -f "$list" ] && [ ! -s "$list" ]; then
+    would "remove the empty $list an earlier failed download left" || rm -f "$list"
+  fi
   apt_install curl gnupg ca-certificates
   would "add NVIDIA's apt repository ($base) to $list" && return 0
   fetch "$base/gpgkey" "$WORK/nvidia.asc" is_pgp_key

@@ -181,6 +181,52 @@ def test_a_dry_run_on_a_gpu_host_shows_the_driver_and_toolkit_steps(fresh: Box) 
     assert "nvidia-driver " not in output
 
 
+FAKE_SMI = (
+    "mkdir -p /tmp/fake-bin && printf '#!/bin/sh\\n"
+    'case "$*" in *driver_version*) echo 550.54.15;; *) echo "GPU 0: NVIDIA H100";; esac\\n'
+    "' > /tmp/fake-bin/nvidia-smi && chmod +x /tmp/fake-bin/nvidia-smi"
+)
+
+
+def _hgx_bus(box: Box) -> str:
+    """A fake HGX board: one GPU and one NVSwitch (class 0x0680) of vendor 10de."""
+    bus = "/tmp/hgx-bus"
+    for dev, klass in (("0000:18:00.0", "0x030200"), ("0000:05:00.0", "0x068000")):
+        box.sh(f"mkdir -p {bus}/{dev} && echo 0x10de > {bus}/{dev}/vendor")
+        box.sh(f"echo {klass} > {bus}/{dev}/class")
+    return bus
+
+
+def test_an_nvswitch_host_gets_fabric_manager_at_the_drivers_version(fresh: Box) -> None:
+    bus = _hgx_bus(fresh)
+    fresh.sh(FAKE_SMI)
+    output = fresh.unchanged_by(
+        f"PATH=/tmp/fake-bin:$PATH QUDATA_INSTALL_PCI_DEVICES={bus} bash /src/install.sh"
+        f" --dry-run {WITH_KEY}"
+    )
+    assert "1 NVIDIA GPU(s) on the PCI bus" in output and "driver 550.54.15 works" in output
+    assert "1 NVSwitch(es) on the PCI bus (HGX/DGX)" in output
+    assert "nvidia-fabricmanager=550.54.15-1" in output
+    # Without a working driver there is no version to match: said, and left for later.
+    output = fresh.sh(f"QUDATA_INSTALL_PCI_DEVICES={bus} bash /src/install.sh --dry-run {WITH_KEY}")
+    assert "nvidia-fabricmanager is installed once there is one" in output
+
+
+def test_on_ubuntu_the_driver_is_the_server_branch(fresh: Box) -> None:
+    fresh.sh("cp /etc/os-release /tmp/os-release.debian")
+    try:
+        fresh.sh("printf 'ID=ubuntu\\nVERSION_ID=\"24.04\"\\n' > /etc/os-release")
+        bus = "/tmp/gpu-bus/0000:65:00.0"
+        fresh.sh(f"mkdir -p {bus} && echo 0x10de > {bus}/vendor && echo 0x030200 > {bus}/class")
+        output = fresh.sh(
+            "QUDATA_INSTALL_PCI_DEVICES=/tmp/gpu-bus bash /src/install.sh --dry-run"
+            f" --install-driver {WITH_KEY}"
+        )
+        assert "would run: ubuntu-drivers install --gpgpu" in output
+    finally:
+        fresh.sh("cp /tmp/os-release.debian /etc/os-release")
+
+
 def test_the_first_install_needs_a_key_and_a_source(fresh: Box) -> None:
     code, output = fresh.code("bash /src/install.sh --dry-run")
     assert code == 2 and "the first install needs the API key" in output
@@ -341,6 +387,30 @@ def test_a_key_an_older_install_kept_in_agent_env_is_moved(installed: tuple[Box,
     assert box.sh(f"cat {KEY_FILE}").strip() == "qk_test_old_0000"
     assert "QUDATA_API_KEY" not in box.sh(f"cat {ENV_FILE}")
     box.sh(f"cp /tmp/new-key {KEY_FILE}")
+
+
+def test_a_failed_download_leaves_nothing_behind_and_fails_the_run(
+    installed: tuple[Box, str],
+) -> None:
+    box, _ = installed
+    lists = "/etc/apt/sources.list.d"
+    bus = _hgx_bus(box)
+    box.sh(f"rm -rf {bus}/0000:05:00.0")  # a GPU, no switch
+    # What older versions left after a failed download: an empty list (skipped forever).
+    box.sh(f"touch {lists}/nvidia-container-toolkit.list")
+    code, output = box.code(
+        "cd / && QUDATA_INSTALL_NVIDIA_REPO=http://127.0.0.1:9/nothing"
+        f" QUDATA_INSTALL_PCI_DEVICES={bus} bash /src/install.sh"
+    )
+    assert code == 1, output
+    assert "cannot download http://127.0.0.1:9/nothing/gpgkey" in output
+    assert 'stopped in the step "NVIDIA GPUs"' in output
+    assert (
+        box.sh(f"ls {lists} /usr/share/keyrings").split().count("nvidia-container-toolkit.list")
+        == 0
+    )
+    assert "nvidia-container-toolkit-keyring.gpg" not in box.sh("ls /usr/share/keyrings")
+    assert box.sh("ls /tmp | grep -c qudata-install || true").strip() == "0"
 
 
 def test_a_dry_run_of_an_upgrade_changes_nothing(installed: tuple[Box, str]) -> None:

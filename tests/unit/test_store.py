@@ -151,6 +151,7 @@ def test_a_read_only_open_never_creates_migrates_or_writes(tmp_path: Path) -> No
     conn.close()
     with pytest.raises(Unavailable, match="schema version 1"):
         Store.open_readonly(older)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["older.db"]  # no -wal, no -shm
     check = sqlite3.connect(older)
     assert check.execute("PRAGMA user_version").fetchone() == (1,)  # not migrated
     check.close()
@@ -170,3 +171,9 @@ def test_a_read_only_store_reads_what_the_agent_wrote_and_refuses_writes(db_path
         assert writer.get("agent_port") == "1024"
     finally:
         writer.close()
+    # With the agent gone, a read-only open leaves no file behind.
+    names = sorted(p.name for p in db_path.parent.iterdir())
+    reader = Store.open_readonly(db_path)
+    assert reader.get("agent_port") == "1024"
+    reader.close()
+    assert sorted(p.name for p in db_path.parent.iterdir()) == names

@@ -89,6 +89,10 @@ class Store:
         conn: sqlite3.Connection | None = None
         try:
             uri = f"{path.resolve().as_uri()}?mode=ro"
+            if not Path(f"{path}-wal").exists():
+                # No connection has it open (WAL mode keeps a -wal file while one does):
+                # read it as a plain file, or SQLite would leave a -wal and -shm behind.
+                uri += "&immutable=1"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA query_only=ON")

@@ -55,13 +55,20 @@ from qudata_agent.errors import AgentError, Unavailable
 from qudata_agent.loops.docker_events import docker_events_loop
 from qudata_agent.loops.gpu_events import gpu_events_loop
 from qudata_agent.loops.inventory import inventory_loop
+from qudata_agent.loops.metrics_listener import metrics_listener
 from qudata_agent.loops.periodic import run_every
 from qudata_agent.loops.registration import registration_loop
 from qudata_agent.loops.stats import StatsReporter
 from qudata_agent.loops.supervisor import Supervisor
 from qudata_agent.loops.watchdog import ping_interval_s, watchdog_loop
 from qudata_agent.metrics import Metrics
-from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
+from qudata_agent.server import (
+    PortUnavailable,
+    bind_socket,
+    listen,
+    make_server,
+    wait_started,
+)
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.network import NetworkGuard
@@ -342,6 +349,7 @@ class Agent:
         port = int(sock.getsockname()[1])
         net = self._network(parts)
         storage = self._storage(parts)
+        parts.metrics.follow_disk(storage.known_data_root, disk_free_bytes)
         instances = self._instances(parts, port, net, storage)
         ssh = SshService(parts.docker, parts.store, parts.blocking)
         instances.on_new_run(ssh.on_new_run)
@@ -371,6 +379,7 @@ class Agent:
                 timeout_s=s.cp_timeout_s,
                 user_agent=f"qudata-agent/{__version__}",
                 on_failure=parts.metrics.control_plane_failed,
+                on_success=parts.metrics.control_plane_succeeded,
             )
             if parts.api_key
             else None
@@ -379,6 +388,13 @@ class Agent:
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._start_loops(supervisor, parts, instances, net, cp, listening)
         supervisor.start("storage", self._watch_storage(storage, instances))
+        if s.metrics_listen is not None:
+            try:
+                metrics_sock = await asyncio.to_thread(bind_socket, *s.metrics_listen)
+            except OSError as e:
+                log.error("metrics listener cannot listen", extra={"error": e.strerror})
+            else:
+                supervisor.start("metrics", metrics_listener(metrics_sock, parts.metrics.render))
         notifier = Notifier(s.notify_socket)
         if s.watchdog_usec and notifier.enabled:
             interval = ping_interval_s(s.watchdog_usec)

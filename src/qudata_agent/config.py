@@ -13,6 +13,7 @@ What stays true:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -236,6 +237,12 @@ def _parse_listen(name: str, raw: str) -> tuple[str, int] | None:
     host = host.strip("[]")
     if not sep or not host:
         raise ConfigError(f"{name}: expected HOST:PORT (e.g. 127.0.0.1:9101), got {raw!r}")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:  # it needs no secret: it must not be reachable from elsewhere
+        raise ConfigError(f"{name}: expected a loopback address (127.0.0.1 or ::1), got {host!r}")
     return host, _parse_int(name, port, 1, 65535)
 
 

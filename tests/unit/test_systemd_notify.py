@@ -112,3 +112,10 @@ def test_stderr_is_the_journal_only_when_its_device_and_inode_match(tmp_path: Pa
     st = os.fstat(sys.stderr.fileno())
     assert logs.stderr_is_journal(f"{st.st_dev}:{st.st_ino}")
     assert not logs.stderr_is_journal(f"{st.st_dev}:{st.st_ino + 1}")
+
+
+def test_the_metrics_listener_is_loopback_only() -> None:
+    assert load_settings({"QUDATA_METRICS_LISTEN": "[::1]:9101"}).metrics_listen == ("::1", 9101)
+    for address in ("0.0.0.0:9101", "10.0.0.5:9101", "localhost:9101"):
+        with pytest.raises(ValueError, match="loopback"):
+            load_settings({"QUDATA_METRICS_LISTEN": address})

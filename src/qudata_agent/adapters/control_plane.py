@@ -6,7 +6,8 @@ Owns the outbound wire calls of CONTRACT.md section 2 and their headers:
 true: a call either returns the parsed `data` of the answer or raises
 `ControlPlaneError` (never an httpx exception, never a message holding a
 header value); retries are the caller's policy, not hidden in here; every
-failed call is reported once to `on_failure` (the metrics) with its path.
+failed call is reported once to `on_failure` (the metrics) with its path, and
+every successful one to `on_success`.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ class ControlPlane:
         user_agent: str = "qudata-agent",
         transport: httpx.AsyncBaseTransport | None = None,
         on_failure: Callable[[str], None] | None = None,
+        on_success: Callable[[str], None] | None = None,
     ) -> None:
         self._api_key = api_key
         self._on_failure = on_failure
+        self._on_success = on_success
         self._secret: str | None = None
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
@@ -70,11 +73,14 @@ class ControlPlane:
 
     async def _post(self, path: str, payload: dict[str, Any]) -> Any:
         try:
-            return await self._call(path, payload)
+            data = await self._call(path, payload)
         except ControlPlaneError:
             if self._on_failure is not None:
                 self._on_failure(path)
             raise
+        if self._on_success is not None:
+            self._on_success(path)
+        return data
 
     async def _call(self, path: str, payload: dict[str, Any]) -> Any:
         try:

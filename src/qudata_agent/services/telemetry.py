@@ -85,6 +85,7 @@ class Telemetry:
         self._failing = False
         self.last: dict[str, Any] | None = None  # the last payload made
         self.last_gpus: tuple[GpuSample, ...] = ()  # the GPU samples behind it (for /metrics)
+        self.last_net: tuple[int, int] | None = None  # bytes received, sent (for /metrics)
 
     async def sample(self) -> dict[str, Any]:
         instance = await self._current()
@@ -97,6 +98,7 @@ class Telemetry:
             except AgentError as e:
                 self._failed(e)
                 self.last_gpus = ()
+                self.last_net = None
                 payload = {**_zero(), "status": instance.status.value}
         self.last = payload
         return payload
@@ -119,6 +121,7 @@ class Telemetry:
         )
         gpus = await self._gpu_samples(instance.gpus)
         self.last_gpus = gpus
+        self.last_net = (cur.net_rx_bytes, cur.net_tx_bytes)
         return {
             "cpu_util": round(usage.cpu_percent, 2),
             "ram_util": round(usage.ram_percent, 2),
@@ -144,6 +147,7 @@ class Telemetry:
         tx = (cur.net_tx_bytes - prev.net_tx_bytes) / elapsed if prev and elapsed > 0 else 0.0
         gpus = await self._gpu_samples(await self._host_gpus())
         self.last_gpus = gpus
+        self.last_net = (cur.net_rx_bytes, cur.net_tx_bytes)
         return {
             "cpu_util": round(cur.cpu_percent, 2),
             "ram_util": round(cur.ram_percent, 2),

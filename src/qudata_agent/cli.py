@@ -24,13 +24,61 @@ if TYPE_CHECKING:
 # Read by `doctor` and `status` when no config file is named (install.sh writes it).
 DEFAULT_CONFIG_FILE = Path("/etc/qudata-agent/agent.env")
 
+# `run --help`: the settings (README's Configuration table has the details).
+SETTINGS_HELP = (
+    ("QUDATA_API_KEY", "control-plane API key (none: standalone); kept in STATE_DIR/api_key"),
+    ("QUDATA_API_URL", "control-plane base URL (https://internal.qudata.ai/v0)"),
+    ("QUDATA_AGENT_HOST", "address the API listens on (0.0.0.0)"),
+    ("QUDATA_AGENT_PORT", "API port (previous one, else the first free from 1024)"),
+    ("QUDATA_STATE_DIR", "state directory (/var/lib/qudata-agent)"),
+    ("QUDATA_PORT_RANGE", "host ports handed to instances (40000-49999)"),
+    ("QUDATA_ADDRESS", "public address reported (looked up, else the default route's)"),
+    ("QUDATA_ADDRESS_LOOKUP_URLS", "'what is my IP' services, comma-separated, or none"),
+    ("DOCKER_HOST", "Docker engine (unix:///var/run/docker.sock)"),
+    ("QUDATA_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (INFO)"),
+    ("QUDATA_LOG_FORMAT", "json or text (json)"),
+    ("QUDATA_LOG_FILE", "also log to this file, rotated"),
+    ("QUDATA_LOG_FILE_MAX_MB", "size of one log file before it rotates (50)"),
+    ("QUDATA_CP_TIMEOUT", "seconds per control-plane call (10)"),
+    ("QUDATA_CP_BACKOFF_MAX", "cap of the control-plane retry delay, seconds (60)"),
+    ("QUDATA_SHUTDOWN_TIMEOUT", "seconds given to requests and loops on stop (5)"),
+    ("QUDATA_PULL_INACTIVITY_TIMEOUT", "abort a pull without progress for this long (300)"),
+    ("QUDATA_STOP_TIMEOUT", "SIGTERM to SIGKILL when stopping an instance, seconds (10)"),
+    ("QUDATA_SYNC_INTERVAL", "seconds between full reconciles with Docker (30)"),
+    ("QUDATA_NETWORK", "the Docker network of instances (qudata)"),
+    ("QUDATA_BRIDGE", "its bridge (qudata0)"),
+    ("QUDATA_FIREWALL", "wall instances off from the host and private ranges (on)"),
+    ("QUDATA_EGRESS_ALLOW", "private networks instances may still reach"),
+    ("QUDATA_INVENTORY_INTERVAL", "seconds between inventory checks (300)"),
+    ("QUDATA_STORAGE_POLICY", "monitor or refuse storage_gb where it cannot be capped"),
+    ("QUDATA_STORAGE_CHECK_INTERVAL", "seconds between layer measurements (60)"),
+    ("QUDATA_METRICS_LISTEN", "loopback HOST:PORT serving /metrics without the secret"),
+    ("QUDATA_CONFIG_FILE", "KEY=VALUE file read first (the environment wins)"),
+)
+EXIT_CODES_HELP = (
+    (0, "stopped cleanly (SIGTERM or SIGINT)"),
+    (1, "could not start (state dir, port, HTTP server)"),
+    (2, "configuration error (the message names the variable)"),
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qudata-agent", description="QuData host agent for GPU hosts."
     )
+    parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the agent (the daemon)")
+    width = max(len(name) for name, _ in SETTINGS_HELP) + 2
+    epilog = "settings (environment, or KEY=VALUE lines in --config FILE):\n"
+    epilog += "".join(f"  {name:<{width}}{meaning}\n" for name, meaning in SETTINGS_HELP)
+    epilog += "\nexit codes:\n" + "".join(f"  {code}  {what}\n" for code, what in EXIT_CODES_HELP)
+    run = sub.add_parser(
+        "run",
+        help="run the agent (the daemon)",
+        description="Runs the agent until SIGTERM or SIGINT.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "--api-key",
         metavar="KEY",

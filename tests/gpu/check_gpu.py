@@ -169,7 +169,7 @@ def compare_metrics(text: str, samples: tuple[GpuSample, ...]) -> list[str]:
     return [
         f"/metrics has no {name} for {s.uuid}"
         for s in samples
-        for name in ("qudata_gpu_utilization_percent", "qudata_gpu_memory_used_bytes")
+        for name in ("qudata_gpu_utilization_ratio", "qudata_gpu_memory_used_bytes")
         if f'{name}{{uuid="{s.uuid}"}}' not in text
     ]
 
@@ -209,10 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         payload: dict[str, Any] = init_host_payload(HostProbe(nvml).inventory(args.docker_root))
         uuids = tuple(g.uuid for g in report.gpus)
         samples, events = asyncio.run(_agent_side(nvml, uuids))
+        conditions = nvml.conditions()
     finally:
         nvml.close()
     metrics = Metrics()
-    metrics.follow_stats(SimpleNamespace(last=None, last_gpus=samples))
+    metrics.follow_stats(SimpleNamespace(last=None, last_gpus=samples, last_net=None))
     text = metrics.render()[0].decode()
 
     print(f"nvidia-smi: {len(smi)} GPU(s), driver {smi[0].driver_version}, CUDA {cuda}")
@@ -233,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
                 f" of {s.memory_total_bytes // MIB}  temp {s.temperature_c} C"
             )
     print(f"GPU events: {'not available' if events is None else f'{len(events)} pending'}")
+    # What `qudata-agent doctor` reads for its "gpu health" row (information, not compared).
+    for c in conditions:
+        print(
+            f"  {c.uuid}: persistence {c.persistence_mode}, row remap pending {c.remap_pending}"
+            f" failed {c.remap_failed}, ECC {c.ecc_enabled} (uncorrected {c.ecc_uncorrected})"
+        )
 
     problems = [
         *compare_inventory(smi, cuda, report, payload),

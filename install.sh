@@ -64,6 +64,7 @@ MAX_DOWNLOADS=
 MIRRORS=()
 SETTINGS=()
 CHANGED=0       # something the agent reads changed: it is restarted
+TOUCHED=0       # anything on the host changed (a file written, a command run)
 VENV_SWITCHED=0 # a new version was switched in
 SYSTEMD=0
 APT_UPDATED=0
@@ -135,6 +136,7 @@ run() {
     printf '\n'
     return 0
   fi
+  TOUCHED=1
   "$@"
 }
 
@@ -150,6 +152,7 @@ write_file() {
   local path=$1 mode=$2 tmp
   mkdir -p "$(dirname "$path")" || die "cannot create the directory of $path"
   tmp=$(umask 077 && mktemp "$path.XXXXXX") || die "cannot write $path"
+  TOUCHED=1
   { cat >"$tmp" && chmod "$mode" "$tmp" && mv -f "$tmp" "$path"; } || {
     rm -f "$tmp"
     die "cannot write $path"
@@ -742,9 +745,12 @@ link_command() {
   [ "$DRY_RUN" = 0 ] || return 0
   if [ -f "$SRC_DIR/uninstall.sh" ] && ! cmp -s "$SRC_DIR/uninstall.sh" "$PREFIX/uninstall.sh"; then
     install -m 0755 "$SRC_DIR/uninstall.sh" "$PREFIX/uninstall.sh"
+    TOUCHED=1
   fi
-  [ "$(readlink "$LINK" 2>/dev/null)" = "$PREFIX/venv/bin/qudata-agent" ] ||
+  if [ "$(readlink "$LINK" 2>/dev/null)" != "$PREFIX/venv/bin/qudata-agent" ]; then
     ln -sfn "$PREFIX/venv/bin/qudata-agent" "$LINK"
+    TOUCHED=1
+  fi
 }
 
 # set_var KEY VALUE: sets KEY in the env file, keeping every other line.
@@ -917,6 +923,7 @@ step_start() {
   fi
   [ "$VENV_SWITCHED" = 0 ] || backup_db
   # A first start, or an upgrade: the agent restarts and adopts the running instances.
+  TOUCHED=1
   systemctl restart "$UNIT" || true
   wait_active
   note "$UNIT active (pid $(systemctl show -p MainPID --value "$UNIT"))"
@@ -1011,7 +1018,13 @@ main() {
   step_start
   step_doctor
   STEP=
-  say "done$([ "$DRY_RUN" = 1 ] && echo ' (dry run: nothing was changed)')"
+  if [ "$DRY_RUN" = 1 ]; then
+    say "done (dry run: nothing was changed)"
+  elif [ "$TOUCHED" = 0 ] && [ "$CHANGED" = 0 ] && [ "$VENV_SWITCHED" = 0 ]; then
+    say "done (no change)" # automation reads this line: nothing on the host changed
+  else
+    say "done"
+  fi
   note "config: $ENV_FILE   state: $STATE_DIR   logs: journalctl -u qudata-agent"
   note "status: qudata-agent status   checks: qudata-agent doctor   remove: $PREFIX/uninstall.sh"
   [ "$NEED_REBOOT" = 0 ] || warn "reboot to load the NVIDIA driver, then run install.sh again"

@@ -5,7 +5,8 @@
 #   qudata-test/debian:12       Debian bookworm minbase (apt, no sshd)
 #   qudata-test/debian-ssh:12   the same with openssh-server installed
 #   qudata-test/debian-systemd:12  Debian bookworm that boots systemd as PID 1, with
-#                               docker.io, iptables and python3-venv (tests/systemd)
+#                               docker.io, iptables, python3-venv and ansible-core
+#                               (tests/e2e/test_systemd_host.py, the Ansible role test)
 set -euo pipefail
 
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -68,8 +69,20 @@ build_systemd() {
   rm -f "$root"/etc/systemd/system/multi-user.target.wants/docker.service \
     "$root"/etc/systemd/system/sockets.target.wants/docker.socket
   : >"$root/etc/machine-id"
-  tar -C "$root" -c . | docker import -c 'CMD ["/sbin/init"]' -c 'ENV container=docker' \
-    - "$name" >/dev/null
+  tar -C "$root" -c . | docker import - "$name-base" >/dev/null
+  # ansible-core (for the Ansible role's test) does not configure inside debootstrap:
+  # installed with apt in a container of the base, then committed.
+  local box=qudata-test-build-systemd-$$
+  docker run --name "$box" --label qudata.test=build "$name-base" bash -c \
+    'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ansible-core && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb' \
+    >"$WORK/systemd-ansible.log" 2>&1 || {
+    tail -20 "$WORK/systemd-ansible.log" >&2
+    docker rm -f "$box" >/dev/null
+    return 1
+  }
+  docker commit -c 'CMD ["/sbin/init"]' -c 'ENV container=docker' "$box" "$name" >/dev/null
+  docker rm -f "$box" >/dev/null
+  docker rmi "$name-base" >/dev/null
   echo "built $name"
 }
 

@@ -355,6 +355,7 @@ def test_a_run_with_nothing_to_change_changes_nothing(installed: tuple[Host, str
     host.sh("touch /tmp/marker && sleep 1.1")
     output = host.sh(INSTALL.replace(" --api-key-file -", ""))
     assert "venv kept" in output and "not restarted" in output, output
+    assert "==> done (no change)" in output, output
     assert host.main_pid() == pid
     assert host.sh("ls /opt/qudata-agent/venvs; readlink /opt/qudata-agent/venv") == venvs
     changed = host.sh(
@@ -401,3 +402,68 @@ def test_uninstall_leaves_nothing_behind(installed: tuple[Host, str]) -> None:
     ).split()
     assert left == [], left
     assert host.code("test -e /etc/sysctl.d/60-qudata-agent.conf")[0] == 1
+
+
+# -- the Ansible role, on the host the uninstall left clean --------------------------------
+
+ROLE_PLAY = f"""
+- hosts: qudata_hosts
+  gather_facts: false
+  vars_files: [/root/qudata-vars.yml]
+  roles:
+    - role: qudata_agent
+      vars:
+        qudata_agent_source: /src
+        qudata_agent_api_url: {CP_URL}
+        qudata_agent_settings:
+          QUDATA_ADDRESS: 127.0.0.1
+          QUDATA_ADDRESS_LOOKUP_URLS: none
+        qudata_agent_max_concurrent_downloads: 4
+        qudata_agent_registry_mirrors: [http://127.0.0.1:5998]
+"""
+
+
+def _play(host: Host) -> tuple[int, str]:
+    return host.code(
+        "cd /tmp && ANSIBLE_ROLES_PATH=/src/deploy/ansible/roles ANSIBLE_NOCOLOR=1"
+        " ansible-playbook -i /root/qudata-inventory.ini /root/qudata-play.yml",
+        timeout=600,
+    )
+
+
+def test_the_ansible_role_installs_and_a_second_run_changes_nothing(
+    installed: tuple[Host, str],
+) -> None:
+    """After the uninstall: the role installs from scratch, then converges."""
+    host, _ = installed
+    code, output = host.code(
+        "cd /src/deploy/ansible && ANSIBLE_ROLES_PATH=roles"
+        " ansible-playbook -i localhost, --syntax-check site.yml"
+    )
+    assert code == 0, output
+    host.sh(
+        "printf '[qudata_hosts]\\nlocalhost ansible_connection=local"
+        " ansible_python_interpreter=/usr/bin/python3\\n' > /root/qudata-inventory.ini"
+    )
+    host.sh(f"umask 077 && echo 'qudata_agent_api_key: {KEY}' > /root/qudata-vars.yml")
+    host.sh("cat > /root/qudata-play.yml", stdin=ROLE_PLAY)
+    started = time.monotonic()
+    code, output = _play(host)
+    print(f"ansible role, first run: {time.monotonic() - started:.1f}s")
+    assert code == 0, output
+    assert re.search(r"localhost\s+: ok=\d+\s+changed=[1-9]\d*\s+unreachable=0\s+failed=0", output)
+    assert KEY not in output  # no_log
+    assert host.sh("systemctl is-active qudata-agent").strip() == "active"
+    assert json.loads(host.sh("cat /etc/docker/daemon.json"))["max-concurrent-downloads"] == 4
+    assert "QUDATA_AGENT_PORT=1024" in host.sh("cat /etc/qudata-agent/agent.env")
+    # Everywhere, the journal included, but the fake control plane's own recording.
+    found = host.sh(
+        f"grep -rlF --exclude=cp.jsonl -- '{KEY}' /etc /opt /var /root /run /tmp || true"
+    ).split()
+    assert sorted(found) == ["/root/qudata-vars.yml", "/var/lib/qudata-agent/api_key"], found
+
+    pid = host.main_pid()
+    code, output = _play(host)
+    assert code == 0, output
+    assert re.search(r"localhost\s+: ok=\d+\s+changed=0\s+unreachable=0\s+failed=0", output), output
+    assert host.main_pid() == pid

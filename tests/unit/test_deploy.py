@@ -1,4 +1,4 @@
-"""deploy/: the alert rules and the Grafana dashboard name only metrics the agent exports."""
+"""deploy/: the monitoring files name exported metrics only; the key stays off command lines."""
 
 from __future__ import annotations
 
@@ -69,3 +69,24 @@ def test_rules_and_dashboard_use_exported_metric_names_only() -> None:
     assert used and used <= exported, used - exported
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_the_cloud_init_example_passes_the_key_in_a_file_and_removes_it() -> None:
+    text = (DEPLOY / "cloud-init" / "user-data.yaml").read_text()
+    assert text.startswith("#cloud-config\n")
+    config = yaml.safe_load(text)
+    (key_file,) = config["write_files"]
+    assert key_file["path"].startswith("/run/") and key_file["permissions"] == "0600"
+    install = next(cmd for cmd in config["runcmd"] if "install.sh" in " ".join(cmd[:2]))
+    assert install[install.index("--api-key-file") + 1] == key_file["path"]
+    assert "--strict" in install
+    assert config["runcmd"][-1] == ["rm", "-f", key_file["path"]]
+
+
+def test_the_role_passes_the_key_on_stdin_only() -> None:
+    tasks = yaml.safe_load((DEPLOY / "ansible/roles/qudata_agent/tasks/main.yml").read_text())
+    (install,) = [t for t in tasks if t["name"] == "Install or upgrade the agent"]
+    assert "qudata_agent_api_key" in install["ansible.builtin.command"]["stdin"]
+    assert "qudata_agent_api_key" not in install["ansible.builtin.command"]["argv"]
+    assert install["no_log"]
+    assert "(no change)" in install["changed_when"]

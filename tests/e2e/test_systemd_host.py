@@ -52,6 +52,7 @@ INSTALL = (
     "bash /src/install.sh --api-key-file - --api-url " + CP_URL + " --set QUDATA_ADDRESS=127.0.0.1"
     " --set QUDATA_ADDRESS_LOOKUP_URLS=none --set QUDATA_SYNC_INTERVAL=5"
     " --max-concurrent-downloads 6 --registry-mirror http://127.0.0.1:5999"
+    " --proxy http://127.0.0.1:3128"  # nothing listens: NO_PROXY must keep the fake CP direct
 )
 
 
@@ -225,6 +226,11 @@ def test_the_service_runs_under_systemd_and_registers(installed: tuple[Host, str
         "docker info --format '{{.LiveRestoreEnabled}} {{json .RegistryConfig.Mirrors}}'"
     )
     assert info.split()[0] == "true" and "127.0.0.1:5999" in info, info
+    # The proxy reaches the agent's environment (the unit's EnvironmentFile), loopback exempt.
+    environ = host.sh(f"tr '\\0' '\\n' < /proc/{host.main_pid()}/environ").splitlines()
+    assert "HTTPS_PROXY=http://127.0.0.1:3128" in environ, environ
+    assert any(v.startswith("NO_PROXY=localhost,127.0.0.1") for v in environ), environ
+    assert host.sh("stat -c %a /etc/qudata-agent/proxy.env").strip() == "600"
     # Docker's packages held; the port range reserved for good (sysctl.d).
     assert "docker.io" in host.sh("apt-mark showhold").split()
     sysctl = host.sh("cat /etc/sysctl.d/60-qudata-agent.conf")
@@ -283,6 +289,42 @@ def test_an_instance_is_kept_through_agent_and_docker_restarts(installed: tuple[
     assert host.sh("systemctl is-active qudata-agent").strip() == "active"
     assert host.main_pid() == agent_pid  # Wants=, not Requires=: not restarted with Docker
     host.wait("instance running after Docker", lambda: _instance(host)["status"] == "running")
+
+
+def test_the_watchdog_is_pinged_and_a_wedged_agent_is_restarted(
+    installed: tuple[Host, str],
+) -> None:
+    host, _ = installed
+    dropin = "/etc/systemd/system/qudata-agent.service.d"
+    host.sh(
+        f"mkdir -p {dropin} && printf '[Service]\\nWatchdogSec=2\\n' > {dropin}/test.conf"
+        " && systemctl daemon-reload && systemctl restart qudata-agent"
+    )
+    try:
+
+        def last_ping() -> int:
+            out = host.sh("systemctl show -p WatchdogTimestampMonotonic --value qudata-agent")
+            return int(out.strip() or 0)
+
+        first = host.wait("a watchdog ping", last_ping)
+        host.wait("another ping", lambda: last_ping() > first, timeout=10)
+        # A wedged event loop (the process stopped) sends no ping: systemd restarts it.
+        pid = host.main_pid()
+        host.sh(f"kill -STOP {pid}")
+        host.wait(
+            "restart by the watchdog",
+            lambda: (
+                host.main_pid() not in (pid, "0")
+                and host.sh("systemctl is-active qudata-agent || true").strip() == "active"
+            ),
+            timeout=30,
+        )
+        log = host.sh("journalctl -u qudata-agent --no-pager -o cat")
+        assert "Watchdog timeout" in log, log[-2000:]
+    finally:
+        host.sh(f"rm -rf {dropin} && systemctl daemon-reload && systemctl restart qudata-agent")
+    assert host.sh("systemctl show -p WatchdogUSec --value qudata-agent").strip() == "1min"
+    host.wait("instance after the watchdog", lambda: _instance(host)["status"] == "running")
 
 
 def test_journald_keeps_the_agents_priorities(installed: tuple[Host, str]) -> None:

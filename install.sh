@@ -270,6 +270,7 @@ preflight() {
     [ "$DRY_RUN" = 1 ] || die "run as root (sudo bash install.sh ...)"
     warn "not root: fine for --dry-run only"
   fi
+  resolve_state_dir # an earlier install may have moved it
   [ -r /etc/os-release ] || die "no /etc/os-release: supported are Debian 12 and Ubuntu 22.04/24.04"
   OS_ID=$(. /etc/os-release && echo "${ID:-}")
   OS_VERSION=$(. /etc/os-release && echo "${VERSION_ID:-}")
@@ -794,7 +795,21 @@ step_config() {
     set_var "${kv%%=*}" "${kv#*=}"
   done
   [ "$CHANGED" = 1 ] || [ "$existed" = 0 ] || note "kept as it is"
+  resolve_state_dir
   step_proxy
+}
+
+# resolve_state_dir: the state dir agent.env names (QUDATA_STATE_DIR), and the
+# paths in it; the unit's ReadWritePaths= follows it.
+resolve_state_dir() {
+  local configured
+  configured=$(env_value QUDATA_STATE_DIR)
+  [ -n "$configured" ] || return 0
+  [[ $configured == /?* ]] || die "QUDATA_STATE_DIR=$configured: expected an absolute path"
+  STATE_DIR=$configured
+  KEY_FILE=$STATE_DIR/api_key
+  DB_FILE=$STATE_DIR/agent.db
+  BACKUP_DIR=$STATE_DIR/backup
 }
 
 step_proxy() {
@@ -999,6 +1014,7 @@ main() {
     flock -n 9 || die "another install.sh is running"
   fi
   if [ "$ROLLBACK" = 1 ]; then
+    resolve_state_dir
     PYTHON=$(find_python) || die "no Python 3.11 or newer"
     rollback
     say "done"

@@ -6,8 +6,8 @@
 #   --containers   also the containers the agent made (label qudata.agent_id),
 #                  its Docker network, its firewall chains (QUDATA-*) and the
 #                  reservation of their port range (sysctl.d)
-#   --state        also the state dir (identity, secrets, database) and the
-#                  configuration dir (the API key)
+#   --state        also the state dir (identity, secrets, the API key,
+#                  database), the configuration dir and the log dir
 #   --all          both
 #   --dry-run      print each step without doing it
 # Docker itself (its daemon.json with live-restore), the NVIDIA driver and
@@ -24,6 +24,7 @@ LINK=/usr/local/bin/qudata-agent
 LABEL=qudata.agent_id
 SYSCTL_FILE=/etc/sysctl.d/60-qudata-agent.conf
 LOCK=/run/qudata-agent-install.lock
+LOG_DIR=/var/log/qudata-agent
 
 DRY_RUN=0
 CONTAINERS=0
@@ -134,9 +135,10 @@ remove_state() {
     /?*) ;;
     *) die "QUDATA_STATE_DIR=$state is not an absolute path: remove it yourself" ;;
   esac
-  say "state ($state) and configuration ($CONF_DIR)"
+  say "state ($state), configuration ($CONF_DIR) and logs ($LOG_DIR)"
   [ ! -e "$state" ] || run rm -rf "$state"
   [ ! -e "$CONF_DIR" ] || run rm -rf "$CONF_DIR"
+  [ ! -e "$LOG_DIR" ] || run rm -rf "$LOG_DIR"
 }
 
 main() {

@@ -321,7 +321,9 @@ def test_the_first_install(installed: tuple[Box, str]) -> None:
     assert "Type=notify" in lines
     assert f"ExecStart=/opt/qudata-agent/venv/bin/qudata-agent run --config {ENV_FILE}" in lines
     assert "@PREFIX@" not in unit and "@ENV_FILE@" not in unit and "@STATE_DIR@" not in unit
-    assert "ReadWritePaths=/var/lib/qudata-agent -/var/log/qudata-agent -/run" in lines
+    assert "ReadWritePaths=/var/lib/qudata-agent -/run" in lines
+    # Docker's packages are held from unattended upgrades.
+    assert "hold ok installed" in box.sh("dpkg-query -W -f='${Status}' docker.io")
     # It ended with the doctor's table.
     assert "host NOT ready" in output and "docker" in output
 

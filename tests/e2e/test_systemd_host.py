@@ -216,6 +216,7 @@ def test_the_service_runs_under_systemd_and_registers(installed: tuple[Host, str
     found = host.sh(f"grep -rlF -- '{KEY}' /etc /opt /var/lib/qudata-agent /run || true").split()
     assert found == ["/var/lib/qudata-agent/api_key"], found
     assert host.sh("stat -c %a /var/lib/qudata-agent/api_key").strip() == "600"
+    assert host.sh("stat -c %a /var/log/qudata-agent").strip() == "700"  # LogsDirectory=
     env = host.sh("cat /etc/qudata-agent/agent.env")
     assert "QUDATA_AGENT_PORT=1024\n" in env and "QUDATA_ADDRESS_LOOKUP_URLS=none\n" in env
     # Docker's daemon.json: live-restore and the pull settings merged in.
@@ -273,6 +274,9 @@ def test_an_instance_is_kept_through_agent_and_docker_restarts(installed: tuple[
     host.wait("instance running", lambda: _instance(host)["status"] == "running")
     before = _container(host)
     instance_id = _instance(host)["instance_id"]
+    # The hardened unit still lets the agent wall tenants off (iptables).
+    rules = host.sh("iptables -S")
+    assert "-N QUDATA-EGRESS" in rules and "-N QUDATA-HOST" in rules, rules
 
     # The agent restarts: the tenant's container is untouched and adopted.
     agent_pid = host.main_pid()

@@ -6,8 +6,9 @@ The container comes from the local image `qudata-test/debian-systemd:12`
 already in it, so nothing but the agent's own Python packages is downloaded).
 Where `--privileged` fails (a host without CAP_SYS_RESOURCE to give) it gets
 every capability but that one, seccomp and AppArmor unconfined, every device
-allowed, /sys/fs/cgroup bound read-write, tmpfs /run, and an anonymous volume
-for its /var/lib/docker. The tenant port range is reserved in its network
+allowed, /sys/fs/cgroup bound read-write with the host's cgroup namespace
+(what systemd in a container needs on cgroup v1 and v2 alike), tmpfs /run, and
+an anonymous volume for its /var/lib/docker. The tenant port range is reserved in its network
 namespace (`--sysctl`), since /proc/sys is read-only in a container.
 
 A recording fake control plane (tests/support/fake_cp.py, stdlib only) runs
@@ -133,7 +134,7 @@ def _boot(tmp: Path) -> Host:
     name = f"qudata-test-systemd-{uuid.uuid4().hex[:8]}"
     args = [
         "docker", "run", "-d", "--name", name, "--label", LABEL, "--hostname", "gpu-host",
-        "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+        "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE", "--cgroupns", "host",
         "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
         "--device-cgroup-rule", "a *:* rwm",
         "--tmpfs", "/run", "--tmpfs", "/run/lock", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",

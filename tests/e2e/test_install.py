@@ -416,6 +416,29 @@ def test_a_failed_download_leaves_nothing_behind_and_fails_the_run(
     assert box.sh("ls /tmp | grep -c qudata-install || true").strip() == "0"
 
 
+def test_daemon_json_is_merged_not_clobbered(installed: tuple[Box, str]) -> None:
+    box, _ = installed
+    box.sh(
+        """echo '{"log-driver": "json-file", "log-opts": {"max-size": "10m"},"""
+        """ "live-restore": false}' > /etc/docker/daemon.json"""
+    )
+    output = box.install("--max-concurrent-downloads", "5", "--registry-mirror", "http://m.test")
+    assert "merged into /etc/docker/daemon.json" in output
+    assert json.loads(box.sh("cat /etc/docker/daemon.json")) == {
+        "log-driver": "json-file",
+        "log-opts": {"max-size": "10m"},
+        "live-restore": True,
+        "max-concurrent-downloads": 5,
+        "registry-mirrors": ["http://m.test"],
+    }
+    # A daemon.json that is not JSON is never overwritten: the run fails and says why.
+    box.sh("echo '{broken' > /etc/docker/daemon.json")
+    code, output = box.code(f"cd / && QUDATA_INSTALL_PCI_DEVICES={FAKE_BUS} bash /src/install.sh")
+    assert code == 1 and "is not valid JSON" in output, output
+    assert box.sh("cat /etc/docker/daemon.json").strip() == "{broken"
+    box.sh("""echo '{"live-restore": true}' > /etc/docker/daemon.json""")
+
+
 def test_a_dry_run_of_an_upgrade_changes_nothing(installed: tuple[Box, str]) -> None:
     box, _ = installed
     output = box.unchanged_by(

@@ -1,44 +1,73 @@
 #!/usr/bin/env bash
 # Installs or upgrades the QuData host agent on Debian 12 or Ubuntu 22.04/24.04.
 #
-#   sudo bash install.sh API_KEY                          # from a checkout of the agent
-#   curl -fsSL URL/install.sh | sudo bash -s -- API_KEY --source URL/qudata-agent.tar.gz
+#   sudo bash install.sh --api-key-file KEYFILE          # from a checkout of the agent
+#   curl -fsSL URL/install.sh | sudo bash -s -- --api-key-file KEYFILE --source URL/agent.tar.gz
 #
 # There is no package index for the agent itself: the package is installed from
 # the checkout this script sits in, or from --source (a directory, a tarball, or
 # an http(s) URL of a tarball). What it does, each step only when needed:
-#   - the Docker engine (the distribution's docker.io) when there is none;
+#   - the Docker engine (the distribution's docker.io) when there is none, its
+#     daemon.json merged (live-restore, pull settings), its packages held;
 #   - what the agent's SSH for instances is made from: the distribution's
 #     openssh-server, patchelf and busybox-static (nothing goes into images);
-#   - with an NVIDIA GPU on the PCI bus: checks the driver (installs a packaged
-#     one only with --install-driver; it needs a reboot), installs the NVIDIA
-#     Container Toolkit and registers its runtime with Docker;
+#   - with an NVIDIA GPU on the PCI bus: checks the driver (installs the server
+#     branch only with --install-driver; it needs a reboot), NVSwitch hosts get
+#     nvidia-fabricmanager at the driver's version, installs the NVIDIA
+#     Container Toolkit and registers its runtime with Docker; the driver's
+#     packages are held from unattended upgrades;
+#   - the tenant port range reserved from the kernel's ephemeral ports (sysctl.d);
 #   - the agent in its own venv under /opt/qudata-agent (never the system
-#     Python): a new venv per install, switched to only once it works;
-#   - /etc/qudata-agent/agent.env (mode 0600) with the API key, the state dir
-#     /var/lib/qudata-agent (0700), and the systemd unit (no key in it);
-#   - enables and (re)starts the service, shows its status, runs `doctor`.
+#     Python): a new venv per new version, switched to only once it works;
+#   - /etc/qudata-agent/agent.env (0600; settings, no key), the API key alone in
+#     the state dir /var/lib/qudata-agent (0700), the systemd unit (no key in it);
+#   - enables the service and (re)starts it when something changed, runs `doctor`.
 # Running it again upgrades in place: the agent's identity, secrets, state and
-# configuration are kept (a key given again replaces the old one), and the
-# restarted agent adopts the running instances.
+# configuration are kept (a key given again replaces the old one), the database
+# is backed up before the new version starts, and the restarted agent adopts
+# the running instances. A run with nothing to change changes nothing (no new
+# venv, no restart). `--rollback` goes back to the previous version.
+#
+# Exit codes: 0 done; 1 a step failed; 2 bad usage; 3 the service is not active
+# afterwards; 4 `qudata-agent doctor` found a failure (with --strict only).
 set -euo pipefail
 
 PREFIX=/opt/qudata-agent
 CONF_DIR=/etc/qudata-agent
 ENV_FILE=$CONF_DIR/agent.env
+PROXY_FILE=$CONF_DIR/proxy.env
 STATE_DIR=/var/lib/qudata-agent
+KEY_FILE=$STATE_DIR/api_key
+DB_FILE=$STATE_DIR/agent.db
+BACKUP_DIR=$STATE_DIR/backup
 UNIT=qudata-agent.service
 UNIT_FILE=/etc/systemd/system/$UNIT
 LINK=/usr/local/bin/qudata-agent
-KEEP_VENVS=2 # the current one and the previous one (to roll back to)
-# Where NVIDIA GPUs are looked for (the entries lspci reads); tests give a fake bus.
+DAEMON_JSON=/etc/docker/daemon.json
+SYSCTL_FILE=/etc/sysctl.d/60-qudata-agent.conf
+DEFAULT_AGENT_PORT=1024 # fixed, so that fleets can write firewall rules for it
+DEFAULT_PORT_RANGE=40000-49999
+# Where NVIDIA devices are looked for (the entries lspci reads); tests give a fake bus.
 PCI_DEVICES=${QUDATA_INSTALL_PCI_DEVICES:-/sys/bus/pci/devices}
 
 DRY_RUN=0
 INSTALL_DRIVER=0
+STRICT=0
+ROLLBACK=0
+HOLD=1
 SOURCE=
 API_KEY=${QUDATA_API_KEY:-}
+API_KEY_FILE=
 API_URL=
+AGENT_PORT=
+PROXY=${HTTPS_PROXY:-${https_proxy:-}}
+NO_PROXY_LIST=${NO_PROXY:-${no_proxy:-}}
+MAX_DOWNLOADS=
+MIRRORS=()
+SETTINGS=()
+CHANGED=0       # something the agent reads changed: it is restarted
+TOUCHED=0       # anything on the host changed (a file written, a command run)
+VENV_SWITCHED=0 # a new version was switched in
 SYSTEMD=0
 APT_UPDATED=0
 NEED_REBOOT=0
@@ -46,22 +75,42 @@ OS_ID=
 OS_VERSION=
 PYTHON=
 SRC_DIR=
+SRC_HASH=
 VERSION=
 WORK=
+STEP=
 
 usage() {
   cat <<'EOF'
-usage: install.sh [options] [API_KEY]
+usage: install.sh [options]
 
-  API_KEY            the control-plane API key (or QUDATA_API_KEY in the environment);
-                     needed on the first install, optional on an upgrade (kept)
-  --source SRC       install the agent from SRC: a directory, a tarball, or an
-                     http(s) URL of a tarball (default: the checkout install.sh is in)
-  --api-url URL      control-plane base URL (QUDATA_API_URL in the config file)
-  --install-driver   with an NVIDIA GPU and no working driver: install the
-                     distribution's packaged driver (a reboot is needed after it)
-  --dry-run          print each step and command without changing anything
-  -h, --help         this text
+  --api-key-file FILE   read the control-plane API key from FILE, or from standard
+                        input with '-'; needed on the first install, kept on an
+                        upgrade (a key is never an argument: `ps` would show it)
+  --source SRC          install the agent from SRC: a directory, a tarball, or an
+                        http(s) URL of a tarball (default: the checkout install.sh is in)
+  --api-url URL         control-plane base URL (QUDATA_API_URL)
+  --agent-port PORT     the agent's API port (QUDATA_AGENT_PORT), written on the
+                        first install: 1024 unless given, fixed for firewall rules
+  --set KEY=VALUE       a setting of the README's table into agent.env (repeatable)
+  --proxy URL           HTTPS_PROXY and HTTP_PROXY for the agent (default: the
+                        HTTPS_PROXY this script runs with); NO_PROXY goes along
+  --max-concurrent-downloads N
+                        Docker's parallel layer downloads per pull (daemon.json)
+  --registry-mirror URL a registry mirror for Docker Hub pulls (daemon.json
+                        registry-mirrors; repeatable)
+  --install-driver      with an NVIDIA GPU and no working driver: install the
+                        server driver branch (a reboot is needed after it)
+  --no-hold             leave the Docker and NVIDIA packages unheld (apt-mark)
+  --strict              exit 4 when `qudata-agent doctor` finds a failure
+  --rollback            go back to the previous version (its venv, and the
+                        database saved before the upgrade when the upgrade changed
+                        its schema) and restart the agent
+  --dry-run             print each step and command without changing anything
+  -h, --help            this text
+
+exit codes: 0 done, 1 a step failed, 2 bad usage, 3 the service is not active
+afterwards, 4 doctor found a failure (--strict)
 EOF
 }
 
@@ -72,6 +121,14 @@ die() {
   printf 'error: %s\n' "$*" >&2
   exit 1
 }
+usage_error() {
+  printf 'error: %s (see --help)\n' "$*" >&2
+  exit 2
+}
+step() {
+  STEP=$1
+  say "$1"
+}
 
 # run CMD...: runs it, or in a dry run only prints it.
 run() {
@@ -81,6 +138,7 @@ run() {
     printf '\n'
     return 0
   fi
+  TOUCHED=1
   "$@"
 }
 
@@ -91,46 +149,130 @@ would() {
 }
 
 # write_file PATH MODE: stdin to PATH atomically, created with MODE from its first byte.
+# Explicit `|| die`s: set -e does not apply where a caller tests the result.
 write_file() {
   local path=$1 mode=$2 tmp
-  tmp=$(umask 077 && mktemp "$path.XXXXXX")
-  cat >"$tmp"
-  chmod "$mode" "$tmp"
-  mv -f "$tmp" "$path"
+  mkdir -p "$(dirname "$path")" || die "cannot create the directory of $path"
+  tmp=$(umask 077 && mktemp "$path.XXXXXX") || die "cannot write $path"
+  TOUCHED=1
+  { cat >"$tmp" && chmod "$mode" "$tmp" && mv -f "$tmp" "$path"; } || {
+    rm -f "$tmp"
+    die "cannot write $path"
+  }
+}
+
+# write_if_changed PATH MODE: like write_file, but only when the content differs;
+# true when it wrote.
+write_if_changed() {
+  local path=$1 mode=$2 content
+  content=$(cat)
+  if [ -f "$path" ] && [ "$(cat "$path")" = "$content" ]; then
+    return 1
+  fi
+  printf '%s\n' "$content" | write_file "$path" "$mode"
+}
+
+valid_url() { [[ $1 =~ ^https?://[^[:space:]\"\'\;\`\$\\]+$ ]]; }
+
+set_option() {
+  local name=$1 value=$2
+  case $name in
+    --source) SOURCE=$value ;;
+    --api-url)
+      valid_url "$value" || usage_error "--api-url: expected an http(s) URL"
+      API_URL=$value
+      ;;
+    --api-key-file) API_KEY_FILE=$value ;;
+    --agent-port)
+      if ! [[ $value =~ ^[0-9]{1,5}$ ]] || [ "$value" -lt 1 ] || [ "$value" -gt 65535 ]; then
+        usage_error "--agent-port: expected a port 1-65535"
+      fi
+      AGENT_PORT=$value
+      ;;
+    --set)
+      [[ $value =~ ^(QUDATA_[A-Z0-9_]+|DOCKER_HOST)=[^[:space:]\"\'\\]*$ ]] ||
+        usage_error "--set: expected QUDATA_NAME=VALUE (no spaces, quotes or backslashes)"
+      [[ $value != QUDATA_API_KEY=* ]] || usage_error "--set: the API key goes in --api-key-file"
+      SETTINGS+=("$value")
+      ;;
+    --proxy)
+      valid_url "$value" || usage_error "--proxy: expected an http(s) URL"
+      PROXY=$value
+      ;;
+    --max-concurrent-downloads)
+      if ! [[ $value =~ ^[0-9]{1,2}$ ]] || [ "$value" -lt 1 ] || [ "$value" -gt 64 ]; then
+        usage_error "--max-concurrent-downloads: expected 1-64"
+      fi
+      MAX_DOWNLOADS=$value
+      ;;
+    --registry-mirror)
+      valid_url "$value" || usage_error "--registry-mirror: expected an http(s) URL"
+      MIRRORS+=("$value")
+      ;;
+    *) usage_error "unknown option $name" ;;
+  esac
 }
 
 parse_args() {
-  local positional=()
   while [ $# -gt 0 ]; do
     case $1 in
       --dry-run) DRY_RUN=1 ;;
       --install-driver) INSTALL_DRIVER=1 ;;
-      --source) SOURCE=${2:?--source needs a value}; shift ;;
-      --source=*) SOURCE=${1#*=} ;;
-      --api-url) API_URL=${2:?--api-url needs a value}; shift ;;
-      --api-url=*) API_URL=${1#*=} ;;
-      -h | --help) usage; exit 0 ;;
-      --) shift; positional+=("$@"); break ;;
-      -*) die "unknown option $1 (see --help)" ;;
-      *) positional+=("$1") ;;
+      --strict) STRICT=1 ;;
+      --rollback) ROLLBACK=1 ;;
+      --no-hold) HOLD=0 ;;
+      --source | --api-url | --api-key-file | --agent-port | --set | --proxy | \
+        --max-concurrent-downloads | --registry-mirror)
+        [ $# -ge 2 ] || usage_error "$1 needs a value"
+        set_option "$1" "$2"
+        shift
+        ;;
+      --*=*) set_option "${1%%=*}" "${1#*=}" ;;
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      -*) usage_error "unknown option $1" ;;
+      *) usage_error "a key is never an argument (ps shows it): use --api-key-file FILE, or - for standard input" ;;
     esac
     shift
   done
-  [ ${#positional[@]} -le 1 ] || die "one API key at most (see --help)"
-  [ ${#positional[@]} -eq 0 ] || API_KEY=${positional[0]}
-  if [ -n "$API_KEY" ] && ! [[ $API_KEY =~ ^[A-Za-z0-9._~+/=:-]+$ ]]; then
-    die "the API key holds characters an API key never has (spaces, quotes, ...)"
-  fi
-  if [ -n "$API_URL" ] && ! [[ $API_URL =~ ^https?://[^[:space:]\"\']+$ ]]; then
-    die "--api-url: expected an http(s) URL"
+  if [ -n "$PROXY" ] && ! valid_url "$PROXY"; then
+    usage_error "HTTPS_PROXY: expected an http(s) URL"
   fi
 }
+
+# read_key: API_KEY from --api-key-file (fd 3 is the script's standard input).
+# The key stays in this shell's memory: never an argument of any command.
+read_key() {
+  [ -n "$API_KEY_FILE" ] || return 0
+  local line=
+  if [ "$API_KEY_FILE" = - ]; then
+    IFS= read -r line <&3 || true
+  else
+    [ -r "$API_KEY_FILE" ] || usage_error "--api-key-file $API_KEY_FILE cannot be read"
+    IFS= read -r line <"$API_KEY_FILE" || true
+  fi
+  line=${line%$'\r'}
+  [ -n "$line" ] || usage_error "--api-key-file $API_KEY_FILE: no key in it"
+  API_KEY=$line
+}
+
+check_key() {
+  if [ -n "$API_KEY" ] && ! [[ $API_KEY =~ ^[A-Za-z0-9._~+/=:-]+$ ]]; then
+    usage_error "the API key holds characters an API key never has (spaces, quotes, ...)"
+  fi
+}
+
+# The key a previous install left: in the state dir, or (older installs) in agent.env.
+have_key() { [ -f "$KEY_FILE" ] || grep -q '^QUDATA_API_KEY=.' "$ENV_FILE" 2>/dev/null; }
 
 preflight() {
   if [ "$(id -u)" -ne 0 ]; then
     [ "$DRY_RUN" = 1 ] || die "run as root (sudo bash install.sh ...)"
     warn "not root: fine for --dry-run only"
   fi
+  resolve_state_dir # an earlier install may have moved it
   [ -r /etc/os-release ] || die "no /etc/os-release: supported are Debian 12 and Ubuntu 22.04/24.04"
   OS_ID=$(. /etc/os-release && echo "${ID:-}")
   OS_VERSION=$(. /etc/os-release && echo "${VERSION_ID:-}")
@@ -139,8 +281,8 @@ preflight() {
     *) die "unsupported system '$OS_ID $OS_VERSION': supported are Debian 12 and Ubuntu 22.04/24.04" ;;
   esac
   command -v apt-get >/dev/null || die "apt-get is missing"
-  if [ -z "$API_KEY" ] && [ ! -f "$ENV_FILE" ]; then
-    die "the first install needs the API key: install.sh API_KEY (see --help)"
+  if [ -z "$API_KEY" ] && [ "$ROLLBACK" = 0 ] && ! have_key; then
+    usage_error "the first install needs the API key: --api-key-file FILE (or - for standard input)"
   fi
   # sd_booted(): systemd is PID 1 exactly when this directory exists.
   [ -d /run/systemd/system ] && SYSTEMD=1
@@ -151,7 +293,7 @@ preflight() {
 apt_install() {
   local missing=() pkg
   for pkg in "$@"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    installed "$pkg" || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$APT_UPDATED" = 0 ]; then
@@ -161,6 +303,8 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive run apt-get install -y -qq -o Dpkg::Use-Pty=0 \
     --no-install-recommends "${missing[@]}"
 }
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 
 find_python() {
   local py
@@ -175,7 +319,7 @@ find_python() {
 }
 
 step_python() {
-  say "Python 3.11 or newer (for the agent's own venv)"
+  step "Python 3.11 or newer (for the agent's own venv)"
   if ! PYTHON=$(find_python); then
     if [ "$OS_ID $OS_VERSION" = "ubuntu 22.04" ]; then
       apt_install python3.11 python3.11-venv # its python3 is 3.10
@@ -198,14 +342,19 @@ step_python() {
 docker_answers() { docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 
 step_docker() {
-  say "Docker engine"
+  step "Docker engine"
   if command -v dockerd >/dev/null; then
     note "found: $(dockerd --version 2>/dev/null || echo dockerd)"
   else
     apt_install docker.io
   fi
   if [ "$SYSTEMD" = 1 ]; then
-    run systemctl enable --now docker.service
+    if systemctl is-enabled --quiet docker.service 2>/dev/null &&
+      systemctl is-active --quiet docker.service; then
+      note "docker.service enabled and running"
+    else
+      run systemctl enable --now docker.service
+    fi
   elif docker_answers; then
     note "dockerd answers"
   else
@@ -221,23 +370,87 @@ step_ssh() {
 
 nvidia_gpus_on_bus() {
   local n=0 dev
+# merged_daemon_json: daemon.json on stdout with live-restore and the pull
+# settings merged into what is there (every other key kept as it is).
+merged_daemon_json() {
+  local mirrors
+  mirrors=$(printf '%s\n' "${MIRRORS[@]+"${MIRRORS[@]}"}")
+  "$PYTHON" - "$DAEMON_JSON" "$MAX_DOWNLOADS" "$mirrors" <<'PY'
+import json, sys
+path, downloads, mirrors = sys.argv[1], sys.argv[2], [m for m in sys.argv[3].split("\n") if m]
+try:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+except FileNotFoundError:
+    text = ""
+config = json.loads(text) if text.strip() else {}
+if not isinstance(config, dict):
+    sys.exit(f"{path} is not a JSON object")
+config["live-restore"] = True
+if downloads:
+    config["max-concurrent-downloads"] = int(downloads)
+if mirrors:
+    config["registry-mirrors"] = mirrors
+print(json.dumps(config, indent=2, sort_keys=True))
+PY
+}
+
+step_docker_config() {
+  step "Docker settings: $DAEMON_JSON (live-restore: tenants survive a Docker restart)"
+  local merged
+  if [ "$DRY_RUN" = 1 ] && ! command -v "$PYTHON" >/dev/null; then
+    would "merge live-restore into $DAEMON_JSON (with the Python installed above)"
+    return 0
+  fi
+  if ! merged=$(merged_daemon_json); then
+    die "$DAEMON_JSON is not valid JSON: fix it (live-restore must be set there)"
+  fi
+  if [ -f "$DAEMON_JSON" ] && [ "$("$PYTHON" -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=2, sort_keys=True))' "$DAEMON_JSON" 2>/dev/null)" = "$merged" ]; then
+    note "live-restore on$([ -z "$MAX_DOWNLOADS" ] || echo ", max-concurrent-downloads $MAX_DOWNLOADS")$([ ${#MIRRORS[@]} -eq 0 ] || echo ", registry mirrors ${MIRRORS[*]}")"
+    return 0
+  fi
+  would "merge live-restore$([ -z "$MAX_DOWNLOADS" ] || echo ", max-concurrent-downloads")$([ ${#MIRRORS[@]} -eq 0 ] || echo ", registry-mirrors") into $DAEMON_JSON and reload dockerd" && return 0
+  mkdir -p "$(dirname "$DAEMON_JSON")"
+  printf '%s\n' "$merged" | write_file "$DAEMON_JSON" 0644
+  note "merged into $DAEMON_JSON"
+  # These settings are reloadable: SIGHUP, no restart, no container stops.
+  if [ "$SYSTEMD" = 1 ] && systemctl is-active --quiet docker.service; then
+    run systemctl reload docker.service
+  elif docker_answers; then
+    warn "reload dockerd yourself (kill -HUP its pid) so that it reads $DAEMON_JSON"
+  fi
+}
+
+# count_pci VENDOR CLASS_GLOB: devices of that vendor whose class matches.
+count_pci() {
+  local n=0 dev class
   for dev in "$PCI_DEVICES"/*; do
     { [ -r "$dev/vendor" ] && [ -r "$dev/class" ]; } || continue
-    [ "$(cat "$dev/vendor")" = 0x10de ] || continue
-    case $(cat "$dev/class") in 0x03*) n=$((n + 1)) ;; esac # display or 3D controller
+    [ "$(cat "$dev/vendor")" = "$1" ] || continue
+    class=$(cat "$dev/class")
+    # shellcheck disable=SC2254 # the glob is the point
+    case $class in $2) n=$((n + 1)) ;; esac
   done
   echo "$n"
+}
+
+nvidia_gpus_on_bus() { count_pci 0x10de '0x03*'; }       # display or 3D controller
+nvidia_switches_on_bus() { count_pci 0x10de '0x0680*'; } # NVSwitch: HGX/DGX boards
+
+driver_version() {
+  { nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null || true; } | head -1
 }
 
 install_driver() {
   case $OS_ID in
     ubuntu)
       apt_install ubuntu-drivers-common
-      run ubuntu-drivers install
+      # The server (GPGPU) branch: the datacenter driver, with fabric manager packages.
+      run ubuntu-drivers install --gpgpu
       ;;
     debian)
       local list=/etc/apt/sources.list.d/qudata-nonfree.list
-      if [ ! -f "$list" ]; then
+      if [ ! -s "$list" ]; then
         would "write $list (bookworm contrib non-free non-free-firmware)" ||
           echo "deb http://deb.debian.org/debian bookworm contrib non-free non-free-firmware" |
           write_file "$list" 0644
@@ -250,21 +463,77 @@ install_driver() {
   warn "the NVIDIA driver was installed: reboot, then run install.sh again"
 }
 
+# fetch URL DEST CHECK: downloads to a temporary file, runs CHECK on it, and only
+# then moves it to DEST; a failed download or check leaves DEST as it was.
+fetch() {
+  local url=$1 dest=$2 check=$3 tmp
+  tmp=$(mktemp "$WORK/fetch.XXXXXX")
+  if ! curl -fsSL --retry 3 -o "$tmp" "$url" || [ ! -s "$tmp" ] || ! "$check" "$tmp"; then
+    rm -f "$tmp"
+    die "cannot download $url (or it is not what it should be): nothing was written to $dest"
+  fi
+  mkdir -p "$(dirname "$dest")"
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$dest"
+}
+
+is_apt_list() { grep -q '^deb ' "$1"; }
+is_pgp_key() { grep -q 'BEGIN PGP PUBLIC KEY BLOCK' "$1"; }
+
 add_toolkit_repo() {
   local key=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg
   local list=/etc/apt/sources.list.d/nvidia-container-toolkit.list
-  local base=https://nvidia.github.io/libnvidia-container
-  [ -f "$list" ] && return 0
+  local base=${QUDATA_INSTALL_NVIDIA_REPO:-https://nvidia.github.io/libnvidia-container}
+  # -s: an empty file (what a failed download of older versions left) is no list.
+  [ -s "$list" ] && [ -s "$key" ] && return 0
+  if [ -f "$list" ] && [ ! -s "$list" ]; then
+    would "remove the empty $list an earlier failed download left" || rm -f "$list"
+  fi
   apt_install curl gnupg ca-certificates
   would "add NVIDIA's apt repository ($base) to $list" && return 0
-  curl -fsSL "$base/gpgkey" | gpg --batch --yes --dearmor -o "$key"
-  curl -fsSL "$base/stable/deb/nvidia-container-toolkit.list" |
-    sed "s#deb https://#deb [signed-by=$key] https://#g" | write_file "$list" 0644
+  fetch "$base/gpgkey" "$WORK/nvidia.asc" is_pgp_key
+  gpg --batch --yes --dearmor -o "$WORK/nvidia.gpg" "$WORK/nvidia.asc"
+  install -m 0644 "$WORK/nvidia.gpg" "$key"
+  fetch "$base/stable/deb/nvidia-container-toolkit.list" "$WORK/nvidia.list" is_apt_list
+  sed "s#deb https://#deb [signed-by=$key] https://#g" "$WORK/nvidia.list" | write_file "$list" 0644
   APT_UPDATED=0
 }
 
+# step_fabricmanager: an NVSwitch host (HGX/DGX) runs no CUDA job until
+# nvidia-fabricmanager, of exactly the driver's version, runs.
+step_fabricmanager() {
+  local switches version branch pkg
+  switches=$(nvidia_switches_on_bus)
+  [ "$switches" -gt 0 ] || return 0
+  note "$switches NVSwitch(es) on the PCI bus (HGX/DGX): nvidia-fabricmanager is needed"
+  version=$(driver_version)
+  if [ -z "$version" ]; then
+    warn "no working driver yet: nvidia-fabricmanager is installed once there is one (run install.sh again)"
+    return 0
+  fi
+  branch=${version%%.*}
+  case $OS_ID in
+    ubuntu) pkg=nvidia-fabricmanager-$branch ;;
+    *) pkg=nvidia-fabricmanager ;; # Debian: from NVIDIA's CUDA repository, pinned below
+  esac
+  if installed "$pkg"; then
+    note "$pkg installed"
+  elif [ "$OS_ID" = ubuntu ]; then
+    apt_install "$pkg"
+  else
+    apt_install "$pkg=$version-1"
+  fi
+  local fm_version
+  fm_version=$(nv-fabricmanager --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -1 || true)
+  if [ -n "$fm_version" ] && [ "$fm_version" != "$version" ]; then
+    warn "nvidia-fabricmanager $fm_version does not match driver $version: GPUs stay unusable until they match"
+  fi
+  [ "$SYSTEMD" = 0 ] || systemctl is-active --quiet nvidia-fabricmanager.service ||
+    run systemctl enable --now nvidia-fabricmanager.service
+}
+
 step_nvidia() {
-  say "NVIDIA GPUs"
+  step "NVIDIA GPUs"
   local count
   count=$(nvidia_gpus_on_bus)
   if [ "$count" -eq 0 ]; then
@@ -274,13 +543,14 @@ step_nvidia() {
   fi
   note "$count NVIDIA GPU(s) on the PCI bus"
   if nvidia-smi -L >/dev/null 2>&1; then
-    note "driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1) works"
+    note "driver $(driver_version) works"
   elif [ "$INSTALL_DRIVER" = 1 ]; then
     install_driver
   else
     warn "no working NVIDIA driver (nvidia-smi fails): install one and reboot, or rerun" \
       "with --install-driver; until then the host rents CPU instances only"
   fi
+  step_fabricmanager
   if ! command -v nvidia-ctk >/dev/null; then
     add_toolkit_repo
     apt_install nvidia-container-toolkit
@@ -295,6 +565,83 @@ step_nvidia() {
   else
     warn "restart dockerd yourself so that it picks up the nvidia runtime"
   fi
+}
+
+# held_candidates: installed packages an unattended upgrade must not replace
+# under running tenants (a driver userland without its kernel module leaves zero
+# GPUs; a Docker upgrade restarts dockerd).
+held_candidates() {
+  dpkg-query -W -f='${Package} ${Status}\n' 2>/dev/null | awk '$NF == "installed" {print $1}' |
+    grep -E '^(docker\.io|docker-ce|docker-ce-cli|containerd|containerd\.io|runc|nvidia-driver.*|nvidia-kernel-.*|nvidia-dkms-.*|nvidia-utils-.*|libnvidia-.*|cuda-drivers.*|nvidia-fabricmanager.*|libnvidia-nscq-.*|nvidia-container-toolkit.*|linux-modules-nvidia-.*)$' || true
+}
+
+step_hold() {
+  step "package holds (apt-mark hold: no unattended upgrade of Docker or the NVIDIA driver)"
+  if [ "$HOLD" = 0 ]; then
+    note "skipped (--no-hold)"
+    return 0
+  fi
+  local wanted=() held pkg
+  # dpkg's own view of the holds (apt-mark showhold would rebuild apt's cache).
+  held=$(dpkg-query -W -f='${Package} ${Status}\n' 2>/dev/null | awk '$2 == "hold" {print $1}' || true)
+  while IFS= read -r pkg; do
+    [ -n "$pkg" ] || continue
+    grep -qxF "$pkg" <<<"$held" || wanted+=("$pkg")
+  done < <(held_candidates)
+  if [ ${#wanted[@]} -eq 0 ]; then
+    held=$(held_candidates | tr '\n' ' ')
+    note "${held:+held: }${held:-nothing to hold (no Docker or NVIDIA package installed yet)}"
+    return 0
+  fi
+  run apt-mark hold "${wanted[@]}" >/dev/null
+  note "held now: ${wanted[*]} (upgrade them on purpose: apt-mark unhold, upgrade, reboot)"
+}
+
+# env_value KEY: the value agent.env gives KEY (empty when none).
+env_value() {
+  [ -f "$ENV_FILE" ] || return 0
+  sed -n "s/^\(export[[:space:]]*\)\{0,1\}$1=//p" "$ENV_FILE" | tail -1
+}
+
+step_ports() {
+  step "tenant ports: kept out of the kernel's ephemeral range"
+  local range lo hi elo ehi reserved kv
+  range=$(env_value QUDATA_PORT_RANGE)
+  for kv in "${SETTINGS[@]+"${SETTINGS[@]}"}"; do
+    [[ $kv != QUDATA_PORT_RANGE=* ]] || range=${kv#*=}
+  done
+  range=${range:-$DEFAULT_PORT_RANGE}
+  [[ $range =~ ^([0-9]+)-([0-9]+)$ ]] || die "QUDATA_PORT_RANGE=$range: expected FIRST-LAST"
+  lo=${BASH_REMATCH[1]} hi=${BASH_REMATCH[2]}
+  read -r elo ehi </proc/sys/net/ipv4/ip_local_port_range
+  if [ "$hi" -lt "$elo" ] || [ "$lo" -gt "$ehi" ]; then
+    note "$range lies outside the ephemeral range $elo-$ehi"
+    return 0
+  fi
+  reserved=$(cat /proc/sys/net/ipv4/ip_local_reserved_ports)
+  if write_if_changed_dry "$SYSCTL_FILE" <<EOF; then
+# Written by the QuData agent's install.sh: the ports the agent hands to tenants
+# (QUDATA_PORT_RANGE) are never picked as the source port of an outgoing connection.
+net.ipv4.ip_local_reserved_ports = $range
+EOF
+    note "wrote $SYSCTL_FILE"
+  fi
+  if [ "$reserved" = "$range" ]; then
+    note "$range reserved (net.ipv4.ip_local_reserved_ports), within ephemeral $elo-$ehi"
+  elif ! command -v sysctl >/dev/null || ! run sysctl -q -p "$SYSCTL_FILE"; then
+    warn "could not apply $SYSCTL_FILE now (read-only /proc/sys?): it applies at the next boot"
+  fi
+}
+
+# write_if_changed_dry PATH: write_if_changed with mode 0644, or in a dry run say so.
+write_if_changed_dry() {
+  local content
+  content=$(cat)
+  if [ -f "$1" ] && [ "$(cat "$1")" = "$content" ]; then
+    return 1
+  fi
+  would "write $1" && return 1
+  printf '%s\n' "$content" | write_file "$1" 0644
 }
 
 script_dir() {
@@ -314,8 +661,15 @@ extract() {
   [ -n "$SRC_DIR" ] || die "$1 holds no pyproject.toml"
 }
 
+# source_hash: what identifies the package built from SRC_DIR (its files, not their times).
+source_hash() {
+  (cd "$SRC_DIR" && find pyproject.toml README.md src -type f \
+    ! -path '*/__pycache__/*' ! -path '*.egg-info/*' -print0 | LC_ALL=C sort -z |
+    xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+}
+
 step_source() {
-  say "agent source"
+  step "agent source"
   if [ -z "$SOURCE" ]; then
     { SRC_DIR=$(script_dir) && is_agent_tree "$SRC_DIR"; } ||
       die "install.sh is not in a checkout of the agent: give the package with" \
@@ -329,36 +683,44 @@ step_source() {
       return 0
     fi
     apt_install curl ca-certificates
-    curl -fsSL --retry 3 -o "$WORK/source.tar" "$SOURCE" || die "cannot download $SOURCE"
+    fetch "$SOURCE" "$WORK/source.tar" test
     extract "$WORK/source.tar"
   else
-    die "--source $SOURCE: no such directory, file or http(s) URL"
+    usage_error "--source $SOURCE: no such directory, file or http(s) URL"
   fi
   is_agent_tree "$SRC_DIR" || die "$SRC_DIR holds no qudata-agent package"
   [ -f "$SRC_DIR/packaging/qudata-agent.service" ] || die "$SRC_DIR has no packaging/qudata-agent.service"
   VERSION=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$SRC_DIR/src/qudata_agent/__init__.py")
+  SRC_HASH=$(source_hash)
   note "qudata-agent ${VERSION:-?} from $SRC_DIR"
 }
 
-# Keeps the current venv and the newest KEEP_VENVS-1 others; removes the rest.
+# Keeps KEEP_VENVS venvs: the current one and the previous one (to roll back to).
 prune_venvs() {
-  local current others=0 dir
+  local current previous dir
   current=$(readlink -f "$PREFIX/venv")
-  while IFS= read -r dir; do
-    [ "$(readlink -f "$dir")" = "$current" ] && continue
-    others=$((others + 1))
-    [ "$others" -lt "$KEEP_VENVS" ] || rm -rf "$dir"
-  done < <(find "$PREFIX/venvs" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' | sort -rn | cut -d' ' -f2-)
+  previous=$(readlink -f "$PREFIX/venv.previous" 2>/dev/null || true)
+  for dir in "$PREFIX"/venvs/*; do
+    [ -d "$dir" ] || continue
+    [ "$(readlink -f "$dir")" = "$current" ] || [ "$(readlink -f "$dir")" = "$previous" ] ||
+      rm -rf "$dir"
+  done
 }
 
 step_agent() {
-  say "the agent, in its own venv under $PREFIX"
-  local previous="" new build
+  step "the agent, in its own venv under $PREFIX"
+  local previous="" new build current
   [ -x "$PREFIX/venv/bin/qudata-agent" ] && previous=$("$PREFIX/venv/bin/qudata-agent" version 2>/dev/null || true)
+  if [ -n "$previous" ] && [ -n "$SRC_HASH" ] &&
+    [ "$(cat "$PREFIX/venv/.qudata-source" 2>/dev/null)" = "$SRC_HASH" ]; then
+    note "qudata-agent $previous from this very source is installed: venv kept"
+    link_command
+    return 0
+  fi
   [ -n "$previous" ] && note "installed now: $previous (upgrading in place; identity and state are kept)"
   new=$PREFIX/venvs/${VERSION:-unknown}-$(date -u +%Y%m%d%H%M%S)
   if would "create the venv $new, pip-install the agent into it, point $PREFIX/venv at it," \
-    "link $LINK, and keep $KEEP_VENVS venvs"; then
+    "link $LINK, and keep this venv and the previous one"; then
     return 0
   fi
   install -d -m 0755 "$PREFIX" "$PREFIX/venvs"
@@ -374,70 +736,157 @@ step_agent() {
     rm -rf "$new"
     die "the agent could not be installed into a venv (the installed one, if any, is untouched)"
   fi
+  echo "$SRC_HASH" >"$new/.qudata-source"
+  current=$(readlink "$PREFIX/venv" 2>/dev/null || true)
+  if [ -n "$current" ]; then
+    ln -sfn "$current" "$PREFIX/venv.previous.next"
+    mv -Tf "$PREFIX/venv.previous.next" "$PREFIX/venv.previous"
+  fi
   ln -sfn "venvs/$(basename "$new")" "$PREFIX/venv.next"
   mv -Tf "$PREFIX/venv.next" "$PREFIX/venv" # atomic switch
+  VENV_SWITCHED=1
+  CHANGED=1
   prune_venvs
-  [ ! -f "$SRC_DIR/uninstall.sh" ] || install -m 0755 "$SRC_DIR/uninstall.sh" "$PREFIX/uninstall.sh"
-  ln -sfn "$PREFIX/venv/bin/qudata-agent" "$LINK"
+  link_command
   note "qudata-agent $("$PREFIX/venv/bin/qudata-agent" version) in $new"
+}
+
+link_command() {
+  [ "$DRY_RUN" = 0 ] || return 0
+  if [ -f "$SRC_DIR/uninstall.sh" ] && ! cmp -s "$SRC_DIR/uninstall.sh" "$PREFIX/uninstall.sh"; then
+    install -m 0755 "$SRC_DIR/uninstall.sh" "$PREFIX/uninstall.sh"
+    TOUCHED=1
+  fi
+  if [ "$(readlink "$LINK" 2>/dev/null)" != "$PREFIX/venv/bin/qudata-agent" ]; then
+    ln -sfn "$PREFIX/venv/bin/qudata-agent" "$LINK"
+    TOUCHED=1
+  fi
 }
 
 # set_var KEY VALUE: sets KEY in the env file, keeping every other line.
 set_var() {
   local key=$1 value=$2
+  [ "$(env_value "$key")" = "$value" ] && grep -q "^$key=" "$ENV_FILE" && return 0
+  if would "set $key=$value in $ENV_FILE"; then
+    return 0
+  fi
   { grep -v -E "^(export[[:space:]]+)?$key=" "$ENV_FILE" || true; echo "$key=$value"; } |
     write_file "$ENV_FILE" 0600
+  CHANGED=1
 }
 
 step_config() {
-  say "configuration: $ENV_FILE (mode 0600; it holds the API key)"
-  if [ -f "$ENV_FILE" ]; then
-    if [ -n "$API_KEY" ] && ! grep -qxF "QUDATA_API_KEY=$API_KEY" "$ENV_FILE"; then
-      would "replace QUDATA_API_KEY in $ENV_FILE" || set_var QUDATA_API_KEY "$API_KEY"
-      note "API key replaced"
-    else
-      note "kept as it is"
+  step "configuration: $ENV_FILE (mode 0600; settings, no API key)"
+  local existed=1
+  if [ ! -f "$ENV_FILE" ]; then
+    existed=0
+    run install -d -m 0700 "$CONF_DIR"
+    if ! would "write $ENV_FILE with QUDATA_STATE_DIR=$STATE_DIR and QUDATA_AGENT_PORT=${AGENT_PORT:-$DEFAULT_AGENT_PORT}"; then
+      {
+        echo "# The QuData host agent's configuration, written by install.sh. Any variable"
+        echo "# of the README's table may be set here; then: systemctl restart qudata-agent"
+        echo "# (the API key is kept in $KEY_FILE, not here)."
+        echo "QUDATA_STATE_DIR=$STATE_DIR"
+        echo "QUDATA_AGENT_PORT=${AGENT_PORT:-$DEFAULT_AGENT_PORT}"
+        [ -z "$API_URL" ] || echo "QUDATA_API_URL=$API_URL"
+        echo "# QUDATA_PORT_RANGE=$DEFAULT_PORT_RANGE"
+        echo "# QUDATA_LOG_FILE=/var/log/qudata-agent/agent.log"
+      } | write_file "$ENV_FILE" 0600
+      CHANGED=1
     fi
-    if [ -n "$API_URL" ] && ! grep -qxF "QUDATA_API_URL=$API_URL" "$ENV_FILE"; then
-      would "set QUDATA_API_URL=$API_URL in $ENV_FILE" || set_var QUDATA_API_URL "$API_URL"
-    fi
-    run chmod 600 "$ENV_FILE"
+  else
+    [ -z "$API_URL" ] || set_var QUDATA_API_URL "$API_URL"
+    [ -z "$AGENT_PORT" ] || set_var QUDATA_AGENT_PORT "$AGENT_PORT"
+    [ "$DRY_RUN" = 1 ] || [ "$(stat -c %a "$ENV_FILE")" = 600 ] || chmod 600 "$ENV_FILE"
+  fi
+  local kv
+  for kv in "${SETTINGS[@]+"${SETTINGS[@]}"}"; do
+    set_var "${kv%%=*}" "${kv#*=}"
+  done
+  [ "$CHANGED" = 1 ] || [ "$existed" = 0 ] || note "kept as it is"
+  resolve_state_dir
+  step_proxy
+}
+
+# resolve_state_dir: the state dir agent.env names (QUDATA_STATE_DIR), and the
+# paths in it; the unit's ReadWritePaths= follows it.
+resolve_state_dir() {
+  local configured
+  configured=$(env_value QUDATA_STATE_DIR)
+  [ -n "$configured" ] || return 0
+  [[ $configured == /?* ]] || die "QUDATA_STATE_DIR=$configured: expected an absolute path"
+  STATE_DIR=$configured
+  KEY_FILE=$STATE_DIR/api_key
+  DB_FILE=$STATE_DIR/agent.db
+  BACKUP_DIR=$STATE_DIR/backup
+}
+
+step_proxy() {
+  [ -n "$PROXY" ] || [ -f "$PROXY_FILE" ] || return 0
+  if [ -z "$PROXY" ]; then
+    note "proxy: $PROXY_FILE kept"
     return 0
   fi
-  run install -d -m 0700 "$CONF_DIR"
-  would "write $ENV_FILE with QUDATA_API_KEY=*** and QUDATA_STATE_DIR=$STATE_DIR" && return 0
-  {
-    echo "# The QuData host agent's configuration, written by install.sh. Mode 0600: it"
-    echo "# holds the API key. Any variable of the README's table may be set here;"
-    echo "# then: systemctl restart qudata-agent"
-    echo "QUDATA_API_KEY=$API_KEY"
-    echo "QUDATA_STATE_DIR=$STATE_DIR"
-    [ -z "$API_URL" ] || echo "QUDATA_API_URL=$API_URL"
-    echo "# QUDATA_PORT_RANGE=40000-49999"
-    echo "# QUDATA_LOG_FILE=/var/log/qudata-agent/agent.log"
-  } | write_file "$ENV_FILE" 0600
+  local no_proxy=localhost,127.0.0.1,::1${NO_PROXY_LIST:+,$NO_PROXY_LIST}
+  would "write $PROXY_FILE (HTTPS_PROXY=$PROXY for the agent)" && return 0
+  if printf 'HTTPS_PROXY=%s\nHTTP_PROXY=%s\nNO_PROXY=%s\n' "$PROXY" "$PROXY" "$no_proxy" |
+    write_if_changed "$PROXY_FILE" 0600; then
+    note "proxy: HTTPS_PROXY=$PROXY in $PROXY_FILE"
+    CHANGED=1
+  fi
 }
 
 step_state() {
-  say "state directory: $STATE_DIR (0700; kept across upgrades)"
+  step "state directory: $STATE_DIR (0700; kept across upgrades)"
   if [ -d "$STATE_DIR" ]; then
     [ "$(stat -c %a "$STATE_DIR")" = 700 ] || run chmod 700 "$STATE_DIR"
     note "kept"
   else
     run install -d -m 0700 "$STATE_DIR"
   fi
+  step_key
+}
+
+# step_key: the API key in one place, $KEY_FILE (what the agent itself reads and
+# keeps), written from this shell's memory; an older install's copy in agent.env
+# is moved there.
+step_key() {
+  local current="" old=""
+  [ -f "$KEY_FILE" ] && IFS= read -r current <"$KEY_FILE"
+  if grep -q '^QUDATA_API_KEY=' "$ENV_FILE" 2>/dev/null; then
+    old=$(env_value QUDATA_API_KEY)
+    [ -n "$API_KEY" ] || API_KEY=$old
+  fi
+  if [ -n "$API_KEY" ] && [ "$API_KEY" != "$current" ]; then
+    if ! would "write the API key to $KEY_FILE (0600)"; then
+      (umask 077 && printf '%s\n' "$API_KEY" | write_file "$KEY_FILE" 0600)
+      CHANGED=1
+    fi
+    note "API key $([ -n "$current" ] && echo replaced || echo stored) in $KEY_FILE"
+  else
+    note "API key kept in $KEY_FILE"
+  fi
+  if grep -q '^QUDATA_API_KEY=' "$ENV_FILE" 2>/dev/null; then
+    would "remove QUDATA_API_KEY from $ENV_FILE (one copy of the key: $KEY_FILE)" ||
+      { grep -v -E '^(export[[:space:]]+)?QUDATA_API_KEY=' "$ENV_FILE" | write_file "$ENV_FILE" 0600; }
+    CHANGED=1
+  fi
+}
+
+render_unit() {
+  sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@ENV_FILE@|$ENV_FILE|g" -e "s|@STATE_DIR@|$STATE_DIR|g" \
+    "$SRC_DIR/packaging/qudata-agent.service"
 }
 
 step_unit() {
-  say "systemd unit: $UNIT_FILE"
+  step "systemd unit: $UNIT_FILE"
   local rendered
   if [ -z "$SRC_DIR" ]; then
     would "write $UNIT_FILE from the source's packaging/qudata-agent.service"
     return 0
   fi
-  rendered=$(sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@ENV_FILE@|$ENV_FILE|g" \
-    "$SRC_DIR/packaging/qudata-agent.service")
-  if [ -n "$API_KEY" ] && grep -qF -- "$API_KEY" <<<"$rendered"; then
+  rendered=$(render_unit)
+  if [ -n "$API_KEY" ] && [[ $rendered == *"$API_KEY"* ]]; then
     die "the unit would hold the API key: refusing to write it"
   fi
   if [ -f "$UNIT_FILE" ] && [ "$(cat "$UNIT_FILE")" = "$rendered" ]; then
@@ -447,54 +896,161 @@ step_unit() {
   would "write $UNIT_FILE (mode 0644, no API key in it)" && return 0
   mkdir -p "$(dirname "$UNIT_FILE")"
   printf '%s\n' "$rendered" | write_file "$UNIT_FILE" 0644
+  CHANGED=1
+  [ "$SYSTEMD" = 0 ] || systemctl daemon-reload
+}
+
+# backup_db: a consistent copy of the live database (SQLite's backup API, so
+# a running agent's WAL is included), taken before a new version starts.
+backup_db() {
+  [ -f "$DB_FILE" ] || return 0
+  local previous
+  previous=$(readlink "$PREFIX/venv.previous" 2>/dev/null || true)
+  [ -n "$previous" ] || return 0
+  install -d -m 0700 "$BACKUP_DIR"
+  "$PYTHON" - "$DB_FILE" "$BACKUP_DIR/agent.db.next" <<'PY'
+import sqlite3, sys
+source = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+target = sqlite3.connect(sys.argv[2])
+with target:
+    source.backup(target)
+target.close()
+source.close()
+PY
+  chmod 600 "$BACKUP_DIR/agent.db.next"
+  mv -f "$BACKUP_DIR/agent.db.next" "$BACKUP_DIR/agent.db"
+  echo "$previous" >"$BACKUP_DIR/venv"
+  note "database saved to $BACKUP_DIR/agent.db (for --rollback to $(basename "$previous"))"
+}
+
+wait_active() {
+  # Type=notify: `systemctl restart` returns once the agent said READY=1, or failed.
+  systemctl is-active --quiet "$UNIT" && return 0
+  printf 'error: %s is not active; the last lines of its log:\n' "$UNIT" >&2
+  journalctl -u qudata-agent -n 30 --no-pager >&2 || true
+  exit 3
 }
 
 step_start() {
-  say "service"
+  step "service"
   if [ "$SYSTEMD" = 0 ]; then
     warn "systemd is not running here: $UNIT is not enabled or started (its unit file" \
       "is in place for when it is). Start the agent yourself:" \
       "$PREFIX/venv/bin/qudata-agent run --config $ENV_FILE"
     return 0
   fi
-  run systemctl daemon-reload
-  run systemctl enable --quiet "$UNIT"
+  systemctl is-enabled --quiet "$UNIT" 2>/dev/null || run systemctl enable --quiet "$UNIT"
+  [ "$DRY_RUN" = 1 ] && { note "would restart $UNIT when anything changed"; return 0; }
+  if [ "$CHANGED" = 0 ] && systemctl is-active --quiet "$UNIT"; then
+    note "$UNIT active, nothing changed: not restarted"
+    return 0
+  fi
+  [ "$VENV_SWITCHED" = 0 ] || backup_db
   # A first start, or an upgrade: the agent restarts and adopts the running instances.
-  run systemctl restart "$UNIT"
-  [ "$DRY_RUN" = 1 ] && return 0
-  sleep 3
-  systemctl --no-pager --lines=10 status "$UNIT" || true
-  systemctl is-active --quiet "$UNIT" ||
-    warn "$UNIT is not active: journalctl -u qudata-agent -n 50 says why"
+  TOUCHED=1
+  systemctl restart "$UNIT" || true
+  wait_active
+  note "$UNIT active (pid $(systemctl show -p MainPID --value "$UNIT"))"
 }
 
 step_doctor() {
-  say "host check (qudata-agent doctor)"
+  step "host check (qudata-agent doctor)"
   would "run $PREFIX/venv/bin/qudata-agent doctor --config $ENV_FILE" && return 0
-  "$PREFIX/venv/bin/qudata-agent" doctor --config "$ENV_FILE" || true
+  if "$PREFIX/venv/bin/qudata-agent" doctor --config "$ENV_FILE"; then
+    return 0
+  fi
+  if [ "$STRICT" = 1 ]; then
+    printf 'error: qudata-agent doctor found a failure (--strict)\n' >&2
+    exit 4
+  fi
+  warn "doctor found a failure (see above); the agent runs, and --strict would fail the install"
+}
+
+rollback() {
+  step "rollback to the previous version"
+  local previous current saved_for
+  previous=$(readlink "$PREFIX/venv.previous" 2>/dev/null || true)
+  current=$(readlink "$PREFIX/venv" 2>/dev/null || true)
+  if [ -z "$previous" ] || [ ! -x "$PREFIX/$previous/bin/qudata-agent" ]; then
+    die "no previous version to go back to ($PREFIX/venv.previous)"
+  fi
+  note "from $current to $previous"
+  would "stop $UNIT, switch $PREFIX/venv to $previous, restore the database if its schema changed, start $UNIT" &&
+    return 0
+  [ "$SYSTEMD" = 0 ] || systemctl stop "$UNIT"
+  saved_for=$(cat "$BACKUP_DIR/venv" 2>/dev/null || true)
+  if [ -f "$BACKUP_DIR/agent.db" ] && [ "$saved_for" = "$previous" ] && [ -f "$DB_FILE" ]; then
+    local now was
+    now=$("$PYTHON" -c 'import sqlite3,sys; print(sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True).execute("PRAGMA user_version").fetchone()[0])' "$DB_FILE")
+    was=$("$PYTHON" -c 'import sqlite3,sys; print(sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True).execute("PRAGMA user_version").fetchone()[0])' "$BACKUP_DIR/agent.db")
+    if [ "$now" != "$was" ]; then
+      # The upgrade migrated the schema, which the older agent refuses: take the copy.
+      rm -f "$DB_FILE-wal" "$DB_FILE-shm"
+      install -m 0600 "$BACKUP_DIR/agent.db" "$DB_FILE"
+      note "database restored from $BACKUP_DIR/agent.db (schema $now -> $was)"
+    else
+      note "database kept (same schema $now; what changed since the upgrade stays)"
+    fi
+  fi
+  ln -sfn "$current" "$PREFIX/venv.previous.next"
+  ln -sfn "$previous" "$PREFIX/venv.next"
+  mv -Tf "$PREFIX/venv.next" "$PREFIX/venv"
+  mv -Tf "$PREFIX/venv.previous.next" "$PREFIX/venv.previous"
+  if [ "$SYSTEMD" = 1 ]; then
+    systemctl start "$UNIT" || true
+    wait_active
+  fi
+  note "qudata-agent $("$PREFIX/venv/bin/qudata-agent" version) in $PREFIX/$previous"
+}
+
+on_exit() {
+  local rc=$?
+  rm -rf "$WORK"
+  if [ "$rc" -ne 0 ] && [ -n "$STEP" ]; then
+    printf 'error: install.sh stopped in the step "%s" (exit %d)\n' "$STEP" "$rc" >&2
+  fi
 }
 
 main() {
   parse_args "$@"
+  read_key
+  check_key
   preflight
   WORK=$(mktemp -d /tmp/qudata-install.XXXXXX)
-  trap 'rm -rf "$WORK"' EXIT
+  trap on_exit EXIT
   if [ "$DRY_RUN" = 0 ]; then
     exec 9>/run/qudata-agent-install.lock
     flock -n 9 || die "another install.sh is running"
+  fi
+  if [ "$ROLLBACK" = 1 ]; then
+    resolve_state_dir
+    PYTHON=$(find_python) || die "no Python 3.11 or newer"
+    rollback
+    say "done"
+    return 0
   fi
   step_source
   step_python
   step_docker
   step_ssh
   step_nvidia
+  step_docker_config
+  step_hold
   step_agent
   step_config
   step_state
+  step_ports
   step_unit
   step_start
   step_doctor
-  say "done$([ "$DRY_RUN" = 1 ] && echo ' (dry run: nothing was changed)')"
+  STEP=
+  if [ "$DRY_RUN" = 1 ]; then
+    say "done (dry run: nothing was changed)"
+  elif [ "$TOUCHED" = 0 ] && [ "$CHANGED" = 0 ] && [ "$VENV_SWITCHED" = 0 ]; then
+    say "done (no change)" # automation reads this line: nothing on the host changed
+  else
+    say "done"
+  fi
   note "config: $ENV_FILE   state: $STATE_DIR   logs: journalctl -u qudata-agent"
   note "status: qudata-agent status   checks: qudata-agent doctor   remove: $PREFIX/uninstall.sh"
   [ "$NEED_REBOOT" = 0 ] || warn "reboot to load the NVIDIA driver, then run install.sh again"
@@ -502,4 +1058,5 @@ main() {
 
 # Everything runs from main, after bash has read the whole script: when it comes
 # through a pipe (curl | bash), no command can swallow the rest of it from stdin.
-main "$@" </dev/null
+# The script's standard input stays reachable as fd 3, for --api-key-file -.
+main "$@" 3<&0 </dev/null

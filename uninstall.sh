@@ -4,12 +4,14 @@
 # The renters' containers, the agent's state and its configuration stay unless
 # asked for:
 #   --containers   also the containers the agent made (label qudata.agent_id),
-#                  its Docker network and its firewall chains (QUDATA-*)
-#   --state        also the state dir (identity, secrets, database) and the
-#                  configuration dir (the API key)
+#                  its Docker network, its firewall chains (QUDATA-*) and the
+#                  reservation of their port range (sysctl.d)
+#   --state        also the state dir (identity, secrets, the API key,
+#                  database), the configuration dir and the log dir
 #   --all          both
 #   --dry-run      print each step without doing it
-# Docker itself, the NVIDIA driver and toolkit stay: other software may use them.
+# Docker itself (its daemon.json with live-restore), the NVIDIA driver and
+# toolkit stay, and so do their apt-mark holds: other software may use them.
 set -euo pipefail
 
 PREFIX=/opt/qudata-agent
@@ -20,6 +22,9 @@ UNIT=qudata-agent.service
 UNIT_FILE=/etc/systemd/system/$UNIT
 LINK=/usr/local/bin/qudata-agent
 LABEL=qudata.agent_id
+SYSCTL_FILE=/etc/sysctl.d/60-qudata-agent.conf
+LOCK=/run/qudata-agent-install.lock
+LOG_DIR=/var/log/qudata-agent
 
 DRY_RUN=0
 CONTAINERS=0
@@ -43,7 +48,7 @@ run() {
   "$@"
 }
 
-usage() { sed -n '2,13s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 parse_args() {
   while [ $# -gt 0 ]; do
@@ -79,6 +84,7 @@ remove_agent() {
   say "the agent ($PREFIX, $LINK)"
   [ ! -L "$LINK" ] || run rm -f "$LINK"
   [ ! -e "$PREFIX" ] || run rm -rf "$PREFIX"
+  [ ! -e "$LOCK" ] || run rm -f "$LOCK"
 }
 
 # drop_jumps CHAIN: deletes the rules of CHAIN that jump to the agent's chains.
@@ -114,6 +120,10 @@ remove_containers() {
       fi
     done
   fi
+  if [ -f "$SYSCTL_FILE" ]; then
+    # No tenant port to keep free any more (the reservation itself lasts until a reboot).
+    run rm -f "$SYSCTL_FILE"
+  fi
 }
 
 remove_state() {
@@ -125,9 +135,10 @@ remove_state() {
     /?*) ;;
     *) die "QUDATA_STATE_DIR=$state is not an absolute path: remove it yourself" ;;
   esac
-  say "state ($state) and configuration ($CONF_DIR)"
+  say "state ($state), configuration ($CONF_DIR) and logs ($LOG_DIR)"
   [ ! -e "$state" ] || run rm -rf "$state"
   [ ! -e "$CONF_DIR" ] || run rm -rf "$CONF_DIR"
+  [ ! -e "$LOG_DIR" ] || run rm -rf "$LOG_DIR"
 }
 
 main() {

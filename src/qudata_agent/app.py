@@ -46,6 +46,7 @@ from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
 from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.store import Store
+from qudata_agent.adapters.systemd import Notifier
 from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
@@ -61,13 +62,21 @@ from qudata_agent.loops.docker_events import docker_events_loop
 from qudata_agent.loops.gpu_events import gpu_events_loop
 from qudata_agent.loops.images import image_gc_loop, prepull_loop
 from qudata_agent.loops.inventory import inventory_loop
+from qudata_agent.loops.metrics_listener import metrics_listener
 from qudata_agent.loops.periodic import run_every
 from qudata_agent.loops.reconcile import reconcile_loop
 from qudata_agent.loops.registration import registration_loop
 from qudata_agent.loops.stats import StatsReporter
 from qudata_agent.loops.supervisor import Supervisor
+from qudata_agent.loops.watchdog import ping_interval_s, watchdog_loop
 from qudata_agent.metrics import Metrics
-from qudata_agent.server import PortUnavailable, listen, make_server, wait_started
+from qudata_agent.server import (
+    PortUnavailable,
+    bind_socket,
+    listen,
+    make_server,
+    wait_started,
+)
 from qudata_agent.services.builds import BuildPipeline
 from qudata_agent.services.capacity import Disk, HostCapacity
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
@@ -440,6 +449,7 @@ class Agent:
             return 1
         port = int(sock.getsockname()[1])
         services = await self._services(parts, port)
+        parts.metrics.follow_disk(services.storage.known_data_root, disk_free_bytes)
         server = make_server(
             create_app(
                 ApiDeps(
@@ -462,6 +472,7 @@ class Agent:
                 timeout_s=s.cp_timeout_s,
                 user_agent=f"qudata-agent/{__version__}",
                 on_failure=parts.metrics.control_plane_failed,
+                on_success=parts.metrics.control_plane_succeeded,
             )
             if parts.api_key
             else None
@@ -470,10 +481,24 @@ class Agent:
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._start_loops(supervisor, parts, services, cp, listening)
         self._start_image_loops(supervisor, services)
+        if s.metrics_listen is not None:
+            try:
+                metrics_sock = await asyncio.to_thread(bind_socket, *s.metrics_listen)
+            except OSError as e:
+                log.error("metrics listener cannot listen", extra={"error": e.strerror})
+            else:
+                supervisor.start(
+                    "metrics", lambda: metrics_listener(metrics_sock, parts.metrics.render)
+                )
+        notifier = Notifier(s.notify_socket)
+        if s.watchdog_usec and notifier.enabled:
+            interval = ping_interval_s(s.watchdog_usec)
+            supervisor.start("watchdog", lambda: watchdog_loop(notifier.watchdog, interval))
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         try:
             if await wait_started(server, serving):
                 listening.set_result(port)
+                notifier.ready(f"listening on port {port}")
                 log.info(
                     "agent listening",
                     extra={
@@ -489,6 +514,7 @@ class Agent:
             log.error("HTTP server failed to start", extra={"code": e.code})
             return 1
         finally:
+            notifier.stopping()
             listening.cancel()
             await supervisor.stop(s.shutdown_timeout_s)
             await services.instances.close()

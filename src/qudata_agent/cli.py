@@ -24,13 +24,71 @@ if TYPE_CHECKING:
 # Read by `doctor` and `status` when no config file is named (install.sh writes it).
 DEFAULT_CONFIG_FILE = Path("/etc/qudata-agent/agent.env")
 
+# `run --help`: the settings (README's Configuration table has the details).
+SETTINGS_HELP = (
+    ("QUDATA_API_KEY", "control-plane API key (none: standalone); kept in STATE_DIR/api_key"),
+    ("QUDATA_API_URL", "control-plane base URL (https://internal.qudata.ai/v0)"),
+    ("QUDATA_AGENT_HOST", "address the API listens on (0.0.0.0)"),
+    ("QUDATA_AGENT_PORT", "API port (previous one, else the first free from 1024)"),
+    ("QUDATA_STATE_DIR", "state directory (/var/lib/qudata-agent)"),
+    ("QUDATA_PORT_RANGE", "host ports handed to instances (40000-49999)"),
+    ("QUDATA_ADDRESS", "public address reported (looked up, else the default route's)"),
+    ("QUDATA_ADDRESS_LOOKUP_URLS", "'what is my IP' services, comma-separated, or none"),
+    ("DOCKER_HOST", "Docker engine (unix:///var/run/docker.sock)"),
+    ("QUDATA_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (INFO)"),
+    ("QUDATA_LOG_FORMAT", "json or text (json)"),
+    ("QUDATA_LOG_FILE", "also log to this file, rotated"),
+    ("QUDATA_LOG_FILE_MAX_MB", "size of one log file before it rotates (50)"),
+    ("QUDATA_CP_TIMEOUT", "seconds per control-plane call (10)"),
+    ("QUDATA_CP_BACKOFF_MAX", "cap of the control-plane retry delay, seconds (60)"),
+    ("QUDATA_SHUTDOWN_TIMEOUT", "seconds given to requests and loops on stop (5)"),
+    ("QUDATA_PULL_INACTIVITY_TIMEOUT", "abort a pull without progress for this long (300)"),
+    ("QUDATA_STOP_TIMEOUT", "SIGTERM to SIGKILL when stopping an instance, seconds (10)"),
+    ("QUDATA_SYNC_INTERVAL", "seconds between full reconciles with Docker (30)"),
+    ("QUDATA_NETWORK", "the Docker network of instances (qudata)"),
+    ("QUDATA_BRIDGE", "its bridge (qudata0)"),
+    ("QUDATA_FIREWALL", "wall instances off from the host and private ranges (on)"),
+    ("QUDATA_EGRESS_ALLOW", "private networks instances may still reach"),
+    ("QUDATA_INVENTORY_INTERVAL", "seconds between inventory checks (300)"),
+    ("QUDATA_STORAGE_POLICY", "monitor or refuse storage_gb where it cannot be capped"),
+    ("QUDATA_STORAGE_CHECK_INTERVAL", "seconds between layer measurements (60)"),
+    ("QUDATA_CRASH_RESTARTS", "restarts of a crashing command before it is left error (5)"),
+    ("QUDATA_CONTAINER_LOG_MB", "each container's log, rotated files together, MB (100)"),
+    ("QUDATA_MAX_INSTANCES", "instances the host may run at once (1)"),
+    ("QUDATA_RESERVED_CPU_CORES", "CPUs kept back for the host (1)"),
+    ("QUDATA_RESERVED_MEMORY_GB", "memory kept back for the host, GiB (2)"),
+    ("QUDATA_IMAGE_GC_FREE_GB", "remove unused images while Docker's disk has less free (20)"),
+    ("QUDATA_IMAGE_CACHE_GB", "and while the agent's images total more than this"),
+    ("QUDATA_IMAGE_GC_INTERVAL", "seconds between image GC passes (600)"),
+    ("QUDATA_PREPULL", "images pulled after start and kept, comma-separated"),
+    ("QUDATA_PREPULL_INTERVAL", "seconds between checks of the pre-pull list (86400)"),
+    ("QUDATA_METRICS_LISTEN", "loopback HOST:PORT serving /metrics without the secret"),
+    ("QUDATA_CONFIG_FILE", "KEY=VALUE file read first (the environment wins)"),
+)
+EXIT_CODES_HELP = (
+    (0, "stopped cleanly (SIGTERM or SIGINT)"),
+    (1, "could not start (state dir, port, HTTP server)"),
+    (2, "configuration error (the message names the variable)"),
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qudata-agent", description="QuData host agent for GPU hosts."
     )
+    parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the agent (the daemon)")
+    width = max(len(name) for name, _ in SETTINGS_HELP) + 2
+    epilog = "settings (environment, or KEY=VALUE lines in --config FILE):\n"
+    epilog += "".join(f"  {name:<{width}}{meaning}\n" for name, meaning in SETTINGS_HELP)
+    epilog += "\nexit codes:\n" + "".join(f"  {code}  {what}\n" for code, what in EXIT_CODES_HELP)
+    run = sub.add_parser(
+        "run",
+        help="run the agent (the daemon)",
+        description="Runs the agent until SIGTERM or SIGINT.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "--api-key",
         metavar="KEY",
@@ -102,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.log_format,
             file=settings.log_file,
             file_max_bytes=settings.log_file_max_mb * 1024 * 1024,
+            journal=logs.stderr_is_journal(settings.journal_stream),
         )
     except OSError as e:
         print(f"qudata-agent: QUDATA_LOG_FILE: cannot be opened ({e.strerror})", file=sys.stderr)

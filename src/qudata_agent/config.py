@@ -13,6 +13,7 @@ What stays true:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -33,6 +34,8 @@ DEFAULT_PORT_RANGE = (40000, 49999)
 DEFAULT_ADDRESS_LOOKUP_URLS = ("https://api.ipify.org", "https://checkip.amazonaws.com")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("json", "text")
+# What systemd tells a service it starts (never read from the config file).
+_SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
 # Variables whose values are secrets: never echoed in an error.
 _SECRET_VARS = frozenset({"QUDATA_API_KEY"})
 
@@ -85,6 +88,12 @@ class Settings:
     image_gc_interval_s: float = 600.0
     prepull: tuple[str, ...] = ()  # image references pulled after start, kept in the cache
     prepull_interval_s: float = 86400.0  # how often the pre-pull list is checked again
+    # Optional Prometheus listener without the secret (host, port); None: off.
+    metrics_listen: tuple[str, int] | None = None
+    # Set by systemd: the sd_notify socket, the watchdog timeout, journald on stderr.
+    notify_socket: str | None = None
+    watchdog_usec: int | None = None
+    journal_stream: str | None = None
 
     @property
     def standalone(self) -> bool:
@@ -241,7 +250,42 @@ def load_settings(
     env.update({k: v for k, v in source.items() if k.startswith(PREFIX) or k == "DOCKER_HOST"})
     if api_key is not None:
         env["QUDATA_API_KEY"] = api_key
+    for var in _SYSTEMD_VARS:
+        env.pop(var, None)
+        if source.get(var):
+            env[var] = source[var]
     return _from_mapping(env)
+
+
+def _parse_listen(name: str, raw: str) -> tuple[str, int] | None:
+    value = raw.strip()
+    if value.lower() in ("", "off", "none"):
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host:
+        raise ConfigError(f"{name}: expected HOST:PORT (e.g. 127.0.0.1:9101), got {raw!r}")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:  # it needs no secret: it must not be reachable from elsewhere
+        raise ConfigError(f"{name}: expected a loopback address (127.0.0.1 or ::1), got {host!r}")
+    return host, _parse_int(name, port, 1, 65535)
+
+
+def _systemd(env: Mapping[str, str]) -> dict[str, object]:
+    """NOTIFY_SOCKET, WATCHDOG_USEC (for this process only) and JOURNAL_STREAM."""
+    found: dict[str, object] = {}
+    if env.get("NOTIFY_SOCKET", "").strip():
+        found["notify_socket"] = env["NOTIFY_SOCKET"].strip()
+    pid = env.get("WATCHDOG_PID", "").strip()
+    usec = env.get("WATCHDOG_USEC", "").strip()
+    if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+        found["watchdog_usec"] = int(usec)
+    if env.get("JOURNAL_STREAM", "").strip():
+        found["journal_stream"] = env["JOURNAL_STREAM"].strip()
+    return found
 
 
 def _from_mapping(env: Mapping[str, str]) -> Settings:
@@ -320,6 +364,11 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
     docker_host = env.get("DOCKER_HOST", "").strip()
     if docker_host:
         kwargs["docker_host"] = docker_host
+    if env.get("QUDATA_METRICS_LISTEN") is not None:
+        kwargs["metrics_listen"] = _parse_listen(
+            "QUDATA_METRICS_LISTEN", env["QUDATA_METRICS_LISTEN"]
+        )
+    kwargs.update(_systemd(env))
     settings = Settings(**kwargs)  # type: ignore[arg-type]
     if settings.agent_port is not None:
         lo, hi = settings.port_range

@@ -19,29 +19,30 @@ What stays true:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
-import ssl
+import shutil
 import stat
-import urllib.error
-import urllib.request
+import subprocess
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-import certifi  # httpx's trust roots: the agent's own client trusts exactly these
-
 from qudata_agent import __version__
+from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
 from qudata_agent.adapters.docker_engine import DockerEngine
-from qudata_agent.adapters.host import mount_options, run_tool
+from qudata_agent.adapters.host import disk_free_bytes, mount_options, run_tool
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.store import Store
 from qudata_agent.config import Settings
-from qudata_agent.domain.inventory import GpuReport
+from qudata_agent.domain.inventory import GpuCondition, GpuReport
 from qudata_agent.domain.storage import quota_support
 from qudata_agent.errors import AgentError
 
@@ -50,6 +51,16 @@ SECRET_FILES = ("agent_secret", "api_key")  # in the state dir; see services/cre
 NVIDIA_PCI_VENDOR = "0x10de"
 PORTS_FREE_ENOUGH = 0.9  # below this share of the range free: a warning
 _CP_TIMEOUT_S = 5.0
+GIB = 1024**3
+DISK_FAIL_BYTES = 20 * GIB  # free on Docker's data root: below this, no image fits
+DISK_WARN_BYTES = 100 * GIB  # below this, a few large images fill it
+CLOCK_WARN_S = 5.0  # skew against the control plane's Date header
+CLOCK_FAIL_S = 60.0
+DOCKER_DEFAULT_DOWNLOADS = 3  # dockerd's max-concurrent-downloads when unset
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+RESERVED = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+DAEMON_JSON = Path("/etc/docker/daemon.json")
+CDI_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))
 
 
 class Level(StrEnum):
@@ -120,6 +131,14 @@ def storage_check(
 
 def gpu_check(report: GpuReport, pci_gpus: int) -> Check:
     """GPUs as NVML sees them, against the NVIDIA devices on the PCI bus."""
+    if report.gpus and len(report.gpus) < pci_gpus:
+        return Check(
+            "nvidia gpus",
+            Level.FAIL,
+            f"NVML sees {len(report.gpus)} of the {pci_gpus} NVIDIA GPU(s) on the PCI bus",
+            "a GPU fell off the bus or the driver lost it: look for Xid 79 or 'fallen off "
+            "the bus' in dmesg, then reboot (or reseat the GPU); nvidia-smi must list all",
+        )
     if report.gpus:
         names = ", ".join(sorted({gpu.name for gpu in report.gpus}))
         return Check(
@@ -246,23 +265,222 @@ def ssh_check(missing: Sequence[str]) -> Check:
     )
 
 
-def control_plane_check(url: str, has_key: bool, answer: int | str | None) -> Check:
-    """`answer`: the HTTP status of `GET url`, or why there was none."""
+def control_plane_check(url: str, has_key: bool, answer: CpAnswer | str | None) -> Check:
+    """`answer`: the answer to an authenticated call through the agent's client, or why none."""
     if not has_key:
         return Check(
             "control plane",
             Level.WARN,
             "no API key: standalone mode, the host is not offered for rent",
-            "set QUDATA_API_KEY in the config file (install.sh API_KEY does)",
+            "install.sh --api-key-file FILE (the key goes to the state dir's api_key)",
         )
-    if isinstance(answer, int):
-        return Check("control plane", Level.PASS, f"{url} answers (HTTP {answer})")
+    if not isinstance(answer, CpAnswer):
+        return Check(
+            "control plane",
+            Level.FAIL,
+            f"{url} unreachable: {answer or 'no answer'}",
+            "allow outbound HTTPS to it (DNS, firewall, HTTPS_PROXY), or fix QUDATA_API_URL",
+        )
+    if answer.status in (401, 403):
+        return Check(
+            "control plane",
+            Level.FAIL,
+            f"{url} refuses the API key (HTTP {answer.status})",
+            "give the right key: install.sh --api-key-file FILE",
+        )
+    detail = f"{url} answers an authenticated call (HTTP {answer.status})"
+    skew = clock_skew_s(answer)
+    if skew is None:
+        return Check("control plane", Level.PASS, detail + "; no Date header: clock not compared")
+    detail += f"; clock skew {skew:+.0f} s"
+    if abs(skew) > CLOCK_FAIL_S:
+        level = Level.FAIL
+    elif abs(skew) > CLOCK_WARN_S:
+        level = Level.WARN
+    else:
+        return Check("control plane", Level.PASS, detail)
+    return Check("control plane", level, detail, "synchronise the clock: timedatectl set-ntp true")
+
+
+def gpu_health_check(conditions: Sequence[GpuCondition]) -> Check | None:
+    """Persistence mode, pending row remaps and ECC of each GPU (None: no GPU to check)."""
+    if not conditions:
+        return None
+    broken = [c.uuid for c in conditions if c.remap_failed]
+    pending = [c.uuid for c in conditions if c.remap_pending]
+    ecc = [c.uuid for c in conditions if c.ecc_uncorrected]
+    if broken or pending or ecc:
+        parts = []
+        if broken:
+            parts.append(f"row remapping failed on {', '.join(broken)} (needs service)")
+        if pending:
+            parts.append(f"row remaps pending on {', '.join(pending)}")
+        if ecc:
+            parts.append(f"uncorrected ECC errors on {', '.join(ecc)}")
+        return Check(
+            "gpu health",
+            Level.FAIL,
+            "; ".join(parts),
+            "drain the host, then reset the GPU (nvidia-smi -r) or reboot so pending "
+            "remaps take effect; a failed remap or recurring ECC errors: RMA the GPU",
+        )
+    off = [c.uuid for c in conditions if c.persistence_mode is False]
+    no_ecc = [c.uuid for c in conditions if c.ecc_enabled is False]
+    detail = f"{len(conditions)} GPU(s): no pending row remap, no uncorrected ECC error"
+    if off:
+        return Check(
+            "gpu health",
+            Level.WARN,
+            f"{detail}; persistence mode off on {', '.join(off)}",
+            "systemctl enable --now nvidia-persistenced (or nvidia-smi -pm 1): without it "
+            "the driver unloads between jobs and each instance start is slower",
+        )
+    if no_ecc:
+        detail += f"; ECC off on {', '.join(no_ecc)}"
+    return Check("gpu health", Level.PASS, detail + "; persistence mode on")
+
+
+def toolkit_check(gpus_present: bool, cli: tuple[int, str] | None) -> Check:
+    """`nvidia-container-cli info`: the toolkit's view of the driver (`cli`: exit, output)."""
+    if not gpus_present:
+        return Check("nvidia toolkit", Level.PASS, "not needed: no NVIDIA GPU")
+    if cli is None:
+        return Check(
+            "nvidia toolkit",
+            Level.FAIL,
+            "nvidia-container-cli is not installed",
+            "install the NVIDIA Container Toolkit (install.sh does)",
+        )
+    code, output = cli
+    first = next((line.strip() for line in output.splitlines() if line.strip()), "")
+    if code != 0:
+        return Check(
+            "nvidia toolkit",
+            Level.FAIL,
+            f"nvidia-container-cli info fails (exit {code}): {first}",
+            "the toolkit does not match the driver: reinstall nvidia-container-toolkit, "
+            "and reboot if the driver was upgraded without one",
+        )
+    return Check("nvidia toolkit", Level.PASS, f"nvidia-container-cli info: {first}")
+
+
+def cdi_check(gpus_present: bool, specs: Sequence[str]) -> Check:
+    if not gpus_present:
+        return Check("cdi", Level.PASS, "not needed: no NVIDIA GPU")
+    if specs:
+        return Check("cdi", Level.PASS, f"CDI specs: {', '.join(specs)}")
     return Check(
-        "control plane",
-        Level.FAIL,
-        f"{url} unreachable: {answer or 'no answer'}",
-        "allow outbound HTTPS to it (DNS, firewall, proxy), or fix QUDATA_API_URL",
+        "cdi",
+        Level.WARN,
+        "no CDI spec for the GPUs (/etc/cdi, /var/run/cdi)",
+        "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml",
     )
+
+
+def disk_check(root: str | None, free: int | None) -> Check:
+    """Free space on Docker's data root, where images and writable layers live."""
+    if root is None or free is None:
+        return Check("docker disk", Level.WARN, "not checked: Docker's data root is unknown")
+    detail = f"{free / GIB:.0f} GiB free on {root}"
+    fix = "free space (docker image prune -a removes unused images) or grow the filesystem"
+    if free < DISK_FAIL_BYTES:
+        return Check("docker disk", Level.FAIL, detail, fix)
+    if free < DISK_WARN_BYTES:
+        return Check("docker disk", Level.WARN, detail, fix)
+    return Check("docker disk", Level.PASS, detail)
+
+
+def live_restore_check(info: Mapping[str, Any] | None) -> Check:
+    if info is None:
+        return Check("live restore", Level.WARN, "not checked: Docker does not answer")
+    if info.get("LiveRestoreEnabled"):
+        return Check("live restore", Level.PASS, "on: a Docker restart keeps tenants running")
+    return Check(
+        "live restore",
+        Level.FAIL,
+        "off: a Docker restart or upgrade stops every tenant's container",
+        'set "live-restore": true in /etc/docker/daemon.json, then systemctl reload docker '
+        "(install.sh does)",
+    )
+
+
+def pulls_check(info: Mapping[str, Any] | None, daemon_json: str | None) -> Check:
+    """Reports Docker's pull settings: parallel downloads and registry mirrors."""
+    config: Any = {}
+    with contextlib.suppress(ValueError):
+        config = json.loads(daemon_json or "{}")
+    if not isinstance(config, dict):
+        config = {}
+    downloads = config.get("max-concurrent-downloads")
+    mirrors = list(((info or {}).get("RegistryConfig") or {}).get("Mirrors") or [])
+    mirrors = mirrors or list(config.get("registry-mirrors") or [])
+    shown = (
+        f"max-concurrent-downloads {downloads}"
+        if downloads
+        else f"max-concurrent-downloads {DOCKER_DEFAULT_DOWNLOADS} (Docker's default)"
+    )
+    shown += f"; registry mirrors: {', '.join(str(m) for m in mirrors) or 'none'}"
+    return Check("pulls", Level.PASS, shown)
+
+
+def _port_set(text: str) -> set[int]:
+    """`ip_local_reserved_ports` syntax: comma-separated ports and FIRST-LAST ranges."""
+    ports: set[int] = set()
+    for item in text.replace("\n", "").split(","):
+        lo, sep, hi = item.strip().partition("-")
+        if lo.isdigit() and (not sep or hi.isdigit()):
+            ports.update(range(int(lo), int(hi if sep else lo) + 1))
+    return ports
+
+
+def ephemeral_check(
+    port_range: tuple[int, int], ephemeral: str | None, reserved: str | None
+) -> Check:
+    """The tenant range against the kernel's ephemeral range (source ports of connections)."""
+    lo, hi = port_range
+    bounds = (ephemeral or "").split()
+    if len(bounds) != 2 or not all(b.isdigit() for b in bounds):
+        return Check("ephemeral ports", Level.WARN, "not checked: ip_local_port_range unreadable")
+    elo, ehi = int(bounds[0]), int(bounds[1])
+    overlap = set(range(max(lo, elo), min(hi, ehi) + 1))
+    if not overlap:
+        return Check(
+            "ephemeral ports", Level.PASS, f"{lo}-{hi} lies outside the ephemeral {elo}-{ehi}"
+        )
+    unreserved = overlap - _port_set(reserved or "")
+    if not unreserved:
+        return Check(
+            "ephemeral ports",
+            Level.PASS,
+            f"{lo}-{hi} is reserved (ip_local_reserved_ports) within the ephemeral {elo}-{ehi}",
+        )
+    return Check(
+        "ephemeral ports",
+        Level.FAIL,
+        f"{len(unreserved)} port(s) of {lo}-{hi} lie in the ephemeral range {elo}-{ehi} "
+        "unreserved: an outgoing connection can take a port handed to a tenant",
+        f"sysctl -w net.ipv4.ip_local_reserved_ports={lo}-{hi} and keep it in /etc/sysctl.d "
+        "(install.sh does), or move QUDATA_PORT_RANGE below the ephemeral range",
+    )
+
+
+@dataclass(frozen=True)
+class CpAnswer:
+    """The control plane's answer to an authenticated call: status, Date header, local time."""
+
+    status: int
+    date: str | None
+    at: float  # time.time() when it came
+
+
+def clock_skew_s(answer: CpAnswer) -> float | None:
+    """Local clock minus the control plane's (whole seconds: what Date carries)."""
+    if not answer.date:
+        return None
+    try:
+        return answer.at - parsedate_to_datetime(answer.date).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def ready(checks: Iterable[Check]) -> bool:
@@ -318,7 +536,15 @@ class Probes(Protocol):
 
     def timedatectl(self) -> str | None: ...
 
-    def http_status(self, url: str, timeout_s: float) -> int: ...  # raises ProbeError
+    def control_plane(self, url: str, api_key: str, timeout_s: float) -> CpAnswer: ...  # ProbeError
+
+    def gpu_conditions(self) -> tuple[GpuCondition, ...]: ...
+
+    def container_cli_info(self) -> tuple[int, str] | None: ...  # None: not installed
+
+    def cdi_specs(self) -> tuple[str, ...]: ...
+
+    def disk_free(self, path: str) -> int | None: ...
 
 
 def _permission_check(name: str, error: OSError) -> Check:
@@ -361,14 +587,21 @@ def _control_plane(settings: Settings, probes: Probes) -> Check:
     kept = None
     with contextlib.suppress(OSError):
         kept = probes.read_text(settings.state_dir / "api_key")
-    has_key = bool(settings.api_key or (kept or "").strip())
-    answer: int | str | None = None
-    if has_key:
+    key = settings.api_key or (kept or "").strip()
+    answer: CpAnswer | str | None = None
+    if key:
         try:
-            answer = probes.http_status(settings.api_url, _CP_TIMEOUT_S)
+            answer = probes.control_plane(settings.api_url, key, _CP_TIMEOUT_S)
         except ProbeError as e:
             answer = str(e)
-    return control_plane_check(settings.api_url, has_key, answer)
+    return control_plane_check(settings.api_url, bool(key), answer)
+
+
+def _text_or_none(probes: Probes, path: Path) -> str | None:
+    try:
+        return probes.read_text(path)
+    except OSError:
+        return None
 
 
 def _data_root_options(info: Mapping[str, Any] | None, probes: Probes) -> frozenset[str] | None:
@@ -398,12 +631,26 @@ def run_checks(settings: Settings, probes: Probes, config_file: Path | None = No
         error = str(e)
     report = probes.gpu_report()
     pci = probes.nvidia_pci_devices()
+    gpus_present = bool(report.gpus) or pci > 0
+    root = (info or {}).get("DockerRootDir")
+    health = gpu_health_check(probes.gpu_conditions() if report.gpus else ())
     return [
         docker_check(info, error, docker_host),
+        live_restore_check(info),
+        pulls_check(info, _text_or_none(probes, DAEMON_JSON)),
         storage_check(info, _data_root_options(info, probes)),
+        disk_check(str(root) if root else None, probes.disk_free(str(root)) if root else None),
         gpu_check(report, pci),
-        runtime_check(info, bool(report.gpus) or pci > 0),
+        *([health] if health is not None else []),
+        runtime_check(info, gpus_present),
+        toolkit_check(gpus_present, probes.container_cli_info() if gpus_present else None),
+        cdi_check(gpus_present, probes.cdi_specs() if gpus_present else ()),
         _ports(settings, probes),
+        ephemeral_check(
+            settings.port_range,
+            _text_or_none(probes, EPHEMERAL),
+            _text_or_none(probes, RESERVED),
+        ),
         *_file_checks(settings, probes, config_file),
         clock_check(probes.timedatectl()),
         _ssh_tools(probes),
@@ -462,7 +709,7 @@ class HostProbes:
         try:
             if not db.is_file():
                 return frozenset()
-            store = Store.open(db)
+            store = Store.open_readonly(db)  # never migrated or written by doctor
         except (OSError, AgentError):
             return frozenset()
         try:
@@ -488,26 +735,53 @@ class HostProbes:
     def timedatectl(self) -> str | None:
         return run_tool(["timedatectl", "show", "-p", "NTPSynchronized"])
 
-    def http_status(self, url: str, timeout_s: float) -> int:
-        """Any HTTP answer counts (a redirect too: it is not followed)."""
-        opener = urllib.request.build_opener(
-            _NoRedirect(),
-            urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=certifi.where())),
-        )
-        request = urllib.request.Request(  # noqa: S310 (config allows http(s) URLs only)
-            url, headers={"User-Agent": f"qudata-agent/{__version__} doctor"}
-        )
+    def control_plane(self, url: str, api_key: str, timeout_s: float) -> CpAnswer:
+        """One authenticated call through the agent's own client (its TLS roots, proxies)."""
+
+        async def ask() -> tuple[int, str | None]:
+            client = ControlPlane(
+                url, api_key, timeout_s=timeout_s, user_agent=f"qudata-agent/{__version__} doctor"
+            )
+            try:
+                return await client.check()
+            finally:
+                await client.aclose()
+
         try:
-            with opener.open(request, timeout=timeout_s) as answer:
-                return int(answer.status)
-        except urllib.error.HTTPError as e:
-            return int(e.code)
-        except urllib.error.URLError as e:
-            raise ProbeError(str(e.reason)) from e
-        except OSError as e:  # a timeout while reading, a reset
-            raise ProbeError(str(e) or type(e).__name__) from e
+            status, date = asyncio.run(ask())
+        except ControlPlaneError as e:
+            raise ProbeError(str(e)) from e
+        return CpAnswer(status, date, time.time())
 
+    def gpu_conditions(self) -> tuple[GpuCondition, ...]:
+        nvml = Nvml()
+        try:
+            return nvml.conditions()
+        finally:
+            nvml.close()
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # the 3xx itself is the answer
+    def container_cli_info(self) -> tuple[int, str] | None:
+        exe = shutil.which("nvidia-container-cli")
+        if exe is None:
+            return None
+        try:
+            done = subprocess.run(  # absolute path, argument list, no shell
+                [exe, "info"], capture_output=True, text=True, timeout=20, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return 1, str(e)
+        return done.returncode, (done.stdout or "") + (done.stderr or "")
+
+    def cdi_specs(self) -> tuple[str, ...]:
+        found: list[str] = []
+        for folder in CDI_DIRS:
+            with contextlib.suppress(OSError):
+                found.extend(
+                    str(spec)
+                    for spec in sorted(folder.iterdir())
+                    if spec.suffix in (".yaml", ".yml", ".json") and "nvidia" in spec.name
+                )
+        return tuple(found)
+
+    def disk_free(self, path: str) -> int | None:
+        return disk_free_bytes(path)

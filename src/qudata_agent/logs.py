@@ -14,6 +14,7 @@ import contextvars
 import json
 import logging
 import logging.handlers
+import os
 import sys
 import threading
 import time
@@ -92,6 +93,41 @@ class TextFormatter(logging.Formatter):
 
 _REDACTOR = _Redactor()
 
+# syslog priorities (sd-daemon.h): journald reads a "<N>" line prefix as the level.
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+def priority(levelno: int) -> int:
+    if levelno >= logging.CRITICAL:
+        return 2
+    for level in (logging.ERROR, logging.WARNING, logging.INFO):
+        if levelno >= level:
+            return _PRIORITIES[level]
+    return 7
+
+
+class _JournalPrefix(logging.Formatter):
+    """Wraps a formatter: each line starts with its syslog priority, for journald."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self._inner.format(record).splitlines())
+
+
+def stderr_is_journal(journal_stream: str | None) -> bool:
+    """True when stderr is the journald stream systemd named in JOURNAL_STREAM (dev:inode)."""
+    if not journal_stream:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return journal_stream == f"{st.st_dev}:{st.st_ino}"
+
 
 def redact(secret: str | None) -> None:
     """Registers a secret value so that it never appears in a log line."""
@@ -109,8 +145,12 @@ def setup(
     *,
     file: Path | None = None,
     file_max_bytes: int = 50 * 1024 * 1024,
+    journal: bool = False,
 ) -> None:
     """Routes every log line to stderr and, when `file` is given, to that file too.
+
+    With `journal` (stderr is journald's stream), each stderr line carries its
+    syslog priority, so a warning is stored as a warning.
 
     The file is rotated when it would pass `file_max_bytes`; `LOG_FILE_BACKUPS`
     old ones are kept. Raises OSError when the file cannot be opened.
@@ -125,6 +165,10 @@ def setup(
     for handler in handlers:
         handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
         handler.addFilter(_REDACTOR)
+    if journal:
+        handlers[0].setFormatter(
+            _JournalPrefix(JsonFormatter() if fmt == "json" else TextFormatter())
+        )
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

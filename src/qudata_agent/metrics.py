@@ -11,32 +11,33 @@ What stays true:
 - label values come from small, closed sets (route templates, HTTP methods,
   control-plane calls, GPU UUIDs, XID numbers), never from raw request paths;
 - a source that has nothing yet gives no series, never a made-up zero;
-- rendering never raises because a source is missing.
+- rendering never raises because a source is missing;
+- Prometheus naming: base units (seconds, bytes, ratios 0..1 as `_ratio`),
+  counters end in `_total`, one name per thing (a subject-level mean of the
+  per-GPU series is left to the query).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from qudata_agent import __version__
 from qudata_agent.domain.inventory import GpuSample
 
 # The text format every Prometheus version reads (names here need no escaping).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
-# /stats payload field -> (metric name, help); the value is the payload's own figure.
+# /stats payload field -> (metric name, help); the payload's percent becomes a ratio.
 _STATS_GAUGES = {
-    "cpu_util": ("qudata_cpu_util_percent", "CPU use, percent of the CPU limit (host: all CPUs)"),
-    "ram_util": ("qudata_ram_util_percent", "Memory use, percent of the memory limit (or host)"),
-    "inet_in": ("qudata_net_receive_bytes_per_second", "Network receive rate"),
-    "inet_out": ("qudata_net_transmit_bytes_per_second", "Network transmit rate"),
-    "gpu_util": ("qudata_gpu_util_percent", "Mean utilisation of the subject's GPUs"),
-    "mem_util": ("qudata_gpu_mem_util_percent", "GPU memory use, percent of the GPUs' memory"),
-    "gpu_temp": ("qudata_gpu_temp_max_celsius", "Hottest of the subject's GPUs"),
+    "cpu_util": ("qudata_cpu_utilization_ratio", "CPU use, share of the CPU limit (host: all)"),
+    "ram_util": ("qudata_memory_utilization_ratio", "Memory use, share of the limit (or host)"),
 }
 
 
@@ -48,6 +49,9 @@ class StatsSource(Protocol):
 
     @property
     def last_gpus(self) -> tuple[GpuSample, ...]: ...
+
+    @property
+    def last_net(self) -> Mapping[str, tuple[int, int]]: ...  # by instance id ("" host)
 
 
 class HealthSource(Protocol):
@@ -89,8 +93,14 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self._cp_last_success: float | None = None  # time.time() of the last good call
+        Info("qudata_build", "The agent's version", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, ..._bytes, fds
         self._stats: StatsSource | None = None
         self._health: HealthSource | None = None
+        self._disk: tuple[Callable[[], str | None], Callable[[str], int | None]] | None = None
         self.registry.register(_Snapshot(self))
 
     # -- events ----------------------------------------------------------------
@@ -101,6 +111,9 @@ class Metrics:
 
     def control_plane_failed(self, call: str) -> None:
         self._cp_failures.labels(call=call).inc()
+
+    def control_plane_succeeded(self, call: str) -> None:
+        self._cp_last_success = time.time()
 
     def reconcile_ran(self, ok: bool) -> None:
         self._reconciles.labels(result="ok" if ok else "error").inc()
@@ -119,16 +132,40 @@ class Metrics:
     def follow_health(self, source: HealthSource) -> None:
         self._health = source
 
+    def follow_disk(
+        self, data_root: Callable[[], str | None], free_bytes: Callable[[str], int | None]
+    ) -> None:
+        """Free space on Docker's data root, measured at scrape time (one statvfs)."""
+        self._disk = (data_root, free_bytes)
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE
 
     def _collect(self) -> Iterator[Metric]:
+        if self._cp_last_success is not None:
+            yield GaugeMetricFamily(
+                "qudata_control_plane_last_success_timestamp_seconds",
+                "When a control-plane call last succeeded (Unix time)",
+                value=self._cp_last_success,
+            )
         if self._stats is not None:
             yield from _stats_families(self._stats.last)
+            yield from _net_families(self._stats.last, self._stats.last_net)
             yield from _gpu_families(self._stats.last_gpus)
         if self._health is not None:
             yield from _health_families(self._health.counts())
+        if self._disk is not None:
+            root = self._disk[0]()
+            free = self._disk[1](root) if root else None
+            if root and free is not None:
+                family = GaugeMetricFamily(
+                    "qudata_docker_data_root_free_bytes",
+                    "Free space on Docker's data root (images, writable layers)",
+                    labels=["path"],
+                )
+                family.add_metric([root], float(free))
+                yield family
 
 
 class _Snapshot:
@@ -154,7 +191,7 @@ def _stats_families(payload: dict[str, Any] | None) -> Iterator[Metric]:
         value = payload.get(field)
         if isinstance(value, int | float):
             family = GaugeMetricFamily(name, doc, labels=["subject"])
-            family.add_metric([subject], float(value))
+            family.add_metric([subject], float(value) / 100.0)
             yield family
     state = GaugeMetricFamily(
         "qudata_instance_status", "1 for the instance's current status", labels=["status"]
@@ -173,7 +210,7 @@ def _labelled_families(status: str, host: dict[str, Any], entries: list[Any]) ->
         for subject, instance_id, figures in rows:
             value = figures.get(field)
             if isinstance(value, int | float):
-                family.add_metric([subject, instance_id], float(value))
+                family.add_metric([subject, instance_id], float(value) / 100.0)
         yield family
     state = GaugeMetricFamily(
         "qudata_instance_status",
@@ -186,15 +223,45 @@ def _labelled_families(status: str, host: dict[str, Any], entries: list[Any]) ->
     yield state
 
 
+def _net_families(
+    payload: dict[str, Any] | None, net: Mapping[str, tuple[int, int]]
+) -> Iterator[Metric]:
+    """Bytes received and sent since each network namespace was made (counters).
+
+    `net` is keyed by instance id ("" the host's). With several instances per
+    host every series carries `instance_id`; with one, only `subject`.
+    """
+    if payload is None or not net:
+        return
+    several = isinstance(payload.get("instances"), list)
+    single = "host" if str(payload.get("status", "destroyed")) == "destroyed" else "instance"
+    for name, doc, index in (
+        ("qudata_network_receive_bytes", "Bytes received (every interface but lo)", 0),
+        ("qudata_network_transmit_bytes", "Bytes sent (every interface but lo)", 1),
+    ):
+        family = CounterMetricFamily(
+            name, doc, labels=["subject", "instance_id"] if several else ["subject"]
+        )
+        for instance_id, counts in net.items():
+            subject = "host" if instance_id == "" else "instance"
+            if several:
+                family.add_metric([subject, instance_id], float(counts[index]))
+            elif subject == single:
+                family.add_metric([subject], float(counts[index]))
+        yield family
+
+
 def _gpu_families(samples: tuple[GpuSample, ...]) -> Iterator[Metric]:
     if not samples:
         return
-    util = GaugeMetricFamily("qudata_gpu_utilization_percent", "GPU utilisation", labels=["uuid"])
+    util = GaugeMetricFamily(
+        "qudata_gpu_utilization_ratio", "GPU utilisation (0..1)", labels=["uuid"]
+    )
     used = GaugeMetricFamily("qudata_gpu_memory_used_bytes", "GPU memory in use", labels=["uuid"])
     total = GaugeMetricFamily("qudata_gpu_memory_total_bytes", "GPU memory", labels=["uuid"])
     temp = GaugeMetricFamily("qudata_gpu_temperature_celsius", "GPU temperature", labels=["uuid"])
     for s in samples:
-        util.add_metric([s.uuid], s.util_percent)
+        util.add_metric([s.uuid], s.util_percent / 100.0)
         used.add_metric([s.uuid], float(s.memory_used_bytes))
         total.add_metric([s.uuid], float(s.memory_total_bytes))
         if s.temperature_c is not None:

@@ -33,12 +33,9 @@ from qudata_agent.services.registration import INVENTORY_DIGEST_KEY
 EXIT_RUNNING = 0
 EXIT_DOWN = 3  # as `systemctl status` answers for a stopped unit
 _TIMEOUT_S = 3.0
-_STATS = (  # metric -> label in the output (see metrics.py)
-    ("qudata_cpu_util_percent", "cpu"),
-    ("qudata_ram_util_percent", "ram"),
-    ("qudata_gpu_util_percent", "gpu"),
-    ("qudata_gpu_mem_util_percent", "gpu mem"),
-    ("qudata_gpu_temp_max_celsius", "gpu temp"),
+_STATS = (  # ratio metric -> label in the output (see metrics.py)
+    ("qudata_cpu_utilization_ratio", "cpu"),
+    ("qudata_memory_utilization_ratio", "ram"),
 )
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -174,15 +171,29 @@ def _control_plane_line(report: Report) -> str:
     return text
 
 
+def _values(metrics: Samples, name: str) -> list[float]:
+    return [value for _, value in metrics.get(name, []) if math.isfinite(value)]
+
+
 def _stats_line(metrics: Samples) -> str | None:
+    """cpu and ram of the subject; its GPUs' mean use, memory share and hottest one."""
     figures = []
     subject = None
     for name, label in _STATS:
         for labels, value in metrics.get(name, []):
             if math.isfinite(value):
                 subject = labels.get("subject", subject)
-                unit = "C" if "temp" in name else "%"
-                figures.append(f"{label} {value:.0f}{unit}")
+                figures.append(f"{label} {value * 100:.0f}%")
+    util = _values(metrics, "qudata_gpu_utilization_ratio")
+    if util:
+        figures.append(f"gpu {sum(util) / len(util) * 100:.0f}%")
+    used = _values(metrics, "qudata_gpu_memory_used_bytes")
+    total = sum(_values(metrics, "qudata_gpu_memory_total_bytes"))
+    if used and total > 0:
+        figures.append(f"gpu mem {sum(used) / total * 100:.0f}%")
+    temps = _values(metrics, "qudata_gpu_temperature_celsius")
+    if temps:
+        figures.append(f"gpu temp {max(temps):.0f}C")
     if not figures:
         return None
     return f"stats       {', '.join(figures)}" + (f" ({subject})" if subject else "")
@@ -244,7 +255,7 @@ def read_recorded(state_dir: Path) -> Recorded | None:
     db = state_dir / DB_FILE
     if not db.is_file():
         return None
-    store = Store.open(db)
+    store = Store.open_readonly(db)  # never migrated or written here
     try:
         port = store.get(AGENT_PORT_KEY)
         instances = tuple(

@@ -9,6 +9,7 @@ loopback only; nothing here reaches the internet.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -90,11 +91,24 @@ def test_metrics_needs_the_secret_and_counts_api_requests(agent_factory: AgentFa
 def test_metrics_show_the_stats_and_the_reconciles(
     fake_cp: FakeControlPlane, agent_factory: AgentFactory
 ) -> None:
-    agent = agent_factory(_cp_env(fake_cp)).start()
+    with socket.socket() as probe:  # a free loopback port for the metrics listener
+        probe.bind(("127.0.0.1", 0))
+        listen_port = probe.getsockname()[1]
+    env = _cp_env(fake_cp, QUDATA_METRICS_LISTEN=f"127.0.0.1:{listen_port}")
+    agent = agent_factory(env).start()
     fake_cp.wait_for("/stats", count=1)
+    # The loopback listener serves the same text with no secret.
+    plain = httpx.get(f"http://127.0.0.1:{listen_port}/metrics", timeout=5)
+    assert plain.status_code == 200 and "qudata_build_info{" in plain.text
     found = _metrics(agent, CP_SECRET)
-    assert 0 <= found[("qudata_cpu_util_percent", (("subject", "host"),))] <= 100
-    assert 0 < found[("qudata_ram_util_percent", (("subject", "host"),))] <= 100
+    assert 0 <= found[("qudata_cpu_utilization_ratio", (("subject", "host"),))] <= 1
+    assert 0 < found[("qudata_memory_utilization_ratio", (("subject", "host"),))] <= 1
+    assert found[("qudata_network_receive_bytes_total", (("subject", "host"),))] >= 0
+    last_ok = found[("qudata_control_plane_last_success_timestamp_seconds", ())]
+    assert time.time() - 60 < last_ok <= time.time()
+    assert found[("process_resident_memory_bytes", ())] > 0
+    free = [v for (name, _), v in found.items() if name == "qudata_docker_data_root_free_bytes"]
+    assert free and free[0] > 0
     assert found[("qudata_instance_status", (("status", "destroyed"),))] == 1
     assert found[("qudata_reconcile_runs_total", (("result", "ok"),))] >= 1
     assert not any(name.startswith("qudata_gpu_utilization") for name, _ in found)  # no GPU

@@ -187,7 +187,7 @@ def compare_metrics(text: str, samples: tuple[GpuSample, ...]) -> list[str]:
     return [
         f"/metrics has no {name} for {s.uuid}"
         for s in samples
-        for name in ("qudata_gpu_utilization_percent", "qudata_gpu_memory_used_bytes")
+        for name in ("qudata_gpu_utilization_ratio", "qudata_gpu_memory_used_bytes")
         if f'{name}{{uuid="{s.uuid}"}}' not in text
     ]
 
@@ -417,10 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         uuids = tuple(g.uuid for g in report.gpus)
         samples, events = asyncio.run(_agent_side(nvml, uuids))
         per_gpu = _instance_per_gpu(nvml, smi, args.image)
+        conditions = nvml.conditions()
     finally:
         nvml.close()
     metrics = Metrics()
-    metrics.follow_stats(SimpleNamespace(last=None, last_gpus=samples))
+    metrics.follow_stats(SimpleNamespace(last=None, last_gpus=samples, last_net={}))
     text = metrics.render()[0].decode()
 
     print(f"nvidia-smi: {len(smi)} GPU(s), driver {smi[0].driver_version}, CUDA {cuda}")
@@ -441,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
                 f" of {s.memory_total_bytes // MIB}  temp {s.temperature_c} C"
             )
     print(f"GPU events: {'not available' if events is None else f'{len(events)} pending'}")
+    # What `qudata-agent doctor` reads for its "gpu health" row (information, not compared).
+    for c in conditions:
+        print(
+            f"  {c.uuid}: persistence {c.persistence_mode}, row remap pending {c.remap_pending}"
+            f" failed {c.remap_failed}, ECC {c.ecc_enabled} (uncorrected {c.ecc_uncorrected})"
+        )
 
     problems = [
         *compare_inventory(smi, cuda, report, payload),

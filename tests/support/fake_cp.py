@@ -3,11 +3,16 @@
 Each request is kept (method, path, headers, parsed JSON body); answers per
 path can be set by a test, and the server can be stopped and started again on
 the same port to play an outage.
+
+Run as a program (stdlib only, so any python3 runs it, e.g. inside a test
+host container) it serves on 127.0.0.1:PORT and appends each call to FILE as
+one JSON line: `python3 fake_cp.py PORT FILE`.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import urllib.request
@@ -45,8 +50,9 @@ def _answers_ping(port: object) -> bool:
 
 
 class FakeControlPlane:
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, record_to: str | None = None) -> None:
         self.port = port
+        self.record_to = record_to  # also append each call here, one JSON line
         self.calls: list[Recorded] = []
         self.answers: dict[str, tuple[int, Any]] = {
             "/v0/init": (200, {"ok": True, "data": dict(DEFAULT_INIT)}),
@@ -77,6 +83,11 @@ class FakeControlPlane:
                     record.agent_port_answered = _answers_ping(body.get("agent_port"))
                 with fake._lock:
                     fake.calls.append(record)
+                    if fake.record_to:
+                        with open(fake.record_to, "a", encoding="utf-8") as out:
+                            line = {"method": "POST", "path": self.path, "body": body}
+                            line["headers"] = dict(self.headers.items())
+                            out.write(json.dumps(line) + "\n")
                     status, answer = fake.answers.get(self.path, (404, {"ok": False, "error": "?"}))
                 delay = fake.delays.get(self.path, 0.0)
                 if delay:
@@ -115,3 +126,8 @@ class FakeControlPlane:
                 return found
             time.sleep(0.05)
         raise AssertionError(f"fake control plane: under {count} calls to {path} in {timeout}s")
+
+
+if __name__ == "__main__":
+    server = FakeControlPlane(int(sys.argv[1]), sys.argv[2]).start()
+    threading.Event().wait()

@@ -110,7 +110,7 @@ def test_live_figures_within_tolerance_pass_and_outside_fail(check: Any) -> None
 def test_metrics_check(check: Any) -> None:
     sample = GpuSample(UUIDS[0], 1.0, MIB, 2 * MIB, 30.0)
     text = (
-        f'qudata_gpu_utilization_percent{{uuid="{UUIDS[0]}"}} 1.0\n'
+        f'qudata_gpu_utilization_ratio{{uuid="{UUIDS[0]}"}} 0.01\n'
         f'qudata_gpu_memory_used_bytes{{uuid="{UUIDS[0]}"}} 1048576.0\n'
     )
     assert check.compare_metrics(text, (sample,)) == []

@@ -15,7 +15,7 @@ import pytest
 from qudata_agent import doctor
 from qudata_agent.config import Settings, load_settings
 from qudata_agent.doctor import Check, Level, ProbeError
-from qudata_agent.domain.inventory import GpuInfo, GpuReport
+from qudata_agent.domain.inventory import GpuCondition, GpuInfo, GpuReport
 
 INFO_OVERLAY: dict[str, Any] = {
     "ServerVersion": "27.3.1",
@@ -27,6 +27,7 @@ INFO_OVERLAY: dict[str, Any] = {
         ["Using metacopy", "false"],
     ],
     "Runtimes": {"io.containerd.runc.v2": {}, "runc": {}},
+    "LiveRestoreEnabled": True,
 }
 H100 = GpuInfo(index=0, uuid="GPU-1", name="NVIDIA H100 80GB HBM3", memory_total_bytes=80 << 30)
 
@@ -203,8 +204,9 @@ def test_clock(output: str | None, level: Level) -> None:
 
 def test_control_plane() -> None:
     url = "https://cp.example/v0"
-    assert doctor.control_plane_check(url, True, 404).level is Level.PASS
-    assert "HTTP 404" in doctor.control_plane_check(url, True, 404).detail
+    answer = doctor.CpAnswer(404, None, 0.0)
+    assert doctor.control_plane_check(url, True, answer).level is Level.PASS
+    assert "HTTP 404" in doctor.control_plane_check(url, True, answer).detail
     down = doctor.control_plane_check(url, True, "Connection refused")
     assert down.level is Level.FAIL and "Connection refused" in down.detail and down.fix
     standalone = doctor.control_plane_check(url, False, None)
@@ -263,6 +265,14 @@ class FakeProbes:
     urls: list[str] = field(default_factory=list)
     denied: frozenset[Path] = frozenset()
     mounts: dict[str, frozenset[str]] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+    date: str | None = None
+    now: float = 0.0
+    conditions: tuple[GpuCondition, ...] = ()
+    cli: tuple[int, str] | None = None
+    cdi: tuple[str, ...] = ()
+    free: int | None = 500 * doctor.GIB
+    disk_paths: list[str] = field(default_factory=list)
 
     def docker_info(self) -> dict[str, Any]:
         if self.info is None:
@@ -295,11 +305,25 @@ class FakeProbes:
     def timedatectl(self) -> str | None:
         return self.clock
 
-    def http_status(self, url: str, timeout_s: float) -> int:
+    def control_plane(self, url: str, api_key: str, timeout_s: float) -> doctor.CpAnswer:
         self.urls.append(url)
+        self.keys.append(api_key)
         if isinstance(self.http, str):
             raise ProbeError(self.http)
-        return self.http
+        return doctor.CpAnswer(self.http, self.date, self.now)
+
+    def gpu_conditions(self) -> tuple[GpuCondition, ...]:
+        return self.conditions
+
+    def container_cli_info(self) -> tuple[int, str] | None:
+        return self.cli
+
+    def cdi_specs(self) -> tuple[str, ...]:
+        return self.cdi
+
+    def disk_free(self, path: str) -> int | None:
+        self.disk_paths.append(path)
+        return self.free
 
 
 def _settings(**env: str) -> Settings:
@@ -319,10 +343,16 @@ def test_a_ready_cpu_host() -> None:
     names = [check.name for check in checks]
     assert names == [
         "docker",
+        "live restore",
+        "pulls",
         "storage quota",
+        "docker disk",
         "nvidia gpus",
         "nvidia runtime",
+        "nvidia toolkit",
+        "cdi",
         "port range",
+        "ephemeral ports",
         "state dir",
         "secret files",
         "clock sync",
@@ -416,3 +446,101 @@ def test_the_instance_ssh_check_names_the_packages_to_install() -> None:
     everything = {**present, Path("/usr/bin/patchelf"): 0o755, Path("/bin/busybox"): 0o755}
     checks = _by_name(doctor.run_checks(_settings(), FakeProbes(modes=everything)))
     assert checks["instance ssh"].level is Level.PASS
+
+
+# -- fleet checks: lost GPUs, GPU health, toolkit, CDI, disk, live-restore, pulls, ports -------
+
+
+def test_a_host_that_lost_a_gpu_fails() -> None:
+    report = GpuReport(gpus=(H100,), driver_version="550.54.15")
+    check = doctor.gpu_check(report, pci_gpus=2)
+    assert check.level is Level.FAIL and "1 of the 2" in check.detail and check.fix
+    assert doctor.gpu_check(report, pci_gpus=1).level is Level.PASS
+
+
+def test_gpu_health_pending_remaps_ecc_and_persistence() -> None:
+    assert doctor.gpu_health_check(()) is None
+    good = GpuCondition("GPU-1", persistence_mode=True, remap_pending=False, ecc_enabled=True)
+    assert doctor.gpu_health_check([good]).level is Level.PASS  # type: ignore[union-attr]
+    pending = GpuCondition("GPU-2", remap_pending=True)
+    check = doctor.gpu_health_check([good, pending])
+    assert check is not None and check.level is Level.FAIL and "GPU-2" in check.detail
+    ecc = GpuCondition("GPU-3", ecc_enabled=True, ecc_uncorrected=4)
+    check = doctor.gpu_health_check([ecc])
+    assert check is not None and check.level is Level.FAIL and "ECC" in check.detail
+    off = GpuCondition("GPU-4", persistence_mode=False)
+    check = doctor.gpu_health_check([off])
+    assert check is not None and check.level is Level.WARN and "persistenced" in (check.fix or "")
+
+
+def test_the_toolkit_and_cdi_matter_on_a_gpu_host_only() -> None:
+    assert doctor.toolkit_check(False, None).level is Level.PASS
+    assert doctor.toolkit_check(True, None).level is Level.FAIL
+    broken = doctor.toolkit_check(True, (1, "nvidia-container-cli: initialization error: nvml"))
+    assert broken.level is Level.FAIL and "initialization error" in broken.detail
+    assert doctor.toolkit_check(True, (0, "NVRM version:   550.54.15\n")).level is Level.PASS
+    assert doctor.cdi_check(True, ()).level is Level.WARN
+    assert doctor.cdi_check(True, ("/etc/cdi/nvidia.yaml",)).level is Level.PASS
+    assert doctor.cdi_check(False, ()).level is Level.PASS
+
+
+def test_free_space_on_dockers_data_root() -> None:
+    assert doctor.disk_check("/var/lib/docker", 5 * doctor.GIB).level is Level.FAIL
+    assert doctor.disk_check("/var/lib/docker", 50 * doctor.GIB).level is Level.WARN
+    assert doctor.disk_check("/var/lib/docker", 500 * doctor.GIB).level is Level.PASS
+    assert doctor.disk_check(None, None).level is Level.WARN
+    probes = FakeProbes(free=1 * doctor.GIB)
+    found = _by_name(doctor.run_checks(_settings(), probes))
+    assert found["docker disk"].level is Level.FAIL and probes.disk_paths == ["/var/lib/docker"]
+
+
+def test_live_restore_off_fails_with_the_fix() -> None:
+    check = doctor.live_restore_check({**INFO_OVERLAY, "LiveRestoreEnabled": False})
+    assert check.level is Level.FAIL and "live-restore" in (check.fix or "")
+    assert doctor.live_restore_check(INFO_OVERLAY).level is Level.PASS
+    assert doctor.live_restore_check(None).level is Level.WARN
+
+
+def test_pull_settings_are_reported() -> None:
+    info = {**INFO_OVERLAY, "RegistryConfig": {"Mirrors": ["https://mirror.example/"]}}
+    check = doctor.pulls_check(info, '{"max-concurrent-downloads": 8}')
+    assert check.level is Level.PASS
+    assert (
+        "max-concurrent-downloads 8" in check.detail and "https://mirror.example/" in check.detail
+    )
+    check = doctor.pulls_check(INFO_OVERLAY, None)
+    assert "3 (Docker's default)" in check.detail and "mirrors: none" in check.detail
+    assert doctor.pulls_check(None, "not json").level is Level.PASS
+
+
+def test_the_port_range_against_the_ephemeral_range() -> None:
+    ephemeral = "32768\t60999\n"
+    check = doctor.ephemeral_check((40000, 49999), ephemeral, "\n")
+    assert check.level is Level.FAIL and "10000 port(s)" in check.detail
+    assert "ip_local_reserved_ports=40000-49999" in (check.fix or "")
+    assert doctor.ephemeral_check((40000, 49999), ephemeral, "40000-49999\n").level is Level.PASS
+    partly = doctor.ephemeral_check((40000, 49999), ephemeral, "40000-44999,45000\n")
+    assert partly.level is Level.FAIL and "4999 port(s)" in partly.detail
+    assert doctor.ephemeral_check((20000, 29999), ephemeral, "").level is Level.PASS
+    assert doctor.ephemeral_check((40000, 49999), None, None).level is Level.WARN
+    probes = FakeProbes(texts={doctor.EPHEMERAL: "23002 60999", doctor.RESERVED: ""})
+    assert _by_name(doctor.run_checks(_settings(), probes))["ephemeral ports"].level is Level.FAIL
+
+
+def test_the_control_plane_call_is_authenticated_and_measures_the_clock() -> None:
+    date = "Tue, 01 Dec 2026 12:00:00 GMT"
+    at = 1796126400.0  # that moment
+    probes = FakeProbes(texts={Path("/st/api_key"): "key-1234\n"}, http=200, date=date, now=at)
+    found = _by_name(doctor.run_checks(_settings(), probes))
+    assert probes.keys == ["key-1234"]
+    assert found["control plane"].level is Level.PASS
+    assert "clock skew +0 s" in found["control plane"].detail
+    skewed = doctor.CpAnswer(200, date, at + 30)
+    assert doctor.control_plane_check("u", True, skewed).level is Level.WARN
+    far = doctor.CpAnswer(200, date, at - 600)
+    check = doctor.control_plane_check("u", True, far)
+    assert check.level is Level.FAIL and "-600 s" in check.detail
+    refused = doctor.control_plane_check("u", True, doctor.CpAnswer(401, date, at))
+    assert refused.level is Level.FAIL and "refuses the API key" in refused.detail
+    no_date = doctor.control_plane_check("u", True, doctor.CpAnswer(404, None, at))
+    assert no_date.level is Level.PASS and "not compared" in no_date.detail

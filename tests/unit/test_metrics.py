@@ -6,6 +6,7 @@ exposition text is parsed back with prometheus_client's own parser.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +167,7 @@ def test_two_agents_never_share_counts() -> None:
 class FakeTelemetry:
     last: dict[str, Any] | None = None
     last_gpus: tuple[GpuSample, ...] = ()
+    last_net: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,16 +193,23 @@ HOST = {
 def test_no_stats_yet_means_no_gauges(metrics: Metrics) -> None:
     metrics.follow_stats(FakeTelemetry())
     body, _ = metrics.render()
-    assert "qudata_cpu_util_percent" not in body.decode()
+    assert "qudata_cpu_utilization_ratio" not in body.decode()
+    assert "qudata_network_receive_bytes_total" not in body.decode()
 
 
 def test_host_figures_when_there_is_no_instance(metrics: Metrics) -> None:
-    metrics.follow_stats(FakeTelemetry(last=dict(HOST)))
-    assert value(metrics, "qudata_cpu_util_percent", subject="host") == 12.5
-    assert value(metrics, "qudata_ram_util_percent", subject="host") == 40.0
-    assert value(metrics, "qudata_net_transmit_bytes_per_second", subject="host") == 2000.0
-    assert value(metrics, "qudata_gpu_temp_max_celsius", subject="host") is None  # unknown
+    metrics.follow_stats(FakeTelemetry(last=dict(HOST), last_net={"": (5_000, 70_000)}))
+    assert value(metrics, "qudata_cpu_utilization_ratio", subject="host") == 0.125
+    assert value(metrics, "qudata_memory_utilization_ratio", subject="host") == 0.4
+    assert value(metrics, "qudata_network_receive_bytes_total", subject="host") == 5_000
+    assert value(metrics, "qudata_network_transmit_bytes_total", subject="host") == 70_000
     assert value(metrics, "qudata_instance_status", status="destroyed") == 1
+    body, _ = metrics.render()
+    text = body.decode()
+    assert "# TYPE qudata_network_receive_bytes_total counter" in text
+    # One name per thing: no per-second rates, no subject-level copies of per-GPU series.
+    for gone in ("_per_second", "_percent", "qudata_gpu_temp_max", "qudata_gpu_mem_util"):
+        assert gone not in text
 
 
 def test_instance_and_gpu_figures_follow_the_latest_payload(metrics: Metrics) -> None:
@@ -211,10 +220,10 @@ def test_instance_and_gpu_figures_follow_the_latest_payload(metrics: Metrics) ->
         GpuSample("GPU-aaaa", 87.0, 30 * 1024**3, 80 * 1024**3, 71.0),
         GpuSample("GPU-bbbb", 12.0, 1024**3, 80 * 1024**3, None),
     )
-    assert value(metrics, "qudata_cpu_util_percent", subject="instance") == 99.0
-    assert value(metrics, "qudata_cpu_util_percent", subject="host") is None
+    assert value(metrics, "qudata_cpu_utilization_ratio", subject="instance") == 0.99
+    assert value(metrics, "qudata_cpu_utilization_ratio", subject="host") is None
     assert value(metrics, "qudata_instance_status", status="running") == 1
-    assert value(metrics, "qudata_gpu_utilization_percent", uuid="GPU-aaaa") == 87.0
+    assert value(metrics, "qudata_gpu_utilization_ratio", uuid="GPU-aaaa") == 0.87
     assert value(metrics, "qudata_gpu_memory_used_bytes", uuid="GPU-aaaa") == 30 * 1024**3
     assert value(metrics, "qudata_gpu_memory_total_bytes", uuid="GPU-bbbb") == 80 * 1024**3
     assert value(metrics, "qudata_gpu_temperature_celsius", uuid="GPU-aaaa") == 71.0
@@ -242,3 +251,48 @@ def test_health_with_nothing_seen_renders(metrics: Metrics) -> None:
     metrics.follow_health(FakeHealth())
     body, _ = metrics.render()
     assert "# TYPE qudata_gpu_xid_errors_total counter" in body.decode()
+
+
+def test_build_info_and_process_metrics(metrics: Metrics) -> None:
+    from qudata_agent import __version__
+
+    body, _ = metrics.render()
+    found = samples(body.decode())
+    build = [labels for (name, labels) in found if name == "qudata_build_info"]
+    assert build and ("version", __version__) in build[0]
+    assert ("process_cpu_seconds_total", ()) in found
+    assert found[("process_resident_memory_bytes", ())] > 0
+
+
+async def test_the_last_successful_control_plane_call_is_timed(metrics: Metrics) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/stats"):
+            return httpx.Response(200, json={"ok": True, "data": None})
+        return httpx.Response(503, json={"ok": False, "error": "down"})
+
+    cp = ControlPlane(
+        "http://cp.test/v0",
+        "key",
+        transport=httpx.MockTransport(answer),
+        on_failure=metrics.control_plane_failed,
+        on_success=metrics.control_plane_succeeded,
+    )
+    name = "qudata_control_plane_last_success_timestamp_seconds"
+    assert value(metrics, name) is None  # none yet: no series, not a made-up zero
+    with pytest.raises(ControlPlaneError):
+        await cp.init_host({})
+    assert value(metrics, name) is None
+    before = time.time()
+    await cp.stats({})
+    stamp = value(metrics, name)
+    assert stamp is not None and before <= stamp <= time.time()
+    await cp.aclose()
+
+
+def test_free_space_on_dockers_data_root_once_known(metrics: Metrics) -> None:
+    root: list[str] = []
+    metrics.follow_disk(lambda: root[0] if root else None, lambda path: 42 * 1024**3)
+    assert value(metrics, "qudata_docker_data_root_free_bytes", path="/var/lib/docker") is None
+    root.append("/var/lib/docker")
+    found = value(metrics, "qudata_docker_data_root_free_bytes", path="/var/lib/docker")
+    assert found == 42 * 1024**3

@@ -350,3 +350,61 @@ async def test_real_nvml_without_gpu_has_no_topology() -> None:
         assert (await nvml.topology_async()).gpus == ()
     finally:
         nvml.close()
+
+
+class HealthNvml(FakeNvml):
+    """GPU 0: healthy; GPU 1: a pending row remap, 2 uncorrected ECC errors, persistence off."""
+
+    def nvmlDeviceGetPersistenceMode(self, handle: int) -> int:
+        return 1 if handle == 0 else 0
+
+    def nvmlDeviceGetRemappedRows(self, handle: int) -> tuple[int, int, int, int]:
+        return (0, 0, 0, 0) if handle == 0 else (1, 1, 1, 0)
+
+    def nvmlDeviceGetEccMode(self, handle: int) -> tuple[int, int]:
+        return (1, 1)
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: int, error_type: int, counter: int) -> int:
+        assert (error_type, counter) == (1, 0)  # uncorrected, volatile
+        return 0 if handle == 0 else 2
+
+
+class OldNvml(FakeNvml):
+    """A GPU without row remapping or ECC (pre-Ampere consumer cards): NVML says not supported."""
+
+    def nvmlDeviceGetPersistenceMode(self, handle: int) -> int:
+        return 1
+
+    def nvmlDeviceGetRemappedRows(self, handle: int) -> tuple[int, int, int, int]:
+        raise FakeNVMLError()
+
+    def nvmlDeviceGetEccMode(self, handle: int) -> tuple[int, int]:
+        raise FakeNVMLError()
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: int, error_type: int, counter: int) -> int:
+        raise AssertionError("not asked when ECC is unknown")
+
+
+def test_conditions_report_remaps_ecc_and_persistence() -> None:
+    nvml = Nvml(HealthNvml())  # type: ignore[arg-type]
+    try:
+        good, bad = nvml.conditions()
+    finally:
+        nvml.close()
+    assert (good.uuid, good.persistence_mode, good.remap_pending, good.ecc_uncorrected) == (
+        "GPU-0000", True, False, 0
+    )  # fmt: skip
+    assert (bad.persistence_mode, bad.remap_pending, bad.remap_failed) == (False, True, False)
+    assert bad.ecc_enabled is True and bad.ecc_uncorrected == 2
+
+
+def test_conditions_leave_what_a_gpu_cannot_tell_unknown() -> None:
+    nvml = Nvml(OldNvml())  # type: ignore[arg-type]
+    try:
+        (first, _) = nvml.conditions()
+    finally:
+        nvml.close()
+    assert first.persistence_mode is True
+    assert (
+        first.remap_pending is None and first.ecc_enabled is None and first.ecc_uncorrected is None
+    )

@@ -16,9 +16,16 @@ METRICS = """\
 qudata_control_plane_failures_total{call="/stats"} 3.0
 qudata_control_plane_failures_total{call="/init"} 0.0
 qudata_control_plane_failures_created{call="/stats"} 1.7e+09
-qudata_cpu_util_percent{subject="instance"} 12.5
-qudata_ram_util_percent{subject="instance"} 40.0
-qudata_gpu_temp_max_celsius{subject="instance"} 61.0
+qudata_cpu_utilization_ratio{subject="instance"} 0.125
+qudata_memory_utilization_ratio{subject="instance"} 0.4
+qudata_gpu_utilization_ratio{uuid="GPU-a"} 0.9
+qudata_gpu_utilization_ratio{uuid="GPU-b"} 0.7
+qudata_gpu_memory_used_bytes{uuid="GPU-a"} 3.0e+09
+qudata_gpu_memory_used_bytes{uuid="GPU-b"} 1.0e+09
+qudata_gpu_memory_total_bytes{uuid="GPU-a"} 8.0e+09
+qudata_gpu_memory_total_bytes{uuid="GPU-b"} 8.0e+09
+qudata_gpu_temperature_celsius{uuid="GPU-a"} 61.0
+qudata_gpu_temperature_celsius{uuid="GPU-b"} 55.0
 qudata_api_requests_total{route="/instances",method="GET",code="200"} 7.0
 qudata_instance_status{status="running"} 1.0
 """
@@ -91,7 +98,7 @@ def test_a_running_agent_shows_its_instance_links_and_stats() -> None:
     assert "gpus        GPU-a" in text
     assert "ssh         ready on host port 40001" in text
     assert "host registered; failed calls since start: /stats 3" in text
-    assert "stats       cpu 12%, ram 40%, gpu temp 61C (instance)" in text
+    assert "stats       cpu 12%, ram 40%, gpu 80%, gpu mem 25%, gpu temp 61C (instance)" in text
     assert status.exit_code(_report(live=live)) == status.EXIT_RUNNING == 0
 
 

@@ -154,3 +154,44 @@ def test_private_images_and_the_image_cache(store: Store) -> None:
     assert store.cached_images() == [("id-1", ("reg/app:1", "reg/app:2"), 40.0)]
     store.forget_cached("id-1")
     assert store.cached_images() == []
+
+
+def test_a_read_only_open_never_creates_migrates_or_writes(tmp_path: Path) -> None:
+    missing = tmp_path / "none.db"
+    with pytest.raises(Unavailable):
+        Store.open_readonly(missing)
+    assert not missing.exists()
+    older = tmp_path / "older.db"
+    conn = sqlite3.connect(older)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(MIGRATIONS[0][0])
+    conn.commit()
+    conn.close()
+    with pytest.raises(Unavailable, match="schema version 1"):
+        Store.open_readonly(older)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["older.db"]  # no -wal, no -shm
+    check = sqlite3.connect(older)
+    assert check.execute("PRAGMA user_version").fetchone() == (1,)  # not migrated
+    check.close()
+
+
+def test_a_read_only_store_reads_what_the_agent_wrote_and_refuses_writes(db_path: Path) -> None:
+    writer = Store.open(db_path)
+    writer.set("agent_port", "1024")
+    try:
+        reader = Store.open_readonly(db_path)
+        try:
+            assert reader.get("agent_port") == "1024"
+            with pytest.raises(Unavailable):
+                reader.set("agent_port", "1")
+        finally:
+            reader.close()
+        assert writer.get("agent_port") == "1024"
+    finally:
+        writer.close()
+    # With the agent gone, a read-only open leaves no file behind.
+    names = sorted(p.name for p in db_path.parent.iterdir())
+    reader = Store.open_readonly(db_path)
+    assert reader.get("agent_port") == "1024"
+    reader.close()
+    assert sorted(p.name for p in db_path.parent.iterdir()) == names

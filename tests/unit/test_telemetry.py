@@ -241,7 +241,8 @@ async def test_metrics_label_each_instance(blocking: Blocking) -> None:
     metrics = Metrics()
     metrics.follow_stats(rig.telemetry)
     text = metrics.render()[0].decode()
-    assert 'qudata_cpu_util_percent{instance_id="i1",subject="instance"} 50.0' in text
-    assert 'qudata_cpu_util_percent{instance_id="",subject="host"} 12.5' in text
+    assert 'qudata_cpu_utilization_ratio{instance_id="i1",subject="instance"} 0.5' in text
+    assert 'qudata_cpu_utilization_ratio{instance_id="",subject="host"} 0.125' in text
+    assert 'qudata_network_receive_bytes_total{instance_id="i1",subject="instance"}' in text
     assert 'qudata_instance_status{instance_id="i2",status="paused"} 1.0' in text
     assert 'qudata_instance_status{instance_id="",status="running"} 1.0' in text

@@ -6,7 +6,8 @@ Owns the outbound wire calls of CONTRACT.md section 2 and their headers:
 true: a call either returns the parsed `data` of the answer or raises
 `ControlPlaneError` (never an httpx exception, never a message holding a
 header value); retries are the caller's policy, not hidden in here; every
-failed call is reported once to `on_failure` (the metrics) with its path.
+failed call is reported once to `on_failure` (the metrics) with its path, and
+every successful one to `on_success`.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ class ControlPlane:
         user_agent: str = "qudata-agent",
         transport: httpx.AsyncBaseTransport | None = None,
         on_failure: Callable[[str], None] | None = None,
+        on_success: Callable[[str], None] | None = None,
     ) -> None:
         self._api_key = api_key
         self._on_failure = on_failure
+        self._on_success = on_success
         self._secret: str | None = None
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
@@ -70,11 +73,14 @@ class ControlPlane:
 
     async def _post(self, path: str, payload: dict[str, Any]) -> Any:
         try:
-            return await self._call(path, payload)
+            data = await self._call(path, payload)
         except ControlPlaneError:
             if self._on_failure is not None:
                 self._on_failure(path)
             raise
+        if self._on_success is not None:
+            self._on_success(path)
+        return data
 
     async def _call(self, path: str, payload: dict[str, Any]) -> Any:
         try:
@@ -123,6 +129,20 @@ class ControlPlane:
 
     async def stats(self, payload: dict[str, Any]) -> None:
         await self._post("/stats", payload)
+
+    async def check(self) -> tuple[int, str | None]:
+        """An authenticated `GET` of the base URL (for `doctor`): its status and Date header.
+
+        Any HTTP answer is returned (a 401 or 403 says the key is refused);
+        only no answer at all raises `ControlPlaneError`.
+        """
+        try:
+            resp = await self._client.get("", headers=self._headers())
+        except httpx.TimeoutException as e:
+            raise ControlPlaneError("GET: timed out") from e
+        except httpx.HTTPError as e:
+            raise ControlPlaneError(f"GET: {type(e).__name__}: {self._echo(e)}") from e
+        return resp.status_code, resp.headers.get("date")
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -43,7 +43,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Protocol, TypeVar
 
 from qudata_agent.domain.gpu_health import EventKind, GpuEvent
-from qudata_agent.domain.inventory import GpuInfo, GpuReport, GpuSample, format_cuda_version
+from qudata_agent.domain.inventory import (
+    GpuCondition,
+    GpuInfo,
+    GpuReport,
+    GpuSample,
+    format_cuda_version,
+)
 from qudata_agent.domain.topology import GpuPlace, GpuTopology, Link
 from qudata_agent.errors import Unavailable
 
@@ -100,6 +106,10 @@ class NvmlModule(Protocol):
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any: ...
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
     def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int: ...
+    def nvmlDeviceGetPersistenceMode(self, handle: Any) -> int: ...
+    def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]: ...
+    def nvmlDeviceGetEccMode(self, handle: Any) -> tuple[int, int]: ...
+    def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter: int) -> int: ...
     def nvmlEventSetCreate(self) -> Any: ...
     def nvmlDeviceRegisterEvents(self, handle: Any, event_types: int, event_set: Any) -> None: ...
     def nvmlEventSetWait(self, event_set: Any, timeout_ms: int) -> Any: ...
@@ -195,6 +205,14 @@ class Nvml:
         self._gpu_list = (now, uuids)
         return uuids
 
+    def conditions(self) -> tuple[GpuCondition, ...]:
+        """Persistence mode, row remapping and ECC state of every GPU (for `doctor`)."""
+        with self._lock:
+            if self._closed:
+                return ()
+            future = self._executor.submit(self._conditions)
+        return future.result()
+
     async def samples_async(self, uuids: tuple[str, ...]) -> tuple[GpuSample, ...]:
         """Utilisation, memory and temperature of these GPUs; a GPU NVML cannot read is left out."""
         if not uuids:
@@ -266,6 +284,27 @@ class Nvml:
             )
             self._logged = _OK
         return report
+
+    def _conditions(self) -> tuple[GpuCondition, ...]:
+        try:
+            nvml = self._load()
+            if not self._initialised:
+                nvml.nvmlInit()
+                self._initialised = True
+            count = nvml.nvmlDeviceGetCount()
+        except ImportError:
+            return ()
+        except nvml.NVMLError:
+            return ()
+        found = []
+        for index in range(count):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+            except nvml.NVMLError:
+                continue
+            found.append(_condition(nvml, handle, uuid))
+        return tuple(found)
 
     def _samples(self, uuids: tuple[str, ...]) -> tuple[GpuSample, ...]:
         try:
@@ -412,6 +451,42 @@ class Nvml:
             self._module.nvmlShutdown()
         except self._module.NVMLError as e:
             logger.debug("nvmlShutdown failed: %s", _reason(e))
+
+
+_NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+_NVML_VOLATILE_ECC = 0  # counts since the driver loaded
+
+
+def _condition(nvml: NvmlModule, handle: Any, uuid: str) -> GpuCondition:
+    """Each field on its own: a GPU without row remapping (pre-Ampere) still reports the rest."""
+
+    def ask(call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except nvml.NVMLError:
+            return None
+
+    remapped = ask(lambda: nvml.nvmlDeviceGetRemappedRows(handle))
+    ecc = ask(lambda: nvml.nvmlDeviceGetEccMode(handle))
+    persistence = ask(lambda: nvml.nvmlDeviceGetPersistenceMode(handle))
+    ecc_enabled = bool(ecc[0]) if ecc is not None else None
+    uncorrected = (
+        ask(
+            lambda: nvml.nvmlDeviceGetTotalEccErrors(
+                handle, _NVML_MEMORY_ERROR_TYPE_UNCORRECTED, _NVML_VOLATILE_ECC
+            )
+        )
+        if ecc_enabled
+        else None
+    )
+    return GpuCondition(
+        uuid=uuid,
+        persistence_mode=bool(persistence) if persistence is not None else None,
+        remap_pending=bool(remapped[2]) if remapped is not None else None,
+        remap_failed=bool(remapped[3]) if remapped is not None else None,
+        ecc_enabled=ecc_enabled,
+        ecc_uncorrected=int(uncorrected) if uncorrected is not None else None,
+    )
 
 
 def _gpu(nvml: NvmlModule, index: int) -> GpuInfo:

@@ -98,6 +98,34 @@ class Store:
             raise Unavailable(f"state database {path} cannot be opened: {e}") from e
         return store
 
+    @classmethod
+    def open_readonly(cls, path: Path) -> Store:
+        """For `doctor` and `status`: never creates, migrates or writes the database.
+
+        Raises `Unavailable` when the file cannot be read, or when its schema is
+        not this agent's (older: the agent migrates it when it next starts).
+        """
+        conn: sqlite3.Connection | None = None
+        try:
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            if not Path(f"{path}-wal").exists():
+                # No connection has it open (WAL mode keeps a -wal file while one does):
+                # read it as a plain file, or SQLite would leave a -wal and -shm behind.
+                uri += "&immutable=1"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA query_only=ON")
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version != len(MIGRATIONS):
+                raise sqlite3.DatabaseError(
+                    f"schema version {version}, this agent's is {len(MIGRATIONS)}"
+                )
+        except sqlite3.Error as e:
+            if conn is not None:
+                conn.close()
+            raise Unavailable(f"state database {path} cannot be read: {e}") from e
+        return cls(conn)
+
     def _migrate(self) -> None:
         (current,) = self._conn.execute("PRAGMA user_version").fetchone()
         if current > len(MIGRATIONS):

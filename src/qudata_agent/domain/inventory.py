@@ -51,6 +51,18 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class GpuCondition:
+    """What `doctor` asks NVML about one GPU's health; None: NVML could not say."""
+
+    uuid: str
+    persistence_mode: bool | None = None
+    remap_pending: bool | None = None  # rows waiting to be remapped: a GPU reset is needed
+    remap_failed: bool | None = None  # a remap failed: the GPU needs service
+    ecc_enabled: bool | None = None
+    ecc_uncorrected: int | None = None  # uncorrected ECC errors since the driver loaded
+
+
+@dataclass(frozen=True)
 class GpuReport:
     """What NVML said about the GPUs; `error` says why NVML was not usable.
 

@@ -102,6 +102,11 @@ class StorageGuard:
 
     # -- what the host can do -------------------------------------------------
 
+    def known_data_root(self) -> str | None:
+        """Docker's data root as last detected (None before the first detection); no I/O."""
+        with self._lock:
+            return self._support.data_root if self._support is not None else None
+
     def support(self) -> QuotaSupport:
         """The host's quota support, detected once (blocking; raises Unavailable)."""
         with self._lock:

@@ -145,10 +145,13 @@ class Telemetry:
         self._failing: set[str] = set()  # instances whose figures could not be read
         self.last: dict[str, Any] | None = None  # the last payload made
         self.last_gpus: tuple[GpuSample, ...] = ()  # the GPU samples behind it (for /metrics)
+        # Bytes received and sent so far, by instance id ("" the host's): /metrics counters.
+        self.last_net: dict[str, tuple[int, int]] = {}
 
     async def sample(self) -> dict[str, Any]:
         instances = list(await self._instances())
         running = [i for i in instances if _running(i)]
+        self.last_net = {}
         cgroup = await self._read_cgroups(running)
         wanted = {u for i in running for u in i.gpus}
         host_needed = self._several or not running
@@ -217,6 +220,7 @@ class Telemetry:
                 self._pids.pop(cid, None)
                 continue
             self._recovered(instance)
+            self.last_net[instance.id] = (outcome.net_rx_bytes, outcome.net_tx_bytes)
             prev, self._prev[cid] = self._prev.get(cid), outcome
             limits = _limits(instance)
             usage = compute_usage(prev, outcome, limits.cpu_cores, limits.memory_bytes,
@@ -251,6 +255,7 @@ class Telemetry:
         self, host_gpus: tuple[str, ...], gpus: dict[str, GpuSample]
     ) -> dict[str, Any]:
         cur = await self._blocking.quick(self._host.sample)
+        self.last_net[""] = (cur.net_rx_bytes, cur.net_tx_bytes)
         prev, self._prev_host = self._prev_host, cur
         elapsed = cur.at - prev.at if prev is not None else 0.0
         rx = (cur.net_rx_bytes - prev.net_rx_bytes) / elapsed if prev and elapsed > 0 else 0.0

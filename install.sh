@@ -364,12 +364,10 @@ step_docker() {
 }
 
 step_ssh() {
-  say "SSH for instances (the host's OpenSSH server, patchelf, a static busybox)"
+  step "SSH for instances (the host's OpenSSH server, patchelf, a static busybox)"
   apt_install openssh-server patchelf busybox-static
 }
 
-nvidia_gpus_on_bus() {
-  local n=0 dev
 # merged_daemon_json: daemon.json on stdout with live-restore and the pull
 # settings merged into what is there (every other key kept as it is).
 merged_daemon_json() {

@@ -62,17 +62,10 @@ class Host:
     name: str
 
     def sh(self, script: str, check: bool = True, timeout: float = 300, stdin: str = "") -> str:
-        done = subprocess.run(
-            ["docker", "exec", "-i", self.name, "bash", "-c", f"{{ {script} ; }} 2>&1"],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and done.returncode != 0:
-            raise AssertionError(f"exit {done.returncode}: {script}\n{done.stdout}{done.stderr}")
-        return done.stdout
+        code, out = self.code(script, timeout, stdin)
+        if check and code != 0:
+            raise AssertionError(f"exit {code}: {script}\n{out}")
+        return out
 
     def code(self, script: str, timeout: float = 300, stdin: str = "") -> tuple[int, str]:
         done = subprocess.run(
@@ -83,7 +76,7 @@ class Host:
             timeout=timeout,
             check=False,
         )
-        return done.returncode, done.stdout
+        return done.returncode, done.stdout + done.stderr
 
     def api(self, method: str, path: str, body: object = None) -> Any:
         data = f"-d '{json.dumps(body)}' -H 'Content-Type: application/json'" if body else ""

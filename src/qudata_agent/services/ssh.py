@@ -231,7 +231,7 @@ class SshService:
         async with self._lock(instance.id):
             keys = await self._authorized_keys(instance.id)
             try:
-                where = await self._blocking.quick(
+                where = await self._blocking.slow(  # runs ssh-keygen once: a fork
                     self._files.prepare,
                     instance.id,
                     sshd_config_text(env),
@@ -283,7 +283,9 @@ class SshService:
                 if await self._moved_on(instance.container_id, instance.started_at):
                     return  # stopped or started again: the next run's pass decides
             try:
-                code, out = await self._blocking.quick(
+                # Waits up to WAIT_TIMEOUT_S for the init's word: the slow pool, so
+                # eight instances coming up never hold every thread the API reads with.
+                code, out = await self._blocking.slow(
                     self._engine.exec_run, instance.container_id, wait_status_argv(), WAIT_TIMEOUT_S
                 )
             except AgentError as e:

@@ -79,6 +79,7 @@ from qudata_agent.server import (
 )
 from qudata_agent.services.builds import BuildPipeline
 from qudata_agent.services.capacity import Disk, HostCapacity
+from qudata_agent.services.cpu_pool import CpuPool
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import ImageService
@@ -111,6 +112,7 @@ class _Services:
     net: NetworkGuard
     images: ImageService
     image_cache: ImageCache
+    cpu_pool: CpuPool
 
 
 @dataclass
@@ -269,6 +271,12 @@ class Agent:
         ssh = await self._ssh(parts)
         records = Records(parts.store, parts.blocking)
         records.on_new_run(ssh.on_new_run)
+        capacity = self._capacity(parts)
+        cpu_pool = CpuPool(
+            records=records, capacity=capacity, engine=parts.docker, blocking=parts.blocking
+        )
+        records.on_new_run(cpu_pool.poke)  # a pinned instance may have just come up
+        records.on_removed(cpu_pool.poke)  # its cores may be free again
         records.on_change(ssh.prune_soon)  # a deleted instance's SSH directory goes too
         ssh.prune_soon()
         pulls = PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s)
@@ -298,7 +306,7 @@ class Agent:
             engine=parts.docker,
             blocking=parts.blocking,
             ports=PortAllocator(s.port_range, frozenset({agent_port}), port_is_free),
-            capacity=self._capacity(parts),
+            capacity=capacity,
             agent_id=parts.agent_id,
             storage=storage,
             host=HostDefaults(
@@ -318,7 +326,9 @@ class Agent:
             stop_timeout_s=s.stop_timeout_s,
             on_pass=parts.metrics.reconcile_ran,
         )
-        return _Services(records, instances, reconciler, ssh, storage, net, images, image_cache)
+        return _Services(
+            records, instances, reconciler, ssh, storage, net, images, image_cache, cpu_pool
+        )
 
     def _image_cache(self, parts: _Parts, images: ImageService) -> ImageCache:
         s = self.settings
@@ -519,6 +529,7 @@ class Agent:
             await supervisor.stop(s.shutdown_timeout_s)
             await services.instances.close()
             await services.ssh.close()
+            await services.cpu_pool.close()
             if cp is not None:
                 await cp.aclose()
             sock.close()

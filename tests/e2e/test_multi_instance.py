@@ -120,8 +120,9 @@ def test_three_instances_walled_off_from_each_other(
     assert len(containers(owner)) == 3
     host_a = inspect(state_a["container_id"])["HostConfig"]
     assert host_a["CpusetCpus"] in ("0", "1")  # a whole core of its own
-    for state in (state_b, state_c):
-        assert inspect(state["container_id"])["HostConfig"]["CpusetCpus"] == ""
+    other = "1" if host_a["CpusetCpus"] == "0" else "0"
+    for state in (state_b, state_c):  # the others are kept off it
+        _until_cpuset(state["container_id"], other)
 
     # Keys belong to one instance: a key added to B never logs into C.
     key_b, pub_b = ssh_keypair(_dir(tmp_path, "b"))
@@ -164,6 +165,8 @@ def test_three_instances_walled_off_from_each_other(
         assert inspect(state["container_id"])["State"]["StartedAt"] == started[i]
     host = v1.http.get("/v1/host").json()["data"]
     assert host["instances"] == 2 and host["cpu_cores"]["free"] == pytest.approx(1.25)
+    for i in (b, c):  # A's core is free again: back in the shared pool
+        _until_cpuset(v1.get(i)["container_id"], "0-1")
 
     # kill -9 and a restart: every instance comes back, SSH with it.
     v1.agent.stop(signal.SIGKILL)
@@ -189,6 +192,13 @@ def test_concurrent_creates_never_over_commit(v1: V1) -> None:
     found = containers(owner)
     assert len(found) == 2
     assert sum(inspect(cid)["HostConfig"]["NanoCpus"] for cid in found) <= 2_000_000_000
+
+
+def _until_cpuset(container_id: str, cpus: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := inspect(container_id)["HostConfig"]["CpusetCpus"]) != cpus:
+        assert time.monotonic() < deadline, f"cpuset {seen!r}, not {cpus!r}"
+        time.sleep(0.1)
 
 
 def _dir(tmp_path: Path, name: str) -> Path:

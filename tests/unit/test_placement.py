@@ -20,6 +20,7 @@ from qudata_agent.domain.placement import (
     decide,
     free,
     place,
+    shared_cpus,
 )
 from qudata_agent.domain.topology import (
     Cpu,
@@ -268,3 +269,13 @@ def test_many_gpus_are_searched_greedily_and_still_keep_an_island_together() -> 
     broken = [u for u in uuids if u != "GPU-01"]
     assert choose_gpus(topology, broken, 4) == tuple(uuids[4:8])
     assert choose_gpus(topology, broken, 3) == ("GPU-00", "GPU-02", "GPU-03")  # the broken one
+
+
+def test_the_shared_pool_is_every_cpu_no_instance_holds() -> None:
+    shape = HostShape(cpus=tuple(Cpu(i, i) for i in range(4)), memory_bytes=8 * GIB)
+    capacity = Capacity(shape=shape, reserved_cpu_cores=0, max_instances=4)
+    assert shared_cpus(capacity, []) == (0, 1, 2, 3)
+    pinned = [Holding(cpuset=(1,)), Holding(cpuset=(3,)), Holding(cpu_cores=0.5)]
+    assert shared_cpus(capacity, pinned) == (0, 2)
+    everything = [Holding(cpuset=(0, 1, 2, 3))]
+    assert shared_cpus(capacity, everything) == (0, 1, 2, 3)  # never an empty cpuset

@@ -363,6 +363,11 @@ class DockerEngine:
         with self._translated(f"restart of container {container_id}"):
             self._api().api.restart(container_id, timeout=timeout_s)
 
+    def set_cpuset(self, container_id: str, cpus: str) -> None:
+        """Moves a container (running or not) onto these CPUs ("0-3,8"); kept across restarts."""
+        with self._translated(f"cpuset of container {container_id}"):
+            self._api().api.update_container(container_id, cpuset_cpus=cpus)
+
     def remove(self, container_id: str) -> bool:
         """Force-removes the container and its anonymous volumes; False if already gone."""
         try:

@@ -206,6 +206,17 @@ def free(capacity: Capacity, holdings: Sequence[Holding]) -> Free:
     )
 
 
+def shared_cpus(capacity: Capacity, holdings: Sequence[Holding]) -> tuple[int, ...]:
+    """The CPUs no instance holds as its own: where every instance without a cpuset runs.
+
+    Pinned cores are an instance's alone, so the others are kept off them (the
+    reserve's cores stay in this pool: the host shares them).
+    """
+    pinned = {cpu for h in holdings for cpu in h.cpuset}
+    pool = tuple(c.cpu for c in capacity.shape.cpus if c.cpu not in pinned)
+    return pool or tuple(c.cpu for c in capacity.shape.cpus)
+
+
 # -- the decision ------------------------------------------------------------------
 
 

@@ -294,7 +294,7 @@ class InstanceService:
             await self._blocking.quick(self._records.store.delete_instance, fresh.id)
         self._records.forget_lock(instance.id)
         log.info("instance deleted", extra={"instance_id": instance.id})
-        self._records.changed()
+        self._records.removed(instance)
         return instance
 
     async def close(self) -> None:

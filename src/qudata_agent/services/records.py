@@ -10,8 +10,9 @@ What stays true:
 - one lock per instance: the holder is the only one acting on that instance
   (its lifecycle action, its build's last step, its reconcile step);
 - a listener of new runs hears of each fresh start of a container once
-  (SSH comes back on it); a listener of changes hears of every change (the
-  stats are sent at once).
+  (SSH comes back on it, the shared CPU pool is applied); a listener of
+  removals hears of each record that went; a listener of changes hears of
+  every change (the stats are sent at once).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Records:
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[], None]] = []
         self._run_listeners: list[Callable[[Instance], None]] = []
+        self._removal_listeners: list[Callable[[Instance], None]] = []
 
     def on_change(self, listener: Callable[[], None]) -> None:
         """`listener` is called after every lifecycle change (e.g. to send stats now)."""
@@ -67,6 +69,15 @@ class Records:
     def on_new_run(self, listener: Callable[[Instance], None]) -> None:
         """`listener` is called each time a container starts a new run (SSH comes back)."""
         self._run_listeners.append(listener)
+
+    def on_removed(self, listener: Callable[[Instance], None]) -> None:
+        """`listener` is called once an instance's record is gone (deleted, or vanished)."""
+        self._removal_listeners.append(listener)
+
+    def removed(self, instance: Instance) -> None:
+        for listener in self._removal_listeners:
+            listener(instance)
+        self.changed()
 
     def lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())
@@ -107,4 +118,4 @@ class Records:
             extra={"instance_id": instance.id},
         )
         await self._blocking.quick(self.store.delete_instance, instance.id)
-        self.changed()
+        self.removed(instance)

@@ -286,14 +286,11 @@ class Nvml:
         return report
 
     def _conditions(self) -> tuple[GpuCondition, ...]:
-        try:
-            nvml = self._load()
-            if not self._initialised:
-                nvml.nvmlInit()
-                self._initialised = True
-            count = nvml.nvmlDeviceGetCount()
-        except ImportError:
+        nvml = self._ready()
+        if nvml is None:
             return ()
+        try:
+            count = nvml.nvmlDeviceGetCount()
         except nvml.NVMLError:
             return ()
         found = []
@@ -307,14 +304,8 @@ class Nvml:
         return tuple(found)
 
     def _samples(self, uuids: tuple[str, ...]) -> tuple[GpuSample, ...]:
-        try:
-            nvml = self._load()
-            if not self._initialised:
-                nvml.nvmlInit()
-                self._initialised = True
-        except ImportError:
-            return ()
-        except nvml.NVMLError:
+        nvml = self._ready()
+        if nvml is None:
             return ()
         samples = []
         for uuid in uuids:
@@ -335,15 +326,9 @@ class Nvml:
         return tuple(samples)
 
     def _topology(self) -> GpuTopology:
-        try:
-            nvml = self._load()
-            if not self._initialised:
-                nvml.nvmlInit()
-                self._initialised = True
-        except ImportError:
+        nvml = self._ready()
+        if nvml is None:
             return GpuTopology()
-        except nvml.NVMLError:
-            return GpuTopology()  # the inventory logs why NVML is not usable
         try:
             handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
             places = [self._place(nvml, handle) for handle in handles]
@@ -396,14 +381,10 @@ class Nvml:
         return tuple(events)
 
     def _register_events(self) -> bool:
-        try:
-            nvml = self._load()
-        except ImportError:
+        nvml = self._ready()
+        if nvml is None:
             return False
         try:
-            if not self._initialised:
-                nvml.nvmlInit()
-                self._initialised = True
             count = nvml.nvmlDeviceGetCount()
             event_set = nvml.nvmlEventSetCreate() if count else None
         except nvml.NVMLError:
@@ -428,6 +409,20 @@ class Nvml:
         if self._event_set is not None and self._module is not None:
             _free(self._module, self._event_set)
         self._event_set = None
+
+    def _ready(self) -> NvmlModule | None:
+        """The module, initialised; None when it cannot be had (the inventory logs why)."""
+        try:
+            nvml = self._load()
+        except ImportError:
+            return None
+        try:
+            if not self._initialised:
+                nvml.nvmlInit()
+                self._initialised = True
+        except nvml.NVMLError:
+            return None
+        return nvml
 
     def _load(self) -> NvmlModule:
         if self._module is None:

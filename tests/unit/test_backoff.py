@@ -1,10 +1,12 @@
-"""Backoff: doubling from the base, a cap, equal jitter within [raw/2, raw], and reset."""
+"""Backoff: doubling from the base, a cap, equal jitter within [raw/2, raw], and reset; until_done."""
 
 from __future__ import annotations
 
 import pytest
 
 from qudata_agent.domain.backoff import Backoff
+from qudata_agent.errors import Unavailable
+from qudata_agent.retry import until_done
 
 
 def _delays(backoff: Backoff, n: int) -> list[float]:
@@ -56,3 +58,23 @@ def test_the_default_random_source_keeps_delays_in_range() -> None:
     backoff = Backoff(base_s=1.0, cap_s=8.0)
     for raw in [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]:
         assert raw / 2 <= backoff.next_delay() <= raw
+
+
+async def test_until_done_retries_agent_errors_and_stops_after_its_attempts() -> None:
+    calls: list[int] = []
+
+    async def flaky() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise Unavailable("not yet")
+
+    assert await until_done(flaky, "flaky", base_s=0.001, cap_s=0.001) is True
+    assert len(calls) == 3
+    calls.clear()
+
+    async def never() -> None:
+        calls.append(1)
+        raise Unavailable("never")
+
+    assert await until_done(never, "never", base_s=0.001, cap_s=0.001, attempts=2) is False
+    assert len(calls) == 2

@@ -14,9 +14,6 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-from qudata_agent.domain.backoff import Backoff
-from qudata_agent.errors import AgentError
-
 log = logging.getLogger(__name__)
 
 
@@ -48,25 +45,3 @@ async def run_every(
             failing = False
         # The next grid point still ahead of now (skips the ones an overrun missed).
         n = max(n + 1, math.floor((clock() - start) / interval_s) + 1)
-
-
-async def until_done(
-    step: Callable[[], Awaitable[None]], what: str, *, base_s: float = 0.5, cap_s: float = 15.0
-) -> None:
-    """Runs `step` until it succeeds (Docker may come up after the agent), with backoff.
-
-    The first failure is logged, and the success after a streak of them.
-    """
-    backoff = Backoff(base_s=base_s, cap_s=cap_s)
-    failures = 0
-    while True:
-        try:
-            await step()
-            if failures:
-                log.info("succeeded after retries", extra={"step": what, "failures": failures})
-            return
-        except AgentError as e:
-            failures += 1
-            if failures == 1:
-                log.warning("step failed; retrying", extra={"step": what, "error": e.message})
-            await asyncio.sleep(backoff.next_delay())

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from qudata_agent.loops.periodic import run_every, until_done
+from qudata_agent.loops.periodic import run_every
+from qudata_agent.retry import until_done
 
 
 class Reconciles(Protocol):

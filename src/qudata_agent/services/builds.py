@@ -27,10 +27,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.backoff import Backoff
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.errors import AgentError, Conflict
+from qudata_agent.retry import until_done
 from qudata_agent.services.images import ImageService
 from qudata_agent.services.records import Records
 
@@ -202,35 +202,20 @@ class BuildPipeline:
         now = self._records.clock()
         failed = instance.move(Status.ERROR, now=now, reason=reason, container_id=None)
         failed = replace(failed, ports={}, gpus=())
-        await self._until_done(
+        base, cap = self._cleanup_retry_s, max(self._cleanup_retry_s, 10.0)
+        await until_done(
             lambda: remove_container(self._engine, self._blocking, instance),
             "remove a failed build",
+            base_s=base,
+            cap_s=cap,
             attempts=3,
         )
-        await self._until_done(
+        await until_done(
             lambda: self._blocking.quick(self._records.store.fail_instance, failed),
             "record a failed build",
+            base_s=base,
+            cap_s=cap,
         )
-
-    async def _until_done(
-        self, step: Callable[[], Awaitable[object]], what: str, attempts: int | None = None
-    ) -> bool:
-        """Runs `step` until it succeeds (or `attempts` ran out): False if it never did."""
-        backoff = Backoff(base_s=self._cleanup_retry_s, cap_s=max(self._cleanup_retry_s, 10.0))
-        tried = 0
-        while True:
-            try:
-                await step()
-                return True
-            except AgentError as e:
-                tried += 1
-                if tried == 1:
-                    log.warning(
-                        "cleanup step failed; retrying", extra={"step": what, "error": e.message}
-                    )
-                if attempts is not None and tried >= attempts:
-                    return False
-            await asyncio.sleep(backoff.next_delay())
 
 
 class _Remover(Protocol):

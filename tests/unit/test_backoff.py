@@ -1,4 +1,4 @@
-"""Backoff: doubling from the base, a cap, equal jitter within [raw/2, raw], and reset; until_done."""
+"""Backoff (doubling, a cap, equal jitter, reset) and retry.until_done."""
 
 from __future__ import annotations
 

@@ -126,6 +126,11 @@ def test_blank_values_fall_back_to_defaults() -> None:
         ("QUDATA_RESERVED_CPU_CORES", "nan"),
         ("QUDATA_RESERVED_MEMORY_GB", "lots"),
         ("QUDATA_RESERVED_MEMORY_GB", "inf"),
+        ("QUDATA_CRASH_RESTARTS", "-1"),
+        ("QUDATA_CRASH_RESTARTS", "many"),
+        ("QUDATA_CRASH_RESTARTS", "1000"),
+        ("QUDATA_CONTAINER_LOG_MB", "0"),
+        ("QUDATA_CONTAINER_LOG_MB", "1.5"),
     ],
 )
 def test_a_bad_value_names_its_variable(var: str, value: str) -> None:
@@ -249,3 +254,15 @@ def test_settings_are_frozen() -> None:
     settings = load_settings(environ={})
     with pytest.raises(AttributeError):
         settings.agent_port = 1  # type: ignore[misc]
+
+
+def test_the_restart_and_log_settings() -> None:
+    settings = load_settings(environ={"QUDATA_CRASH_RESTARTS": "0", "QUDATA_CONTAINER_LOG_MB": "7"})
+    assert (settings.crash_restarts, settings.container_log_mb) == (0, 7)
+    assert (
+        load_settings(environ={}).crash_restarts,
+        load_settings(environ={}).container_log_mb,
+    ) == (
+        5,
+        100,
+    )

@@ -348,6 +348,9 @@ step_docker() {
   else
     apt_install docker.io
   fi
+  # nft and tc: the network meter, the caps and the egress policy of instances
+  command -v nft >/dev/null || apt_install nftables
+  command -v tc >/dev/null || apt_install iproute2
   if [ "$SYSTEMD" = 1 ]; then
     if systemctl is-enabled --quiet docker.service 2>/dev/null &&
       systemctl is-active --quiet docker.service; then

@@ -39,7 +39,9 @@ from qudata_agent.adapters.host import (
     mount_options,
     resolv_conf_texts,
 )
+from qudata_agent.adapters.meter_file import METER_FILE, MeterFile
 from qudata_agent.adapters.netcheck import port_is_free
+from qudata_agent.adapters.nftables import Nftables
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.public_address import PublicAddress
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
@@ -47,6 +49,7 @@ from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.store import Store
 from qudata_agent.adapters.systemd import Notifier
+from qudata_agent.adapters.traffic_control import TrafficControl
 from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
@@ -55,6 +58,7 @@ from qudata_agent.domain.firewall import parse_nameservers
 from qudata_agent.domain.gpu_health import HealthRecord
 from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.inventory import init_host_payload
+from qudata_agent.domain.netpolicy import EgressPolicy
 from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.errors import AgentError, Unavailable
@@ -84,6 +88,7 @@ from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, C
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import ImageService
 from qudata_agent.services.instances import InstanceService
+from qudata_agent.services.netmeter import NetMeter
 from qudata_agent.services.network import NetworkGuard
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.reconciler import Reconciler
@@ -113,6 +118,7 @@ class _Services:
     images: ImageService
     image_cache: ImageCache
     cpu_pool: CpuPool
+    meter: NetMeter
 
 
 @dataclass
@@ -240,6 +246,24 @@ class Agent:
             dns_servers=parse_nameservers(resolv_conf_texts()),
         )
 
+    def _meter(self, parts: _Parts, records: Records) -> NetMeter:
+        s = self.settings
+        meter = NetMeter(
+            instances=records.all,
+            nft=Nftables(s.bridge),
+            shaper=TrafficControl(),
+            engine=parts.docker,
+            account=MeterFile(s.state_dir / METER_FILE),
+            blocking=parts.blocking,
+            bridge=s.bridge,
+            policy=EgressPolicy(s.egress_block_ports, s.egress_deny, s.egress_conn_rate),
+            default_mbps=s.net_mbps_default,
+        )
+        records.on_new_run(meter.poke)  # a new run has a new veth: caps and maps at once
+        records.on_removed(meter.poke)  # a deleted instance's last count, then its counters go
+        parts.metrics.follow_network(meter)
+        return meter
+
     def _storage(self, parts: _Parts) -> StorageGuard:
         return StorageGuard(
             parts.docker,
@@ -278,6 +302,7 @@ class Agent:
         records.on_new_run(cpu_pool.poke)  # a pinned instance may have just come up
         records.on_removed(cpu_pool.poke)  # its cores may be free again
         records.on_change(ssh.prune_soon)  # a deleted instance's SSH directory goes too
+        meter = self._meter(parts, records)
         ssh.prune_soon()
         pulls = PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s)
         images = ImageService(parts.docker, parts.store, parts.blocking, pulls)
@@ -298,6 +323,7 @@ class Agent:
             ssh=ssh.view,
             gpu_health=lambda i: parts.health.problems(i.gpus, since=i.created_at),
             storage=storage,
+            network=meter.use,
         )
         instances = InstanceService(
             records=records,
@@ -327,7 +353,7 @@ class Agent:
             on_pass=parts.metrics.reconcile_ran,
         )
         return _Services(
-            records, instances, reconciler, ssh, storage, net, images, image_cache, cpu_pool
+            records, instances, reconciler, ssh, storage, net, images, image_cache, cpu_pool, meter
         )
 
     def _image_cache(self, parts: _Parts, images: ImageService) -> ImageCache:
@@ -382,7 +408,9 @@ class Agent:
             reserved_memory_bytes=int(s.reserved_memory_gb * 1024**3),
         )
 
-    def _reporter(self, parts: _Parts, records: Records, cp: ControlPlane) -> StatsReporter:
+    def _reporter(
+        self, parts: _Parts, records: Records, cp: ControlPlane, meter: NetMeter
+    ) -> StatsReporter:
         telemetry = Telemetry(
             instances=records.all,
             engine=parts.docker,
@@ -393,6 +421,7 @@ class Agent:
             size=HostSize(cpus=os.cpu_count() or 1, memory_bytes=host_memory_bytes()),
             blocking=parts.blocking,
             max_instances=self.settings.max_instances,
+            network=meter,
         )
         parts.metrics.follow_stats(telemetry)
         return StatsReporter(telemetry.sample, cp.stats, (ControlPlaneError,))
@@ -430,9 +459,10 @@ class Agent:
             lambda: run_every(s.storage_check_interval_s, storage_pass, "storage", first_delay_s=0),
         )
         parts.metrics.follow_health(parts.health)
+        supervisor.start("net-meter", services.meter.run)
         supervisor.start("gpu-events", lambda: gpu_events_loop(parts.nvml, parts.health))
         if cp is not None:
-            reporter = self._reporter(parts, services.records, cp)
+            reporter = self._reporter(parts, services.records, cp, services.meter)
             services.records.on_change(reporter.poke)
 
             async def control_plane() -> None:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from qudata_agent.domain.firewall import parse_allow_list
 from qudata_agent.domain.image_ref import resolve_image
+from qudata_agent.domain.netpolicy import MAX_MBPS, MIN_MBPS, parse_ports
 from qudata_agent.domain.storage import StoragePolicy
 from qudata_agent.errors import InvalidRequest
 
@@ -72,6 +73,12 @@ class Settings:
     bridge: str = "qudata0"  # its Linux bridge (the firewall rules name it)
     firewall: bool = True  # wall instances off from the host and private ranges
     egress_allow: tuple[str, ...] = ()  # private networks instances may still reach
+    # Network use (CONTRACT.md section 8): the host's cap per instance, each direction
+    # (None: none), outbound TCP ports refused, networks refused, new connections a second.
+    net_mbps_default: float | None = None
+    egress_block_ports: tuple[int, ...] = (25,)
+    egress_deny: tuple[str, ...] = ()
+    egress_conn_rate: int = 200
     # Where Docker cannot cap a container's size: refuse storage_gb, or accept and watch it.
     storage_policy: StoragePolicy = StoragePolicy.MONITOR
     storage_check_interval_s: float = 60.0  # how often an uncapped writable layer is measured
@@ -198,6 +205,19 @@ def _parse_networks(name: str, raw: str) -> tuple[str, ...]:
         raise ConfigError(f"{name}: expected comma-separated networks (CIDR): {e}") from None
 
 
+def _parse_ports(name: str, raw: str) -> tuple[int, ...]:
+    try:
+        return parse_ports(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}: expected comma-separated TCP ports or none: {e}") from None
+
+
+def _parse_mbps(name: str, raw: str) -> float | None:
+    if raw.strip().lower() in ("none", "off"):
+        return None
+    return _parse_float(name, raw, MIN_MBPS, MAX_MBPS)
+
+
 def _parse_images(name: str, raw: str) -> tuple[str, ...]:
     """Comma-separated image references, each as the agent will pull it ("busybox:latest")."""
     refs = []
@@ -322,6 +342,13 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         "QUDATA_BRIDGE": ("bridge", _parse_bridge),
         "QUDATA_FIREWALL": ("firewall", _parse_switch),
         "QUDATA_EGRESS_ALLOW": ("egress_allow", _parse_networks),
+        "QUDATA_NET_MBPS_DEFAULT": ("net_mbps_default", _parse_mbps),
+        "QUDATA_EGRESS_BLOCK_PORTS": ("egress_block_ports", _parse_ports),
+        "QUDATA_EGRESS_DENY": ("egress_deny", _parse_networks),
+        "QUDATA_EGRESS_CONN_RATE": (
+            "egress_conn_rate",
+            lambda n, r: _parse_int(n, r, 0, 1_000_000),
+        ),
         "QUDATA_STORAGE_POLICY": (
             "storage_policy",
             lambda n, r: StoragePolicy(_parse_choice(n, r, tuple(StoragePolicy))),

@@ -54,6 +54,12 @@ class StatsSource(Protocol):
     def last_net(self) -> Mapping[str, tuple[int, int]]: ...  # by instance id ("" host)
 
 
+class NetworkSource(Protocol):
+    """What the network counters read: each instance's `domain.netpolicy.NetworkUse`."""
+
+    def uses(self) -> Mapping[str, Any]: ...
+
+
 class HealthSource(Protocol):
     """What the GPU health counters read: counts by (uuid, kind, xid)."""
 
@@ -100,6 +106,7 @@ class Metrics:
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, ..._bytes, fds
         self._stats: StatsSource | None = None
         self._health: HealthSource | None = None
+        self._network: NetworkSource | None = None
         self._disk: tuple[Callable[[], str | None], Callable[[str], int | None]] | None = None
         self.registry.register(_Snapshot(self))
 
@@ -129,6 +136,9 @@ class Metrics:
     def follow_stats(self, source: StatsSource) -> None:
         self._stats = source
 
+    def follow_network(self, source: NetworkSource) -> None:
+        self._network = source
+
     def follow_health(self, source: HealthSource) -> None:
         self._health = source
 
@@ -155,6 +165,8 @@ class Metrics:
             yield from _gpu_families(self._stats.last_gpus)
         if self._health is not None:
             yield from _health_families(self._health.counts())
+        if self._network is not None:
+            yield from _network_families(self._network.uses())
         if self._disk is not None:
             root = self._disk[0]()
             free = self._disk[1](root) if root else None
@@ -249,6 +261,29 @@ def _net_families(
             elif subject == single:
                 family.add_metric([subject], float(counts[index]))
         yield family
+
+
+def _network_families(uses: Mapping[str, Any]) -> Iterator[Metric]:
+    """Each instance's metered bytes (CONTRACT.md section 8) and refused connections."""
+    traffic = CounterMetricFamily(
+        "qudata_instance_network_bytes",
+        "Bytes an instance received (rx) and sent (tx), public or private (never lower)",
+        labels=["instance_id", "direction", "scope"],
+    )
+    refused = CounterMetricFamily(
+        "qudata_instance_egress_refused",
+        "New outbound connections refused: blocked port, denied network, over the rate",
+        labels=["instance_id", "reason"],
+    )
+    for instance_id, use in sorted(uses.items()):
+        for direction in ("rx", "tx"):
+            public = getattr(use, f"{direction}_public_bytes")
+            private = getattr(use, f"{direction}_bytes") - public
+            traffic.add_metric([instance_id, direction, "public"], float(public))
+            traffic.add_metric([instance_id, direction, "private"], float(private))
+        for reason, count in use.refused:
+            refused.add_metric([instance_id, reason], float(count))
+    yield from (traffic, refused)
 
 
 def _gpu_families(samples: tuple[GpuSample, ...]) -> Iterator[Metric]:

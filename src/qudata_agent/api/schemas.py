@@ -134,6 +134,17 @@ class StorageState(BaseModel):
     over_limit: bool = Field(description="the writable layer is larger than requested_gb")
 
 
+class NetworkState(BaseModel):
+    """The instance's bytes since it was created (CONTRACT.md section 8): never lower."""
+
+    rx_bytes: int = Field(description="bytes received (IP packets, headers included)")
+    tx_bytes: int = Field(description="bytes sent")
+    rx_public_bytes: int = Field(
+        description="of rx_bytes, those from outside the private and link-local ranges"
+    )
+    tx_public_bytes: int = Field(description="of tx_bytes, those to outside those ranges")
+
+
 class ImageCheckState(BaseModel):
     """How the instance's image was vouched for when it was created."""
 
@@ -178,6 +189,9 @@ class InstanceState(BaseModel):
     )
     image_check: ImageCheckState | None = Field(
         default=None, description="once the image is ready: its digest and how it was checked"
+    )
+    network: NetworkState | None = Field(
+        default=None, description="its network use, once the agent has metered it"
     )
 
 

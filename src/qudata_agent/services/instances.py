@@ -34,6 +34,7 @@ from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.gpus import Resources, parse_resources
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
 from qudata_agent.domain.instance import Action, IllegalTransition, Instance, Status, Wanted
+from qudata_agent.domain.netpolicy import parse_mbps
 from qudata_agent.domain.order import (
     NO_DEFAULTS,
     CreateOrder,
@@ -149,6 +150,7 @@ class InstanceService:
     async def create(self, order: CreateOrder) -> Instance:
         ref = resolve_image(order.image, order.image_tag)
         resources = parse_resources(order.env)
+        parse_mbps(order.env)  # a malformed QUDATA_NET_MBPS is refused here (400)
         requests = parse_port_requests(order.ports, order.ssh_enabled)
         # Read before the lock: a slow GPU driver never holds up another create.
         capacity, _disk = await self._capacity.read(need_gpus=resources.gpu_count > 0)

@@ -46,6 +46,16 @@ class Inspector(Protocol):
     def inspect(self, container_id: str) -> ContainerState: ...
 
 
+class NetworkSource(Protocol):
+    """The network meter (services.netmeter): totals by instance, and deleted ones' last."""
+
+    async def refresh(self) -> None: ...
+
+    def use(self, instance_id: str) -> Any: ...  # domain.netpolicy.NetworkUse | None
+
+    async def take_finals(self) -> list[tuple[str, Any]]: ...
+
+
 class HostSource(Protocol):
     def sample(self) -> Any: ...  # adapters.host.HostSample
 
@@ -129,6 +139,7 @@ class Telemetry:
         size: HostSize,
         blocking: Blocking,
         max_instances: int = 1,
+        network: NetworkSource | None = None,
     ) -> None:
         self._instances = instances
         self._engine = engine
@@ -139,6 +150,7 @@ class Telemetry:
         self._size = size
         self._blocking = blocking
         self._several = max_instances > 1
+        self._network = network
         self._prev: dict[str, CgroupSample] = {}  # container -> its previous sample
         self._prev_host: Any | None = None
         self._pids: dict[str, tuple[str | None, int]] = {}  # container -> (run, pid)
@@ -149,6 +161,8 @@ class Telemetry:
         self.last_net: dict[str, tuple[int, int]] = {}
 
     async def sample(self) -> dict[str, Any]:
+        if self._network is not None:
+            await self._network.refresh()  # the counters as of now: a delete's last bytes too
         instances = list(await self._instances())
         running = [i for i in instances if _running(i)]
         self.last_net = {}
@@ -178,8 +192,20 @@ class Telemetry:
                 "status": Status.DESTROYED.value if newest is None else newest.status.value,
             }
             self.last_gpus = samples
+        await self._add_finals(payload)
         self.last = payload
         return payload
+
+    async def _add_finals(self, payload: dict[str, Any]) -> None:
+        """Deleted instances' last network totals (CONTRACT.md section 8), once each."""
+        if self._network is None:
+            return
+        for instance_id, use in await self._network.take_finals():
+            final = {"instance_id": instance_id, "status": Status.DESTROYED.value, **use.wire()}
+            if isinstance(payload.get("instances"), list):
+                payload["instances"].append({**_zero(), **final})
+            else:
+                payload.update(final)
 
     def _entry(
         self,
@@ -188,6 +214,9 @@ class Telemetry:
         gpus: dict[str, GpuSample],
     ) -> dict[str, Any]:
         entry: dict[str, Any] = {"instance_id": instance.id, "status": instance.status.value}
+        use = self._network.use(instance.id) if self._network is not None else None
+        if use is not None:
+            entry.update(use.wire())
         if figures is None:
             return {**entry, **_zero()}
         own = [gpus[u] for u in instance.gpus if u in gpus]

@@ -41,6 +41,7 @@ class InstanceView:
     gpu_health: tuple[Any, ...] = ()  # health problems of its GPUs (domain.gpu_health.GpuEvent)
     storage: Any | None = None  # what storage_gb gets (domain.storage.StorageUsage)
     image_check: Any | None = None  # how its image was vouched for (services.images.ImageCheck)
+    network: Any | None = None  # its bytes so far (domain.netpolicy.NetworkUse)
 
 
 def exited_on_its_own(instance: Instance) -> bool:
@@ -59,6 +60,7 @@ class InstanceViews:
         ssh: Callable[[Instance], Awaitable[Any]] | None = None,
         gpu_health: Callable[[Instance], Sequence[Any]] | None = None,
         storage: StorageView | None = None,
+        network: Callable[[str], Any] | None = None,
     ) -> None:
         self._engine = engine
         self._blocking = blocking
@@ -66,6 +68,7 @@ class InstanceViews:
         self._ssh = ssh
         self._gpu_health = gpu_health
         self._storage = storage
+        self._network = network
 
     async def describe(
         self, instance: Instance | None, logs: bool = False, tail: int = 100
@@ -95,4 +98,5 @@ class InstanceViews:
             gpu_health=tuple(self._gpu_health(instance)) if self._gpu_health is not None else (),
             storage=await self._storage.view(instance) if self._storage is not None else None,
             image_check=await self._images.view(instance.id),
+            network=self._network(instance.id) if self._network is not None else None,
         )

@@ -31,6 +31,7 @@ from qudata_agent.api.schemas import (
     InstanceAction,
     InstanceList,
     InstanceState,
+    NetworkState,
     PortCapacity,
     PullProgressView,
     SshState,
@@ -139,6 +140,7 @@ def to_state(view: Any) -> InstanceState:
         ],
         storage=_storage(getattr(view, "storage", None)),
         image_check=_image_check(getattr(view, "image_check", None)),
+        network=_network(getattr(view, "network", None)),
     )
 
 
@@ -146,6 +148,10 @@ def _image_check(check: Any) -> ImageCheckState | None:
     if check is None:
         return None
     return ImageCheckState(digest=check.digest, checked=check.checked, note=check.note)
+
+
+def _network(use: Any) -> NetworkState | None:
+    return None if use is None else NetworkState(**use.wire())
 
 
 def _storage(usage: Any) -> StorageState | None:

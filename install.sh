@@ -371,6 +371,11 @@ step_ssh() {
   apt_install openssh-server patchelf busybox-static
 }
 
+step_volumes() {
+  step "Volumes (mkfs.ext4 for loop images, xfs_quota for XFS project quotas)"
+  apt_install e2fsprogs xfsprogs util-linux
+}
+
 # merged_daemon_json: daemon.json on stdout with live-restore and the pull
 # settings merged into what is there (every other key kept as it is).
 merged_daemon_json() {
@@ -1034,6 +1039,7 @@ main() {
   step_python
   step_docker
   step_ssh
+  step_volumes
   step_nvidia
   step_docker_config
   step_hold

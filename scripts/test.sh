@@ -12,7 +12,7 @@ need_root
 # openssh-server, patchelf and busybox-static make the agent's SSH bundle; docker-registry
 # and apache2-utils (htpasswd) are the image tests' real registry.
 apt_install busybox-static debootstrap openssh-client openssh-server patchelf git shellcheck \
-  systemd btrfs-progs iproute2 docker-registry apache2-utils nftables
+  systemd btrfs-progs iproute2 docker-registry apache2-utils nftables e2fsprogs xfsprogs
 ensure_dockerd
 ensure_venv test
 "$ROOT/scripts/build-test-images.sh"

@@ -50,6 +50,7 @@ from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.store import Store
 from qudata_agent.adapters.systemd import Notifier
 from qudata_agent.adapters.traffic_control import TrafficControl
+from qudata_agent.adapters.volume_fs import LoopVolumes, XfsProjectVolumes, copy_tree, fs_facts
 from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
@@ -61,6 +62,7 @@ from qudata_agent.domain.inventory import init_host_payload
 from qudata_agent.domain.netpolicy import EgressPolicy
 from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
+from qudata_agent.domain.volumes import Mechanism, choose_mechanism
 from qudata_agent.errors import AgentError, Unavailable
 from qudata_agent.loops.docker_events import docker_events_loop
 from qudata_agent.loops.gpu_events import gpu_events_loop
@@ -87,7 +89,7 @@ from qudata_agent.services.cpu_pool import CpuPool
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import ImageService
-from qudata_agent.services.instances import InstanceService
+from qudata_agent.services.instances import InstanceService, holding_of
 from qudata_agent.services.netmeter import NetMeter
 from qudata_agent.services.network import NetworkGuard
 from qudata_agent.services.pulls import PullCoordinator
@@ -98,6 +100,7 @@ from qudata_agent.services.ssh import SshService
 from qudata_agent.services.storage import StorageGuard
 from qudata_agent.services.telemetry import HostSize, Telemetry
 from qudata_agent.services.views import InstanceViews
+from qudata_agent.services.volumes import Backing, VolumeService
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,7 @@ class _Services:
     image_cache: ImageCache
     cpu_pool: CpuPool
     meter: NetMeter
+    volumes: VolumeService
 
 
 @dataclass
@@ -287,6 +291,31 @@ class Agent:
         files = InstanceSshFiles(root / "instances")
         return SshService(parts.docker, parts.store, parts.blocking, files, bundle)
 
+    def _volumes(self, parts: _Parts, records: Records) -> VolumeService:
+        """Volumes under the state directory, sized the way this host's filesystem allows."""
+        root = self.settings.state_dir / "volumes"
+        ensure_private_dir(root)
+        found = fs_facts(root)
+        mechanism, why = choose_mechanism(None if found is None else found[0])
+        backings: dict[Mechanism, Backing] = {Mechanism.LOOP: LoopVolumes(root)}
+        if found is not None:
+            backings[Mechanism.XFS_PROJECT] = XfsProjectVolumes(root, found[1])
+        log.info("volumes", extra={"mechanism": mechanism.value, "why": why, "root": str(root)})
+
+        async def instances_disk() -> int:  # storage_gb promised to instances, unwritten
+            holdings = [h for h in map(holding_of, await records.all()) if h is not None]
+            return sum(max(0, (h.storage_bytes or 0) - h.storage_used_bytes) for h in holdings)
+
+        return VolumeService(
+            store=parts.store,
+            blocking=parts.blocking,
+            backings=backings,
+            mechanism=mechanism,
+            free_bytes=lambda: disk_free_bytes(str(root)),
+            copy_tree=copy_tree,
+            promised_elsewhere=instances_disk,
+        )
+
     async def _services(self, parts: _Parts, agent_port: int) -> _Services:
         """The instance side of the agent: records, builds, reconcile, views, SSH, storage."""
         s = self.settings
@@ -295,7 +324,8 @@ class Agent:
         ssh = await self._ssh(parts)
         records = Records(parts.store, parts.blocking)
         records.on_new_run(ssh.on_new_run)
-        capacity = self._capacity(parts)
+        volumes = self._volumes(parts, records)
+        capacity = self._capacity(parts, volumes)
         cpu_pool = CpuPool(
             records=records, capacity=capacity, engine=parts.docker, blocking=parts.blocking
         )
@@ -335,6 +365,7 @@ class Agent:
             capacity=capacity,
             agent_id=parts.agent_id,
             storage=storage,
+            volumes=volumes,
             host=HostDefaults(
                 network=net.network,
                 crash_restarts=s.crash_restarts,
@@ -351,10 +382,12 @@ class Agent:
             agent_id=parts.agent_id,
             stop_timeout_s=s.stop_timeout_s,
             on_pass=parts.metrics.reconcile_ran,
+            restore_first=volumes.restore,
         )
         return _Services(
-            records, instances, reconciler, ssh, storage, net, images, image_cache, cpu_pool, meter
-        )
+            records, instances, reconciler, ssh, storage, net, images, image_cache, cpu_pool,
+            meter, volumes,
+        )  # fmt: skip
 
     def _image_cache(self, parts: _Parts, images: ImageService) -> ImageCache:
         s = self.settings
@@ -387,7 +420,7 @@ class Agent:
                 lambda: prepull_loop(s.prepull, prepull, images.renters_idle, s.prepull_interval_s),
             )
 
-    def _capacity(self, parts: _Parts) -> HostCapacity:
+    def _capacity(self, parts: _Parts, volumes: VolumeService) -> HostCapacity:
         s = self.settings
 
         def disk() -> Disk:
@@ -402,6 +435,7 @@ class Agent:
             topology=lambda strict: parts.nvml.topology_async(strict=strict),
             shape=host_shape,
             disk=disk,
+            reserved_disk=volumes.promised_sync,
             blocking=parts.blocking,
             max_instances=s.max_instances,
             reserved_cpu_cores=s.reserved_cpu_cores,
@@ -490,6 +524,7 @@ class Agent:
         port = int(sock.getsockname()[1])
         services = await self._services(parts, port)
         parts.metrics.follow_disk(services.storage.known_data_root, disk_free_bytes)
+        parts.metrics.follow_volumes(services.volumes.views_now)
         server = make_server(
             create_app(
                 ApiDeps(
@@ -497,6 +532,7 @@ class Agent:
                     max_body_bytes=s.max_body_bytes,
                     instances=services.instances,
                     ssh=services.ssh,
+                    volumes=services.volumes,
                     metrics=parts.metrics,
                 )
             ),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Info, ProcessCollector
@@ -108,6 +108,7 @@ class Metrics:
         self._health: HealthSource | None = None
         self._network: NetworkSource | None = None
         self._disk: tuple[Callable[[], str | None], Callable[[str], int | None]] | None = None
+        self._volumes: Callable[[], Sequence[Any]] | None = None
         self.registry.register(_Snapshot(self))
 
     # -- events ----------------------------------------------------------------
@@ -148,6 +149,10 @@ class Metrics:
         """Free space on Docker's data root, measured at scrape time (one statvfs)."""
         self._disk = (data_root, free_bytes)
 
+    def follow_volumes(self, volumes: Callable[[], Sequence[Any]]) -> None:
+        """Each volume's size and use, read at scrape time (services.volumes' views)."""
+        self._volumes = volumes
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE
@@ -178,6 +183,23 @@ class Metrics:
                 )
                 family.add_metric([root], float(free))
                 yield family
+        if self._volumes is not None:
+            yield from _volume_families(self._volumes())
+
+
+def _volume_families(views: Sequence[Any]) -> Iterator[Metric]:
+    size = GaugeMetricFamily(
+        "qudata_volume_size_bytes", "Each volume's size (what a write may fill)", labels=["volume"]
+    )
+    used = GaugeMetricFamily(
+        "qudata_volume_used_bytes", "What each volume holds now", labels=["volume"]
+    )
+    for view in views:
+        size.add_metric([view.volume.id], float(view.volume.size_bytes))
+        if view.used_bytes is not None:
+            used.add_metric([view.volume.id], float(view.used_bytes))
+    yield size
+    yield used
 
 
 class _Snapshot:

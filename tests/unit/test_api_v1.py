@@ -26,6 +26,7 @@ from qudata_agent.errors import Conflict, NotFound
 from qudata_agent.services.capacity import Disk
 from qudata_agent.services.instances import HostView
 from qudata_agent.services.views import InstanceView
+from qudata_agent.services.volumes import VolumeTotals
 
 SECRET = "v1-secret-value"
 AUTH = {"X-Agent-Secret": SECRET}
@@ -214,6 +215,7 @@ def _host_view(disk_total: int | None = 500 * GIB) -> HostView:
         disk=Disk(total_bytes=disk_total, free_bytes=None if disk_total is None else 200 * GIB),
         port_range=(40000, 40099),
         ports_free=94,
+        volumes=VolumeTotals(count=2, size_bytes=3 * GIB, disk_bytes=GIB // 2),
     )
 
 
@@ -229,6 +231,7 @@ def test_host_answers_every_field_of_the_contract() -> None:
         "memory_gb": {"total": 126.0, "free": 40.5},
         "disk_gb": {"total": 500.0, "free": 123.33},
         "ports": {"range": "40000-40099", "free": 94},
+        "volumes": {"count": 2, "disk_gb": 3.0, "used_gb": 0.5},
     }
 
 

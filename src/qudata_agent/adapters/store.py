@@ -21,13 +21,17 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.ssh_keys import PublicKey
+from qudata_agent.domain.volumes import Mechanism, State, Volume
 from qudata_agent.errors import Conflict, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
+
+PROJECT_ID_BASE = 40000  # XFS project ids of volumes start here, clear of a host's own
 
 # Each entry upgrades the schema by one version (its statements run in one
 # transaction); never edit a released one, append a new one.
@@ -71,7 +75,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " REFERENCES instances(id) ON DELETE CASCADE,"
         " image_id TEXT NOT NULL, digest TEXT, checked_at REAL, note TEXT)",
     ),
+    (
+        # Renters' volumes (domain.volumes). The instance that holds one is
+        # cleared when its record goes (a deleted instance frees its volumes).
+        "CREATE TABLE volumes (id TEXT PRIMARY KEY, size_bytes INTEGER NOT NULL,"
+        " mechanism TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,"
+        " instance_id TEXT REFERENCES instances(id) ON DELETE SET NULL,"
+        " project_id INTEGER UNIQUE, created_at REAL NOT NULL)",
+    ),
 )
+
+
+class _VolumeTaken(Conflict):
+    pass
 
 
 class Store:
@@ -202,14 +218,15 @@ class Store:
                     self._conn.execute("ROLLBACK")
                 raise
 
-    def insert_instance(self, instance: Instance) -> None:
-        """Stores a new instance with its ports and GPUs, all or nothing."""
+    def insert_instance(self, instance: Instance, volumes: Iterable[str] = ()) -> None:
+        """Stores a new instance with its ports, GPUs and volumes, all or nothing."""
         try:
             with self._transaction() as tx:
                 tx.execute(
                     "INSERT INTO instances(id, status, record) VALUES(?, ?, ?)",
                     (instance.id, instance.status.value, instance.to_json()),
                 )
+                self._take_volumes(tx, instance.id, volumes)
                 tx.executemany(
                     "INSERT INTO port_allocations(port, instance_id, container_port)"
                     " VALUES(?, ?, ?)",
@@ -219,6 +236,8 @@ class Store:
                     "INSERT INTO gpu_allocations(uuid, instance_id) VALUES(?, ?)",
                     [(uuid, instance.id) for uuid in instance.gpus],
                 )
+        except _VolumeTaken:
+            raise
         except Conflict as e:  # a primary key of the allocations refused it
             raise Conflict("a host port or GPU of this instance is already allocated") from e
 
@@ -247,6 +266,19 @@ class Store:
     def _release(tx: sqlite3.Connection, instance_id: str) -> None:
         tx.execute("DELETE FROM port_allocations WHERE instance_id = ?", (instance_id,))
         tx.execute("DELETE FROM gpu_allocations WHERE instance_id = ?", (instance_id,))
+        tx.execute("UPDATE volumes SET instance_id = NULL WHERE instance_id = ?", (instance_id,))
+
+    @staticmethod
+    def _take_volumes(tx: sqlite3.Connection, instance_id: str, volumes: Iterable[str]) -> None:
+        """Each volume goes to the instance, or none does: a taken or unready one is Conflict."""
+        for volume_id in volumes:
+            taken = tx.execute(
+                "UPDATE volumes SET instance_id = ? WHERE id = ? AND instance_id IS NULL"
+                " AND state = ?",
+                (instance_id, volume_id, State.READY.value),
+            ).rowcount
+            if taken != 1:
+                raise _VolumeTaken(f"volume {volume_id} is in use or not ready")
 
     def delete_instance(self, instance_id: str) -> None:
         """Removes the record; its ports and GPUs go with it (ON DELETE CASCADE)."""
@@ -406,6 +438,83 @@ class Store:
                 (instance_id,),
             ).fetchone()
         return None if row is None else (str(row[0]), row[1], row[2], row[3])
+
+    # -- volumes -----------------------------------------------------------------
+
+    _VOLUME_COLUMNS = (
+        "id, size_bytes, mechanism, state, reason, instance_id, project_id, created_at"
+    )
+
+    @staticmethod
+    def _volume(row: tuple[object, ...]) -> Volume:
+        vid, size, mechanism, state, reason, instance_id, project_id, created_at = row
+        return Volume(
+            id=str(vid),
+            size_bytes=int(str(size)),
+            mechanism=Mechanism(str(mechanism)),
+            state=State(str(state)),
+            created_at=float(str(created_at)),
+            instance_id=None if instance_id is None else str(instance_id),
+            reason=None if reason is None else str(reason),
+            project_id=None if project_id is None else int(str(project_id)),
+        )
+
+    def insert_volume(self, volume: Volume) -> Volume:
+        """Records a new volume; an XFS one gets the next free project id."""
+        with self._transaction() as tx:
+            project_id = volume.project_id
+            if volume.mechanism is Mechanism.XFS_PROJECT:
+                (top,) = tx.execute("SELECT MAX(project_id) FROM volumes").fetchone()
+                project_id = max(int(top or 0) + 1, PROJECT_ID_BASE)
+            tx.execute(
+                f"INSERT INTO volumes({self._VOLUME_COLUMNS}) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    volume.id,
+                    volume.size_bytes,
+                    volume.mechanism.value,
+                    volume.state.value,
+                    volume.reason,
+                    volume.instance_id,
+                    project_id,
+                    volume.created_at,
+                ),
+            )
+        return replace(volume, project_id=project_id)
+
+    def set_volume_state(self, volume_id: str, state: State, reason: str | None = None) -> None:
+        with self._writing():
+            self._conn.execute(
+                "UPDATE volumes SET state = ?, reason = ? WHERE id = ?",
+                (state.value, reason, volume_id),
+            )
+
+    def start_volume_delete(self, volume_id: str) -> bool:
+        """Marks a volume that no instance holds as being deleted; False when one holds it."""
+        with self._writing():
+            cursor = self._conn.execute(
+                "UPDATE volumes SET state = ? WHERE id = ? AND instance_id IS NULL",
+                (State.DELETING.value, volume_id),
+            )
+        return cursor.rowcount == 1
+
+    def delete_volume(self, volume_id: str) -> None:
+        with self._writing():
+            self._conn.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+
+    def get_volume(self, volume_id: str) -> Volume | None:
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {self._VOLUME_COLUMNS} FROM volumes WHERE id = ?",  # noqa: S608 (a constant)
+                (volume_id,),
+            ).fetchone()
+        return None if row is None else self._volume(tuple(row))
+
+    def list_volumes(self) -> list[Volume]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {self._VOLUME_COLUMNS} FROM volumes ORDER BY created_at, rowid"  # noqa: S608
+            ).fetchall()
+        return [self._volume(tuple(row)) for row in rows]
 
     def close(self) -> None:
         with self._lock:

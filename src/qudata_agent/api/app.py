@@ -41,6 +41,7 @@ from qudata_agent.api.resources.system import (
     OpenApiResource,
     PingResource,
 )
+from qudata_agent.api.resources.volumes import VolumeResource, VolumesApi, VolumesResource
 from qudata_agent.api.routes import ROUTES, Route, public_operations
 from qudata_agent.errors import AgentError, http_status
 
@@ -59,6 +60,7 @@ class ApiDeps:
     max_body_bytes: int = 1024 * 1024
     instances: InstancesApi | None = None
     ssh: SshApi | None = None
+    volumes: VolumesApi | None = None
     metrics: ApiMetrics | None = None
 
 
@@ -126,6 +128,9 @@ def _mounted(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
         if deps.ssh is not None:
             resources["ssh"] = SshResource(deps.ssh, deps.instances, limit)
             resources["v1_ssh"] = V1SshResource(deps.ssh, limit)
+    if deps.volumes is not None:
+        resources["v1_volumes"] = VolumesResource(deps.volumes, limit)
+        resources["v1_volume"] = VolumeResource(deps.volumes)
     if deps.metrics is not None:
         resources["metrics"] = MetricsResource(deps.metrics)
     served = tuple(

@@ -15,12 +15,16 @@ from pydantic import BaseModel
 from qudata_agent.api.schemas import (
     CreatedInstance,
     CreateInstance,
+    CreateVolume,
     HostState,
     InstanceAction,
     InstanceList,
     InstanceState,
     SshKeyRequest,
     SshKeys,
+    VolumeDeleted,
+    VolumeList,
+    VolumeState,
 )
 
 
@@ -168,6 +172,35 @@ ROUTES: tuple[Route, ...] = (
         "/v1/instances/{instance_id}/ssh",
         "v1_ssh",
         _ssh_operations("this instance", (404, 409)),
+    ),
+    Route(
+        "/v1/volumes",
+        "v1_volumes",
+        (
+            Operation("GET", "Every volume on the host", VolumeList),
+            Operation(
+                "POST",
+                "Make a volume of size_gb (with `from`: a copy of that volume's data);"
+                " 409 naming what does not fit",
+                VolumeState,
+                request=CreateVolume,
+                status=201,
+                errors=(404, 409, 503),
+            ),
+        ),
+    ),
+    Route(
+        "/v1/volumes/{volume_id}",
+        "v1_volume",
+        (
+            Operation("GET", "One volume", VolumeState, errors=(404,)),
+            Operation(
+                "DELETE",
+                "Delete a volume and its data (409 while an instance holds it)",
+                VolumeDeleted,
+                errors=(404, 409),
+            ),
+        ),
     ),
     Route(
         "/openapi.json",

@@ -73,6 +73,14 @@ class CreateInstance(BaseModel):
     registry: str | None = Field(default=None, max_length=512)
     login: str | None = Field(default=None, max_length=512)
     password: SecretStr | None = Field(default=None, max_length=4096)
+    volumes: dict[
+        Annotated[str, StringConstraints(max_length=64)],
+        Annotated[StrictStr, StringConstraints(max_length=1024)],
+    ] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="volume id -> absolute mount path in the container (section 7)",
+    )
 
     @field_validator("env_variables")
     @classmethod
@@ -229,6 +237,12 @@ class PortCapacity(BaseModel):
     free: int
 
 
+class VolumeTotals(BaseModel):
+    count: int
+    disk_gb: float = Field(description="the sizes of all volumes, GiB")
+    used_gb: float = Field(description="what their backings take on the disk now, GiB")
+
+
 class HostState(BaseModel):
     """`GET /v1/host`: what the host has for instances (after the reserves) and what is free."""
 
@@ -239,6 +253,43 @@ class HostState(BaseModel):
     memory_gb: Amount
     disk_gb: Amount = Field(description="Docker's data root; free less what is promised")
     ports: PortCapacity
+    volumes: VolumeTotals | None = None
+
+
+# -- volumes (CONTRACT.md section 7) ----------------------------------------------
+
+
+class CreateVolume(BaseModel):
+    """`POST /v1/volumes`: a size, and optionally a volume to copy the data of."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    size_gb: StrictFloat | StrictInt | None = Field(
+        default=None, gt=0, le=1_000_000, description="GiB; default with `from`: the source's"
+    )
+    source: StrictStr | None = Field(
+        default=None, alias="from", max_length=64, description="a volume id to copy"
+    )
+
+
+class VolumeState(BaseModel):
+    volume_id: str
+    size_gb: float
+    used_gb: float | None = Field(description="written so far; null while not measurable")
+    status: Literal["ready", "in_use", "error"]
+    instance_id: str | None
+    created_at: float
+    reason: str | None = Field(default=None, description="why it is `error`")
+    mechanism: str = Field(description="how its size is enforced on this host")
+
+
+class VolumeList(BaseModel):
+    volumes: list[VolumeState]
+
+
+class VolumeDeleted(BaseModel):
+    volume_id: str
+    deleted: bool = True
 
 
 # -- ssh ------------------------------------------------------------------------

@@ -13,7 +13,8 @@ What stays true:
   `no-new-privileges`; the only host paths a spec mounts are the agent's SSH
   bundle and that instance's own SSH directory, both read-only (an
   SSH-enabled instance, `domain.ssh_init`), so one instance's keys never
-  reach another;
+  reach another, and the data directories of the renter's volumes the
+  instance holds, read-write (`domain.volumes`);
 - the GPU variables the NVIDIA runtime reads (`GPU_ENV`) are the agent's:
   exactly the rented GPUs, `void` when none, whatever the order or the image
   says; the OCI runtime is pinned (`runc`), so a host whose default runtime is
@@ -101,7 +102,7 @@ class PortBinding:
 
 @dataclass(frozen=True)
 class Mount:
-    """A read-only bind mount of a host directory (the only kind the agent makes)."""
+    """A bind mount of a host directory: read-only, but a renter's volume."""
 
     source: str
     target: str

@@ -19,6 +19,7 @@ from qudata_agent.domain.container_spec import (
     IPV6_OFF,
     MIN_SHM_BYTES,
     ContainerSpec,
+    Mount,
     PortBinding,
     gpu_env,
     restart_policy,
@@ -58,6 +59,7 @@ class CreateOrder:
     command: str | None = None
     ssh_enabled: bool = False
     credentials: RegistryCredentials | None = field(default=None, repr=False)
+    volumes: dict[str, str] = field(default_factory=dict)  # volume id -> mount path
 
 
 def shm_bytes(memory_bytes: int | None) -> int:
@@ -93,6 +95,7 @@ def build_spec(
     storage_bytes: int | None,
     cpuset: str | None = None,
     host: HostDefaults = NO_DEFAULTS,
+    mounts: tuple[Mount, ...] = (),
 ) -> ContainerSpec:
     idle = order.command is None
     command = IDLE_COMMAND if order.command is None else ("/bin/sh", "-c", order.command)
@@ -116,4 +119,5 @@ def build_spec(
         gpu_uuids=gpus,
         storage_bytes=storage_bytes,
         network=host.network,
+        mounts=mounts,
     )

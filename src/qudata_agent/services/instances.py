@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState, Mount
 from qudata_agent.domain.gpus import Resources, parse_resources
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
 from qudata_agent.domain.instance import Action, IllegalTransition, Instance, Status, Wanted
@@ -44,7 +45,8 @@ from qudata_agent.domain.order import (
 )
 from qudata_agent.domain.placement import Free, Holding, Placement, Request, free, place
 from qudata_agent.domain.ports import PortAllocator, parse_port_requests
-from qudata_agent.errors import Conflict, NotFound
+from qudata_agent.domain.volumes import parse_mounts
+from qudata_agent.errors import Conflict, InvalidRequest, NotFound
 from qudata_agent.services.builds import BuildPipeline, remove_container
 from qudata_agent.services.capacity import Disk, HostCapacity
 from qudata_agent.services.records import Records
@@ -66,6 +68,14 @@ class Engine(Protocol):
     def inspect(self, container_id: str) -> ContainerState: ...
 
 
+class Volumes(Protocol):
+    """The volume service (`services.volumes.VolumeService`): an order's volumes bound."""
+
+    async def bind(self, mounts: Mapping[str, str]) -> tuple[Mount, ...]: ...
+
+    async def totals(self) -> Any: ...
+
+
 class Storage(Protocol):
     """The storage guard (`services.storage.StorageGuard`): what a create's storage_gb gets."""
 
@@ -85,6 +95,7 @@ class HostView:
     disk: Disk
     port_range: tuple[int, int]
     ports_free: int
+    volumes: Any = None  # services.volumes.VolumeTotals; None: no volumes on this agent
 
 
 def holding_of(instance: Instance) -> Holding | None:
@@ -107,6 +118,7 @@ class InstanceService:
         capacity: HostCapacity,
         agent_id: str,
         storage: Storage | None = None,  # None: storage_gb is accepted and ignored
+        volumes: Volumes | None = None,  # None: an order with volumes is refused
         host: HostDefaults = NO_DEFAULTS,
         stop_timeout_s: int = 10,
     ) -> None:
@@ -119,6 +131,7 @@ class InstanceService:
         self._capacity = capacity
         self._agent_id = agent_id
         self._storage = storage
+        self._volumes = volumes
         self._host = host
         self._stop_timeout_s = stop_timeout_s
         self._create_lock = asyncio.Lock()
@@ -152,6 +165,9 @@ class InstanceService:
         resources = parse_resources(order.env)
         parse_mbps(order.env)  # a malformed QUDATA_NET_MBPS is refused here (400)
         requests = parse_port_requests(order.ports, order.ssh_enabled)
+        mounts = parse_mounts(order.volumes)
+        if mounts and self._volumes is None:
+            raise InvalidRequest("field 'volumes': this agent has no volumes")
         # Read before the lock: a slow GPU driver never holds up another create.
         capacity, _disk = await self._capacity.read(need_gpus=resources.gpu_count > 0)
         async with self._create_lock:
@@ -164,7 +180,10 @@ class InstanceService:
             holdings = [h for h in map(holding_of, existing) if h is not None]
             storage_bytes = None if order.storage_gb is None else int(order.storage_gb * GIB)
             placement = place(capacity, holdings, Request.of(resources, storage_bytes))
-            instance = await self._blocking.quick(self._record, order, ref, placement, requests)
+            binds = () if self._volumes is None else await self._volumes.bind(mounts)
+            instance = await self._blocking.quick(
+                self._record, order, ref, placement, requests, binds, tuple(mounts)
+            )
         log.info(
             "instance accepted",
             extra={
@@ -190,6 +209,8 @@ class InstanceService:
         ref: ImageRef,
         placement: Placement,
         requests: dict[str, int | None],
+        binds: tuple[Mount, ...] = (),
+        volume_ids: tuple[str, ...] = (),
     ) -> Instance:
         """Takes ports and records the instance (in a thread, under the create lock)."""
         store = self._records.store
@@ -209,6 +230,7 @@ class InstanceService:
             cpuset=placement.cpuset_cpus,
             storage_bytes=storage,
             host=self._host,
+            mounts=binds,
         )
         now = self._records.clock()
         instance = Instance(
@@ -226,7 +248,7 @@ class InstanceService:
             wanted_at=now,
             spec_json=spec.to_json(),
         )
-        store.insert_instance(instance)
+        store.insert_instance(instance, volume_ids)  # takes the volumes, or refuses (409)
         return instance
 
     async def host(self) -> HostView:
@@ -234,6 +256,7 @@ class InstanceService:
         records = await self._records.all()
         holdings = [h for h in map(holding_of, records) if h is not None]
         taken = await self._blocking.quick(self._records.store.allocated_ports)
+        volumes = None if self._volumes is None else await self._volumes.totals()
         low, high = self._ports.port_range
         return HostView(
             max_instances=capacity.max_instances,
@@ -245,6 +268,7 @@ class InstanceService:
             disk=disk,
             port_range=(low, high),
             ports_free=(high - low + 1) - sum(low <= p <= high for p in taken),
+            volumes=volumes,
         )
 
     # -- lifecycle ------------------------------------------------------------

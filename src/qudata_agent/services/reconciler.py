@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
@@ -73,6 +73,7 @@ class Reconciler:
         grace_s: float = DEFAULT_GRACE_S,
         on_pass: Callable[[bool], None] = lambda _ok: None,
         clock: Callable[[], float] = time.time,
+        restore_first: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._records = records
         self._builds = builds
@@ -83,9 +84,16 @@ class Reconciler:
         self._grace_s = grace_s
         self._on_pass = on_pass
         self._clock = clock
+        self._restore_first = restore_first  # the volumes mounted again
 
     async def restore(self) -> None:
-        """At start: resume interrupted builds, converge, make sure SSH is up on what runs."""
+        """At start: resume interrupted builds, converge, make sure SSH is up on what runs.
+
+        What instances mount comes first (`restore_first`: the volumes mounted
+        again), so no container is started on a volume that is not there.
+        """
+        if self._restore_first is not None:
+            await self._restore_first()
         building = self._builds.building()
         for instance in await self._records.all():
             if instance.status is Status.PENDING and instance.id not in building:

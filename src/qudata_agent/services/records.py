@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class InstanceStore(Protocol):
-    def insert_instance(self, instance: Instance) -> None: ...
+    def insert_instance(self, instance: Instance, volumes: Iterable[str] = ()) -> None: ...
 
     def update_instance(self, instance: Instance) -> None: ...
 

@@ -36,6 +36,7 @@ from qudata_agent.api.schemas import (
     PullProgressView,
     SshState,
     StorageState,
+    VolumeTotals,
 )
 from qudata_agent.domain.instance import Action, Instance
 from qudata_agent.domain.order import CreateOrder, RegistryCredentials
@@ -93,6 +94,7 @@ def to_order(body: CreateInstance) -> CreateOrder:
         command=body.command,
         ssh_enabled=body.ssh_enabled,
         credentials=credentials,
+        volumes=dict(body.volumes),
     )
 
 
@@ -304,5 +306,12 @@ class HostResource:
                     total=_gb(host.disk.total_bytes), free=_free_gb(host.free.disk_bytes)
                 ),
                 ports=PortCapacity(range=f"{low}-{high}", free=host.ports_free),
+                volumes=None
+                if host.volumes is None
+                else VolumeTotals(
+                    count=host.volumes.count,
+                    disk_gb=round(host.volumes.size_bytes / GIB, 3),
+                    used_gb=round(host.volumes.disk_bytes / GIB, 3),
+                ),
             ),
         )

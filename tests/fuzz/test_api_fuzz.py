@@ -38,6 +38,7 @@ from qudata_agent.api.openapi import build_openapi
 from qudata_agent.api.routes import ROUTES
 from support.agent_proc import AgentProcess
 from support.docker_api import agent_id, containers, remove_containers_of
+from support.volumes import unmount_under
 
 pytestmark = pytest.mark.docker
 
@@ -72,6 +73,7 @@ def fuzz_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProces
             httpx.delete(agent.url + "/instances", headers={"X-Agent-Secret": agent.secret()})
             agent.stop(signal.SIGTERM)
         remove_containers_of(owner)
+        unmount_under(state)  # the volumes a fuzzed POST /v1/volumes made
 
 
 @pytest.fixture(scope="module")

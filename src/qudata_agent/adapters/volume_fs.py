@@ -108,8 +108,7 @@ class LoopVolumes:
         image = self._image(volume)
         with open(image, "wb") as f:
             f.truncate(volume.size_bytes)
-        # -m 0: no blocks kept for root, the renter gets the whole size; no lazy
-        # init, so nothing writes to the image in the background after the mount.
+        # -m 0: no blocks kept for root, the renter gets the whole size.
         run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "qudata-volume", str(image)])
         self.attach(volume, fresh=True)
 

@@ -11,6 +11,7 @@ stop never stops, removes or otherwise touches a tenant's container.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -51,6 +52,7 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.adapters.systemd import Notifier
 from qudata_agent.adapters.traffic_control import TrafficControl
 from qudata_agent.adapters.volume_fs import LoopVolumes, XfsProjectVolumes, copy_tree, fs_facts
+from qudata_agent.adapters.wireguard import WireGuard, ensure_key
 from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
@@ -62,6 +64,7 @@ from qudata_agent.domain.inventory import init_host_payload
 from qudata_agent.domain.netpolicy import EgressPolicy
 from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
+from qudata_agent.domain.tunnel import Routing, TunnelConfigError, block_problem, build
 from qudata_agent.domain.volumes import Mechanism, choose_mechanism
 from qudata_agent.errors import AgentError, Unavailable
 from qudata_agent.loops.docker_events import docker_events_loop
@@ -99,6 +102,7 @@ from qudata_agent.services.registration import Identity, Registrar
 from qudata_agent.services.ssh import SshService
 from qudata_agent.services.storage import StorageGuard
 from qudata_agent.services.telemetry import HostSize, Telemetry
+from qudata_agent.services.tunnel import Tunnel
 from qudata_agent.services.views import InstanceViews
 from qudata_agent.services.volumes import Backing, VolumeService
 
@@ -108,6 +112,8 @@ DB_FILE = "agent.db"
 AGENT_ID_KEY = "agent_id"
 AGENT_PORT_KEY = "agent_port"
 FALLBACK_DOCKER_ROOT = "/var/lib/docker"
+TUNNEL_KEY_FILE = "tunnel.key"
+TUNNEL_CHECK_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ class _Parts:
     api_key: str | None
     metrics: Metrics = field(default_factory=Metrics)
     health: HealthRecord = field(default_factory=HealthRecord)  # GPU health problems
+    tunnel: Tunnel | None = None  # tunnel mode
 
 
 def _open_state(settings: Settings) -> _Parts:
@@ -183,8 +190,11 @@ class Agent:
         return init_host_payload(inventory)
 
     async def _address(self, parts: _Parts) -> str | None:
-        """The public IPv4: the configured one, else the lookups', else the default route's."""
+        """The public IPv4: the relay's in tunnel mode, the configured one, the lookups',
+        else the default route's."""
         s = self.settings
+        if parts.tunnel is not None and parts.tunnel.config is not None:
+            return parts.tunnel.config.public_address
         if s.address:
             return s.address
         lookups = PublicAddress(s.address_lookup_urls, user_agent=f"qudata-agent/{__version__}")
@@ -195,6 +205,7 @@ class Agent:
             agent_id=parts.agent_id,
             fingerprint=machine_fingerprint(),
             address=address,
+            tunnel_pubkey=parts.tunnel.public_key if parts.tunnel else None,
         )
         return Registrar(
             cp,
@@ -233,7 +244,13 @@ class Agent:
     def _listen(self, parts: _Parts) -> socket.socket:
         s = self.settings
         previous = parts.store.get(AGENT_PORT_KEY)
-        sock = listen(s.agent_host, s.agent_port, int(previous) if previous else None, s.port_range)
+        sock = listen(
+            s.agent_host,
+            s.agent_port,
+            int(previous) if previous else None,
+            s.port_range,
+            inside=bool(s.tunnel),
+        )
         parts.store.set(AGENT_PORT_KEY, str(sock.getsockname()[1]))
         return sock
 
@@ -248,6 +265,7 @@ class Agent:
             agent_id=parts.agent_id,
             allow=s.egress_allow,
             dns_servers=parse_nameservers(resolv_conf_texts()),
+            always_blocked=_tunnel_network(s),
         )
 
     def _meter(self, parts: _Parts, records: Records) -> NetMeter:
@@ -504,6 +522,7 @@ class Agent:
                 registrar = self._registrar(parts, cp, await self._address(parts))
                 backoff = Backoff(base_s=0.5, cap_s=s.cp_backoff_max_s)
                 await registration_loop(registrar, listening, backoff, (ControlPlaneError,))
+                await self._tunnel_from_answer(parts, registrar, await listening)
                 async with asyncio.TaskGroup() as group:
                     group.create_task(reporter.run())
                     group.create_task(
@@ -511,6 +530,46 @@ class Agent:
                     )
 
             supervisor.start("control-plane", control_plane)
+
+    async def _start_tunnel(self, parts: _Parts, supervisor: Supervisor) -> None:
+        """Tunnel mode: the key, the tunnel (when the settings hold it all), its checks."""
+        s = self.settings
+        if not s.tunnel:
+            return
+        routing = Routing(s.tunnel_interface, s.tunnel_table, s.tunnel_mark)
+        key = s.state_dir / TUNNEL_KEY_FILE
+        public_key = await asyncio.to_thread(ensure_key, key)
+        parts.tunnel = tunnel = Tunnel(WireGuard(routing, key), parts.blocking, public_key)
+        parts.metrics.follow_tunnel(tunnel.view)
+        try:
+            config = build(_tunnel_fields(s), {})
+        except TunnelConfigError as e:
+            if parts.api_key is None:
+                log.error("tunnel mode is off: settings incomplete", extra={"error": str(e)})
+            else:
+                log.info("tunnel settings incomplete; waiting for /init", extra={"missing": str(e)})
+        else:
+            await tunnel.start(config)
+        supervisor.start("tunnel", lambda: run_every(TUNNEL_CHECK_S, tunnel.check, "tunnel"))
+
+    async def _tunnel_from_answer(self, parts: _Parts, registrar: Registrar, port: int) -> None:
+        """The tunnel from /init's data.tunnel where the settings lacked it, then re-register."""
+        tunnel = parts.tunnel
+        if tunnel is None or tunnel.config is not None:
+            return
+        offer = registrar.tunnel_offer
+        try:
+            config = build(_tunnel_fields(self.settings), offer)
+        except TunnelConfigError as e:
+            log.error("tunnel mode is off: no complete tunnel settings", extra={"error": str(e)})
+            return
+        problem = block_problem(offer.get("ports"), self.settings.port_range)
+        if problem:
+            log.error("tunnel mode is off", extra={"error": problem})
+            return
+        if await tunnel.start(config):
+            registrar.move(config.public_address)
+            await registrar.register(port)
 
     async def _serve(self, parts: _Parts) -> int:
         s = self.settings
@@ -525,6 +584,8 @@ class Agent:
         services = await self._services(parts, port)
         parts.metrics.follow_disk(services.storage.known_data_root, disk_free_bytes)
         parts.metrics.follow_volumes(services.volumes.views_now)
+        supervisor = Supervisor(on_death=parts.metrics.loop_died)
+        await self._start_tunnel(parts, supervisor)
         server = make_server(
             create_app(
                 ApiDeps(
@@ -534,6 +595,7 @@ class Agent:
                     ssh=services.ssh,
                     volumes=services.volumes,
                     metrics=parts.metrics,
+                    tunnel=parts.tunnel.view if parts.tunnel else None,
                 )
             ),
             s.shutdown_timeout_s,
@@ -553,7 +615,6 @@ class Agent:
             if parts.api_key
             else None
         )
-        supervisor = Supervisor(on_death=parts.metrics.loop_died)
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._start_loops(supervisor, parts, services, cp, listening)
         self._start_image_loops(supervisor, services)
@@ -601,6 +662,22 @@ class Agent:
             sock.close()
         log.info("agent stopped")
         return 0
+
+
+def _tunnel_fields(s: Settings) -> dict[str, str | None]:
+    return {
+        "endpoint": s.tunnel_endpoint,
+        "relay_key": s.tunnel_relay_key,
+        "address": s.tunnel_address,
+        "public_address": s.tunnel_public_address,
+    }
+
+
+def _tunnel_network(s: Settings) -> tuple[str, ...]:
+    """The tunnel network, walled off from instances like a private range."""
+    if not (s.tunnel and s.tunnel_address):
+        return ()
+    return (str(ipaddress.IPv4Interface(s.tunnel_address).network),)
 
 
 def run(settings: Settings) -> int:

@@ -25,6 +25,13 @@ from qudata_agent.domain.firewall import parse_allow_list
 from qudata_agent.domain.image_ref import resolve_image
 from qudata_agent.domain.netpolicy import MAX_MBPS, MIN_MBPS, parse_ports
 from qudata_agent.domain.storage import StoragePolicy
+from qudata_agent.domain.tunnel import (
+    TunnelConfigError,
+    parse_address,
+    parse_endpoint,
+    parse_key,
+    parse_public_address,
+)
 from qudata_agent.errors import InvalidRequest
 
 PREFIX = "QUDATA_"
@@ -97,6 +104,17 @@ class Settings:
     prepull_interval_s: float = 86400.0  # how often the pre-pull list is checked again
     # Optional Prometheus listener without the secret (host, port); None: off.
     metrics_listen: tuple[str, int] | None = None
+    # Tunnel mode (hosts behind NAT, CONTRACT.md section 6): "wireguard" or None (off).
+    # The fields: relay:port, the relay's public key, this host's tunnel address (CIDR),
+    # the relay's public IPv4; each may instead come from the /init answer.
+    tunnel: str | None = None
+    tunnel_endpoint: str | None = None
+    tunnel_relay_key: str | None = None
+    tunnel_address: str | None = None
+    tunnel_public_address: str | None = None
+    tunnel_interface: str = "qudata-wg"
+    tunnel_table: int = 51820  # the routing table of replies that leave through the tunnel
+    tunnel_mark: int = 0x80000  # the fwmark bit(s) of connections that came in through it
     # Set by systemd: the sd_notify socket, the watchdog timeout, journald on stderr.
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -294,6 +312,63 @@ def _parse_listen(name: str, raw: str) -> tuple[str, int] | None:
     return host, _parse_int(name, port, 1, 65535)
 
 
+def _parse_tunnel_field(
+    parse: Callable[[str, str], object],
+) -> Callable[[str, str], str]:
+    """Checks a tunnel field with the domain's parser; keeps the text (normalised)."""
+
+    def check(name: str, raw: str) -> str:
+        try:
+            parse(name, raw)
+        except TunnelConfigError as e:
+            raise ConfigError(str(e)) from None
+        return raw.strip()
+
+    return check
+
+
+def _parse_mark(name: str, raw: str) -> int:
+    try:
+        value = int(raw.strip(), 0)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number (e.g. 0x80000), got {raw!r}") from None
+    if not 0 < value < 2**32:
+        raise ConfigError(f"{name}: expected a nonzero 32-bit mark, got {raw!r}")
+    return value
+
+
+_TUNNEL_PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "QUDATA_TUNNEL": ("tunnel", lambda n, r: _parse_choice(n, r, ("wireguard", "off"))),
+    "QUDATA_TUNNEL_ENDPOINT": ("tunnel_endpoint", _parse_tunnel_field(parse_endpoint)),
+    "QUDATA_TUNNEL_RELAY_KEY": ("tunnel_relay_key", _parse_tunnel_field(parse_key)),
+    "QUDATA_TUNNEL_ADDRESS": ("tunnel_address", _parse_tunnel_field(parse_address)),
+    "QUDATA_TUNNEL_PUBLIC_ADDRESS": (
+        "tunnel_public_address",
+        _parse_tunnel_field(parse_public_address),
+    ),
+    "QUDATA_TUNNEL_INTERFACE": ("tunnel_interface", _parse_bridge),
+    "QUDATA_TUNNEL_TABLE": ("tunnel_table", lambda n, r: _parse_int(n, r, 1, 2**31 - 1)),
+    "QUDATA_TUNNEL_MARK": ("tunnel_mark", _parse_mark),
+}
+
+
+def _check_agent_port(settings: Settings) -> None:
+    """Outside the instances' range; in tunnel mode inside it (the relay forwards only it)."""
+    if settings.agent_port is None:
+        return
+    lo, hi = settings.port_range
+    inside = lo <= settings.agent_port <= hi
+    if inside and not settings.tunnel:
+        raise ConfigError(
+            f"QUDATA_AGENT_PORT: {settings.agent_port} lies inside QUDATA_PORT_RANGE {lo}-{hi}"
+        )
+    if settings.tunnel and not inside:
+        raise ConfigError(
+            f"QUDATA_AGENT_PORT: in tunnel mode it must lie inside QUDATA_PORT_RANGE {lo}-{hi}"
+            " (the relay forwards only that block)"
+        )
+
+
 def _systemd(env: Mapping[str, str]) -> dict[str, object]:
     """NOTIFY_SOCKET, WATCHDOG_USEC (for this process only) and JOURNAL_STREAM."""
     found: dict[str, object] = {}
@@ -379,6 +454,7 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
             "prepull_interval_s",
             lambda n, r: _parse_float(n, r, 1, 30 * 86400),
         ),
+        **_TUNNEL_PARSERS,
     }
     for var, (attr, parse) in parsers.items():
         raw = env.get(var)
@@ -396,11 +472,8 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
             "QUDATA_METRICS_LISTEN", env["QUDATA_METRICS_LISTEN"]
         )
     kwargs.update(_systemd(env))
+    if kwargs.get("tunnel") == "off":
+        kwargs["tunnel"] = None
     settings = Settings(**kwargs)  # type: ignore[arg-type]
-    if settings.agent_port is not None:
-        lo, hi = settings.port_range
-        if lo <= settings.agent_port <= hi:
-            raise ConfigError(
-                f"QUDATA_AGENT_PORT: {settings.agent_port} lies inside QUDATA_PORT_RANGE {lo}-{hi}"
-            )
+    _check_agent_port(settings)
     return settings

@@ -109,6 +109,7 @@ class Metrics:
         self._network: NetworkSource | None = None
         self._disk: tuple[Callable[[], str | None], Callable[[str], int | None]] | None = None
         self._volumes: Callable[[], Sequence[Any]] | None = None
+        self._tunnel: Callable[[], dict[str, Any]] | None = None
         self.registry.register(_Snapshot(self))
 
     # -- events ----------------------------------------------------------------
@@ -153,6 +154,10 @@ class Metrics:
         """Each volume's size and use, read at scrape time (services.volumes' views)."""
         self._volumes = volumes
 
+    def follow_tunnel(self, view: Callable[[], dict[str, Any]]) -> None:
+        """Tunnel mode: its state and last handshake, read at scrape time."""
+        self._tunnel = view
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE
@@ -172,6 +177,8 @@ class Metrics:
             yield from _health_families(self._health.counts())
         if self._network is not None:
             yield from _network_families(self._network.uses())
+        if self._tunnel is not None:
+            yield from _tunnel_families(self._tunnel())
         if self._disk is not None:
             root = self._disk[0]()
             free = self._disk[1](root) if root else None
@@ -200,6 +207,24 @@ def _volume_families(views: Sequence[Any]) -> Iterator[Metric]:
             used.add_metric([view.volume.id], float(view.used_bytes))
     yield size
     yield used
+
+
+def _tunnel_families(view: dict[str, Any]) -> Iterator[Metric]:
+    labels = ["interface", "endpoint"]
+    values = [str(view["interface"]), str(view["endpoint"] or "")]
+    up = GaugeMetricFamily(
+        "qudata_tunnel_up", "1 while the tunnel to the relay has a recent handshake", labels=labels
+    )
+    up.add_metric(values, 1.0 if view["state"] == "up" else 0.0)
+    yield up
+    if view["last_handshake_at"] is not None:
+        last = GaugeMetricFamily(
+            "qudata_tunnel_last_handshake_timestamp_seconds",
+            "When the relay last completed a WireGuard handshake (Unix time)",
+            labels=labels,
+        )
+        last.add_metric(values, float(view["last_handshake_at"]))
+        yield last
 
 
 class _Snapshot:

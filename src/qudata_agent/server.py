@@ -51,18 +51,29 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _candidates(preferred: int | None, skip: tuple[int, int]) -> Iterable[int]:
-    if preferred is not None:
+def _candidates(preferred: int | None, skip: tuple[int, int], inside: bool) -> Iterable[int]:
+    """From the first default port outside `skip`; with `inside`, only ports within it."""
+    if preferred is not None and (skip[0] <= preferred <= skip[1]) == inside:
         yield preferred
-    for port in range(FIRST_DEFAULT_PORT, 65536):
-        if not skip[0] <= port <= skip[1] and port != preferred:
+    ports = range(skip[0], skip[1] + 1) if inside else range(FIRST_DEFAULT_PORT, 65536)
+    for port in ports:
+        if (skip[0] <= port <= skip[1]) == inside and port != preferred:
             yield port
 
 
 def listen(
-    host: str, configured: int | None, previous: int | None, skip: tuple[int, int]
+    host: str,
+    configured: int | None,
+    previous: int | None,
+    skip: tuple[int, int],
+    *,
+    inside: bool = False,
 ) -> socket.socket:
-    """Binds the configured port, or the previous/first free one when none is set."""
+    """Binds the configured port, or the previous/first free one when none is set.
+
+    The first free one lies outside `skip` (the instances' ports), or, with
+    `inside` (tunnel mode: the relay forwards only that block), within it.
+    """
     if configured is not None:
         try:
             return bind_socket(host, configured)
@@ -70,7 +81,7 @@ def listen(
             raise PortUnavailable(
                 e.errno, f"cannot listen on {host}:{configured}: {e.strerror}"
             ) from e
-    for port in _candidates(previous, skip):
+    for port in _candidates(previous, skip, inside):
         try:
             return bind_socket(host, port)
         except OSError as e:

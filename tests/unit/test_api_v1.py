@@ -232,7 +232,27 @@ def test_host_answers_every_field_of_the_contract() -> None:
         "disk_gb": {"total": 500.0, "free": 123.33},
         "ports": {"range": "40000-40099", "free": 94},
         "volumes": {"count": 2, "disk_gb": 3.0, "used_gb": 0.5},
+        "tunnel": None,
     }
+
+
+def test_host_shows_the_tunnel_in_tunnel_mode() -> None:
+    service = FakeInstances()
+    service.host_view = _host_view()
+    view = {
+        "state": "up",
+        "interface": "qudata-wg",
+        "endpoint": "relay.example.com:51820",
+        "address": "10.77.0.2/24",
+        "public_address": "198.51.100.1",
+        "last_handshake_at": 1700000000.0,
+        "handshake_age_s": 12.5,
+        "problem": None,
+    }
+    deps = ApiDeps(secret=lambda: SECRET, instances=service, tunnel=lambda: view)
+    client = falcon.testing.TestClient(create_app(deps))
+    data = _data(client.simulate_get("/v1/host", headers=AUTH))
+    assert data["tunnel"] == view
 
 
 def test_host_with_an_unmeasured_disk_answers_null_not_zero() -> None:

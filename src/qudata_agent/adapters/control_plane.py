@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from qudata_agent.domain.tunnel import from_answer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class InitAnswer:
     emergency_reinit: bool
     host_exists: bool
     secret_key: str | None
+    tunnel: dict[str, str] = field(default_factory=dict)  # data.tunnel (tunnel mode)
 
 
 class ControlPlane:
@@ -122,6 +125,7 @@ class ControlPlane:
             emergency_reinit=bool(data.get("emergency_reinit")),
             host_exists=bool(data.get("host_exists")),
             secret_key=secret if isinstance(secret, str) and secret else None,
+            tunnel=from_answer(data.get("tunnel")),
         )
 
     async def init_host(self, payload: dict[str, Any]) -> None:

@@ -62,6 +62,7 @@ class ApiDeps:
     ssh: SshApi | None = None
     volumes: VolumesApi | None = None
     metrics: ApiMetrics | None = None
+    tunnel: Callable[[], dict[str, Any]] | None = None  # tunnel mode: the tunnel's view
 
 
 def _framework_message(req: falcon.asgi.Request, ex: falcon.HTTPError) -> str:
@@ -124,7 +125,7 @@ def _mounted(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
         resources["instances"] = InstancesResource(deps.instances, limit)
         resources["v1_instances"] = V1InstancesResource(deps.instances, limit)
         resources["v1_instance"] = V1InstanceResource(deps.instances, limit)
-        resources["v1_host"] = HostResource(deps.instances)
+        resources["v1_host"] = HostResource(deps.instances, deps.tunnel)
         if deps.ssh is not None:
             resources["ssh"] = SshResource(deps.ssh, deps.instances, limit)
             resources["v1_ssh"] = V1SshResource(deps.ssh, limit)

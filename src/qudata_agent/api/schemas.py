@@ -243,6 +243,19 @@ class VolumeTotals(BaseModel):
     used_gb: float = Field(description="what their backings take on the disk now, GiB")
 
 
+class TunnelState(BaseModel):
+    """Tunnel mode: the WireGuard tunnel to the relay (CONTRACT.md section 6)."""
+
+    state: Literal["up", "stale", "down"] = Field(description="from the last handshake's age")
+    interface: str
+    endpoint: str | None = Field(description="the relay, RELAY:PORT")
+    address: str | None = Field(description="this host's tunnel address (CIDR)")
+    public_address: str | None = Field(description="the relay's public IPv4 renters use")
+    last_handshake_at: float | None = Field(description="Unix time; null: none yet")
+    handshake_age_s: float | None
+    problem: str | None = Field(description="what is wrong and the fix; null when working")
+
+
 class HostState(BaseModel):
     """`GET /v1/host`: what the host has for instances (after the reserves) and what is free."""
 
@@ -254,6 +267,7 @@ class HostState(BaseModel):
     disk_gb: Amount = Field(description="Docker's data root; free less what is promised")
     ports: PortCapacity
     volumes: VolumeTotals | None = None
+    tunnel: TunnelState | None = Field(default=None, description="tunnel mode only")
 
 
 # -- volumes (CONTRACT.md section 7) ----------------------------------------------

@@ -73,14 +73,19 @@ def parse_nameservers(resolv_conf: str) -> tuple[str, ...]:
 
 
 def plan(
-    bridge: str, allow: tuple[str, ...] = (), dns_servers: tuple[str, ...] = ()
+    bridge: str,
+    allow: tuple[str, ...] = (),
+    dns_servers: tuple[str, ...] = (),
+    always_blocked: tuple[str, ...] = (),
 ) -> FirewallPlan:
+    """`always_blocked`: networks dropped before the allow-list (tunnel mode's tunnel network)."""
     egress = [[*_REPLIES, "-j", "RETURN"]]
     for server in dns_servers:
         for proto in ("udp", "tcp"):
             egress.append(
                 ["-d", f"{server}/32", "-p", proto, "-m", proto, "--dport", "53", "-j", "RETURN"]
             )
+    egress += [["-d", network, "-j", "DROP"] for network in always_blocked]
     egress += [["-d", network, "-j", "RETURN"] for network in allow]
     egress += [["-d", network, "-j", "DROP"] for network in BLOCKED_RANGES]
     egress.append(["-j", "RETURN"])

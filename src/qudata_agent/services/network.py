@@ -48,6 +48,7 @@ class NetworkGuard:
         agent_id: str,
         allow: tuple[str, ...] = (),
         dns_servers: tuple[str, ...] = (),
+        always_blocked: tuple[str, ...] = (),
     ) -> None:
         self._engine = engine
         self._wall = wall
@@ -55,7 +56,7 @@ class NetworkGuard:
         self._name = name
         self._bridge = bridge
         self._agent_id = agent_id
-        self._plan = plan(bridge, allow, dns_servers)
+        self._plan = plan(bridge, allow, dns_servers, always_blocked)
         self._lock = asyncio.Lock()
         self._ready = False
         if wall is None:

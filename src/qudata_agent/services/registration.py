@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from qudata_agent import __version__
@@ -41,6 +41,9 @@ class InitAnswerLike(Protocol):
     @property
     def secret_key(self) -> str | None: ...
 
+    @property
+    def tunnel(self) -> dict[str, str]: ...
+
 
 class ControlPlaneClient(Protocol):
     def set_secret(self, secret: str | None) -> None: ...
@@ -61,6 +64,7 @@ class Identity:
     agent_id: str
     fingerprint: str
     address: str | None
+    tunnel_pubkey: str | None = None  # tunnel mode: this host's WireGuard public key
 
 
 class Registrar:
@@ -80,10 +84,11 @@ class Registrar:
         self._identity = identity
         self._inventory = inventory
         self._sent: dict[str, Any] | None = None  # the payload last sent by this process
+        self.tunnel_offer: dict[str, str] = {}  # the last answer's data.tunnel
         self._cp.set_secret(credentials.agent_secret())
 
     def init_payload(self, port: int) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "agent_id": self._identity.agent_id,
             "agent_port": port,
             "address": self._identity.address,
@@ -91,10 +96,18 @@ class Registrar:
             "pid": os.getpid(),
             "version": __version__,
         }
+        if self._identity.tunnel_pubkey:
+            payload["tunnel_pubkey"] = self._identity.tunnel_pubkey
+        return payload
+
+    def move(self, address: str) -> None:
+        """The address reported from the next registration on (tunnel mode: the relay's)."""
+        self._identity = replace(self._identity, address=address)
 
     async def register(self, port: int) -> None:
         """One full registration; raises the client's error on any failure."""
         answer = await self._cp.init(self.init_payload(port))
+        self.tunnel_offer = dict(answer.tunnel)
         if answer.secret_key:
             await self._blocking.quick(self._credentials.replace_secret, answer.secret_key)
             self._cp.set_secret(answer.secret_key)

@@ -13,6 +13,7 @@ and answer 409 naming the v1 routes while it has several.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import falcon
@@ -36,6 +37,7 @@ from qudata_agent.api.schemas import (
     PullProgressView,
     SshState,
     StorageState,
+    TunnelState,
     VolumeTotals,
 )
 from qudata_agent.domain.instance import Action, Instance
@@ -286,11 +288,15 @@ def _free_gb(value: float | None) -> float | None:
 class HostResource:
     """`/v1/host`: what the host has for instances and what is free."""
 
-    def __init__(self, service: InstancesApi) -> None:
+    def __init__(
+        self, service: InstancesApi, tunnel: Callable[[], dict[str, Any]] | None = None
+    ) -> None:
         self._service = service
+        self._tunnel = tunnel
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         host = await self._service.host()
+        tunnel = TunnelState(**self._tunnel()) if self._tunnel else None
         low, high = host.port_range
         ok(
             resp,
@@ -313,5 +319,6 @@ class HostResource:
                     disk_gb=round(host.volumes.size_bytes / GIB, 3),
                     used_gb=round(host.volumes.disk_bytes / GIB, 3),
                 ),
+                tunnel=tunnel,
             ),
         )

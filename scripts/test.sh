@@ -10,9 +10,11 @@ set -euo pipefail
 
 need_root
 # openssh-server, patchelf and busybox-static make the agent's SSH bundle; docker-registry
-# and apache2-utils (htpasswd) are the image tests' real registry.
+# and apache2-utils (htpasswd) are the image tests' real registry; wireguard-tools and
+# wireguard-go: tunnel mode and the relay of its test.
 apt_install busybox-static debootstrap openssh-client openssh-server patchelf git shellcheck \
-  systemd btrfs-progs iproute2 docker-registry apache2-utils nftables e2fsprogs xfsprogs
+  systemd btrfs-progs iproute2 docker-registry apache2-utils nftables e2fsprogs xfsprogs \
+  wireguard-tools wireguard-go
 ensure_dockerd
 ensure_venv test
 "$ROOT/scripts/build-test-images.sh"

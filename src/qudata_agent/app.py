@@ -550,7 +550,9 @@ class Agent:
                 log.info("tunnel settings incomplete; waiting for /init", extra={"missing": str(e)})
         else:
             await tunnel.start(config)
-        supervisor.start("tunnel", lambda: run_every(TUNNEL_CHECK_S, tunnel.check, "tunnel"))
+        supervisor.start(
+            "tunnel", lambda: run_every(TUNNEL_CHECK_S, tunnel.check, "tunnel", first_delay_s=1)
+        )
 
     async def _tunnel_from_answer(self, parts: _Parts, registrar: Registrar, port: int) -> None:
         """The tunnel from /init's data.tunnel where the settings lacked it, then re-register."""

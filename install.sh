@@ -65,6 +65,7 @@ NO_PROXY_LIST=${NO_PROXY:-${no_proxy:-}}
 MAX_DOWNLOADS=
 MIRRORS=()
 SETTINGS=()
+TUNNEL=""
 CHANGED=0       # something the agent reads changed: it is restarted
 TOUCHED=0       # anything on the host changed (a file written, a command run)
 VENV_SWITCHED=0 # a new version was switched in
@@ -93,6 +94,10 @@ usage: install.sh [options]
   --agent-port PORT     the agent's API port (QUDATA_AGENT_PORT), written on the
                         first install: 1024 unless given, fixed for firewall rules
   --set KEY=VALUE       a setting of the README's table into agent.env (repeatable)
+  --tunnel SPEC         tunnel mode, for a host behind NAT (README, "Hosts behind
+                        NAT"): SPEC is RELAY:PORT,RELAY_KEY,ADDRESS/PREFIX,PUBLIC_IP,
+                        or `init` when the control plane sends them; installs
+                        wireguard-tools (and wireguard-go without kernel WireGuard)
   --proxy URL           HTTPS_PROXY and HTTP_PROXY for the agent (default: the
                         HTTPS_PROXY this script runs with); NO_PROXY goes along
   --max-concurrent-downloads N
@@ -209,8 +214,25 @@ set_option() {
       valid_url "$value" || usage_error "--registry-mirror: expected an http(s) URL"
       MIRRORS+=("$value")
       ;;
+    --tunnel) set_tunnel "$value" ;;
     *) usage_error "unknown option $name" ;;
   esac
+}
+
+# set_tunnel SPEC: QUDATA_TUNNEL and its fields into SETTINGS (the agent checks them
+# again at start; here only their shape, so that nothing odd reaches agent.env).
+set_tunnel() {
+  TUNNEL=wireguard
+  SETTINGS+=("QUDATA_TUNNEL=wireguard")
+  [ "$1" != init ] || return 0
+  local endpoint key address public
+  IFS=, read -r endpoint key address public <<<"$1"
+  [[ $endpoint =~ ^[A-Za-z0-9.-]+:[0-9]{1,5}$ ]] || usage_error "--tunnel: expected RELAY:PORT first"
+  [[ $key =~ ^[A-Za-z0-9+/]{43}=$ ]] || usage_error "--tunnel: the relay's key is not a WireGuard key"
+  [[ $address =~ ^[0-9.]+/[0-9]{1,2}$ ]] || usage_error "--tunnel: expected this host's ADDRESS/PREFIX"
+  [[ $public =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || usage_error "--tunnel: expected the relay's public IPv4 last"
+  SETTINGS+=("QUDATA_TUNNEL_ENDPOINT=$endpoint" "QUDATA_TUNNEL_RELAY_KEY=$key")
+  SETTINGS+=("QUDATA_TUNNEL_ADDRESS=$address" "QUDATA_TUNNEL_PUBLIC_ADDRESS=$public")
 }
 
 parse_args() {
@@ -222,7 +244,7 @@ parse_args() {
       --rollback) ROLLBACK=1 ;;
       --no-hold) HOLD=0 ;;
       --source | --api-url | --api-key-file | --agent-port | --set | --proxy | \
-        --max-concurrent-downloads | --registry-mirror)
+        --max-concurrent-downloads | --registry-mirror | --tunnel)
         [ $# -ge 2 ] || usage_error "$1 needs a value"
         set_option "$1" "$2"
         shift
@@ -364,6 +386,32 @@ step_docker() {
     warn "systemd is not running here, so this script does not start dockerd:" \
       "start it yourself (e.g. 'dockerd &'); the agent needs it"
   fi
+}
+
+step_tunnel() {
+  [ -n "$TUNNEL" ] || return 0
+  step "tunnel mode: WireGuard (wireguard-tools; wireguard-go where the kernel has none)"
+  apt_install wireguard-tools iptables iproute2
+  if ip link add qudata-wgprobe type wireguard 2>/dev/null; then
+    ip link del qudata-wgprobe
+    note "the kernel has WireGuard"
+  else
+    note "the kernel has no WireGuard: wireguard-go (userspace) runs the tunnel"
+    apt_install wireguard-go
+  fi
+}
+
+# tunnel_agent_port: in tunnel mode the relay forwards only the port block, so the
+# agent's port is the block's first port unless --agent-port says otherwise.
+tunnel_agent_port() {
+  [ -n "$TUNNEL" ] && [ -z "$AGENT_PORT" ] || return 0
+  local range kv
+  range=$(env_value QUDATA_PORT_RANGE)
+  for kv in "${SETTINGS[@]+"${SETTINGS[@]}"}"; do
+    [[ $kv != QUDATA_PORT_RANGE=* ]] || range=${kv#*=}
+  done
+  range=${range:-$DEFAULT_PORT_RANGE}
+  AGENT_PORT=${range%%-*}
 }
 
 step_ssh() {
@@ -783,6 +831,7 @@ set_var() {
 
 step_config() {
   step "configuration: $ENV_FILE (mode 0600; settings, no API key)"
+  tunnel_agent_port
   local existed=1
   if [ ! -f "$ENV_FILE" ]; then
     existed=0
@@ -1040,6 +1089,7 @@ main() {
   step_docker
   step_ssh
   step_volumes
+  step_tunnel
   step_nvidia
   step_docker_config
   step_hold

@@ -61,7 +61,7 @@ if [ "$DOWN" = 1 ]; then
   exit 0
 fi
 
-[ -n "$HOSTS" ] && [ -r "$HOSTS" ] || die "--hosts FILE is required and must be readable"
+{ [ -n "$HOSTS" ] && [ -r "$HOSTS" ]; } || die "--hosts FILE is required and must be readable"
 [[ "$PUBLIC" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "--public-address IPv4 is required"
 [[ "$ADDRESS" =~ ^[0-9.]+/[0-9]+$ ]] || die "--address must be the relay's tunnel address with its prefix"
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "--port must be a number"

@@ -269,6 +269,33 @@ def test_a_bad_key_or_option_is_refused(fresh: Box) -> None:
     assert KEY not in output and "/cmdline" not in output, output
 
 
+def test_a_dry_run_in_tunnel_mode_installs_wireguard_and_writes_its_settings(fresh: Box) -> None:
+    relay_key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+    spec = f"relay.example.com:51820,{relay_key},10.77.0.2/24,198.51.100.1"
+    output = fresh.unchanged_by(
+        f"QUDATA_INSTALL_PCI_DEVICES={FAKE_BUS} bash /src/install.sh --dry-run --tunnel {spec}"
+        f" --set QUDATA_PORT_RANGE=41000-41999 {WITH_KEY}"
+    )
+    apt = [line for line in output.splitlines() if "would run: apt-get install" in line]
+    assert any("wireguard-tools" in line for line in apt), output
+    # This container may not make a WireGuard link: the userspace one is installed.
+    assert any(line.endswith(" wireguard-go") for line in apt), output
+    # The agent's port is the block's first: the relay forwards only the block.
+    assert "QUDATA_AGENT_PORT=41000" in output
+    for setting in (
+        "QUDATA_TUNNEL=wireguard",
+        "QUDATA_TUNNEL_ENDPOINT=relay.example.com:51820",
+        f"QUDATA_TUNNEL_RELAY_KEY={relay_key}",
+        "QUDATA_TUNNEL_ADDRESS=10.77.0.2/24",
+        "QUDATA_TUNNEL_PUBLIC_ADDRESS=198.51.100.1",
+    ):
+        assert f"would set {setting} in {ENV_FILE}" in output, setting
+    code, output = fresh.code(
+        f"bash /src/install.sh --dry-run --tunnel relay:1,not-a-key,10.0.0.2/24,1.2.3.4 {WITH_KEY}"
+    )
+    assert code == 2 and "not a WireGuard key" in output
+
+
 # -- a real install, then an upgrade, then an uninstall ------------------------------------
 
 
@@ -471,6 +498,7 @@ def test_the_shell_scripts_are_shellcheck_clean() -> None:
     scripts = [
         "install.sh",
         "uninstall.sh",
+        "deploy/relay/relay.sh",
         *sorted(str(p.relative_to(REPO)) for p in (REPO / "scripts").glob("*.sh")),
     ]
     assert "scripts/test.sh" in scripts

@@ -131,8 +131,10 @@ def _look(command: str, settings: Settings, config_file: Path | None, as_json: b
     logging.getLogger().setLevel(logging.ERROR)  # e.g. NVML's "no GPU" warning
     if command == "doctor":
         from qudata_agent import doctor
+        from qudata_agent.tunnel_doctor import tunnel_checks
 
         checks = doctor.run_checks(settings, doctor.HostProbes(settings), config_file)
+        checks += tunnel_checks(settings)
         print(doctor.to_json(checks) if as_json else doctor.render(checks))
         return doctor.exit_code(checks)
     from qudata_agent import status

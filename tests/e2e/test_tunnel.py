@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from qudata_agent.adapters.wireguard import ensure_key
-from support.agent_proc import AgentProcess
+from support.agent_proc import AgentProcess, agent_command
 from support.docker_api import Api, agent_id, docker, remove_containers_of
 from support.fake_cp import FakeControlPlane
 from support.relay_net import (
@@ -224,6 +224,16 @@ def test_only_tunnel_connections_are_routed_by_the_tunnel(
     assert WG not in route  # unmarked traffic to the renter's address: the main table
     marked = sh("ip", "route", "get", "198.51.100.2", "mark", MARK)
     assert f"dev {WG}" in marked
+
+
+def test_doctor_checks_the_tunnel(rig: Rig, instance: dict[str, Any]) -> None:
+    done = subprocess.run(
+        [*agent_command(), "doctor", "--json"],
+        env=rig.agent.env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    found = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    for name in ("tunnel tools", "tunnel relay", "tunnel handshake", "tunnel routes"):
+        assert found[name]["level"] == "pass", found[name]
 
 
 def test_a_tenant_cannot_reach_the_tunnel_network_or_another_host(

@@ -215,3 +215,29 @@ async def test_the_check_puts_back_what_went_missing_and_renews_a_stale_peer() -
         assert tunnel.view()["problem"] is None
     finally:
         blocking.close()
+
+
+def test_doctor_names_the_fix_for_each_tunnel_problem() -> None:
+    from qudata_agent.doctor import Level
+    from qudata_agent.tunnel_doctor import TunnelSeen, checks
+
+    good = TunnelSeen(endpoint="relay:51820", tools=(), interface=True, handshake_age_s=20)
+    assert all(c.level is Level.PASS for c in checks(good))
+    bad = TunnelSeen(
+        endpoint="relay:51820",
+        tools=("wireguard-go",),
+        route_error="Name or service not known",
+        interface=True,
+        handshake_age_s=900,
+        missing_routing=("ip rule fwmark 0x80000/0x80000",),
+        public_key="PUBKEY",
+    )
+    found = {c.name: c for c in checks(bad)}
+    assert found["tunnel tools"].fix == "apt-get install wireguard-go"
+    assert "QUDATA_TUNNEL_ENDPOINT" in (found["tunnel relay"].fix or "")
+    handshake = found["tunnel handshake"]
+    assert handshake.level is Level.FAIL and "UDP to relay:51820" in (handshake.fix or "")
+    assert "PUBKEY" in (handshake.fix or "")
+    assert "restart" in (found["tunnel routes"].fix or "")
+    down = checks(TunnelSeen(endpoint=None, tools=(), interface=False))
+    assert [c.level for c in down] == [Level.PASS, Level.PASS, Level.FAIL]

@@ -9,6 +9,7 @@ and counted.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 
 from support.agent_proc import AgentProcess
 from support.docker_api import Api, agent_id, docker, remove_containers_of
+from support.fake_cp import FakeControlPlane
 from support.netns_internet import PRIVATE, PUBLIC, Internet
 
 AgentFactory = Callable[..., AgentProcess]
@@ -134,3 +136,135 @@ def test_public_and_private_bytes_are_metered(tenant: tuple[Api, str], internet:
         text, "qudata_instance_network_bytes_total", instance_id=instance_id,
         direction="rx", scope="public",
     ) == private["rx_public_bytes"]  # fmt: skip
+
+
+@pytest.mark.parametrize("tenant", [{"order": {"QUDATA_NET_MBPS": "20"}}], indirect=True)
+def test_a_capped_instance_gets_its_rate_each_way(
+    tenant: tuple[Api, str], internet: Internet
+) -> None:
+    api, container = tenant
+    settled(api, "rx_bytes", 0)  # metered: the pass that saw the run applied the cap
+    got, seconds = download(container, 8 * MB)
+    down = got * 8 / seconds / 1e6
+    got, seconds = upload(container, internet, 8 * MB)
+    up = got * 8 / seconds / 1e6
+    print(f"capped at 20 Mbit/s: down {down:.1f}, up {up:.1f}")
+    assert within(down, 20, 0.15), down
+    assert within(up, 20, 0.15), up
+
+
+def test_without_a_cap_the_rate_is_well_above(tenant: tuple[Api, str], internet: Internet) -> None:
+    _, container = tenant
+    got, seconds = download(container, 8 * MB)
+    down = got * 8 / seconds / 1e6
+    got, seconds = upload(container, internet, 8 * MB)
+    up = got * 8 / seconds / 1e6
+    print(f"uncapped: down {down:.1f}, up {up:.1f}")
+    assert down > 60 and up > 60
+
+
+RATE = 100
+BURST = """ulimit -n 4096; perl -MIO::Socket::INET -e '
+my @s; for (1..2000) {
+  my $s = IO::Socket::INET->new(PeerAddr => "%s", PeerPort => 2525, Blocking => 0) or next;
+  push @s, $s;
+} select(undef, undef, undef, 1.5)'"""
+
+
+def _refused(container: str, address: str, port: int) -> bool:
+    out = docker("exec", container, "bash", "-c",
+                 f"echo x > /dev/tcp/{address}/{port} && echo open", check=False)  # fmt: skip
+    return "open" not in out
+
+
+@pytest.mark.parametrize(
+    "tenant",
+    [{"agent": {"QUDATA_EGRESS_CONN_RATE": str(RATE), "QUDATA_EGRESS_DENY": f"{PRIVATE}/32"}}],
+    indirect=True,
+)
+def test_port_25_denied_networks_and_bursts_are_refused_and_counted(
+    tenant: tuple[Api, str], internet: Internet
+) -> None:
+    api, container = tenant
+    settled(api, "rx_bytes", 0)
+    assert not _refused(container, PUBLIC, 2525)  # the namespace answers on 2525 ...
+    for _ in range(3):
+        assert _refused(container, PUBLIC, 25)  # ... and would on 25: the agent refuses
+    assert _refused(container, PRIVATE, 2525)
+    time.sleep(1.5)  # the rate's bucket fills again
+    internet.drain()
+    docker("exec", container, "bash", "-c", BURST % PUBLIC)
+    accepts = [e["at"] for e in internet.drain() if e["kind"] == "accept"]
+    first_second = [at for at in accepts if at - accepts[0] <= 1.0]
+    print(f"burst of 2000: {len(first_second)} through in the first second, {len(accepts)} in all")
+    first_half = [at for at in accepts if at - accepts[0] <= 0.5]
+    # The bucket (RATE and a few) at once, then RATE a second.
+    assert RATE <= len(first_second) <= 2 * RATE + 20
+    assert len(first_half) <= 1.5 * RATE + 20
+    instance_id = api.get()["instance_id"]
+    deadline = time.monotonic() + 15
+    while True:
+        text = metrics(api)
+        port = series(text, "qudata_instance_egress_refused_total", instance_id=instance_id,
+                      reason="port")  # fmt: skip
+        deny = series(text, "qudata_instance_egress_refused_total", instance_id=instance_id,
+                      reason="deny")  # fmt: skip
+        rate = series(text, "qudata_instance_egress_refused_total", instance_id=instance_id,
+                      reason="rate")  # fmt: skip
+        if rate >= 2000 - len(accepts) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert (port, deny) == (3, 1)
+    # Every connection that never got through had at least its first SYN dropped.
+    assert 2000 - len(accepts) <= rate
+
+
+def test_counts_survive_the_agents_kill_9_and_a_container_restart(
+    tenant: tuple[Api, str], internet: Internet, agent_factory: AgentFactory
+) -> None:
+    api, container = tenant
+    before = settled(api, "rx_bytes", 0)
+    assert download(container, 10 * MB)[0] == 10 * MB
+    api.agent.stop(signal.SIGKILL)  # mid-count: the last pass may not have seen it all
+    agent = agent_factory(api.agent.env, state_dir=api.agent.state_dir, port=api.agent.port).start()
+    again = Api(agent)
+    first = settled(again, "rx_public_bytes", before["rx_public_bytes"] + 10 * MB)
+    assert all(first[k] >= before[k] for k in before)
+    assert first["rx_public_bytes"] - before["rx_public_bytes"] < 10.2 * MB  # counted once
+    docker("restart", "-t", "1", container)  # a new run: a new veth, maybe a new address
+    again.wait("running")
+    time.sleep(1)
+    assert download(container, 10 * MB)[0] == 10 * MB
+    after = settled(again, "rx_public_bytes", first["rx_public_bytes"] + 10 * MB)
+    assert all(after[k] >= first[k] for k in first)
+    assert within(after["rx_public_bytes"] - first["rx_public_bytes"], 10 * MB, 0.02)
+    again.client.close()
+
+
+def test_a_deleted_instance_s_totals_go_in_a_final_stats_report(
+    agent_factory: AgentFactory, fake_cp: FakeControlPlane, internet: Internet
+) -> None:
+    env = {**ENV, "QUDATA_API_KEY": "net-key-0123", "QUDATA_API_URL": fake_cp.url}
+    agent = agent_factory(env).start()
+    fake_cp.wait_for("/stats")
+    api = Api(agent)
+    owner = agent_id(agent.state_dir)
+    try:
+        assert api.create(**DEBIAN).status_code == 202
+        state = api.wait("running", timeout=60)
+        assert download(state["container_id"], 5 * MB)[0] == 5 * MB
+        seen = settled(api, "rx_public_bytes", 5 * MB)
+        assert api.delete().status_code == 200
+        deadline = time.monotonic() + 15
+        final: dict[str, Any] = {}
+        while not final and time.monotonic() < deadline:
+            for call in fake_cp.requests("/stats"):
+                if call.body.get("instance_id") == state["instance_id"]:
+                    final = call.body
+            time.sleep(0.3)
+        assert final["status"] == "destroyed"
+        assert final["rx_public_bytes"] >= seen["rx_public_bytes"]
+        assert final["rx_bytes"] >= seen["rx_bytes"]
+    finally:
+        api.client.close()
+        remove_containers_of(owner)

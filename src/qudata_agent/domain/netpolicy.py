@@ -16,8 +16,8 @@ Pure: no I/O. Owns
 The table (family ip, one per bridge, `qudata_net_<bridge>`):
 
     egress  (forward, priority filter - 5): new connections leaving the bridge
-            to a blocked TCP port get a reset, to a denied network an ICMP
-            "administratively prohibited", and beyond the per-address rate are
+            to a blocked TCP port get a reset, to a denied network a reset (TCP)
+            or an ICMP "administratively prohibited", and beyond the per-address rate are
             dropped (the sender's TCP retries: it is slowed); each refusal
             first passes a counting rule keyed on the source address.
     traffic (forward, priority filter + 10: only what every firewall let
@@ -137,6 +137,7 @@ def ruleset(bridge: str, policy: EgressPolicy) -> str:
     if policy.block_ports:
         lines.append(f"add element {t} block_ports {_set_elements(policy.block_ports)}")
     lines.append(f"add set {t} conn_rate {{ type ipv4_addr; flags dynamic, timeout; timeout 1m; }}")
+    lines.append(f"flush set {t} conn_rate")  # its elements carry the old rate's limit
     chains = {
         "egress": "type filter hook forward priority filter - 5; policy accept;",
         "traffic": "type filter hook forward priority filter + 10; policy accept;",
@@ -166,6 +167,7 @@ def _policy_rules(t: str, bridge: str, policy: EgressPolicy) -> list[str]:
         f"add rule {t} refuse_port counter name ip saddr map @m_refused_port",
         f"add rule {t} refuse_port reject with tcp reset",
         f"add rule {t} refuse_deny counter name ip saddr map @m_refused_deny",
+        f"add rule {t} refuse_deny meta l4proto tcp reject with tcp reset",
         f"add rule {t} refuse_deny reject with icmp type admin-prohibited",
         f"add rule {t} refuse_rate counter name ip saddr map @m_refused_rate",
         f"add rule {t} refuse_rate drop",
@@ -174,6 +176,7 @@ def _policy_rules(t: str, bridge: str, policy: EgressPolicy) -> list[str]:
     ]
     if policy.conn_rate > 0:
         rate = policy.conn_rate
+        # A second's worth may come at once (the bucket), then `rate` a second.
         rules.append(
             f"add rule {t} egress {out} update @conn_rate"
             f" {{ ip saddr limit rate over {rate}/second burst {rate} packets }}"
@@ -283,6 +286,13 @@ def burst_bytes(mbps: float) -> int:
     return max(32 * 1024, int(mbps * 1e6 / 8 * 0.01))
 
 
+def _any_packet(veth: str) -> list[str]:
+    # u32 matching everything: the one classifier every kernel build has (matchall,
+    # basic and flower are modules that a minimal kernel lacks).
+    return ["tc", "filter", "add", "dev", veth, "parent", "ffff:", "protocol", "all",
+            "u32", "match", "u32", "0", "0"]  # fmt: skip
+
+
 def shaping_commands(veth: str, ifb: str | None, mbps: float) -> list[list[str]]:
     """`tc`/`ip` argv lists capping both directions of one host-side veth at `mbps`.
 
@@ -300,12 +310,12 @@ def shaping_commands(veth: str, ifb: str | None, mbps: float) -> list[list[str]]
     ]
     if ifb is None:
         police = ["action", "police", "rate", rate, "burst", str(burst_bytes(mbps)), "drop"]
-        cmds.append(["tc", "filter", "add", "dev", veth, "parent", "ffff:", "matchall", *police])
+        cmds.append([*_any_packet(veth), *police])
         return cmds
     cmds[2:2] = [
         ["ip", "link", "set", ifb, "up"],
         ["tc", "qdisc", "replace", "dev", ifb, "root", "tbf", "rate", rate, *bucket],
     ]
     redirect = ["action", "mirred", "egress", "redirect", "dev", ifb]
-    cmds.append(["tc", "filter", "add", "dev", veth, "parent", "ffff:", "matchall", *redirect])
+    cmds.append([*_any_packet(veth), *redirect])
     return cmds

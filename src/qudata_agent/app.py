@@ -23,6 +23,7 @@ from types import FrameType
 from typing import Any
 
 from qudata_agent import __version__
+from qudata_agent.acceptor import PortPolicy, raise_open_files_limit
 from qudata_agent.adapters.cgroups import CgroupReader
 from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
 from qudata_agent.adapters.docker_engine import DockerEngine
@@ -50,6 +51,7 @@ from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.store import Store
 from qudata_agent.adapters.systemd import Notifier
+from qudata_agent.adapters.tls import TlsError, TlsKeeper
 from qudata_agent.adapters.traffic_control import TrafficControl
 from qudata_agent.adapters.volume_fs import LoopVolumes, XfsProjectVolumes, copy_tree, fs_facts
 from qudata_agent.adapters.wireguard import WireGuard, ensure_key
@@ -64,6 +66,7 @@ from qudata_agent.domain.inventory import init_host_payload
 from qudata_agent.domain.netpolicy import EgressPolicy
 from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
+from qudata_agent.domain.tls import TlsMode, certificate_names
 from qudata_agent.domain.tunnel import Routing, TunnelConfigError, block_problem, build
 from qudata_agent.domain.volumes import Mechanism, choose_mechanism
 from qudata_agent.errors import AgentError, Unavailable
@@ -114,6 +117,7 @@ AGENT_PORT_KEY = "agent_port"
 FALLBACK_DOCKER_ROOT = "/var/lib/docker"
 TUNNEL_KEY_FILE = "tunnel.key"
 TUNNEL_CHECK_S = 5.0
+TLS_RENEWAL_CHECK_S = 6 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -200,12 +204,15 @@ class Agent:
         lookups = PublicAddress(s.address_lookup_urls, user_agent=f"qudata-agent/{__version__}")
         return await lookups.lookup() or await parts.blocking.quick(default_route_address)
 
-    def _registrar(self, parts: _Parts, cp: ControlPlane, address: str | None) -> Registrar:
+    def _registrar(
+        self, parts: _Parts, cp: ControlPlane, address: str | None, tls: TlsKeeper | None
+    ) -> Registrar:
         identity = Identity(
             agent_id=parts.agent_id,
             fingerprint=machine_fingerprint(),
             address=address,
             tunnel_pubkey=parts.tunnel.public_key if parts.tunnel else None,
+            tls_pubkey_sha256=tls.identity.pin if tls else None,
         )
         return Registrar(
             cp,
@@ -485,6 +492,7 @@ class Agent:
         services: _Services,
         cp: ControlPlane | None,
         listening: asyncio.Future[int],
+        tls: TlsKeeper | None,
     ) -> None:
         s = self.settings
         reconciler = services.reconciler
@@ -519,7 +527,10 @@ class Agent:
 
             async def control_plane() -> None:
                 # Stats and inventory checks go out only once the control plane knows this agent.
-                registrar = self._registrar(parts, cp, await self._address(parts))
+                address = await self._address(parts)
+                if tls is not None:  # the public address among the certificate's names
+                    await parts.blocking.quick(tls.renew, address)
+                registrar = self._registrar(parts, cp, address, tls)
                 backoff = Backoff(base_s=0.5, cap_s=s.cp_backoff_max_s)
                 await registration_loop(registrar, listening, backoff, (ControlPlaneError,))
                 await self._tunnel_from_answer(parts, registrar, await listening)
@@ -573,10 +584,46 @@ class Agent:
             registrar.move(config.public_address)
             await registrar.register(port)
 
+    def _tls(self) -> TlsKeeper | None:
+        """The port's certificate (the provider's, else the agent's own) and SSL context."""
+        s = self.settings
+        if s.tls is TlsMode.OFF:
+            return None
+        own = (s.tls_cert_file, s.tls_key_file) if s.tls_cert_file and s.tls_key_file else None
+        names = certificate_names(socket.gethostname(), s.address, default_route_address())
+        tls = TlsKeeper(s.state_dir, names, own, s.tls_client_ca)
+        log.info(
+            "TLS on the agent's port",
+            extra={
+                "mode": s.tls.value,
+                "tls_pubkey_sha256": tls.identity.pin,
+                "not_after": tls.identity.not_after.isoformat(),
+                "agent_made": tls.identity.agent_made,
+                "mutual": s.tls_client_ca is not None,
+            },
+        )
+        return tls
+
+    def _port_policy(self, tls: TlsKeeper | None) -> PortPolicy:
+        s = self.settings
+        raise_open_files_limit(s.http_max_connections)
+        return PortPolicy(
+            mode=s.tls,
+            context=tls.context if tls else None,
+            client_ca=s.tls_client_ca is not None,
+            header_timeout_s=s.http_header_timeout_s,
+            max_connections=s.http_max_connections,
+        )
+
     async def _serve(self, parts: _Parts) -> int:
         s = self.settings
         if parts.api_key is None:
             await asyncio.to_thread(self._announce_standalone, parts)
+        try:
+            tls = await asyncio.to_thread(self._tls)
+        except (TlsError, OSError) as e:
+            log.error("cannot set up TLS on the agent's port", extra={"error": str(e)})
+            return 1
         try:
             sock = await asyncio.to_thread(self._listen, parts)
         except PortUnavailable as e:
@@ -598,9 +645,11 @@ class Agent:
                     volumes=services.volumes,
                     metrics=parts.metrics,
                     tunnel=parts.tunnel.view if parts.tunnel else None,
+                    tls_pin=tls.identity.pin if tls else None,
                 )
             ),
             s.shutdown_timeout_s,
+            self._port_policy(tls),
         )
         self._server = server
         if self._stop.is_set():
@@ -618,7 +667,16 @@ class Agent:
             else None
         )
         listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._start_loops(supervisor, parts, services, cp, listening)
+        self._start_loops(supervisor, parts, services, cp, listening, tls)
+        if tls is not None:
+            keeper = tls
+
+            async def renew_tls() -> None:
+                await parts.blocking.quick(keeper.renew)
+
+            supervisor.start(
+                "tls-renewal", lambda: run_every(TLS_RENEWAL_CHECK_S, renew_tls, "tls-renewal")
+            )
         self._start_image_loops(supervisor, services)
         if s.metrics_listen is not None:
             try:

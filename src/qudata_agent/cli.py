@@ -75,6 +75,12 @@ SETTINGS_HELP = (
     ("QUDATA_PREPULL", "images pulled after start and kept, comma-separated"),
     ("QUDATA_PREPULL_INTERVAL", "seconds between checks of the pre-pull list (86400)"),
     ("QUDATA_METRICS_LISTEN", "loopback HOST:PORT serving /metrics without the secret"),
+    ("QUDATA_TLS", "on (TLS and plain HTTP on the API port), required or off (on)"),
+    ("QUDATA_TLS_CERT_FILE", "the provider's own certificate (else the agent makes one)"),
+    ("QUDATA_TLS_KEY_FILE", "its private key (PEM, unencrypted)"),
+    ("QUDATA_TLS_CLIENT_CA", "mutual TLS: serve only clients with a certificate from this CA"),
+    ("QUDATA_HTTP_HEADER_TIMEOUT", "seconds a connection has for its request headers (10)"),
+    ("QUDATA_HTTP_MAX_CONNECTIONS", "connections open at once on the API port (256)"),
     ("QUDATA_CONFIG_FILE", "KEY=VALUE file read first (the environment wins)"),
 )
 EXIT_CODES_HELP = (

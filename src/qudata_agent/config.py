@@ -25,6 +25,7 @@ from qudata_agent.domain.firewall import parse_allow_list
 from qudata_agent.domain.image_ref import resolve_image
 from qudata_agent.domain.netpolicy import MAX_MBPS, MIN_MBPS, parse_ports
 from qudata_agent.domain.storage import StoragePolicy
+from qudata_agent.domain.tls import TlsMode
 from qudata_agent.domain.tunnel import (
     TunnelConfigError,
     parse_address,
@@ -115,6 +116,14 @@ class Settings:
     tunnel_interface: str = "qudata-wg"
     tunnel_table: int = 51820  # the routing table of replies that leave through the tunnel
     tunnel_mark: int = 0x80000  # the fwmark bit(s) of connections that came in through it
+    # The agent's port (CONTRACT.md section 5): TLS, the provider's own certificate and key
+    # (else one the agent makes), mutual TLS, and what a stranger may hold.
+    tls: TlsMode = TlsMode.ON
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca: Path | None = None
+    http_header_timeout_s: float = 10.0
+    http_max_connections: int = 256
     # Set by systemd: the sd_notify socket, the watchdog timeout, journald on stderr.
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -383,6 +392,16 @@ def _systemd(env: Mapping[str, str]) -> dict[str, object]:
     return found
 
 
+def _check_tls(settings: Settings) -> None:
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise ConfigError(
+            "QUDATA_TLS_CERT_FILE and QUDATA_TLS_KEY_FILE: give both (the provider's own "
+            "certificate and its key) or neither (the agent makes its own)"
+        )
+    if settings.tls is TlsMode.OFF and settings.tls_client_ca is not None:
+        raise ConfigError("QUDATA_TLS_CLIENT_CA: mutual TLS needs TLS, but QUDATA_TLS is off")
+
+
 def _from_mapping(env: Mapping[str, str]) -> Settings:
     kwargs: dict[str, object] = {}
     parsers: dict[str, tuple[str, Callable[[str, str], object]]] = {
@@ -450,6 +469,18 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
             lambda n, r: _parse_float(n, r, 1, 86400),
         ),
         "QUDATA_PREPULL": ("prepull", _parse_images),
+        "QUDATA_TLS": ("tls", lambda n, r: TlsMode(_parse_choice(n, r, tuple(TlsMode)))),
+        "QUDATA_TLS_CERT_FILE": ("tls_cert_file", _parse_state_dir),  # absolute paths
+        "QUDATA_TLS_KEY_FILE": ("tls_key_file", _parse_state_dir),
+        "QUDATA_TLS_CLIENT_CA": ("tls_client_ca", _parse_state_dir),
+        "QUDATA_HTTP_HEADER_TIMEOUT": (
+            "http_header_timeout_s",
+            lambda n, r: _parse_float(n, r, 0.1, 300),
+        ),
+        "QUDATA_HTTP_MAX_CONNECTIONS": (
+            "http_max_connections",
+            lambda n, r: _parse_int(n, r, 16, 65536),
+        ),
         "QUDATA_PREPULL_INTERVAL": (
             "prepull_interval_s",
             lambda n, r: _parse_float(n, r, 1, 30 * 86400),
@@ -476,4 +507,5 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         kwargs["tunnel"] = None
     settings = Settings(**kwargs)  # type: ignore[arg-type]
     _check_agent_port(settings)
+    _check_tls(settings)
     return settings

@@ -6,21 +6,30 @@ and hands it to uvicorn. What stays true: without a configured port, the port
 used last time is preferred, then the first free one from 1024 up, skipping
 the range kept for instances. Requests the HTTP parser refuses before the
 application sees them (a NUL in a header, broken framing) are answered with
-the same JSON envelope as every other error.
+the same JSON envelope as every other error. Connections come from the
+acceptor (acceptor.py: TLS or plain, header deadline, connection cap), not from
+uvicorn's own listener; an idle kept-alive connection is closed after
+`KEEP_ALIVE_S`, and plain HTTP where TLS is required gets the contract's 400.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from qudata_agent.acceptor import Acceptor, Link, PortPolicy
+from qudata_agent.domain.connections import TRUST_EXTENSION
+from qudata_agent.domain.tls import TLS_REQUIRED_ERROR, Route
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +121,104 @@ class EnvelopeH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def make_server(app: object, shutdown_timeout_s: float) -> uvicorn.Server:
+KEEP_ALIVE_S = 30  # an idle kept-alive connection is closed after this (CONTRACT.md section 5)
+TLS_REQUIRED_BODY = json.dumps({"ok": False, "error": TLS_REQUIRED_ERROR}).encode()
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def tls_required_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    """What a plain-HTTP request gets where TLS is required: the 400, then the close."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(TLS_REQUIRED_BODY)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": TLS_REQUIRED_BODY})
+
+
+class GuardedH11Protocol(EnvelopeH11Protocol):
+    """The envelope protocol that reports its connection's life to the acceptor's `Link`."""
+
+    link: Link | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.link is not None:
+            self.link.attach(transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.link is not None and self.conn.their_state is h11.IDLE:
+            self.link.waiting_for_headers()
+
+    def handle_events(self) -> None:
+        before = self.scope
+        super().handle_events()
+        if self.scope is not before and self.link is not None:
+            self.link.headers_arrived()
+            self.scope.setdefault("extensions", {})[TRUST_EXTENSION] = {"trust": self.link.trust}
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.link is not None:
+            self.link.response_sent()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            # Answered before the body arrived (a 401, a 413): no slot for the rest of it.
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.link is not None:
+            self.link.lost()
+
+
+class AgentServer(uvicorn.Server):
+    """uvicorn, with the agent's acceptor in place of its listener."""
+
+    def __init__(self, config: uvicorn.Config, policy: PortPolicy) -> None:
+        super().__init__(config)
+        self.policy = policy
+        self.acceptor: Acceptor | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        config = self.config
+        if not config.loaded:
+            config.load()
+        make = functools.partial(
+            GuardedH11Protocol,
+            config=config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+
+        def protocol(link: Link, way: Route) -> asyncio.Protocol:
+            made = make()
+            made.link = link
+            if way is Route.REFUSE_PLAIN:
+                made.app = tls_required_app
+            return made
+
+        if not sockets or len(sockets) != 1:
+            raise ValueError("the agent serves exactly one socket")
+        self.acceptor = Acceptor(sockets[0], self.policy, protocol)
+        self.acceptor.start()
+        self.servers = [self.acceptor]  # type: ignore[list-item]  # close() and wait_closed()
+        self.started = True
+
+
+def make_server(app: object, shutdown_timeout_s: float, policy: PortPolicy) -> AgentServer:
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
-        http=EnvelopeH11Protocol,
+        http=GuardedH11Protocol,
+        timeout_keep_alive=KEEP_ALIVE_S,
         ws="none",
         log_config=None,
         access_log=False,
@@ -124,7 +227,7 @@ def make_server(app: object, shutdown_timeout_s: float) -> uvicorn.Server:
         server_header=False,
         proxy_headers=False,
     )
-    return uvicorn.Server(config)
+    return AgentServer(config, policy)
 
 
 async def wait_started(server: uvicorn.Server, serving: asyncio.Task[None]) -> bool:

@@ -17,15 +17,18 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qudata_agent.adapters.store import Store
+from qudata_agent.adapters.tls import TlsError, served_identity
 from qudata_agent.app import AGENT_ID_KEY, AGENT_PORT_KEY, DB_FILE
 from qudata_agent.config import Settings
 from qudata_agent.domain.instance import Instance
+from qudata_agent.domain.tls import TlsMode
 from qudata_agent.errors import AgentError
 from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE
 from qudata_agent.services.registration import INVENTORY_DIGEST_KEY
@@ -64,6 +67,17 @@ class Live:
 
 
 @dataclass(frozen=True)
+class TlsState:
+    """The port's TLS as the settings and the certificate files say."""
+
+    mode: str  # on, required, off
+    pin: str | None = None
+    not_after: str | None = None  # ISO 8601
+    mutual: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class Report:
     state_dir: Path
     api_url: str
@@ -72,6 +86,7 @@ class Report:
     recorded: Recorded | None
     live: Live | None
     down_reason: str | None = None
+    tls: TlsState | None = None
 
     @property
     def running(self) -> bool:
@@ -199,6 +214,20 @@ def _stats_line(metrics: Samples) -> str | None:
     return f"stats       {', '.join(figures)}" + (f" ({subject})" if subject else "")
 
 
+def _tls_line(tls: TlsState | None) -> str | None:
+    if tls is None:
+        return None
+    if tls.mode == TlsMode.OFF.value:
+        return "tls         off: plain HTTP only (the secret crosses the network in clear)"
+    text = f"tls         {tls.mode}" + (" (plain HTTP too)" if tls.mode == TlsMode.ON.value else "")
+    text += ", mutual" if tls.mutual else ""
+    if tls.error:
+        return f"{text}; certificate unreadable: {tls.error}"
+    if tls.pin is None:
+        return f"{text}; no certificate yet (made at the agent's first start)"
+    return f"{text}; pin sha256//{tls.pin}, certificate until {tls.not_after}"
+
+
 def render(report: Report) -> str:
     rec = report.recorded
     if report.running:
@@ -219,6 +248,8 @@ def render(report: Report) -> str:
         if rec.instances:
             lines.append("            (as last recorded; the agent is down)")
     lines.append(_control_plane_line(report))
+    if (tls := _tls_line(report.tls)) is not None:
+        lines.append(tls)
     if report.live is not None and (stats := _stats_line(report.live.metrics)):
         lines.append(stats)
     return "\n".join(lines)
@@ -238,6 +269,7 @@ def to_json(report: Report) -> str:
             "api_url": report.api_url,
             "instance": report.live.instance if report.live else None,
             "recorded_instances": list(rec.instances) if rec else [],
+            "tls": asdict(report.tls) if report.tls else None,
         },
         indent=2,
     )
@@ -272,8 +304,14 @@ def read_recorded(state_dir: Path) -> Recorded | None:
         store.close()
 
 
-def _get(host: str, port: int, path: str, secret: str | None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(host, port, timeout=_TIMEOUT_S)
+def _get(
+    host: str, port: int, path: str, secret: str | None, tls: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
+    conn = (
+        http.client.HTTPSConnection(host, port, timeout=_TIMEOUT_S, context=tls)
+        if tls is not None
+        else http.client.HTTPConnection(host, port, timeout=_TIMEOUT_S)
+    )
     try:
         conn.request("GET", path, headers={"X-Agent-Secret": secret} if secret else {})
         answer = conn.getresponse()
@@ -284,18 +322,27 @@ def _get(host: str, port: int, path: str, secret: str | None) -> tuple[int, byte
         conn.close()
 
 
-def fetch_live(host: str, port: int, secret: str | None) -> Live:
-    status, _ = _get(host, port, "/ping", None)
+def _loopback_tls() -> ssl.SSLContext:
+    """For the agent's own port on loopback: its certificate is self-signed, not for 127.0.0.1."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def fetch_live(host: str, port: int, secret: str | None, https: bool = False) -> Live:
+    tls = _loopback_tls() if https else None
+    status, _ = _get(host, port, "/ping", None, tls)
     if status != 200:
         raise AgentDown(f"{host}:{port} answers /ping with HTTP {status}: not the agent?")
-    status, body = _get(host, port, "/instances", secret)
+    status, body = _get(host, port, "/instances", secret, tls)
     if status == 401:
         raise AgentDown(f"the agent on {host}:{port} refuses the secret in the state dir")
     try:
         instance = json.loads(body)["data"]
     except (ValueError, KeyError, TypeError) as e:
         raise AgentDown(f"GET /instances answered HTTP {status} without data") from e
-    status, body = _get(host, port, "/metrics", secret)
+    status, body = _get(host, port, "/metrics", secret, tls)
     metrics = parse_metrics(body.decode("utf-8", "replace")) if status == 200 else {}
     return Live(instance=instance if isinstance(instance, dict) else {}, metrics=metrics)
 
@@ -305,6 +352,23 @@ def _read_secret(path: Path) -> str | None:
         return path.read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
+
+
+def tls_state(settings: Settings) -> TlsState:
+    mode = settings.tls.value
+    mutual = settings.tls_client_ca is not None
+    if settings.tls is TlsMode.OFF:
+        return TlsState(mode)
+    try:
+        identity = served_identity(
+            settings.state_dir, settings.tls_cert_file, settings.tls_key_file
+        )
+    except TlsError as e:
+        return TlsState(mode, mutual=mutual, error=str(e))
+    if identity is None:
+        return TlsState(mode, mutual=mutual)
+    until = identity.not_after.isoformat(timespec="seconds")
+    return TlsState(mode, identity.pin, until, mutual)
 
 
 def gather(settings: Settings) -> Report:
@@ -317,12 +381,15 @@ def gather(settings: Settings) -> Report:
     has_key = bool(settings.api_key or _read_secret(state / API_KEY_FILE))
     port = (recorded.agent_port if recorded else None) or settings.agent_port
     host = settings.agent_host if settings.agent_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    report = Report(state, settings.api_url, has_key, None, recorded, None, error)
+    report = Report(
+        state, settings.api_url, has_key, None, recorded, None, error, tls_state(settings)
+    )
     if port is None:
         return replace(report, down_reason=error or "no port recorded: the agent never listened")
     report = replace(report, address=f"{host}:{port}")
     try:
-        live = fetch_live(host, port, _read_secret(state / AGENT_SECRET_FILE))
+        https = settings.tls is TlsMode.REQUIRED or settings.tls_client_ca is not None
+        live = fetch_live(host, port, _read_secret(state / AGENT_SECRET_FILE), https)
     except AgentDown as e:
         return replace(report, down_reason=error or str(e))
     return replace(report, live=live)

@@ -58,7 +58,15 @@ def test_registers_with_the_contract_payloads(
     (host,) = fake_cp.wait_for("/init/host")
 
     body = init.body
-    assert set(body) == {"agent_id", "agent_port", "address", "fingerprint", "pid", "version"}
+    assert set(body) == {
+        "agent_id",
+        "agent_port",
+        "address",
+        "fingerprint",
+        "pid",
+        "version",
+        "tls_pubkey_sha256",  # CONTRACT.md section 5 (tests/e2e/test_tls_port.py checks it)
+    }
     assert str(uuid.UUID(body["agent_id"])) == body["agent_id"]
     assert body["agent_port"] == agent.port
     assert init.agent_port_answered is True, "reported the port before it was listening"

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -53,10 +54,32 @@ class AgentProcess:
         base.update(env or {})
         self.env = base
         self.proc: subprocess.Popen[bytes] | None = None
+        # Where plain HTTP is refused (QUDATA_TLS=required, mutual TLS), readiness is asked
+        # over https, with this client certificate (cert file, key file) for mutual TLS.
+        self.client_cert: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def plain_refused(self) -> bool:
+        return self.env.get("QUDATA_TLS") == "required" or bool(
+            self.env.get("QUDATA_TLS_CLIENT_CA")
+        )
+
+    def tls_client(self) -> ssl.SSLContext:
+        """A client context that takes any certificate (tests check the pin themselves)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        if self.client_cert is not None:
+            ctx.load_cert_chain(*self.client_cert)
+        return ctx
 
     def start(self, *args: str, wait: bool = True) -> AgentProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
@@ -77,7 +100,13 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/ping", timeout=0.5).status_code == 200:
+                if self.plain_refused:
+                    answer = httpx.get(
+                        self.https_url + "/ping", timeout=0.5, verify=self.tls_client()
+                    )
+                else:
+                    answer = httpx.get(self.url + "/ping", timeout=0.5)
+                if answer.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

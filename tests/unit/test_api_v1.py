@@ -159,12 +159,15 @@ class FakeSsh:
         keys.remove(text)
 
 
-def _client(instances: FakeInstances, ssh: FakeSsh | None = None) -> falcon.testing.TestClient:
+def _client(
+    instances: FakeInstances, ssh: FakeSsh | None = None, tls_pin: str | None = None
+) -> falcon.testing.TestClient:
     deps = ApiDeps(
         secret=lambda: SECRET,
         max_body_bytes=LIMIT,
         instances=instances,
         ssh=ssh if ssh is not None else FakeSsh(*instances.instances),
+        tls_pin=tls_pin,
     )
     return falcon.testing.TestClient(create_app(deps))
 
@@ -222,7 +225,7 @@ def _host_view(disk_total: int | None = 500 * GIB) -> HostView:
 def test_host_answers_every_field_of_the_contract() -> None:
     service = FakeInstances()
     service.host_view = _host_view()
-    data = _data(_client(service).simulate_get("/v1/host", headers=AUTH))
+    data = _data(_client(service, tls_pin="PIN=").simulate_get("/v1/host", headers=AUTH))
     assert data == {
         "max_instances": 8,
         "instances": 3,
@@ -233,6 +236,7 @@ def test_host_answers_every_field_of_the_contract() -> None:
         "ports": {"range": "40000-40099", "free": 94},
         "volumes": {"count": 2, "disk_gb": 3.0, "used_gb": 0.5},
         "tunnel": None,
+        "tls_pubkey_sha256": "PIN=",  # CONTRACT.md section 5
     }
 
 

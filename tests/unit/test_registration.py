@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,9 @@ class Harness:
     blocking: Blocking
     state: Path
 
-    def registrar(self) -> Registrar:
+    def registrar(self, identity: Identity = IDENTITY) -> Registrar:
         return Registrar(
-            self.client, self.credentials, self.store, IDENTITY, self.inventory, self.blocking
+            self.client, self.credentials, self.store, identity, self.inventory, self.blocking
         )
 
 
@@ -120,7 +120,13 @@ def test_init_payload_fields(harness: Harness) -> None:
         "fingerprint": "ab" * 32,
         "pid": os.getpid(),
         "version": qudata_agent.__version__,
+        "tls_pubkey_sha256": None,  # TLS off; CONTRACT.md section 5
     }
+
+
+def test_init_payload_carries_the_pin_of_the_port(harness: Harness) -> None:
+    registrar = harness.registrar(replace(IDENTITY, tls_pubkey_sha256="PIN="))
+    assert registrar.init_payload(PORT)["tls_pubkey_sha256"] == "PIN="
 
 
 async def test_first_registration_sends_init_then_the_host_and_stores_the_secret(

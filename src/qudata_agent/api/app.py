@@ -63,6 +63,7 @@ class ApiDeps:
     volumes: VolumesApi | None = None
     metrics: ApiMetrics | None = None
     tunnel: Callable[[], dict[str, Any]] | None = None  # tunnel mode: the tunnel's view
+    tls_pin: str | None = None  # the port's `tls_pubkey_sha256`, shown by GET /v1/host
 
 
 def _framework_message(req: falcon.asgi.Request, ex: falcon.HTTPError) -> str:
@@ -125,7 +126,7 @@ def _mounted(deps: ApiDeps, routes: tuple[Route, ...]) -> dict[str, object]:
         resources["instances"] = InstancesResource(deps.instances, limit)
         resources["v1_instances"] = V1InstancesResource(deps.instances, limit)
         resources["v1_instance"] = V1InstanceResource(deps.instances, limit)
-        resources["v1_host"] = HostResource(deps.instances, deps.tunnel)
+        resources["v1_host"] = HostResource(deps.instances, deps.tunnel, deps.tls_pin)
         if deps.ssh is not None:
             resources["ssh"] = SshResource(deps.ssh, deps.instances, limit)
             resources["v1_ssh"] = V1SshResource(deps.ssh, limit)

@@ -24,6 +24,7 @@ from typing import Protocol
 import falcon.asgi
 
 from qudata_agent import logs
+from qudata_agent.domain.connections import TRUST_EXTENSION
 from qudata_agent.errors import PayloadTooLarge, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,15 @@ class SecretAuth:
             given.encode("utf-8", "surrogateescape"), expected.encode("utf-8")
         ):
             raise Unauthorized(f"missing or wrong {SECRET_HEADER}")
+        _trust_connection(req)
+
+
+def _trust_connection(req: falcon.asgi.Request) -> None:
+    """Tells the server this connection proved the secret (it is no stranger: never evicted)."""
+    extension = req.scope.get("extensions", {}).get(TRUST_EXTENSION, {})
+    trust = extension.get("trust")
+    if callable(trust):
+        trust()
 
 
 class BodyLimit:

@@ -268,6 +268,11 @@ class HostState(BaseModel):
     ports: PortCapacity
     volumes: VolumeTotals | None = None
     tunnel: TunnelState | None = Field(default=None, description="tunnel mode only")
+    tls_pubkey_sha256: str | None = Field(
+        default=None,
+        description="base64 SHA-256 of the port's public key (curl --pinnedpubkey sha256//...);"
+        " null when TLS is off",
+    )
 
 
 # -- volumes (CONTRACT.md section 7) ----------------------------------------------

@@ -65,6 +65,7 @@ class Identity:
     fingerprint: str
     address: str | None
     tunnel_pubkey: str | None = None  # tunnel mode: this host's WireGuard public key
+    tls_pubkey_sha256: str | None = None  # the pin of the port's key; None: TLS off
 
 
 class Registrar:
@@ -95,6 +96,7 @@ class Registrar:
             "fingerprint": self._identity.fingerprint,
             "pid": os.getpid(),
             "version": __version__,
+            "tls_pubkey_sha256": self._identity.tls_pubkey_sha256,
         }
         if self._identity.tunnel_pubkey:
             payload["tunnel_pubkey"] = self._identity.tunnel_pubkey

@@ -289,10 +289,14 @@ class HostResource:
     """`/v1/host`: what the host has for instances and what is free."""
 
     def __init__(
-        self, service: InstancesApi, tunnel: Callable[[], dict[str, Any]] | None = None
+        self,
+        service: InstancesApi,
+        tunnel: Callable[[], dict[str, Any]] | None = None,
+        tls_pin: str | None = None,
     ) -> None:
         self._service = service
         self._tunnel = tunnel
+        self._tls_pin = tls_pin
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         host = await self._service.host()
@@ -320,5 +324,6 @@ class HostResource:
                     used_gb=round(host.volumes.disk_bytes / GIB, 3),
                 ),
                 tunnel=tunnel,
+                tls_pubkey_sha256=self._tls_pin,
             ),
         )

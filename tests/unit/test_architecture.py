@@ -30,6 +30,7 @@ SDK_OWNERS: dict[str, tuple[str, ...]] = {
     "prometheus_client": ("metrics.py",),
     "uvicorn": ("server.py",),
     "h11": ("server.py",),
+    "cryptography": ("adapters/tls.py",),
 }
 ENV_OWNER = "config.py"
 ENV_NAMES = frozenset({"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"})

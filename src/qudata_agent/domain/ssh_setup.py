@@ -4,6 +4,10 @@ Pure text builders. The agent's sshd runs from its own bundle and reads only
 the instance's own directory (mounted read-only at `INSTANCE_MOUNT`): the
 image's `/etc/ssh` is never used. What stays true:
 - keys only: no passwords, no keyboard-interactive, no PAM; root logs in by key;
+- only the keys given through the API log in: sshd reads the instance's
+  mounted authorized_keys and nothing else (not the image's ~/.ssh, no
+  command, no certificate authority, no host-based trust), so a key baked
+  into an image opens nothing and the API can revoke every key that works;
 - the host key is ed25519 (milliseconds to make; every OpenSSH since 6.5 and
   PuTTY since 0.68 speak it), made once per instance on the host;
 - SFTP is sshd's own (`internal-sftp`): scp and sftp need nothing from the image;
@@ -45,7 +49,14 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitEmptyPasswords no
 UsePAM no
-AuthorizedKeysFile {INSTANCE_MOUNT}/{AUTHORIZED_KEYS} .ssh/authorized_keys
+AuthorizedKeysFile {INSTANCE_MOUNT}/{AUTHORIZED_KEYS}
+AuthorizedKeysCommand none
+AuthorizedPrincipalsFile none
+AuthorizedPrincipalsCommand none
+TrustedUserCAKeys none
+HostbasedAuthentication no
+IgnoreRhosts yes
+PermitUserEnvironment no
 PrintMotd no
 PrintLastLog no
 UseDNS no

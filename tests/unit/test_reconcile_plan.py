@@ -104,3 +104,18 @@ def test_nothing_is_removed_that_a_record_claims() -> None:
     states = [_state("i1"), _state("i2", status="exited", exit_code=0)]
     removals = (RemoveOrphan, RemoveLeftover, Forget)
     assert not [s for s in plan(records, states, now=NOW) if isinstance(s, removals)]
+
+
+def test_an_idle_instance_found_stopped_when_the_agent_starts_is_started_saying_why() -> None:
+    """`docker stop` while the agent was away: an idle instance always comes back."""
+    stopped = _state(status="exited", exit_code=137, restart_policy="unless-stopped")
+    steps = plan([_instance(status=Status.PAUSED)], [stopped], now=NOW, at_start=True)
+    assert steps[-1] == Start("i1", "c-i1", at_start=True)
+    assert isinstance(steps[-1], Start) and "idle" in steps[-1].why
+    # While the agent runs, a stop outside it is reported, not fought; nor is a
+    # stop the renter asked for undone, nor a job that finished started again.
+    assert plan([_instance()], [stopped], now=NOW) == [Observe("i1", stopped)]
+    wanted_stopped = _instance(wanted=Wanted.STOPPED)
+    assert plan([wanted_stopped], [stopped], now=NOW, at_start=True) == [Observe("i1", stopped)]
+    job = replace(stopped, exit_code=0, restart_policy="on-failure", max_retries=5)
+    assert plan([_instance()], [job], now=NOW, at_start=True) == [Observe("i1", job)]

@@ -20,13 +20,17 @@ What stays true:
   crashed command Docker stopped restarting before its retries ran out (a
   dockerd restart or a reboot killed it: Docker's on-failure policy does not
   bring those back). A command that exited 0 is done and stays so; a crash
-  Docker gave up on (retries used) is left stopped.
+  Docker gave up on (retries used) is left stopped;
+- an idle instance (`command: null`, Docker's `unless-stopped`) always comes
+  back: one found stopped by the first pass after the agent starts (stopped
+  behind its back while it was away, e.g. `docker stop`) is started. While
+  the agent runs, a stop outside it is reported (`paused`), not fought.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance, Status, Wanted
@@ -69,6 +73,8 @@ class Observe:
 class Start:
     instance_id: str
     container_id: str
+    why: str = field(default="", compare=False)  # for the log: what left it stopped
+    at_start: bool = False  # planned by the first pass after the agent started
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,11 @@ def plan(
     building: Iterable[str] = (),
     now: float,
     grace_s: float = DEFAULT_GRACE_S,
+    at_start: bool = False,
 ) -> list[Step]:
-    """The steps, orphans first; each instance's steps in the order they apply."""
+    """The steps, orphans first; each instance's steps in the order they apply.
+
+    `at_start`: this is the first pass since the agent started."""
     busy = frozenset(building)
     records = {instance.id: instance for instance in wanted}
     steps: list[Step] = []
@@ -100,11 +109,11 @@ def plan(
     for instance in wanted:
         if instance.id in busy or instance.status is Status.PENDING:
             continue
-        steps.extend(_converge(instance, _container_of(instance, observed)))
+        steps.extend(_converge(instance, _container_of(instance, observed), at_start))
     return steps
 
 
-def _converge(instance: Instance, state: ContainerState | None) -> list[Step]:
+def _converge(instance: Instance, state: ContainerState | None, at_start: bool) -> list[Step]:
     if instance.container_id is None:  # a build that failed: nothing of it may stay
         return [] if state is None else [RemoveLeftover(instance.id, state.container_id)]
     if state is None:
@@ -112,26 +121,41 @@ def _converge(instance: Instance, state: ContainerState | None) -> list[Step]:
     steps: list[Step] = [Observe(instance.id, state)]
     if instance.wanted is Wanted.STOPPED and state.status in ("running", "restarting"):
         steps.append(Stop(instance.id, state.container_id))
-    elif instance.wanted is Wanted.RUNNING and start_was_missed(instance, state):
-        steps.append(Start(instance.id, state.container_id))
+    elif instance.wanted is Wanted.RUNNING:
+        why = missed_start(instance, state, at_start)
+        if why is not None:
+            steps.append(Start(instance.id, state.container_id, why, at_start))
     return steps
 
 
-def start_was_missed(instance: Instance, state: ContainerState) -> bool:
-    """The container should run and nothing else will start it.
+IDLE_POLICY = "unless-stopped"  # domain.container_spec.restart_policy of `command: null`
 
-    Either the renter asked for a run that never began (the container last
-    started before that), or a crashed command was left stopped with
-    restarts to spare (killed by a dockerd restart or a reboot).
+
+def missed_start(instance: Instance, state: ContainerState, at_start: bool = False) -> str | None:
+    """Why the container should run while nothing else will start it (None: it should not).
+
+    The renter asked for a run that never began (the container last started
+    before that); a crashed command was left stopped with restarts to spare
+    (killed by a dockerd restart or a reboot); or, on the first pass after
+    the agent started, an idle instance was found stopped.
     """
     if state.status not in ("exited", "created"):
-        return False
+        return None
     if instance.wanted_at > 0 and (
         state.started_ts is None or state.started_ts < instance.wanted_at
     ):
-        return True
+        return "the start the renter asked for never happened"
     crashed = state.status == "exited" and bool(state.exit_code)
-    return crashed and state.restart_policy == "on-failure" and not state.gave_up
+    if crashed and state.restart_policy == "on-failure" and not state.gave_up:
+        return "a crash was left stopped with restarts to spare"
+    if at_start and state.restart_policy == IDLE_POLICY:
+        return "an idle instance was stopped while the agent was away; it always comes back"
+    return None
+
+
+def start_was_missed(instance: Instance, state: ContainerState, at_start: bool = False) -> bool:
+    """The container should run and nothing else will start it (`missed_start`)."""
+    return missed_start(instance, state, at_start) is not None
 
 
 def _container_of(instance: Instance, observed: Sequence[ContainerState]) -> ContainerState | None:

@@ -85,6 +85,7 @@ class Reconciler:
         self._on_pass = on_pass
         self._clock = clock
         self._restore_first = restore_first  # the volumes mounted again
+        self._first_pass_done = False  # the first pass also brings idle instances back
 
     async def restore(self) -> None:
         """At start: resume interrupted builds, converge, make sure SSH is up on what runs.
@@ -125,6 +126,7 @@ class Reconciler:
             building=self._builds.building(),
             now=self._clock(),
             grace_s=self._grace_s,
+            at_start=not self._first_pass_done,
         )
         failed = 0
         for step in steps:
@@ -138,6 +140,7 @@ class Reconciler:
                 )
         if failed:
             raise Unavailable(f"{failed} of {len(steps)} reconcile steps failed")
+        self._first_pass_done = True
 
     async def on_container_event(self, container_id: str) -> None:
         for instance in await self._records.all():
@@ -218,12 +221,18 @@ class Reconciler:
                     self._engine.stop, step.container_id, self._stop_timeout_s
                 )
             else:
-                if instance.wanted is not Wanted.RUNNING or not start_was_missed(instance, state):
+                if instance.wanted is not Wanted.RUNNING or not start_was_missed(
+                    instance, state, step.at_start
+                ):
                     return
                 await self._blocking.slow(self._engine.start, step.container_id)
             log.info(
                 "converged an instance towards what the renter wanted",
-                extra={"instance_id": instance.id, "wanted": instance.wanted},
+                extra={
+                    "instance_id": instance.id,
+                    "wanted": instance.wanted,
+                    "why": step.why if isinstance(step, Start) else "wanted stopped",
+                },
             )
             state = await self._blocking.quick(self._engine.inspect, step.container_id)
             await self._records.save_observed(instance, state)

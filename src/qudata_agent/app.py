@@ -49,6 +49,7 @@ from qudata_agent.adapters.public_address import PublicAddress
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
 from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
+from qudata_agent.adapters.ssh_probe import HostSshProbe
 from qudata_agent.adapters.store import Store
 from qudata_agent.adapters.systemd import Notifier
 from qudata_agent.adapters.tls import TlsError, TlsKeeper
@@ -314,7 +315,7 @@ class Agent:
             log.error("no SSH for instances: the SSH bundle cannot be made", extra={"error": error})
             bundle = f"the agent's SSH is not available on this host: {error}"
         files = InstanceSshFiles(root / "instances")
-        return SshService(parts.docker, parts.store, parts.blocking, files, bundle)
+        return SshService(parts.docker, parts.store, parts.blocking, files, bundle, HostSshProbe())
 
     def _volumes(self, parts: _Parts, records: Records) -> VolumeService:
         """Volumes under the state directory, sized the way this host's filesystem allows."""

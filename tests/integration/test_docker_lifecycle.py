@@ -166,8 +166,24 @@ def test_a_command_that_exits_is_reported_with_its_code_and_logs(env: Env) -> No
         state = env.engine.inspect(container_id)
     assert (state.status, state.exit_code, state.oom_killed) == ("exited", 3, False)
     assert state.ports == {}
-    logs = env.engine.logs(container_id, tail=10)
-    assert "bye" in logs and "oops" in logs
+    logs = env.engine.logs(container_id, tail=10, max_bytes=1024, timeout_s=10)
+    assert "bye" in logs.text and "oops" in logs.text
+    assert not logs.cut and logs.complete
+
+
+def test_logs_keep_only_their_newest_bytes_however_many_lines_are_asked_for(env: Env) -> None:
+    """The tenant writes the log: `tail` lines of 16 KiB each are never all held."""
+    flood = "head -c 3000000 /dev/zero | tr '\\0' x; echo; seq 1 200"
+    spec = env.spec(command=("sh", "-c", flood), restart_policy="no")
+    container_id = env.engine.create(spec)
+    env.engine.start(container_id)
+    deadline = time.monotonic() + 20
+    while env.engine.inspect(container_id).running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logs = env.engine.logs(container_id, tail=10_000, max_bytes=64 * 1024, timeout_s=10)
+    assert logs.cut and logs.complete
+    assert len(logs.text.encode()) == 64 * 1024
+    assert logs.text.endswith("\n199\n200\n") and logs.text.startswith("x")
 
 
 def test_list_managed_finds_exactly_this_agents_containers(env: Env) -> None:

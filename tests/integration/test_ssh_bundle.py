@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 import docker
 import pytest
@@ -21,8 +22,9 @@ import pytest
 from qudata_agent.adapters.docker_engine import DockerEngine
 from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
+from qudata_agent.adapters.ssh_probe import read_in_container
 from qudata_agent.domain.container_spec import IDLE_COMMAND, LABEL_AGENT, ContainerSpec
-from qudata_agent.domain.ssh_init import parse_status, ssh_spec, wait_status_argv
+from qudata_agent.domain.ssh_init import READY, STATUS_FILE, WORD_BYTES, failure_of, ssh_spec
 from qudata_agent.domain.ssh_setup import (
     BUNDLE_MOUNT,
     LOG_FILE,
@@ -30,6 +32,7 @@ from qudata_agent.domain.ssh_setup import (
     profile_env_text,
     sshd_config_text,
 )
+from support.docker_api import exec_sh
 
 pytestmark = pytest.mark.docker
 
@@ -70,13 +73,20 @@ class Rig:
         return container_id
 
     def word(self, container_id: str) -> tuple[bool, str | None]:
-        code, out = self.engine.exec_run(container_id, wait_status_argv())
-        assert code == 0, out
-        return parse_status(out)
+        """The init's word, read from the host as the agent reads it (within 10 s)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pid = self.engine.inspect(container_id).pid
+            word = None if pid is None else read_in_container(pid, STATUS_FILE, WORD_BYTES)
+            if word:
+                return word.strip() == READY.encode(), failure_of(word)
+            time.sleep(0.05)
+        raise AssertionError(f"the init said nothing in 10 s: {_logs(container_id)}")
 
     def sh(self, container_id: str, script: str) -> str:
-        code, out = self.engine.exec_run(
-            container_id, [f"{BUNDLE_MOUNT}/current/bin/busybox", "sh", "-c", script]
+        """A test's own look inside (the agent never runs anything in a container)."""
+        code, out = exec_sh(
+            container_id, f"{BUNDLE_MOUNT}/current/bin/busybox sh -c {quote(script)}"
         )
         assert code == 0, out
         return out
@@ -229,3 +239,24 @@ def test_the_sshd_log_is_rotated_past_a_mebibyte_when_the_container_starts(rig: 
     assert rig.word(cid) == (True, None)
     old, new = (int(x) for x in rig.sh(cid, f"wc -c < {LOG_FILE}.1; wc -c < {LOG_FILE}").split())
     assert old == 2000000 and new < 1000
+
+
+def test_the_agents_read_of_the_word_follows_nothing_the_tenant_plants(rig: Rig) -> None:
+    """The status file is the tenant's: a link to /dev/zero, a FIFO, a link out of the
+    container or a flood are refused or cut, at once, from the host side."""
+    cid = rig.start(BUSYBOX)
+    assert rig.word(cid) == (True, None)
+    pid = rig.engine.inspect(cid).pid
+    assert pid is not None
+    planted = {
+        "ln -sf /dev/zero /.qudata/run/ssh": None,
+        "rm -f /.qudata/run/ssh; mkfifo /.qudata/run/ssh": None,
+        "rm -f /.qudata/run/ssh; ln -s /etc/hostname /.qudata/run/ssh": None,
+        "rm -f /.qudata/run/ssh; head -c 900000 /dev/zero | tr '\\0' x > /.qudata/run/ssh": 512,
+    }
+    for script, size in planted.items():
+        rig.sh(cid, script)
+        started = time.monotonic()
+        got = read_in_container(pid, STATUS_FILE, WORD_BYTES)
+        assert time.monotonic() - started < 1, script
+        assert (None if got is None else len(got)) == size, script

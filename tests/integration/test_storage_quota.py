@@ -23,6 +23,7 @@ from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec
 from qudata_agent.errors import NotFound
 from qudata_agent.services.storage import detect_quota_support
 from support.btrfs_docker import BtrfsDocker
+from support.docker_api import exec_sh
 
 pytestmark = pytest.mark.docker
 
@@ -42,6 +43,10 @@ def btrfs() -> Iterator[BtrfsDocker]:
 class Env:
     engine: DockerEngine
     agent_id: str
+    base_url: str | None = None
+
+    def sh(self, container_id: str, script: str, timeout_s: float = 30) -> tuple[int, str]:
+        return exec_sh(container_id, script, self.base_url, timeout_s)
 
     def run(self, storage_bytes: int | None) -> str:
         spec = ContainerSpec(
@@ -60,7 +65,7 @@ def _engine_env(base_url: str | None) -> Iterator[Env]:
     agent_id = f"test-{uuid.uuid4().hex[:12]}"
     engine = DockerEngine(base_url, timeout_s=60)
     try:
-        yield Env(engine, agent_id)
+        yield Env(engine, agent_id, base_url)
     finally:
         for state in engine.list_managed(agent_id):
             engine.remove(state.container_id)
@@ -86,19 +91,19 @@ def test_the_btrfs_daemon_is_found_to_enforce_sizes(btrfs: BtrfsDocker, on_btrfs
 
 def test_a_container_given_1_gb_cannot_write_1_5_gb(on_btrfs: Env) -> None:
     container_id = on_btrfs.run(storage_bytes=1 * GIB)
-    code, out = on_btrfs.engine.exec_run(container_id, ["sh", "-c", WRITE_1_5_GIB], timeout_s=60)
+    code, out = on_btrfs.sh(container_id, WRITE_1_5_GIB, timeout_s=60)
     assert code == 0, out
     assert "rc=0" not in out, out
     assert "Disk quota exceeded" in out or "No space left" in out, out
-    _, size = on_btrfs.engine.exec_run(container_id, ["sh", "-c", "wc -c < /fill"])
+    _, size = on_btrfs.sh(container_id, "wc -c < /fill")
     assert int(size.strip()) < 1536 * MIB
 
 
 def test_a_container_given_2_gb_can_write_1_5_gb(on_btrfs: Env) -> None:
     container_id = on_btrfs.run(storage_bytes=2 * GIB)
-    code, out = on_btrfs.engine.exec_run(container_id, ["sh", "-c", WRITE_1_5_GIB], timeout_s=60)
+    code, out = on_btrfs.sh(container_id, WRITE_1_5_GIB, timeout_s=60)
     assert code == 0 and "rc=0" in out, out
-    _, size = on_btrfs.engine.exec_run(container_id, ["sh", "-c", "wc -c < /fill"])
+    _, size = on_btrfs.sh(container_id, "wc -c < /fill")
     assert int(size.strip()) == 1536 * MIB
     # What the monitor reads where nothing caps the layer (`docker ps --size`).
     started = time.monotonic()
@@ -122,9 +127,7 @@ def test_the_verdict_on_the_main_daemon_matches_what_docker_does(on_main: Env) -
 
 def test_the_writable_layer_is_measured_on_the_main_daemon(on_main: Env) -> None:
     container_id = on_main.run(storage_bytes=None)
-    code, out = on_main.engine.exec_run(
-        container_id, ["sh", "-c", "dd if=/dev/zero of=/fill bs=1M count=64 2>&1"]
-    )
+    code, out = on_main.sh(container_id, "dd if=/dev/zero of=/fill bs=1M count=64 2>&1")
     assert code == 0, out
     used = on_main.engine.writable_layer_bytes(container_id)
     assert 64 * MIB <= used < 70 * MIB

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker as dockersdk
 import httpx
 
 from support.agent_proc import AgentProcess
@@ -19,6 +20,21 @@ from support.agent_proc import AgentProcess
 def docker(*args: str, check: bool = True) -> str:
     out = subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
     return out.stdout
+
+
+def exec_sh(
+    container_id: str, script: str, base_url: str | None = None, timeout_s: float = 30
+) -> tuple[int, str]:
+    """(exit code, output) of `sh -c script` run as root in the container: for tests only;
+    the agent itself never runs anything in a container."""
+    sdk = dockersdk.DockerClient(
+        base_url=base_url or "unix:///var/run/docker.sock", version="auto", timeout=int(timeout_s)
+    )
+    try:
+        code, out = sdk.containers.get(container_id).exec_run(["sh", "-c", script], user="root")
+    finally:
+        sdk.close()
+    return int(code), bytes(out).decode("utf-8", errors="replace")
 
 
 def agent_id(state_dir: Path) -> str:

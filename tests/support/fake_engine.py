@@ -18,6 +18,7 @@ from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.image_access import LocalImage, RegistryUnreachable
 from qudata_agent.domain.instance import Action, Instance, Status
+from qudata_agent.domain.log_tail import LogTail
 from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape
@@ -117,8 +118,8 @@ class FakeEngine:
     def list_managed(self, agent_id: str) -> list[ContainerState]:
         return [c for c in self.containers.values() if c.agent_id == agent_id]
 
-    def logs(self, container_id: str, tail: int) -> str:
-        return "log line\n"
+    def logs(self, container_id: str, tail: int, max_bytes: int, timeout_s: float) -> LogTail:
+        return LogTail("log line\n")
 
 
 class Stack:

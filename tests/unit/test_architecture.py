@@ -276,3 +276,29 @@ def test_relative_imports_resolve_from_the_file_and_from_a_package_init() -> Non
     assert _resolve("api/resources/__init__.py", 1, "x") == "qudata_agent.api.resources.x"
     assert _resolve("api/resources/__init__.py", 2, None) == "qudata_agent.api"
     assert _resolve("config.py", 1, "errors") == "qudata_agent.errors"
+
+
+# Nothing runs inside a tenant's container on the agent's initiative (CIS Docker 5.23):
+# no module of the agent may so much as name Docker's exec calls.
+CONTAINER_EXEC = frozenset({"exec_run", "exec_create", "exec_start", "exec_inspect"})
+
+
+def exec_offences(rel: str, source: str) -> list[str]:
+    return [
+        f"{rel}:{node.lineno} runs something in a container ({node.attr})"
+        for node in ast.walk(ast.parse(source, filename=rel))
+        if isinstance(node, ast.Attribute) and node.attr in CONTAINER_EXEC
+    ]
+
+
+def test_nothing_runs_inside_a_tenants_container() -> None:
+    offences = [o for rel, source in _modules() for o in exec_offences(rel, source)]
+    assert offences == [], "\n  ".join(offences)
+
+
+def test_the_exec_checker_finds_one() -> None:
+    assert exec_offences("a.py", "api.exec_create(cid, ['sh'])\n") == [
+        "a.py:1 runs something in a container (exec_create)"
+    ]
+    assert exec_offences("a.py", "container.exec_run(['sh'])\n")
+    assert exec_offences("a.py", "container.logs()\n") == []

@@ -1,4 +1,4 @@
-"""The spec that starts the agent's init, and the init's word on sshd (pure)."""
+"""The spec that starts the agent's init, the init's word and sshd's banner, judged (pure)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import pytest
 
 from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec, Mount
 from qudata_agent.domain.ssh_init import (
+    BANNER_BYTES,
     BUSYBOX,
     IDLE_ARGS,
     INIT,
     ImageConfig,
-    parse_status,
+    banner_of,
+    failure_of,
     ssh_spec,
     unsupported,
 )
@@ -96,20 +98,36 @@ def test_an_image_the_bundle_serves() -> None:
 
 
 @pytest.mark.parametrize(
-    ("output", "expected"),
+    ("word", "expected"),
     [
-        ("ready\n", (True, None)),
-        (
-            "failed: sshd did not start: port 22 is taken\n",
-            (False, "sshd did not start: port 22 is taken"),
-        ),
-        ("failed:", (False, "sshd did not start")),
+        (b"ready\n", None),
+        (None, None),
+        (b"", None),
+        (b"\0" * 600, None),
+        (b"failed: sshd did not start: port 22 is taken\n", "sshd did not start: port 22 is taken"),
+        (b"failed:", "sshd did not start"),
+        (b"failed: a\tb\x1b[0m\nnext", "a b [0m"),
+        (b"failed: " + b"\xff" * 2000, "\ufffd" * 300),
     ],
 )
-def test_the_inits_word(output: str, expected: tuple[bool, str | None]) -> None:
-    assert parse_status(output) == expected
+def test_the_inits_word_gives_a_failures_reason_only(
+    word: bytes | None, expected: str | None
+) -> None:
+    assert failure_of(word) == expected
 
 
-def test_no_word_is_a_failure_that_says_so() -> None:
-    ready, reason = parse_status("")
-    assert not ready and reason is not None and "said nothing" in reason
+@pytest.mark.parametrize(
+    ("line", "ssh"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r", True),
+        (b"SSH-1.99-OpenSSH_3.9", True),
+        (b"SSH-1.5-old", False),
+        (b"", False),
+        (b"HTTP/1.1 200 OK", False),
+        (b"\0" * 1000, False),
+    ],
+)
+def test_only_an_ssh_version_line_is_an_ssh_banner(line: bytes, ssh: bool) -> None:
+    banner = banner_of(line)
+    assert banner.ssh is ssh
+    assert len(banner.detail) <= BANNER_BYTES and banner.detail.isprintable()

@@ -1,11 +1,14 @@
-"""The SSH service: the spec it gives the build, the keys on the host, the init's word.
+"""The SSH service: the spec it gives the build, the keys on the host, the verdict on sshd.
 
 A real store and the real files adapter (in a temporary directory, the host's
 ssh-keygen); the container is a stand-in that answers the image inspection and
-the one exec with chosen answers."""
+Docker's state, and the host-side probe one that answers the port's banner and
+the init's word with chosen answers. The engine stand-in has no way to run
+anything in a container: the service must not need one."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status, Wanted
-from qudata_agent.domain.ssh_init import INIT, ImageConfig
+from qudata_agent.domain.ssh_init import INIT, Banner, ImageConfig, banner_of
 from qudata_agent.domain.ssh_keys import parse_key
 from qudata_agent.services.ssh import NO_AGENT_SSH, SshService
 
@@ -26,11 +29,8 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh
 
 
 class EngineStandIn:
-    def __init__(self, image: ImageConfig, code: int = 0, output: str = "ready\n") -> None:
+    def __init__(self, image: ImageConfig) -> None:
         self.image = image
-        self.code = code
-        self.output = output
-        self.execs: list[list[str]] = []
         self.started_at = STARTED_AT  # what Docker says of the container's current run
 
     def image_config(self, ref: str) -> ImageConfig:
@@ -38,14 +38,25 @@ class EngineStandIn:
 
     def inspect(self, container_id: str) -> ContainerState:
         return ContainerState(
-            container_id, "qudata-i1", "i1", "a1", "running", started_at=self.started_at
+            container_id, "qudata-i1", "i1", "a1", "running", started_at=self.started_at, pid=4242
         )
 
-    def exec_run(
-        self, container_id: str, argv: list[str], timeout_s: float = 30
-    ) -> tuple[int, str]:
-        self.execs.append(argv)
-        return self.code, self.output
+
+class ProbeStandIn:
+    def __init__(self, banner: bytes = b"SSH-2.0-OpenSSH_9.2\r\n", word: bytes | None = None):
+        self.line = banner
+        self.word = word
+        self.asked: list[tuple[int, str, int]] = []
+        self.banners = 0
+
+    async def banner(self, host: str, port: int) -> Banner:
+        assert (host, port) == ("127.0.0.1", 20022)
+        self.banners += 1
+        return banner_of(self.line)
+
+    def read_file(self, pid: int, path: str, max_bytes: int) -> bytes | None:
+        self.asked.append((pid, path, max_bytes))
+        return None if self.word is None else self.word[:max_bytes]
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ def _instance(store: Store, ssh: bool = True) -> Instance:
         container_id="c1",
         ssh_enabled=ssh,
         started_at=STARTED_AT,
+        ports={"22": 20022},
     )
     store.insert_instance(instance)
     return instance
@@ -90,11 +102,25 @@ IMAGE = ImageConfig(env=("PATH=/opt/x/bin:/usr/bin", "A=from image"), architectu
 
 
 def _service(
-    store: Store, blocking: Blocking, tmp_path: Path, engine: EngineStandIn, bundle: object = None
+    store: Store,
+    blocking: Blocking,
+    tmp_path: Path,
+    engine: EngineStandIn,
+    bundle: object = None,
+    probe: ProbeStandIn | None = None,
 ) -> tuple[SshService, InstanceSshFiles]:
     files = InstanceSshFiles(tmp_path / "instances")
     chosen = FakeBundle(tmp_path / "bundles") if bundle is None else bundle
-    return SshService(engine, store, blocking, files, chosen), files  # type: ignore[arg-type]
+    service = SshService(
+        engine,  # type: ignore[arg-type]
+        store,
+        blocking,
+        files,
+        chosen,  # type: ignore[arg-type]
+        probe or ProbeStandIn(),
+        wait_timeout_s=0.5,
+    )
+    return service, files
 
 
 async def test_prepare_lays_out_the_instances_files_and_starts_the_init(
@@ -131,7 +157,6 @@ async def test_keys_are_written_to_the_host_at_once_without_an_exec(
     assert KEY in (files.dir_of("i1") / "authorized_keys").read_text()
     await service.remove_key("i1", KEY)
     assert KEY not in (files.dir_of("i1") / "authorized_keys").read_text()
-    assert engine.execs == []
     await service.close()
 
 
@@ -141,25 +166,34 @@ async def _watched(service: SshService, instance: Instance) -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "output", "status", "words"),
+    ("banner", "word", "status", "words"),
     [
-        (0, "ready\n", "ready", None),
-        (0, "failed: the image has no shell for root's sessions (/bin/sh)\n", "failed", "no shell"),
-        (0, "", "failed", "said nothing"),
-        (126, "OCI runtime exec failed", "failed", "cannot ask the container"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", None, "ready", None),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", b"ready\n", "ready", None),
+        # The tenant owns the word's file: garbage there changes nothing.
+        (b"SSH-2.0-OpenSSH_9.2\r\n", b"\0" * 4096, "ready", None),
+        (
+            b"",
+            b"failed: the image has no shell for root's sessions (/bin/sh)\n",
+            "failed",
+            "no shell",
+        ),
+        (b"", None, "failed", "does not answer on port 22 (host port 20022)"),
+        (b"HTTP/1.1 400 Bad Request\r\n", b"ready\n", "failed", "something other than SSH"),
     ],
 )
-async def test_the_inits_word_becomes_the_ssh_state(
+async def test_the_port_and_the_inits_word_become_the_ssh_state(
     store: Store,
     blocking: Blocking,
     tmp_path: Path,
-    code: int,
-    output: str,
+    banner: bytes,
+    word: bytes | None,
     status: str,
     words: str | None,
 ) -> None:
     instance = _instance(store)
-    service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE, code, output))
+    probe = ProbeStandIn(banner, word)
+    service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), probe=probe)
     await service.prepare(instance, SPEC)
     await _watched(service, instance)
     state = store.ssh_state("i1")
@@ -168,15 +202,60 @@ async def test_the_inits_word_becomes_the_ssh_state(
         assert state[2] == instance.started_at and (await service.view(instance)).status == "ready"
     else:
         assert state[1] is not None and words in state[1], state
+    assert probe.asked and all(a == (4242, "/.qudata/run/ssh", 512) for a in probe.asked)
     await service.close()
 
 
-async def test_a_failed_ask_during_a_restart_is_left_to_the_next_run(
+async def test_a_reason_the_tenant_wrote_is_one_short_printable_line(
     store: Store, blocking: Blocking, tmp_path: Path
 ) -> None:
     instance = _instance(store)
-    engine = EngineStandIn(IMAGE, 126, "OCI runtime exec failed: broken pipe")
-    service, _ = _service(store, blocking, tmp_path, engine)
+    probe = ProbeStandIn(b"", b"failed: \x1b[2J" + b"x" * 5000 + b"\nsecond line")
+    service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), probe=probe)
+    await service.prepare(instance, SPEC)
+    await _watched(service, instance)
+    state = store.ssh_state("i1")
+    assert state is not None and state[0] == "failed" and state[1] is not None
+    assert len(state[1]) <= 300 and state[1].isprintable() and "second" not in state[1]
+    await service.close()
+
+
+async def test_a_word_that_hangs_holds_one_thread_of_its_own_not_a_pool(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    """A read the tenant can hold (a file in its container) never waits in a shared pool."""
+    release = threading.Event()
+
+    class Hanging(ProbeStandIn):
+        def read_file(self, pid: int, path: str, max_bytes: int) -> bytes | None:
+            self.asked.append((pid, path, max_bytes))
+            assert threading.current_thread().name.startswith("alone ")
+            release.wait(10)
+            return None
+
+    instance = _instance(store)
+    probe = Hanging(b"")
+    service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), probe=probe)
+    service._word_timeout_s = 0.05
+    await service.prepare(instance, SPEC)
+    try:
+        await _watched(service, instance)
+        # One read began and hung; the later passes did not start another one.
+        assert len(probe.asked) == 1 and probe.banners > 1
+        state = store.ssh_state("i1")
+        assert state is not None and state[0] == "failed"
+        assert await blocking.quick(lambda: 1) == 1 and await blocking.slow(lambda: 2) == 2
+    finally:
+        release.set()
+    await service.close()
+
+
+async def test_a_run_that_ended_while_waiting_is_left_to_the_next_run(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    instance = _instance(store)
+    engine = EngineStandIn(IMAGE)
+    service, _ = _service(store, blocking, tmp_path, engine, probe=ProbeStandIn(b""))
     await service.prepare(instance, SPEC)
     engine.started_at = "2026-01-01T00:00:09Z"  # the container started again meanwhile
     await _watched(service, instance)
@@ -191,10 +270,9 @@ async def test_an_image_of_another_architecture_runs_without_ssh_and_says_why(
     engine = EngineStandIn(ImageConfig(architecture="arm64"))
     service, _ = _service(store, blocking, tmp_path, engine)
     assert await service.prepare(instance, SPEC) == SPEC
-    await _watched(service, instance)  # no exec into a container without the init
+    await _watched(service, instance)  # no probe of a container without the init
     state = store.ssh_state("i1")
     assert state is not None and state[0] == "failed" and "arm64" in (state[1] or "")
-    assert engine.execs == []
     await service.close()
 
 

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -53,6 +54,7 @@ from qudata_agent.domain.container_spec import (
     ContainerState,
 )
 from qudata_agent.domain.image_access import LocalImage, RegistryRefused, RegistryUnreachable
+from qudata_agent.domain.log_tail import LogTail, TailBuffer
 from qudata_agent.domain.network import NetworkInfo, network_options
 from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.domain.storage import StorageInfo
@@ -397,11 +399,37 @@ class DockerEngine:
                 continue  # removed between the list and the inspect
         return states
 
-    def logs(self, container_id: str, tail: int) -> str:
-        """The last `tail` lines of stdout and stderr together."""
-        with self._translated(f"logs of container {container_id}"):
-            raw = self._api().api.logs(container_id, stdout=True, stderr=True, tail=tail)
-        return bytes(raw).decode("utf-8", errors="replace")
+    def logs(self, container_id: str, tail: int, max_bytes: int, timeout_s: float) -> LogTail:
+        """The last `tail` lines of stdout and stderr together, of which at most the last
+        `max_bytes` bytes are kept.
+
+        The tenant writes these bytes: they are streamed on a connection of the
+        call's own and only the newest `max_bytes` are held (`TailBuffer`), and
+        the read stops after `timeout_s` (closing that connection).
+        """
+        api = self._own_client(timeout_s)
+        kept = TailBuffer(max_bytes)
+        deadline = time.monotonic() + timeout_s
+        finished = False
+        try:
+            with self._translated(f"logs of container {container_id}"):
+                stream = api.logs(
+                    container_id, stdout=True, stderr=True, tail=tail, stream=True, follow=False
+                )
+                for chunk in stream:
+                    kept.add(chunk)
+                    if time.monotonic() > deadline:
+                        break
+                else:
+                    finished = True
+        except TimeoutError:
+            pass  # quiet past the read timeout: what came is what there is
+        except AgentError as e:
+            if not _timed_out(e):
+                raise
+        finally:
+            api.close()
+        return LogTail(kept.text(), cut=kept.dropped > 0, complete=finished)
 
     # -- networks -----------------------------------------------------------------
 
@@ -439,31 +467,6 @@ class DockerEngine:
     def remove_network(self, network_id: str) -> None:
         with self._translated(f"network {network_id}"):
             self._api().api.remove_network(network_id)
-
-    # -- inside a container -----------------------------------------------------
-
-    def exec_run(
-        self, container_id: str, argv: list[str], timeout_s: float = 30
-    ) -> tuple[int, str]:
-        """Runs `argv` as root in the running container; (exit code, last 4 KiB of output).
-
-        Has its own connection with a read timeout of `timeout_s`, so a long
-        quiet command (a package install) neither trips nor holds the shared one.
-        """
-        api = self._own_client(timeout_s)
-        try:
-            with self._translated(f"exec in container {container_id}"):
-                exec_id = api.exec_create(container_id, argv, user="root", tty=False)["Id"]
-                output = api.exec_start(exec_id, demux=False)
-                code = api.exec_inspect(exec_id).get("ExitCode")
-        except AgentError as e:
-            if _timed_out(e):
-                raise DockerError(f"command in container {container_id} timed out") from e
-            raise
-        finally:
-            api.close()
-        text = bytes(output or b"").decode("utf-8", errors="replace")
-        return (-1 if code is None else int(code)), text[-4096:]
 
     # -- events ---------------------------------------------------------------
 
@@ -747,8 +750,17 @@ def _state_from_attrs(attrs: dict[str, Any]) -> ContainerState:
         started_ts=_epoch(state.get("StartedAt")),
         ports=_host_ports(attrs),
         pid=int(state.get("Pid") or 0) or None,
+        address=_address(attrs),
         env=tuple(str(item) for item in (attrs.get("Config") or {}).get("Env") or ()),
     )
+
+
+def _address(attrs: dict[str, Any]) -> str | None:
+    networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    for network in networks.values():
+        if (network or {}).get("IPAddress"):
+            return str(network["IPAddress"])
+    return None
 
 
 def _when(value: Any) -> str | None:

@@ -183,6 +183,7 @@ class ContainerState:
     started_ts: float | None = None  # StartedAt, Unix seconds (None: never started)
     ports: dict[str, int] = field(default_factory=dict)  # "8080/tcp" -> host port
     pid: int | None = None  # the container's init process on the host, while it runs
+    address: str | None = None  # its IPv4 address on its (first) network, while it runs
     env: tuple[str, ...] = ()  # Config.Env: the image's ENV and the instance's, "NAME=value"
 
     @property

@@ -17,12 +17,16 @@ image's USER. What stays true:
   it runs with an idle command as its arguments, and when it exits (at once,
   or having ignored them) the init idles on, with sshd;
 - a stop (SIGTERM from tini) ends the init and its children at once;
-- the init tells the agent how sshd fared in a file on a tmpfs (`RUN_DIR`),
-  fresh each start: `ready`, or `failed: <reason>`.
+- the init says how sshd fared in a file on a tmpfs (`RUN_DIR`), fresh each
+  start: `ready`, or `failed: <reason>`. The tenant can write that file too:
+  the agent takes readiness from sshd's banner on the published port, and
+  from the file (read from the host, bounded: `adapters.ssh_probe`) only a
+  failure's reason, cleaned to one short printable line (`failure_of`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec, Mount
@@ -42,7 +46,7 @@ CURRENT = f"{BUNDLE_MOUNT}/current"  # the newest bundle (a relative symlink in 
 BUSYBOX = f"{CURRENT}/bin/busybox"
 INIT = f"{CURRENT}/init.sh"
 STATUS_FILE = f"{RUN_DIR}/ssh"
-READY = "ready"
+READY = "ready"  # the init's word once sshd listens (the agent trusts the port, not this)
 # What an idle instance's image entrypoint gets as its arguments (for an
 # entrypoint that ends in `exec "$@"`): the bundle's static busybox, so it
 # runs in any image.
@@ -52,6 +56,7 @@ IDLE_ARGS: tuple[str, ...] = (BUSYBOX, "sleep", "2147483647")
 # keep Docker's default AUDIT_WRITE.
 SSH_CAPABILITIES: tuple[str, ...] = ("AUDIT_WRITE",)
 RUN_TMPFS = "mode=755,size=1m"
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 @dataclass(frozen=True)
@@ -109,25 +114,44 @@ def ssh_spec(
     )
 
 
-# The agent waits (one exec, at most 10 s) for the init's word on sshd.
-WAIT_STATUS_SCRIPT = (
-    f"n=0; while [ ! -s {STATUS_FILE} ] && [ $n -lt 1000 ]; do {BUSYBOX} usleep 10000;"
-    f" n=$((n + 1)); done; {BUSYBOX} cat {STATUS_FILE} 2>/dev/null"
-)
+BANNER_BYTES = 256  # RFC 4253: the version line is at most 255 bytes with its CR LF
+_SSH_VERSIONS = (b"SSH-2.0-", b"SSH-1.99-")
 
 
-def wait_status_argv() -> list[str]:
-    return [BUSYBOX, "sh", "-c", WAIT_STATUS_SCRIPT]
+@dataclass(frozen=True)
+class Banner:
+    """What the published SSH port answered: an SSH server's version line, or why not."""
+
+    ssh: bool
+    detail: str
 
 
-def parse_status(output: str) -> tuple[bool, str | None]:
-    """(ready, reason) from what the init wrote; no word at all is a failure too."""
-    first = output.strip().splitlines()[0] if output.strip() else ""
-    if first == READY:
-        return True, None
-    if first.startswith("failed:"):
-        return False, first.removeprefix("failed:").strip() or "sshd did not start"
-    return False, "the agent's init said nothing about sshd (did the container start it?)"
+def banner_of(line: bytes) -> Banner:
+    """The first line a server sent (at most BANNER_BYTES of it), judged."""
+    line = line[:BANNER_BYTES]
+    if line.startswith(_SSH_VERSIONS):
+        return Banner(True, _UNPRINTABLE.sub(" ", line.decode("ascii", errors="replace")).strip())
+    if not line:
+        return Banner(False, "the connection was closed without a word")
+    return Banner(False, "the port answers with something other than SSH")
+
+
+# What the agent reads of the init's word, and keeps of a reason.
+WORD_BYTES = 512
+REASON_CHARS = 300
+
+
+def failure_of(word: bytes | None) -> str | None:
+    """The init's reason when its word (the status file's bytes, as read) says sshd
+    failed; None otherwise. Whatever the tenant wrote there, the reason is one
+    printable line of at most REASON_CHARS characters."""
+    if not word:
+        return None
+    first = word[:WORD_BYTES].split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    if not first.startswith("failed:"):
+        return None
+    reason = _UNPRINTABLE.sub(" ", first.removeprefix("failed:")).strip()
+    return reason[:REASON_CHARS] or "sshd did not start"
 
 
 # The init, run by the bundle's static busybox (`sh INIT MODE USER SETHOME -- ARGV...`).

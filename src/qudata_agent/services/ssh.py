@@ -10,8 +10,12 @@ stays true:
   container is in: no exec, no restart of sshd, open sessions stay;
 - nothing is installed into the image and the container needs no network:
   sshd starts with the container, before its workload;
-- SSH is `ready` once the init says sshd listens in this run of the container
-  (one exec per run, which waits for that word);
+- nothing is ever run in the container on the agent's initiative (no exec):
+  SSH is `ready` once sshd's banner answers on the published port in this
+  run of the container; it is `failed` with the init's reason when the init
+  says so (its status file, read from the host, bounded), or when no banner
+  comes within `wait_timeout_s`. Every read of what the tenant controls is
+  bounded in bytes and time and runs outside the shared pools;
 - an image the bundle cannot serve (another architecture) runs without SSH,
   reported `failed` with the reason; a failure never stops the instance;
 - an instance's directory goes with the instance (`prune`).
@@ -25,15 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from qudata_agent.blocking import Blocking
+from qudata_agent.blocking import Blocking, StillRunning
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.ssh_init import (
+    STATUS_FILE,
+    WORD_BYTES,
+    Banner,
     ImageConfig,
-    parse_status,
+    failure_of,
     ssh_spec,
     unsupported,
-    wait_status_argv,
 )
 from qudata_agent.domain.ssh_keys import PublicKey, parse_key, render_authorized_keys
 from qudata_agent.domain.ssh_setup import (
@@ -47,8 +53,10 @@ from qudata_agent.errors import AgentError, Conflict, NotFound
 log = logging.getLogger(__name__)
 
 DISABLED, INSTALLING, READY, FAILED = "disabled", "installing", "ready", "failed"
-WAIT_TIMEOUT_S = 30.0
-ASK_ATTEMPTS, ASK_RETRY_S = 3, 0.5
+WAIT_TIMEOUT_S = 30.0  # how long a new run's sshd has to answer on its port
+POLL_S = 0.25
+WORD_TIMEOUT_S = 2.0
+LOOPBACK = "127.0.0.1"  # published ports are published on every address of the host
 # sshd reads authorized_keys at every login: keep it small.
 MAX_KEYS_BYTES = 64 * 1024
 NO_AGENT_SSH = (
@@ -62,9 +70,13 @@ class SshEngine(Protocol):
 
     def inspect(self, container_id: str) -> ContainerState: ...
 
-    def exec_run(
-        self, container_id: str, argv: list[str], timeout_s: float = 30
-    ) -> tuple[int, str]: ...
+
+class SshProbe(Protocol):
+    """Host-side reads of what the tenant controls (adapters.ssh_probe)."""
+
+    async def banner(self, host: str, port: int) -> Banner: ...
+
+    def read_file(self, pid: int, path: str, max_bytes: int) -> bytes | None: ...
 
 
 class SshFiles(Protocol):
@@ -122,8 +134,13 @@ class SshService:
         blocking: Blocking,
         files: SshFiles,
         bundle: BundleInfo | str,  # the bundle, or why the host could not make one
+        probe: SshProbe,
+        wait_timeout_s: float = WAIT_TIMEOUT_S,
     ) -> None:
         self._engine = engine
+        self._probe = probe
+        self._wait_timeout_s = wait_timeout_s
+        self._word_timeout_s = WORD_TIMEOUT_S
         self._store = store
         self._blocking = blocking
         self._files = files
@@ -247,7 +264,7 @@ class SshService:
         )
 
     def on_new_run(self, instance: Instance) -> None:
-        """Called on every new run of the container: waits for the init's word on sshd."""
+        """Called on every new run of the container: watches for sshd's banner."""
         if not instance.ssh_enabled or not instance.container_id:
             return
         running = self._tasks.get(instance.id)
@@ -277,38 +294,59 @@ class SshService:
             if state is None or state[0] != FAILED:  # keep the reason given at the build
                 await self._fail(instance_id, NO_AGENT_SSH)
             return
-        for attempt in range(ASK_ATTEMPTS):
-            if attempt:  # an exec cut short by a stop: is this run still on?
-                await asyncio.sleep(ASK_RETRY_S)
-                if await self._moved_on(instance.container_id, instance.started_at):
-                    return  # stopped or started again: the next run's pass decides
-            try:
-                # Waits up to WAIT_TIMEOUT_S for the init's word: the slow pool, so
-                # eight instances coming up never hold every thread the API reads with.
-                code, out = await self._blocking.slow(
-                    self._engine.exec_run, instance.container_id, wait_status_argv(), WAIT_TIMEOUT_S
-                )
-            except AgentError as e:
-                code, out = -1, e.message
-            if code == 0:
-                break
-        ready, reason = parse_status(out) if code == 0 else (False, None)
+        verdict = await self._verdict(instance)
+        if verdict is None:
+            return  # stopped or started again: the next run's pass decides
+        ready, reason = verdict
         if ready:
             await self._set(instance_id, READY, run=instance.started_at)
             log.info("ssh ready", extra={"instance_id": instance_id})
-            return
-        if await self._moved_on(instance.container_id, instance.started_at):
-            return  # stopped or started again meanwhile: the next run's pass decides
-        if reason is None:
-            reason = f"cannot ask the container about sshd (exit {code}): {out.strip()[-200:]}"
-        await self._fail(instance_id, reason)
+        else:
+            await self._fail(instance_id, reason)
 
-    async def _moved_on(self, container_id: str, started_at: str | None) -> bool:
+    async def _verdict(self, instance: Instance) -> tuple[bool, str] | None:
+        """(ready, why not), or None when this run is over: learnt from the host side only
+        (the container's state, the init's word read bounded, sshd's banner)."""
+        assert instance.container_id is not None
+        deadline = asyncio.get_running_loop().time() + self._wait_timeout_s
+        while True:
+            try:
+                state = await self._blocking.quick(self._engine.inspect, instance.container_id)
+            except AgentError:
+                return None  # gone, or Docker away: nothing to say about this run
+            if not state.running or state.started_at != instance.started_at:
+                return None
+            reason = failure_of(await self._init_word(instance.id, state.pid))
+            if reason is not None:
+                return False, reason
+            tried = []
+            for host, port in _sshd_addresses(instance, state):
+                banner = await self._probe.banner(host, port)
+                if banner.ssh:
+                    return True, ""
+                tried.append(banner.detail)
+            last = tried[0] if tried else "no address of the container to reach"
+            if asyncio.get_running_loop().time() >= deadline:
+                return False, f"sshd does not answer on port 22 ({_port_words(instance)}): {last}"
+            await asyncio.sleep(POLL_S)
+
+    async def _init_word(self, instance_id: str, pid: int | None) -> bytes | None:
+        """The init's status file, read from the host: bounded in bytes and time, in a
+        thread of its own (the tenant controls that file)."""
+        if pid is None:
+            return None
         try:
-            state = await self._blocking.quick(self._engine.inspect, container_id)
-        except AgentError:
-            return True  # gone, or Docker away: nothing to say about this run
-        return not state.running or state.started_at != started_at
+            return await self._blocking.alone(
+                f"ssh word {instance_id}",
+                self._word_timeout_s,
+                self._probe.read_file,
+                pid,
+                STATUS_FILE,
+                WORD_BYTES,
+            )
+        except (TimeoutError, StillRunning, OSError) as e:
+            log.debug("the init's word was not read", extra={"error": repr(e)})
+            return None
 
     # -- the instance's directory -----------------------------------------------
 
@@ -351,6 +389,19 @@ class SshService:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+
+
+def _sshd_addresses(instance: Instance, state: ContainerState) -> list[tuple[str, int]]:
+    """Where the host reaches this run's sshd: the published port, as a renter does, then
+    the container's own address (an internal network publishes nothing)."""
+    port = instance.ports.get("22")
+    found = [] if port is None else [(LOOPBACK, port)]
+    return found if state.address is None else [*found, (state.address, 22)]
+
+
+def _port_words(instance: Instance) -> str:
+    port = instance.ports.get("22")
+    return "nothing published" if port is None else f"host port {port}"
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:

@@ -2,9 +2,11 @@
 
 Owns `InstanceView` and how it is put together: the pull's progress while
 pulling, the container's logs when asked (and its last lines when it
-finished or crashed on its own), the SSH state, the health of its GPUs, and
-what its `storage_gb` got, and how its image was vouched for (private,
-checked with the registry, or run from the cache). Reads only; changes nothing.
+finished or crashed on its own: the tenant writes those, so an answer
+carries a bounded end of them, read outside the quick pool), the SSH
+state, the health of its GPUs, what its `storage_gb` got, and how its
+image was vouched for (private, checked with the registry, or run from the
+cache). Reads only; changes nothing.
 """
 
 from __future__ import annotations
@@ -15,14 +17,22 @@ from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.instance import Instance, Status, Wanted
+from qudata_agent.domain.log_tail import (
+    LAST_LOG_BYTES,
+    LOG_ANSWER_BYTES,
+    LOG_READ_TIMEOUT_S,
+    LogTail,
+)
 from qudata_agent.errors import NotFound
 from qudata_agent.services.images import ImageService
 
 LAST_LOG_LINES = 20
+LOG_CUT = "[qudata: older output left out; an answer carries at most the last {} bytes]"
+LOG_TIMED_OUT = "[qudata: the log was read for {} s only; newer output left out]"
 
 
 class LogEngine(Protocol):
-    def logs(self, container_id: str, tail: int) -> str: ...
+    def logs(self, container_id: str, tail: int, max_bytes: int, timeout_s: float) -> LogTail: ...
 
 
 class StorageView(Protocol):
@@ -80,13 +90,9 @@ class InstanceViews:
         if instance.container_id and (logs or exited_on_its_own(instance)):
             try:
                 if logs:
-                    text = await self._blocking.quick(
-                        self._engine.logs, instance.container_id, tail
-                    )
+                    text = await self._logs(instance.container_id, tail, LOG_ANSWER_BYTES)
                 if exited_on_its_own(instance):
-                    last = await self._blocking.quick(
-                        self._engine.logs, instance.container_id, LAST_LOG_LINES
-                    )
+                    last = await self._logs(instance.container_id, LAST_LOG_LINES, LAST_LOG_BYTES)
             except NotFound:
                 pass  # removed a moment ago; the event will say so
         return InstanceView(
@@ -100,3 +106,15 @@ class InstanceViews:
             image_check=await self._images.view(instance.id),
             network=self._network(instance.id) if self._network is not None else None,
         )
+
+    async def _logs(self, container_id: str, tail: int, max_bytes: int) -> str:
+        """The log's end, bounded in bytes and time (the tenant writes it), with a first
+        line saying so when older output was left out."""
+        got = await self._blocking.slow(
+            self._engine.logs, container_id, tail, max_bytes, LOG_READ_TIMEOUT_S
+        )
+        if not got.complete:
+            return f"{LOG_TIMED_OUT.format(LOG_READ_TIMEOUT_S)}\n{got.text}"
+        if got.cut:
+            return f"{LOG_CUT.format(max_bytes)}\n{got.text}"
+        return got.text

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from qudata_agent.adapters.volume_fs import fs_facts
 from qudata_agent.domain.volumes import (
     GIB,
     FsFacts,
@@ -124,3 +127,41 @@ def test_admission_counts_what_volumes_promised_and_have_not_written() -> None:
         admit_size(2 * GIB, 4 * GIB, promised)
     admit_size(10 * GIB, None, promised)  # an unmeasured disk never refuses
     assert promised_bytes([_volume(State.ERROR)], {}) == 0
+
+
+MOUNTINFO = """\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 259:1 / /var/lib/qa rw,noatime shared:20 - xfs /dev/nvme1n1 rw,attr2,inode64,prjquota
+41 40 7:0 / /var/lib/qa/volumes/v1/mnt rw,nodev,nosuid shared:21 - ext4 /dev/loop0 rw
+42 22 0:50 / /srv/with\\040space rw shared:22 - btrfs /dev/sdb rw,space_cache=v2
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "fs_type", "point", "mechanism"),
+    [
+        ("/var/lib/qa/volumes", "xfs", "/var/lib/qa", Mechanism.XFS_PROJECT),
+        (
+            "/var/lib/qa/volumes/v1/mnt/data",
+            "ext4",
+            "/var/lib/qa/volumes/v1/mnt",
+            Mechanism.LOOP,
+        ),
+        ("/var/lib/q", "ext4", "/", Mechanism.LOOP),
+        ("/srv/with space/volumes", "btrfs", "/srv/with space", Mechanism.LOOP),
+    ],
+)
+def test_the_facts_of_the_filesystem_that_holds_a_path(
+    tmp_path: Path, path: str, fs_type: str, point: str, mechanism: Mechanism
+) -> None:
+    sample = tmp_path / "mountinfo"
+    sample.write_text(MOUNTINFO)
+    found = fs_facts(Path(path), str(sample))
+    assert found is not None
+    facts, mount_point = found
+    assert (facts.fs_type, mount_point) == (fs_type, point)
+    assert choose_mechanism(facts)[0] is mechanism
+
+
+def test_no_mountinfo_means_unknown_facts(tmp_path: Path) -> None:
+    assert fs_facts(tmp_path, str(tmp_path / "missing")) is None

@@ -41,9 +41,11 @@ from qudata_agent.adapters.host import disk_free_bytes, mount_options, run_tool
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.store import Store
+from qudata_agent.adapters.volume_fs import LoopVolumes, XfsProjectVolumes, fs_facts
 from qudata_agent.config import Settings
 from qudata_agent.domain.inventory import GpuCondition, GpuReport
 from qudata_agent.domain.storage import quota_support
+from qudata_agent.domain.volumes import FsFacts, Mechanism, choose_mechanism
 from qudata_agent.errors import AgentError
 
 DB_FILE = "agent.db"
@@ -390,6 +392,36 @@ def disk_check(root: str | None, free: int | None) -> Check:
     return Check("docker disk", Level.PASS, detail)
 
 
+@dataclass(frozen=True)
+class VolumeSummary:
+    """The volume root's filesystem and the volumes the agent's database holds."""
+
+    facts: FsFacts | None
+    count: int = 0
+    size_bytes: int = 0
+    disk_bytes: int = 0  # what their backings take on the disk now
+    missing_tool: str | None = None  # the package the chosen mechanism needs and lacks
+
+
+VOLUME_TOOLS: dict[Mechanism, tuple[str, tuple[str, ...]]] = {
+    Mechanism.LOOP: ("e2fsprogs", ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")),
+    Mechanism.XFS_PROJECT: ("xfsprogs", ("/usr/sbin/xfs_quota", "/sbin/xfs_quota")),
+}
+
+
+def volumes_check(summary: VolumeSummary) -> Check:
+    """The mechanism volumes get on this host, why, and the space they hold."""
+    mechanism, why = choose_mechanism(summary.facts)
+    held = (
+        f"; {summary.count} volume(s): {summary.size_bytes / GIB:.1f} GiB given,"
+        f" {summary.disk_bytes / GIB:.1f} GiB on the disk"
+    )
+    detail = f"{mechanism.value} ({why}){held}"
+    if summary.missing_tool is not None:
+        return Check("volumes", Level.FAIL, detail, f"apt-get install {summary.missing_tool}")
+    return Check("volumes", Level.PASS, detail)
+
+
 def live_restore_check(info: Mapping[str, Any] | None) -> Check:
     if info is None:
         return Check("live restore", Level.WARN, "not checked: Docker does not answer")
@@ -546,6 +578,8 @@ class Probes(Protocol):
 
     def disk_free(self, path: str) -> int | None: ...
 
+    def volumes(self, state_dir: Path) -> VolumeSummary: ...
+
 
 def _permission_check(name: str, error: OSError) -> Check:
     return Check(
@@ -640,6 +674,7 @@ def run_checks(settings: Settings, probes: Probes, config_file: Path | None = No
         pulls_check(info, _text_or_none(probes, DAEMON_JSON)),
         storage_check(info, _data_root_options(info, probes)),
         disk_check(str(root) if root else None, probes.disk_free(str(root)) if root else None),
+        volumes_check(probes.volumes(settings.state_dir)),
         gpu_check(report, pci),
         *([health] if health is not None else []),
         runtime_check(info, gpus_present),
@@ -785,3 +820,32 @@ class HostProbes:
 
     def disk_free(self, path: str) -> int | None:
         return disk_free_bytes(path)
+
+    def volumes(self, state_dir: Path) -> VolumeSummary:
+        root = state_dir / "volumes"
+        found = fs_facts(root)
+        facts = None if found is None else found[0]
+        package, paths = VOLUME_TOOLS[choose_mechanism(facts)[0]]
+        missing = None if any(Path(p).exists() for p in paths) else package
+        summary = VolumeSummary(facts, missing_tool=missing)
+        db = state_dir / DB_FILE
+        try:
+            if not db.is_file():
+                return summary
+            store = Store.open_readonly(db)  # never migrated or written by doctor
+        except (OSError, AgentError):
+            return summary
+        try:
+            volumes = store.list_volumes()
+        finally:
+            store.close()
+        loop, xfs = LoopVolumes(root), XfsProjectVolumes(root, found[1] if found else "/")
+        return VolumeSummary(
+            facts,
+            missing_tool=missing,
+            count=len(volumes),
+            size_bytes=sum(v.size_bytes for v in volumes),
+            disk_bytes=sum(
+                (loop if v.mechanism is Mechanism.LOOP else xfs).disk_bytes(v) for v in volumes
+            ),
+        )

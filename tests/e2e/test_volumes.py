@@ -11,9 +11,11 @@ directory. Sizes are small (a write of tens of MB past a 0.05 GiB volume).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,6 +113,19 @@ def test_a_copy_carries_the_data_while_the_source_is_in_use(agent_factory: Agent
         metrics = rig.api.client.get("/metrics").text
         assert f'qudata_volume_size_bytes{{volume="{copy["volume_id"]}"}}' in metrics
         assert f'qudata_volume_used_bytes{{volume="{source["volume_id"]}"}}' in metrics
+        # doctor, on the same state directory: the mechanism and what the volumes hold.
+        doctor = subprocess.run(
+            [sys.executable, "-m", "qudata_agent", "doctor", "--json"],
+            env={**rig.agent.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+        assert checks["volumes"]["level"] == "pass", checks["volumes"]
+        assert checks["volumes"]["detail"].startswith("loop-ext4 (ext4")
+        assert "2 volume(s): 0.1 GiB given" in checks["volumes"]["detail"]
 
 
 BAD_PATHS = ("relative/dir", "/", "/proc/x", "/sys", "/dev/shm/v", "/.qudata/ssh", "/a/../proc", "")

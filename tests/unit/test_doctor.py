@@ -16,6 +16,7 @@ from qudata_agent import doctor
 from qudata_agent.config import Settings, load_settings
 from qudata_agent.doctor import Check, Level, ProbeError
 from qudata_agent.domain.inventory import GpuCondition, GpuInfo, GpuReport
+from qudata_agent.domain.volumes import FsFacts
 
 INFO_OVERLAY: dict[str, Any] = {
     "ServerVersion": "27.3.1",
@@ -273,6 +274,9 @@ class FakeProbes:
     cdi: tuple[str, ...] = ()
     free: int | None = 500 * doctor.GIB
     disk_paths: list[str] = field(default_factory=list)
+    volume_summary: doctor.VolumeSummary = field(
+        default_factory=lambda: doctor.VolumeSummary(FsFacts("ext4", frozenset({"rw"})))
+    )
 
     def docker_info(self) -> dict[str, Any]:
         if self.info is None:
@@ -325,6 +329,9 @@ class FakeProbes:
         self.disk_paths.append(path)
         return self.free
 
+    def volumes(self, state_dir: Path) -> doctor.VolumeSummary:
+        return self.volume_summary
+
 
 def _settings(**env: str) -> Settings:
     base = {"QUDATA_STATE_DIR": "/st", "QUDATA_PORT_RANGE": "23000-23004"}
@@ -347,6 +354,7 @@ def test_a_ready_cpu_host() -> None:
         "pulls",
         "storage quota",
         "docker disk",
+        "volumes",
         "nvidia gpus",
         "nvidia runtime",
         "nvidia toolkit",
@@ -544,3 +552,17 @@ def test_the_control_plane_call_is_authenticated_and_measures_the_clock() -> Non
     assert refused.level is Level.FAIL and "refuses the API key" in refused.detail
     no_date = doctor.control_plane_check("u", True, doctor.CpAnswer(404, None, at))
     assert no_date.level is Level.PASS and "not compared" in no_date.detail
+
+
+def test_the_volumes_check_names_the_mechanism_and_the_space_held() -> None:
+    held = doctor.VolumeSummary(
+        FsFacts("xfs", frozenset({"rw", "prjquota"})), 2, 3 * doctor.GIB, doctor.GIB // 2
+    )
+    check = _by_name(doctor.run_checks(_settings(), FakeProbes(volume_summary=held)))["volumes"]
+    assert check.level is Level.PASS
+    assert check.detail.startswith("xfs-project-quota (xfs with project quotas")
+    assert "2 volume(s): 3.0 GiB given, 0.5 GiB on the disk" in check.detail
+    lacking = doctor.VolumeSummary(FsFacts("ext4"), missing_tool="e2fsprogs")
+    loop = _by_name(doctor.run_checks(_settings(), FakeProbes(volume_summary=lacking)))["volumes"]
+    assert loop.level is Level.FAIL and loop.fix == "apt-get install e2fsprogs"
+    assert loop.detail.startswith("loop-ext4 (ext4 has no per-directory size limit")

@@ -60,7 +60,8 @@ from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
 from qudata_agent.domain.backoff import Backoff
-from qudata_agent.domain.firewall import parse_nameservers
+from qudata_agent.domain.firewall import FirewallPlan, parse_nameservers
+from qudata_agent.domain.firewall import plan as firewall_plan
 from qudata_agent.domain.gpu_health import HealthRecord
 from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.inventory import init_host_payload
@@ -271,9 +272,7 @@ class Agent:
             name=s.network,
             bridge=s.bridge,
             agent_id=parts.agent_id,
-            allow=s.egress_allow,
-            dns_servers=parse_nameservers(resolv_conf_texts()),
-            always_blocked=_tunnel_network(s),
+            wall_plan=wall_plan(s),
         )
 
     def _meter(self, parts: _Parts, records: Records) -> NetMeter:
@@ -399,6 +398,7 @@ class Agent:
                 disable_ipv6=ipv6_available(),
             ),
             stop_timeout_s=s.stop_timeout_s,
+            wall=net,
         )
         reconciler = Reconciler(
             records=records,
@@ -739,6 +739,32 @@ def _tunnel_network(s: Settings) -> tuple[str, ...]:
     if not (s.tunnel and s.tunnel_address):
         return ()
     return (str(ipaddress.IPv4Interface(s.tunnel_address).network),)
+
+
+def wall_plan(settings: Settings) -> FirewallPlan:
+    """The tenant firewall of these settings: the agent's and the boot unit's, the same."""
+    resolvers = parse_nameservers(resolv_conf_texts())
+    return firewall_plan(
+        settings.bridge, settings.egress_allow, resolvers, always_blocked=_tunnel_network(settings)
+    )
+
+
+def apply_wall(settings: Settings) -> int:
+    """`qudata-agent firewall apply`: the wall in place without the agent (at boot,
+    before Docker starts tenants); 0 when it stands (or the firewall is off), 1 if not."""
+    if not settings.firewall:
+        print("qudata-agent: the tenant firewall is off (QUDATA_FIREWALL=off): nothing to apply")
+        return 0
+    try:
+        changed = Firewall().apply(wall_plan(settings))
+    except AgentError as e:
+        print(
+            f"qudata-agent: the tenant firewall could not be applied: {e.message}", file=sys.stderr
+        )
+        return 1
+    print(f"qudata-agent: tenant firewall on {settings.bridge} "
+          + ("installed" if changed else "already in place"))  # fmt: skip
+    return 0
 
 
 def run(settings: Settings) -> int:

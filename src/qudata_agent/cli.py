@@ -1,10 +1,12 @@
-"""The `qudata-agent` command line: `run` (the daemon), `doctor`, `status` and `version`.
+"""The `qudata-agent` command line: `run` (the daemon), `doctor`, `status`, `firewall
+apply` (the wall without the agent, at boot) and `version`.
 
 What stays true: a configuration error exits 2 with one line naming the
 variable, before anything is created on disk; `run` exits 0 after a clean
 SIGTERM/SIGINT stop and 1 when it cannot start; `doctor` exits 0 exactly when
 the host is ready (1 otherwise); `status` exits 0 when the agent answers and 3
-when it does not. `doctor` and `status` only look: they create nothing.
+when it does not. `doctor` and `status` only look: they create nothing;
+`firewall apply` exits 0 when the wall stands and 1 when it cannot be applied.
 """
 
 from __future__ import annotations
@@ -119,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     for command in (doctor, status):
         _config_option(command, f"$QUDATA_CONFIG_FILE, else {DEFAULT_CONFIG_FILE} if present")
         command.add_argument("--json", action="store_true", help="print JSON, not text")
+    firewall = sub.add_parser(
+        "firewall",
+        help="install the tenant firewall without the agent (the boot unit runs it)",
+        description="apply: installs or repairs the tenant firewall of the settings, as the"
+        " agent would; run at boot before Docker starts containers. Exit 0 when it stands.",
+    )
+    firewall.add_argument("action", choices=["apply"])
+    _config_option(firewall, f"$QUDATA_CONFIG_FILE, else {DEFAULT_CONFIG_FILE} if present")
     sub.add_parser("version", help="print the agent's version")
     return parser
 
@@ -158,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from qudata_agent import app, logs
     from qudata_agent.config import ConfigError, load_settings
 
-    looking = args.command in ("doctor", "status")
+    looking = args.command in ("doctor", "status", "firewall")
     try:
         settings = load_settings(config_file=args.config, api_key=getattr(args, "api_key", None))
         config_file = args.config or settings.config_file
@@ -169,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qudata-agent: configuration error: {e}", file=sys.stderr)
         return 2
     logs.redact(settings.api_key)
+    if args.command == "firewall":
+        return app.apply_wall(settings)
     if looking:
         return _look(args.command, settings, config_file, args.json)
     os.umask(0o077)  # everything the agent writes (database, secrets, log file) is private

@@ -5,6 +5,11 @@ Applies a `domain.firewall.FirewallPlan` idempotently. What stays true:
   INPUT get exactly one jump rule each, added once and removed by `remove()`;
 - a chain already holding the planned rules is left alone (no window without
   rules on every check), one that drifted is rebuilt;
+- a chain a jump starts from that does not exist yet is made: at boot the wall
+  goes in before Docker, which then keeps the DOCKER-USER chain it finds (it
+  appends its RETURN and jumps to it from FORWARD);
+- nothing here removes the wall but `remove()`, which only tests call: the
+  agent's stop leaves it standing (uninstall.sh takes it away);
 - a failing iptables call raises `FirewallError` with its stderr.
 """
 
@@ -17,6 +22,7 @@ from qudata_agent.domain.firewall import FirewallPlan, expected_listing
 from qudata_agent.errors import AgentError
 
 log = logging.getLogger(__name__)
+_BUILT_IN = frozenset({"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"})
 
 
 class FirewallError(AgentError):
@@ -56,6 +62,9 @@ class Firewall:
                 self._run("-A", chain, *rule)
             changed = True
         for jump in plan.jumps:
+            if jump.chain not in _BUILT_IN and self._listing(jump.chain) is None:
+                self._run("-N", jump.chain)  # DOCKER-USER, before Docker made it
+                changed = True
             if self._run("-C", jump.chain, *jump.args, check=False).returncode != 0:
                 self._run("-I", jump.chain, "1", *jump.args)
                 changed = True

@@ -1,14 +1,19 @@
-"""The reconcile loop: restore at start, then the network checked and a full sync, on a grid.
+"""The reconcile loop: the wall, then restore at start, then the network checked and a full
+sync, on a grid.
 
-What stays true: instances are restored (builds resumed, containers adopted)
-before the first periodic pass; a broken firewall or network is logged and
-never stops the sync (the reconciler counts its own passes).
+What stays true: the tenant firewall is applied before the restore (which may
+start containers) and before the first periodic pass; instances are restored
+(builds resumed, containers adopted) before the first periodic pass; a broken
+firewall or network is logged and never stops the sync (the reconciler counts
+its own passes), while creates stay refused until the wall is verified.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
+from qudata_agent.errors import AgentError
 from qudata_agent.loops.periodic import run_every
 from qudata_agent.retry import until_done
 
@@ -37,5 +42,7 @@ async def reconcile_loop(
         finally:
             await reconciler.sync()
 
+    with contextlib.suppress(AgentError):  # the wall first (the guard logs a failure)
+        await network.check()
     await until_done(reconciler.restore, "restore instances from Docker")
     await run_every(interval_s, tick, "sync", first_delay_s=0)

@@ -13,7 +13,8 @@ What stays true:
   `max_instances` 1 a second create while any instance exists is refused,
   as the single-instance contract says;
 - an order that does not fit is refused (409, naming what is short) before
-  anything is recorded or created;
+  anything is recorded or created, and so is every order while the tenant
+  firewall cannot be verified (503);
 - the intent (`wanted`) is written before the Docker call and the outcome
   after it, under the instance's lock: two actions on one instance never
   interleave; while it is being built actions get 409 and only delete cuts in;
@@ -82,6 +83,12 @@ class Storage(Protocol):
     def admit(self, instance_id: str, storage_gb: float) -> int | None: ...
 
 
+class Wall(Protocol):
+    """The network guard (`services.network.NetworkGuard`): raises 503 while the wall is not up."""
+
+    async def verify(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class HostView:
     """`GET /v1/host`: what the host has and what is free."""
@@ -121,7 +128,9 @@ class InstanceService:
         volumes: Volumes | None = None,  # None: an order with volumes is refused
         host: HostDefaults = NO_DEFAULTS,
         stop_timeout_s: int = 10,
+        wall: Wall | None = None,  # None: no firewall to verify (tests, QUDATA_FIREWALL=off)
     ) -> None:
+        self._wall = wall
         self._records = records
         self._builds = builds
         self._views = views
@@ -168,6 +177,8 @@ class InstanceService:
         mounts = parse_mounts(order.volumes)
         if mounts and self._volumes is None:
             raise InvalidRequest("field 'volumes': this agent has no volumes")
+        if self._wall is not None:
+            await self._wall.verify()  # fail closed: nothing is recorded without the wall
         # Read before the lock: a slow GPU driver never holds up another create.
         capacity, _disk = await self._capacity.read(need_gpus=resources.gpu_count > 0)
         async with self._create_lock:

@@ -7,19 +7,27 @@ unless the provider turned the firewall off, the rules that keep
 instances away from the host and from private ranges are in place; the rules
 are checked again on every sync and repaired if something (a firewall reload,
 a Docker restart) changed them.
+
+The wall fails closed: every create verifies it (`verify`: a check begun after
+the create asked, shared by the creates that wait together), and while it
+cannot be verified creates are refused (503) with the reason; one good check
+never lets a later create through unchecked. The agent never removes the wall:
+it stands while the agent is stopped, and at boot it goes in before Docker
+(`qudata-agent firewall apply`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import LABEL_AGENT
-from qudata_agent.domain.firewall import FirewallPlan, plan
+from qudata_agent.domain.firewall import FirewallPlan
 from qudata_agent.domain.network import NetworkInfo, problems
-from qudata_agent.errors import Unavailable
+from qudata_agent.errors import AgentError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +54,7 @@ class NetworkGuard:
         name: str,
         bridge: str,
         agent_id: str,
-        allow: tuple[str, ...] = (),
-        dns_servers: tuple[str, ...] = (),
-        always_blocked: tuple[str, ...] = (),
+        wall_plan: FirewallPlan | None = None,
     ) -> None:
         self._engine = engine
         self._wall = wall
@@ -56,9 +62,12 @@ class NetworkGuard:
         self._name = name
         self._bridge = bridge
         self._agent_id = agent_id
-        self._plan = plan(bridge, allow, dns_servers, always_blocked)
+        self._plan = wall_plan or FirewallPlan(chains={}, jumps=())
         self._lock = asyncio.Lock()
         self._ready = False
+        self._wall_lock = asyncio.Lock()
+        self._verified_from = -1.0  # when the last good check began (monotonic)
+        self._wall_error: str | None = None  # why the last check failed
         if wall is None:
             log.warning(
                 "tenant firewall is off (QUDATA_FIREWALL=off): instances can reach "
@@ -70,15 +79,13 @@ class NetworkGuard:
         return self._name
 
     async def prepare(self) -> None:
-        """Network and wall in place (quick once done); raises if they cannot be made."""
-        if self._ready:
-            return
-        async with self._lock:
-            if self._ready:
-                return
-            await self._blocking.quick(self._ensure_network)
-            await self.check()
-            self._ready = True
+        """Network in place (made once) and the wall verified now; raises if either is not."""
+        if not self._ready:
+            async with self._lock:
+                if not self._ready:
+                    await self._blocking.quick(self._ensure_network)
+                    self._ready = True
+        await self.verify()
 
     def _ensure_network(self) -> None:
         found = self._engine.find_network(self._name)
@@ -102,5 +109,37 @@ class NetworkGuard:
         self._engine.create_network(self._name, self._bridge, {LABEL_AGENT: self._agent_id})
 
     async def check(self) -> None:
-        if self._wall is not None:
+        """Installs or repairs the wall; raises `Unavailable` with the reason if it cannot."""
+        if self._wall is None:
+            return
+        async with self._wall_lock:
+            await self._check_locked()
+
+    async def verify(self) -> None:
+        """The wall stands now (503 if it cannot be verified); waiting creates share a check."""
+        if self._wall is None:
+            return
+        asked = time.monotonic()
+        async with self._wall_lock:
+            if self._verified_from >= asked:
+                return  # a check that began after we asked succeeded
+            await self._check_locked()
+
+    async def _check_locked(self) -> None:
+        assert self._wall is not None
+        began = time.monotonic()
+        try:
             await self._blocking.quick(self._wall.apply, self._plan)
+        except AgentError as e:
+            if self._wall_error is None:
+                log.error("the tenant firewall cannot be verified", extra={"error": e.message})
+            self._wall_error = e.message
+            self._verified_from = -1.0
+            raise Unavailable(
+                f"the tenant firewall cannot be verified ({e.message}): no instance is"
+                " created until it can be; see `qudata-agent doctor` and the agent's log"
+            ) from e
+        if self._wall_error is not None:
+            log.info("the tenant firewall is verified again")
+        self._wall_error = None
+        self._verified_from = began

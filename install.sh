@@ -20,7 +20,8 @@
 #   - the agent in its own venv under /opt/qudata-agent (never the system
 #     Python): a new venv per new version, switched to only once it works;
 #   - /etc/qudata-agent/agent.env (0600; settings, no key), the API key alone in
-#     the state dir /var/lib/qudata-agent (0700), the systemd unit (no key in it);
+#     the state dir /var/lib/qudata-agent (0700), the systemd unit (no key in it)
+#     and the unit that puts the tenant firewall in before Docker at boot;
 #   - enables the service and (re)starts it when something changed, runs `doctor`.
 # Running it again upgrades in place: the agent's identity, secrets, state and
 # configuration are kept (a key given again replaces the old one), the database
@@ -42,6 +43,9 @@ DB_FILE=$STATE_DIR/agent.db
 BACKUP_DIR=$STATE_DIR/backup
 UNIT=qudata-agent.service
 UNIT_FILE=/etc/systemd/system/$UNIT
+# The tenant firewall at boot, before Docker starts containers (the agent may not be up).
+FW_UNIT=qudata-agent-firewall.service
+FW_UNIT_FILE=/etc/systemd/system/$FW_UNIT
 LINK=/usr/local/bin/qudata-agent
 DAEMON_JSON=/etc/docker/daemon.json
 SYSCTL_FILE=/etc/sysctl.d/60-qudata-agent.conf
@@ -71,6 +75,7 @@ TOUCHED=0       # anything on the host changed (a file written, a command run)
 VENV_SWITCHED=0 # a new version was switched in
 SYSTEMD=0
 APT_UPDATED=0
+WROTE_UNIT=0    # step_unit: a unit file was written
 NEED_REBOOT=0
 OS_ID=
 OS_VERSION=
@@ -744,6 +749,7 @@ step_source() {
   fi
   is_agent_tree "$SRC_DIR" || die "$SRC_DIR holds no qudata-agent package"
   [ -f "$SRC_DIR/packaging/qudata-agent.service" ] || die "$SRC_DIR has no packaging/qudata-agent.service"
+  [ -f "$SRC_DIR/packaging/$FW_UNIT" ] || die "$SRC_DIR has no packaging/$FW_UNIT"
   VERSION=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$SRC_DIR/src/qudata_agent/__init__.py")
   SRC_HASH=$(source_hash)
   note "qudata-agent ${VERSION:-?} from $SRC_DIR"
@@ -928,31 +934,53 @@ step_key() {
   fi
 }
 
+# render_unit NAME: packaging/NAME with this install's paths filled in.
 render_unit() {
   sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@ENV_FILE@|$ENV_FILE|g" -e "s|@STATE_DIR@|$STATE_DIR|g" \
-    "$SRC_DIR/packaging/qudata-agent.service"
+    "$SRC_DIR/packaging/$1"
 }
 
-step_unit() {
-  step "systemd unit: $UNIT_FILE"
+# write_unit NAME FILE: FILE made from packaging/NAME (WROTE_UNIT=1 when it changed).
+write_unit() {
   local rendered
-  if [ -z "$SRC_DIR" ]; then
-    would "write $UNIT_FILE from the source's packaging/qudata-agent.service"
-    return 0
-  fi
-  rendered=$(render_unit)
+  rendered=$(render_unit "$1")
   if [ -n "$API_KEY" ] && [[ $rendered == *"$API_KEY"* ]]; then
     die "the unit would hold the API key: refusing to write it"
   fi
-  if [ -f "$UNIT_FILE" ] && [ "$(cat "$UNIT_FILE")" = "$rendered" ]; then
-    note "unchanged"
+  if [ -f "$2" ] && [ "$(cat "$2")" = "$rendered" ]; then
+    note "$2 unchanged"
     return 0
   fi
-  would "write $UNIT_FILE (mode 0644, no API key in it)" && return 0
-  mkdir -p "$(dirname "$UNIT_FILE")"
-  printf '%s\n' "$rendered" | write_file "$UNIT_FILE" 0644
+  would "write $2 (mode 0644, no API key in it)" && return 0
+  mkdir -p "$(dirname "$2")"
+  printf '%s\n' "$rendered" | write_file "$2" 0644
+  WROTE_UNIT=1
+}
+
+step_unit() {
+  step "systemd units: $UNIT_FILE, $FW_UNIT_FILE"
+  if [ -z "$SRC_DIR" ]; then
+    would "write $UNIT_FILE and $FW_UNIT_FILE from the source's packaging/"
+    return 0
+  fi
+  WROTE_UNIT=0
+  write_unit qudata-agent.service "$UNIT_FILE"
+  write_unit "$FW_UNIT" "$FW_UNIT_FILE"
+  [ "$WROTE_UNIT" = 1 ] || return 0
   CHANGED=1
   [ "$SYSTEMD" = 0 ] || systemctl daemon-reload
+}
+
+# step_firewall_unit: the wall in place now and at every boot before Docker
+# (the oneshot runs `qudata-agent firewall apply`; the agent keeps it after).
+step_firewall_unit() {
+  [ "$SYSTEMD" = 1 ] || return 0
+  systemctl is-enabled --quiet "$FW_UNIT" 2>/dev/null || run systemctl enable --quiet "$FW_UNIT"
+  [ "$DRY_RUN" = 0 ] || return 0
+  if [ "$CHANGED" = 1 ] || ! systemctl is-active --quiet "$FW_UNIT"; then
+    systemctl restart "$FW_UNIT" ||
+      warn "$FW_UNIT failed (journalctl -u $FW_UNIT): the agent refuses creates until the wall stands"
+  fi
 }
 
 # backup_db: a consistent copy of the live database (SQLite's backup API, so
@@ -994,6 +1022,7 @@ step_start() {
       "$PREFIX/venv/bin/qudata-agent run --config $ENV_FILE"
     return 0
   fi
+  step_firewall_unit
   systemctl is-enabled --quiet "$UNIT" 2>/dev/null || run systemctl enable --quiet "$UNIT"
   [ "$DRY_RUN" = 1 ] && { note "would restart $UNIT when anything changed"; return 0; }
   if [ "$CHANGED" = 0 ] && systemctl is-active --quiet "$UNIT"; then

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Removes the QuData host agent that install.sh installed: the service and its
-# unit, the venvs under /opt/qudata-agent and the `qudata-agent` command link.
+# unit, the boot unit of the tenant firewall (containers left running keep the
+# wall until the next boot), the venvs under /opt/qudata-agent and the
+# `qudata-agent` command link.
 # The renters' containers, the agent's state and its configuration stay unless
 # asked for:
 #   --containers   also the containers the agent made (label qudata.agent_id),
@@ -20,6 +22,8 @@ ENV_FILE=$CONF_DIR/agent.env
 STATE_DIR=/var/lib/qudata-agent
 UNIT=qudata-agent.service
 UNIT_FILE=/etc/systemd/system/$UNIT
+FW_UNIT=qudata-agent-firewall.service
+FW_UNIT_FILE=/etc/systemd/system/$FW_UNIT
 LINK=/usr/local/bin/qudata-agent
 LABEL=qudata.agent_id
 SYSCTL_FILE=/etc/sysctl.d/60-qudata-agent.conf
@@ -48,7 +52,7 @@ run() {
   "$@"
 }
 
-usage() { sed -n '2,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,17s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 parse_args() {
   while [ $# -gt 0 ]; do
@@ -65,19 +69,26 @@ parse_args() {
 }
 
 remove_service() {
-  say "service $UNIT"
+  say "service $UNIT and $FW_UNIT"
   if [ -d /run/systemd/system ]; then
     if systemctl cat "$UNIT" >/dev/null 2>&1; then
       # Stopping the agent never stops a renter's container.
       run systemctl disable --now "$UNIT"
     fi
+    # Stopping the oneshot removes no rule (the chains go with --containers).
+    if systemctl cat "$FW_UNIT" >/dev/null 2>&1; then
+      run systemctl disable --now --quiet "$FW_UNIT"
+    fi
   else
     note "systemd is not running: nothing to stop (stop a hand-started agent yourself)"
   fi
-  if [ -f "$UNIT_FILE" ]; then
-    run rm -f "$UNIT_FILE"
-    [ ! -d /run/systemd/system ] || run systemctl daemon-reload
-  fi
+  local removed=0 file
+  for file in "$UNIT_FILE" "$FW_UNIT_FILE"; do
+    [ -f "$file" ] || continue
+    run rm -f "$file"
+    removed=1
+  done
+  [ "$removed" = 0 ] || [ ! -d /run/systemd/system ] || run systemctl daemon-reload
 }
 
 remove_agent() {
@@ -87,13 +98,23 @@ remove_agent() {
   [ ! -e "$LOCK" ] || run rm -f "$LOCK"
 }
 
-# drop_jumps CHAIN: deletes the rules of CHAIN that jump to the agent's chains.
+# drop_jumps TABLE: deletes the rules of TABLE's other chains that jump to the
+# agent's chains (QUDATA-*, whichever the agent's version made).
 drop_jumps() {
   local rule args
   while IFS= read -r rule; do
     read -r -a args <<<"${rule/#-A /-D }"
-    run iptables -w 5 "${args[@]}"
-  done < <(iptables -w 5 -S "$1" 2>/dev/null | grep -E -- '-j QUDATA-[A-Z]+$' || true)
+    run iptables -w 5 -t "$1" "${args[@]}"
+  done < <(iptables -w 5 -t "$1" -S 2>/dev/null | grep -E -- '-j QUDATA-[A-Z0-9-]+$' |
+    grep -v -E '^-A QUDATA-' || true)
+}
+
+# drop_chains TABLE: flushes, then deletes, the agent's chains of TABLE.
+drop_chains() {
+  local chains chain
+  chains=$(iptables -w 5 -t "$1" -S 2>/dev/null | sed -n 's/^-N \(QUDATA-[A-Z0-9-]*\)$/\1/p' || true)
+  for chain in $chains; do run iptables -w 5 -t "$1" -F "$chain"; done
+  for chain in $chains; do run iptables -w 5 -t "$1" -X "$chain"; done
 }
 
 remove_containers() {
@@ -110,14 +131,10 @@ remove_containers() {
     if [ -n "$ids" ]; then run docker network rm $ids; fi
   fi
   if command -v iptables >/dev/null; then
-    drop_jumps INPUT
-    drop_jumps DOCKER-USER
-    local chain
-    for chain in QUDATA-EGRESS QUDATA-HOST; do
-      if iptables -w 5 -S "$chain" >/dev/null 2>&1; then
-        run iptables -w 5 -F "$chain"
-        run iptables -w 5 -X "$chain"
-      fi
+    local table
+    for table in filter mangle nat raw; do
+      drop_jumps "$table"
+      drop_chains "$table"
     done
   fi
   if [ -f "$SYSCTL_FILE" ]; then

@@ -508,14 +508,15 @@ def test_the_shell_scripts_are_shellcheck_clean() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_unit_template_passes_systemd_analyze(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["qudata-agent.service", "qudata-agent-firewall.service"])
+def test_the_unit_template_passes_systemd_analyze(tmp_path: Path, name: str) -> None:
     prefix = tmp_path / "opt"
     exe = prefix / "venv" / "bin" / "qudata-agent"
     exe.parent.mkdir(parents=True)
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o755)
-    template = (REPO / "packaging" / "qudata-agent.service").read_text()
-    unit = tmp_path / "qudata-agent.service"
+    template = (REPO / "packaging" / name).read_text()
+    unit = tmp_path / name
     unit.write_text(
         template.replace("@PREFIX@", str(prefix))
         .replace("@ENV_FILE@", "/etc/qudata-agent/agent.env")

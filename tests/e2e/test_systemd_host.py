@@ -289,6 +289,51 @@ def test_an_instance_is_kept_through_agent_and_docker_restarts(installed: tuple[
     host.wait("instance running after Docker", lambda: _instance(host)["status"] == "running")
 
 
+def test_at_boot_the_wall_goes_in_before_docker_without_the_agent(
+    installed: tuple[Host, str],
+) -> None:
+    """What a reboot does, step by step: no rules, Docker restarting the tenant by itself."""
+    host, _ = installed
+    assert host.sh("systemctl is-enabled qudata-agent-firewall").strip() == "enabled"
+    assert "docker.service" in host.sh("systemctl show -p Before qudata-agent-firewall")
+    host.sh("systemd-run --quiet --unit t19-listener python3 -m http.server 18999")
+    tenant = _container(host)["id"]
+    gateway = host.sh(
+        f"docker inspect -f '{{{{.NetworkSettings.Networks.qudata.Gateway}}}}' {tenant}"
+    ).strip()
+    probe = (
+        f'docker exec {tenant} sh -c \'printf "GET / HTTP/1.0\\r\\n\\r\\n"'
+        f" | nc -w 2 {gateway} 18999' | grep -q 'HTTP/1.0 200'"
+    )
+    host.wait("the host service up", lambda: host.code("curl -sf 127.0.0.1:18999/")[0] == 0)
+    assert host.code(probe)[0] != 0  # walled off
+    # The rules as a boot leaves them (none): the tenant gets through; the probe can fail.
+    host.sh(
+        "systemctl stop qudata-agent qudata-agent-firewall"
+        " && iptables -D DOCKER-USER -i qudata0 -j QUDATA-EGRESS"
+        " && iptables -D INPUT -i qudata0 -j QUDATA-HOST"
+        " && for c in QUDATA-EGRESS QUDATA-HOST; do iptables -F $c && iptables -X $c; done"
+    )
+    assert host.code(probe)[0] == 0
+    # Docker goes down, the tenant's process dies; Docker comes back without the agent.
+    pid = _container(host)["pid"]
+    host.sh(f"systemctl stop docker.socket docker && kill -9 {pid}")
+    host.sh("systemctl start docker")
+    host.wait("Docker restarted the tenant", lambda: _container(host)["status"] == "running")
+    assert _container(host)["pid"] != pid
+    assert host.code("systemctl is-active qudata-agent")[1].strip() == "inactive"
+    fw = host.sh("systemctl show -p ActiveEnterTimestampMonotonic --value qudata-agent-firewall")
+    docker = host.sh("systemctl show -p ExecMainStartTimestampMonotonic --value docker")
+    assert 0 < int(fw) <= int(docker), (fw, docker)
+    # Docker kept the jump the unit put in its DOCKER-USER chain before it started.
+    host.sh(
+        "iptables -C DOCKER-USER -i qudata0 -j QUDATA-EGRESS && iptables -C FORWARD -j DOCKER-USER"
+    )
+    assert host.code(probe)[0] != 0
+    host.sh("systemctl stop t19-listener && systemctl start qudata-agent")
+    host.wait("instance running again", lambda: _instance(host)["status"] == "running")
+
+
 def test_the_watchdog_is_pinged_and_a_wedged_agent_is_restarted(
     installed: tuple[Host, str],
 ) -> None:

@@ -333,7 +333,7 @@ async def _containers_per_gpu(
             )
         await asyncio.sleep(3)
         for instance, placement in zip(instances, placed, strict=True):
-            logs = engine.logs(instance.container_id or "", tail=20)
+            logs = engine.logs(instance.container_id or "", 20, 64 * 1024, 10).text
             problems += compare_container_gpus(placement.gpus[0], logs)
 
         async def listed() -> list[Instance]:

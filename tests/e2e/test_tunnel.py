@@ -27,6 +27,7 @@ from support.docker_api import Api, agent_id, docker, remove_containers_of
 from support.fake_cp import FakeControlPlane
 from support.relay_net import (
     HOST_A_BLOCK,
+    HOST_A_IF,
     HOST_A_TUNNEL,
     HOST_B_BLOCK,
     PUBLIC,
@@ -39,7 +40,7 @@ from support.relay_net import (
 )
 
 DEBIAN_SSH = {"image": "qudata-test/debian-ssh", "image_tag": "12"}
-WG = "t22-wg"
+WG = HOST_A_IF
 TABLE, MARK = "5222", "0x2000000"
 AGENT_PORT = HOST_A_BLOCK[0]
 # A TCP service that tells each client the address it came from, and a UDP echo.
@@ -220,10 +221,28 @@ def test_only_tunnel_connections_are_routed_by_the_tunnel(
     """The host's default route is untouched; the instance's own connections leave by it."""
     assert f"default dev {WG}" in sh("ip", "route", "show", "table", TABLE)
     assert WG not in sh("ip", "route", "show", "default")
-    route = sh("ip", "route", "get", "198.51.100.2")
-    assert WG not in route  # unmarked traffic to the renter's address: the main table
-    marked = sh("ip", "route", "get", "198.51.100.2", "mark", MARK)
-    assert f"dev {WG}" in marked
+    # Unmarked traffic to the renter's address takes the main table (here: a blackhole).
+    assert WG not in sh("ip", "route", "get", RENTER, check=False)
+    assert f"dev {WG}" in sh("ip", "route", "get", RENTER, "mark", MARK)
+
+
+def test_an_instances_own_connections_leave_by_the_hosts_route(
+    rig: Rig, instance: dict[str, Any]
+) -> None:
+    """Out by the host's route to the relay's public address, host B's block: reached as
+    any internet client reaches it (through the tunnel, host to host is dropped)."""
+    listener = rig.net.host_b_listener()
+    try:
+        wait_for(lambda: rig.renter.tcp(HOST_B_BLOCK[0]) == "host-b-service", 20, "host B")
+        out = docker(
+            "exec", instance["container_id"], "bash", "-c",
+            f"timeout 5 bash -c 'exec 3<>/dev/tcp/{PUBLIC}/{HOST_B_BLOCK[0]}; head -1 <&3'",
+            check=False,
+        )  # fmt: skip
+        assert out.strip() == "host-b-service"
+    finally:
+        listener.kill()
+        listener.wait()
 
 
 def test_doctor_checks_the_tunnel(rig: Rig, instance: dict[str, Any]) -> None:

@@ -7,7 +7,11 @@
 
 The renter has a route to the relay's public network only; the relay has no
 route to either host's tunnel address except through WireGuard; each host
-reaches the relay outbound only. The relay is configured by the real
+reaches the relay outbound only. Host A's main table reaches the relay's public
+address (as the internet would); a packet to the renter's address that would
+leave host A by any other interface than the tunnel is dropped (mangle
+POSTROUTING, where the interface is the one the packet really leaves by), so
+a reply that missed the tunnel goes nowhere. The relay is configured by the real
 `deploy/relay/relay.sh`, run inside its namespace. Everything is removed on
 exit, also on failure: namespaces (and with them their interfaces and rules),
 host A's veth, the wireguard-go processes started here (by pid).
@@ -38,6 +42,8 @@ HOST_A_BLOCK = (22200, 22299)
 HOST_B_BLOCK = (41000, 41099)
 RELAY_PORT = 51822
 RELAY_IF = f"{PREFIX}-relaywg"
+HOST_A_IF = f"{PREFIX}-wg"  # the agent's tunnel interface in the tests
+_NOT_TUNNEL = ("-d", f"{RENTER}/32", "!", "-o", HOST_A_IF, "-j", "DROP")
 HOST_B_IF = f"{PREFIX}-hostbwg"
 
 
@@ -162,6 +168,10 @@ def _cleanup(net: RelayNet | None) -> None:
     for ns in (RELAY_NS, RENTER_NS, HOST_B_NS):
         sh("ip", "netns", "del", ns, check=False)
     sh("ip", "link", "del", HOST_VETH, check=False)
+    for _ in range(5):  # each copy an earlier, killed run may have left
+        delete = ["iptables", "-w", "5", "-t", "mangle", "-D", "POSTROUTING", *_NOT_TUNNEL]
+        if subprocess.run(delete, capture_output=True, check=False).returncode != 0:
+            break
     for pid in net._pids if net else []:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -177,6 +187,8 @@ def relay_net(work: Path, host_a_key: str) -> Iterator[RelayNet]:
             sh("ip", "link", "set", "lo", "up", ns=ns)
         _link(f"{PREFIX}-rr", f"{PREFIX}-rn", RELAY_NS, RENTER_NS, f"{PUBLIC}/24", f"{RENTER}/24")
         _link(HOST_VETH, f"{PREFIX}-rha", None, RELAY_NS, "10.222.22.1/30", "10.222.22.2/30")
+        sh("ip", "route", "add", f"{PUBLIC}/32", "via", "10.222.22.2", "dev", HOST_VETH)
+        sh("iptables", "-w", "5", "-t", "mangle", "-I", "POSTROUTING", "1", *_NOT_TUNNEL)
         _link(
             f"{PREFIX}-hb", f"{PREFIX}-rhb", HOST_B_NS, RELAY_NS, "10.222.23.1/30", "10.222.23.2/30"
         )

@@ -35,6 +35,7 @@ from support.relay_net import (
     RENTER,
     RelayNet,
     relay_net,
+    remove_agent_tunnel,
     sh,
     wait_for,
 )
@@ -101,16 +102,7 @@ class Renter:
 
 
 def _cleanup_host() -> None:
-    """What the agent leaves in the root namespace (it keeps the tunnel across restarts)."""
-    for _ in range(5):
-        sh("ip", "rule", "del", "fwmark", f"{MARK}/{MARK}", "lookup", TABLE, check=False)
-    sh("ip", "route", "flush", "table", TABLE, check=False)
-    for builtin, chain in (("PREROUTING", "QUDATA-TUNNEL-IN"), ("OUTPUT", "QUDATA-TUNNEL-OUT")):
-        for _ in range(5):
-            sh("iptables", "-w", "5", "-t", "mangle", "-D", builtin, "-j", chain, check=False)
-        sh("iptables", "-w", "5", "-t", "mangle", "-F", chain, check=False)
-        sh("iptables", "-w", "5", "-t", "mangle", "-X", chain, check=False)
-    sh("ip", "link", "del", "dev", WG, check=False)
+    remove_agent_tunnel(WG, TABLE, MARK)
 
 
 class Rig:

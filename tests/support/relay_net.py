@@ -143,6 +143,20 @@ class RelayNet:
         )
 
 
+def remove_agent_tunnel(interface: str, table: str, mark: str) -> None:
+    """What an agent in tunnel mode leaves in the root namespace (it keeps the tunnel up
+    across its own restarts): the rule, the table's route, the mangle chains, the link."""
+    for _ in range(5):
+        sh("ip", "rule", "del", "fwmark", f"{mark}/{mark}", "lookup", table, check=False)
+    sh("ip", "route", "flush", "table", table, check=False)
+    for builtin, chain in (("PREROUTING", "QUDATA-TUNNEL-IN"), ("OUTPUT", "QUDATA-TUNNEL-OUT")):
+        for _ in range(5):
+            sh("iptables", "-w", "5", "-t", "mangle", "-D", builtin, "-j", chain, check=False)
+        sh("iptables", "-w", "5", "-t", "mangle", "-F", chain, check=False)
+        sh("iptables", "-w", "5", "-t", "mangle", "-X", chain, check=False)
+    sh("ip", "link", "del", "dev", interface, check=False)
+
+
 def _wireguard_go_pids() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():

@@ -46,6 +46,7 @@ from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nftables import Nftables
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.public_address import PublicAddress
+from qudata_agent.adapters.runtimes import RuntimeTools
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
 from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
@@ -98,6 +99,7 @@ from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, C
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import ImageService
 from qudata_agent.services.instances import InstanceService, holding_of
+from qudata_agent.services.isolation import Isolation
 from qudata_agent.services.netmeter import NetMeter
 from qudata_agent.services.network import NetworkGuard
 from qudata_agent.services.pulls import PullCoordinator
@@ -135,6 +137,7 @@ class _Services:
     cpu_pool: CpuPool
     meter: NetMeter
     volumes: VolumeService
+    isolation: Isolation
 
 
 @dataclass
@@ -174,6 +177,7 @@ class Agent:
         self.settings = settings
         self._stop = asyncio.Event()
         self._server: Any = None
+        self._isolation: Isolation | None = None
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None and not self._stop.is_set():
@@ -193,7 +197,8 @@ class Agent:
             root = FALLBACK_DOCKER_ROOT
         probe = HostProbe(parts.nvml)
         inventory = await parts.blocking.quick(probe.inventory, root)
-        return init_host_payload(inventory)
+        tiers = None if self._isolation is None else (await self._isolation.offer()).names()
+        return init_host_payload(inventory, tiers)
 
     async def _address(self, parts: _Parts) -> str | None:
         """The public IPv4: the relay's in tunnel mode, the configured one, the lookups',
@@ -341,11 +346,26 @@ class Agent:
             promised_elsewhere=instances_disk,
         )
 
+    def _isolation_service(self, parts: _Parts) -> Isolation:
+        async def driver() -> tuple[int, str | None]:
+            report = await parts.nvml.report_async()
+            return len(report.gpus), report.driver_version
+
+        return Isolation(
+            engine=parts.docker,
+            tools=RuntimeTools(),
+            blocking=parts.blocking,
+            driver=driver,
+            sandbox_runtime=self.settings.sandbox_runtime,
+            toolkit_floor=self.settings.nvidia_toolkit_min,
+        )
+
     async def _services(self, parts: _Parts, agent_port: int) -> _Services:
         """The instance side of the agent: records, builds, reconcile, views, SSH, storage."""
         s = self.settings
         net = self._network(parts)
         storage = self._storage(parts)
+        isolation = self._isolation = self._isolation_service(parts)
         ssh = await self._ssh(parts)
         records = Records(parts.store, parts.blocking)
         records.on_new_run(ssh.on_new_run)
@@ -396,9 +416,11 @@ class Agent:
                 crash_restarts=s.crash_restarts,
                 log_max_bytes=s.container_log_mb * 1024**2,
                 disable_ipv6=ipv6_available(),
+                sandbox_runtime=s.sandbox_runtime,
             ),
             stop_timeout_s=s.stop_timeout_s,
             wall=net,
+            isolation=isolation,
         )
         reconciler = Reconciler(
             records=records,
@@ -412,7 +434,7 @@ class Agent:
         )
         return _Services(
             records, instances, reconciler, ssh, storage, net, images, image_cache, cpu_pool,
-            meter, volumes,
+            meter, volumes, isolation,
         )  # fmt: skip
 
     def _image_cache(self, parts: _Parts, images: ImageService) -> ImageCache:
@@ -518,6 +540,15 @@ class Agent:
         supervisor.start(
             "storage",
             lambda: run_every(s.storage_check_interval_s, storage_pass, "storage", first_delay_s=0),
+        )
+        supervisor.start(
+            "isolation",
+            lambda: run_every(
+                s.inventory_interval_s,
+                lambda: _refreshed(services.isolation),
+                "isolation",
+                first_delay_s=0,
+            ),
         )
         parts.metrics.follow_health(parts.health)
         supervisor.start("net-meter", services.meter.run)
@@ -765,6 +796,10 @@ def apply_wall(settings: Settings) -> int:
     print(f"qudata-agent: tenant firewall on {settings.bridge} "
           + ("installed" if changed else "already in place"))  # fmt: skip
     return 0
+
+
+async def _refreshed(isolation: Isolation) -> None:
+    await isolation.refresh()
 
 
 def run(settings: Settings) -> int:

@@ -83,6 +83,8 @@ SETTINGS_HELP = (
     ("QUDATA_TLS_CLIENT_CA", "mutual TLS: serve only clients with a certificate from this CA"),
     ("QUDATA_HTTP_HEADER_TIMEOUT", "seconds a connection has for its request headers (10)"),
     ("QUDATA_HTTP_MAX_CONNECTIONS", "connections open at once on the API port (256)"),
+    ("QUDATA_SANDBOX_RUNTIME", "Docker's runtime name for isolation 'sandbox' (runsc)"),
+    ("QUDATA_NVIDIA_TOOLKIT_MIN", "raise the NVIDIA Container Toolkit floor for GPU orders"),
     ("QUDATA_CONFIG_FILE", "KEY=VALUE file read first (the environment wins)"),
 )
 EXIT_CODES_HELP = (

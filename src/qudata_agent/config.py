@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from qudata_agent.domain.firewall import parse_allow_list
 from qudata_agent.domain.image_ref import resolve_image
 from qudata_agent.domain.netpolicy import MAX_MBPS, MIN_MBPS, parse_ports
+from qudata_agent.domain.nvidia_toolkit import parse_floor
 from qudata_agent.domain.storage import StoragePolicy
 from qudata_agent.domain.tls import TlsMode
 from qudata_agent.domain.tunnel import (
@@ -124,6 +125,8 @@ class Settings:
     tls_client_ca: Path | None = None
     http_header_timeout_s: float = 10.0
     http_max_connections: int = 256
+    sandbox_runtime: str = "runsc"  # Docker's runtime name for the sandbox tier (gVisor)
+    nvidia_toolkit_min: tuple[int, int, int] | None = None  # raises the toolkit floor
     # Set by systemd: the sd_notify socket, the watchdog timeout, journald on stderr.
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -214,6 +217,20 @@ def _parse_bridge(name: str, raw: str) -> str:
     if not re.fullmatch(r"[a-zA-Z0-9_.-]{1,15}", raw):
         raise ConfigError(f"{name}: expected an interface name of at most 15 chars, got {raw!r}")
     return raw
+
+
+def _parse_runtime(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}", value) or value == "runc":
+        raise ConfigError(f"{name}: expected a Docker runtime name other than runc, got {raw!r}")
+    return value
+
+
+def _parse_version(name: str, raw: str) -> tuple[int, int, int]:
+    try:
+        return parse_floor(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
 
 
 def _parse_switch(name: str, raw: str) -> bool:
@@ -481,6 +498,8 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
             "http_max_connections",
             lambda n, r: _parse_int(n, r, 16, 65536),
         ),
+        "QUDATA_SANDBOX_RUNTIME": ("sandbox_runtime", _parse_runtime),
+        "QUDATA_NVIDIA_TOOLKIT_MIN": ("nvidia_toolkit_min", _parse_version),
         "QUDATA_PREPULL_INTERVAL": (
             "prepull_interval_s",
             lambda n, r: _parse_float(n, r, 1, 30 * 86400),

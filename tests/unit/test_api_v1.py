@@ -219,6 +219,7 @@ def _host_view(disk_total: int | None = 500 * GIB) -> HostView:
         port_range=(40000, 40099),
         ports_free=94,
         volumes=VolumeTotals(count=2, size_bytes=3 * GIB, disk_bytes=GIB // 2),
+        isolation=("container", "sandbox"),
     )
 
 
@@ -237,6 +238,7 @@ def test_host_answers_every_field_of_the_contract() -> None:
         "volumes": {"count": 2, "disk_gb": 3.0, "used_gb": 0.5},
         "tunnel": None,
         "tls_pubkey_sha256": "PIN=",  # CONTRACT.md section 5
+        "isolation": ["container", "sandbox"],
     }
 
 

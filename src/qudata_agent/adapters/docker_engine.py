@@ -54,6 +54,7 @@ from qudata_agent.domain.container_spec import (
     ContainerState,
 )
 from qudata_agent.domain.image_access import LocalImage, RegistryRefused, RegistryUnreachable
+from qudata_agent.domain.isolation import RuntimeInfo, parse_runtimes
 from qudata_agent.domain.log_tail import LogTail, TailBuffer
 from qudata_agent.domain.network import NetworkInfo, network_options
 from qudata_agent.domain.ssh_init import ImageConfig
@@ -169,6 +170,48 @@ class DockerEngine:
     def data_root(self) -> str:
         """Docker's data root (where images and writable layers live)."""
         return str(self.info().get("DockerRootDir") or "/var/lib/docker")
+
+    def runtimes(self) -> dict[str, RuntimeInfo]:
+        """The OCI runtimes Docker has registered (`docker info` .Runtimes)."""
+        return parse_runtimes(self.info().get("Runtimes"))
+
+    def import_image(self, tar: bytes, ref: str) -> None:
+        """Makes `ref` from a root filesystem tarball (`docker import`), unless it exists."""
+        repository, _, tag = ref.rpartition(":")
+        with self._translated(f"import of {ref}"):
+            if not self._api().api.images(name=ref):
+                self._api().api.import_image_from_data(tar, repository=repository, tag=tag)
+
+    def probe_runtime(self, runtime: str, image: str, argv: list[str], timeout_s: float) -> str:
+        """Runs `argv` in a throwaway container under `runtime` (no network); its output.
+
+        Raises `DockerError` when the container does not start, exits non-zero
+        or outlives `timeout_s`; the container is removed in every case.
+        """
+        name = f"qudata-probe-{runtime}-{threading.get_ident()}"
+        api = self._own_client(timeout_s)
+        try:
+            with self._translated(f"a container under the {runtime} runtime"):
+                with contextlib.suppress(docker.errors.NotFound):
+                    api.remove_container(name, force=True)  # left by a crash
+                host = api.create_host_config(runtime=runtime, network_mode="none")
+                created = api.create_container(image, argv, name=name, host_config=host)
+                api.start(created["Id"])
+                ended = api.wait(created["Id"], timeout=math.ceil(timeout_s))
+                code = int(ended.get("StatusCode", -1))
+                out = bytes(api.logs(created["Id"], stdout=True, stderr=True, tail=20))
+        except AgentError as e:
+            if _timed_out(e):
+                raise DockerError(f"no answer within {timeout_s:g} s") from e
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                api.remove_container(name, force=True)
+            api.close()
+        text = out.decode("utf-8", errors="replace").strip()
+        if code != 0:
+            raise DockerError(f"the probe exited {code}: {text[-300:]}")
+        return text
 
     def storage_info(self) -> StorageInfo:
         """The storage driver, its backing filesystem (overlay2's) and the data root."""

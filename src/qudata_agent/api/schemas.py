@@ -81,6 +81,11 @@ class CreateInstance(BaseModel):
         max_length=16,
         description="volume id -> absolute mount path in the container (section 7)",
     )
+    isolation: Literal["container", "sandbox"] = Field(
+        default="container",
+        description="container: runc with the agent's hardening; sandbox: gVisor (runsc),"
+        " where the instance's system calls never reach the host kernel (CONTRACT.md section 9)",
+    )
 
     @field_validator("env_variables")
     @classmethod
@@ -201,6 +206,12 @@ class InstanceState(BaseModel):
     network: NetworkState | None = Field(
         default=None, description="its network use, once the agent has metered it"
     )
+    isolation: Literal["container", "sandbox"] | None = Field(
+        default=None, description="the isolation tier it runs under"
+    )
+    isolation_notes: list[str] = Field(
+        default_factory=list, description="what works differently in this tier than in a container"
+    )
 
 
 class InstanceList(BaseModel):
@@ -272,6 +283,10 @@ class HostState(BaseModel):
         default=None,
         description="base64 SHA-256 of the port's public key (curl --pinnedpubkey sha256//...);"
         " null when TLS is off",
+    )
+    isolation: list[str] = Field(
+        default_factory=lambda: ["container"],
+        description="the isolation tiers this host offers (each seen to start a container)",
     )
 
 

@@ -12,8 +12,8 @@ What stays true:
   `gpu_name` None and `vram` 0, never a guess.
 - The CUDA version is a string built from NVML's integer, so 12.10 and 12.1 stay
   distinct.
-- The payload has exactly the keys of CONTRACT.md section 2 item 2; unknown
-  figures are None, never invented.
+- The payload has exactly the keys of CONTRACT.md section 2 item 2 (plus
+  `isolation`, section 9); unknown figures are None, never invented.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _GIB = 1024**3
@@ -130,8 +131,14 @@ def _gib(n_bytes: int) -> int:
     return round(n_bytes / _GIB)
 
 
-def init_host_payload(inv: HostInventory) -> dict[str, object]:
-    """The `POST /init/host` body for `inv` (CONTRACT.md section 2 item 2)."""
+def init_host_payload(
+    inv: HostInventory, isolation: Sequence[str] | None = None
+) -> dict[str, object]:
+    """The `POST /init/host` body for `inv` (CONTRACT.md section 2 item 2).
+
+    `isolation`: the tiers the host offers, sent as the extra field `isolation`
+    (CONTRACT.md section 9) when known.
+    """
     gpus = inv.gpu.gpus
     first = gpus[0] if gpus else None
     configuration: dict[str, object] = {
@@ -150,13 +157,16 @@ def init_host_payload(inv: HostInventory) -> dict[str, object]:
         "capacity": None,
         "max_cuda_version": inv.gpu.cuda_version,
     }
-    return {
+    payload: dict[str, object] = {
         "gpu_name": None if first is None else short_gpu_name(first.name),
         "gpu_amount": len(gpus),
         "vram": 0 if first is None else _gib(first.memory_total_bytes),
         "location": {"city": None, "country": None, "region": None},
         "configuration": configuration,
     }
+    if isolation is not None:
+        payload["isolation"] = list(isolation)
+    return payload
 
 
 def inventory_digest(payload: dict[str, object]) -> str:

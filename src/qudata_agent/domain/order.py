@@ -25,6 +25,7 @@ from qudata_agent.domain.container_spec import (
     restart_policy,
 )
 from qudata_agent.domain.gpus import Resources
+from qudata_agent.domain.isolation import DEFAULT_SANDBOX_RUNTIME, Tier, runtime_of
 
 GIB = 1024**3
 
@@ -44,6 +45,7 @@ class HostDefaults:
     crash_restarts: int = DEFAULT_CRASH_RESTARTS
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     disable_ipv6: bool = False  # the host has IPv6 and the wall is IPv4 only
+    sandbox_runtime: str = DEFAULT_SANDBOX_RUNTIME  # Docker's name of gVisor's runtime
 
 
 NO_DEFAULTS = HostDefaults()
@@ -60,6 +62,7 @@ class CreateOrder:
     ssh_enabled: bool = False
     credentials: RegistryCredentials | None = field(default=None, repr=False)
     volumes: dict[str, str] = field(default_factory=dict)  # volume id -> mount path
+    isolation: Tier = Tier.CONTAINER
 
 
 def shm_bytes(memory_bytes: int | None) -> int:
@@ -120,4 +123,5 @@ def build_spec(
         storage_bytes=storage_bytes,
         network=host.network,
         mounts=mounts,
+        runtime=runtime_of(order.isolation, host.sandbox_runtime),
     )

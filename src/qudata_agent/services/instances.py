@@ -36,6 +36,7 @@ from qudata_agent.domain.container_spec import ContainerSpec, ContainerState, Mo
 from qudata_agent.domain.gpus import Resources, parse_resources
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
 from qudata_agent.domain.instance import Action, IllegalTransition, Instance, Status, Wanted
+from qudata_agent.domain.isolation import Offer, Tier
 from qudata_agent.domain.netpolicy import parse_mbps
 from qudata_agent.domain.order import (
     NO_DEFAULTS,
@@ -77,6 +78,14 @@ class Volumes(Protocol):
     async def totals(self) -> Any: ...
 
 
+class IsolationCheck(Protocol):
+    """The isolation service (`services.isolation.Isolation`): the tiers the host offers."""
+
+    async def check(self, tier: Tier, gpu_count: int) -> None: ...
+
+    async def offer(self) -> Offer: ...
+
+
 class Storage(Protocol):
     """The storage guard (`services.storage.StorageGuard`): what a create's storage_gb gets."""
 
@@ -103,6 +112,7 @@ class HostView:
     port_range: tuple[int, int]
     ports_free: int
     volumes: Any = None  # services.volumes.VolumeTotals; None: no volumes on this agent
+    isolation: tuple[str, ...] = (Tier.CONTAINER.value,)  # the tiers offered
 
 
 def holding_of(instance: Instance) -> Holding | None:
@@ -129,6 +139,7 @@ class InstanceService:
         host: HostDefaults = NO_DEFAULTS,
         stop_timeout_s: int = 10,
         wall: Wall | None = None,  # None: no firewall to verify (tests, QUDATA_FIREWALL=off)
+        isolation: IsolationCheck | None = None,  # None: only the container tier
     ) -> None:
         self._wall = wall
         self._records = records
@@ -143,6 +154,7 @@ class InstanceService:
         self._volumes = volumes
         self._host = host
         self._stop_timeout_s = stop_timeout_s
+        self._isolation = isolation
         self._create_lock = asyncio.Lock()
 
     # -- the collection -------------------------------------------------------
@@ -179,6 +191,7 @@ class InstanceService:
             raise InvalidRequest("field 'volumes': this agent has no volumes")
         if self._wall is not None:
             await self._wall.verify()  # fail closed: nothing is recorded without the wall
+        await self._check_isolation(order.isolation, resources.gpu_count)
         # Read before the lock: a slow GPU driver never holds up another create.
         capacity, _disk = await self._capacity.read(need_gpus=resources.gpu_count > 0)
         async with self._create_lock:
@@ -213,6 +226,13 @@ class InstanceService:
         self._builds.start(instance, order.credentials)
         self._records.changed()
         return instance
+
+    async def _check_isolation(self, tier: Tier, gpu_count: int) -> None:
+        """409 naming why, when the host does not offer the tier (or its GPUs)."""
+        if self._isolation is not None:
+            await self._isolation.check(tier, gpu_count)
+        elif tier is not Tier.CONTAINER:
+            raise Conflict(f"isolation {tier.value!r} is not offered by this host")
 
     def _record(
         self,
@@ -269,6 +289,7 @@ class InstanceService:
         taken = await self._blocking.quick(self._records.store.allocated_ports)
         volumes = None if self._volumes is None else await self._volumes.totals()
         low, high = self._ports.port_range
+        offered = (await self._isolation.offer()).names() if self._isolation else ["container"]
         return HostView(
             max_instances=capacity.max_instances,
             instances=len(records),
@@ -280,6 +301,7 @@ class InstanceService:
             port_range=(low, high),
             ports_free=(high - low + 1) - sum(low <= p <= high for p in taken),
             volumes=volumes,
+            isolation=tuple(offered),
         )
 
     # -- lifecycle ------------------------------------------------------------

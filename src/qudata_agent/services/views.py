@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
+from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.instance import Instance, Status, Wanted
+from qudata_agent.domain.isolation import notes_of, tier_of
 from qudata_agent.domain.log_tail import (
     LAST_LOG_BYTES,
     LOG_ANSWER_BYTES,
@@ -52,6 +54,8 @@ class InstanceView:
     storage: Any | None = None  # what storage_gb gets (domain.storage.StorageUsage)
     image_check: Any | None = None  # how its image was vouched for (services.images.ImageCheck)
     network: Any | None = None  # its bytes so far (domain.netpolicy.NetworkUse)
+    isolation: str | None = None  # its tier (domain.isolation.Tier), from its spec's runtime
+    isolation_notes: tuple[str, ...] = ()  # what differs in that tier
 
 
 def exited_on_its_own(instance: Instance) -> bool:
@@ -95,8 +99,11 @@ class InstanceViews:
                     last = await self._logs(instance.container_id, LAST_LOG_LINES, LAST_LOG_BYTES)
             except NotFound:
                 pass  # removed a moment ago; the event will say so
+        tier = tier_of(ContainerSpec.from_json(instance.spec_json).runtime)
         return InstanceView(
             instance,
+            isolation=tier.value,
+            isolation_notes=notes_of(tier),
             pull=pull,
             logs=text,
             last_logs=last,

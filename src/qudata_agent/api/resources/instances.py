@@ -41,6 +41,7 @@ from qudata_agent.api.schemas import (
     VolumeTotals,
 )
 from qudata_agent.domain.instance import Action, Instance
+from qudata_agent.domain.isolation import Tier
 from qudata_agent.domain.order import CreateOrder, RegistryCredentials
 from qudata_agent.errors import Conflict, InvalidRequest, NotFound
 
@@ -97,6 +98,7 @@ def to_order(body: CreateInstance) -> CreateOrder:
         ssh_enabled=body.ssh_enabled,
         credentials=credentials,
         volumes=dict(body.volumes),
+        isolation=Tier(body.isolation),
     )
 
 
@@ -145,6 +147,8 @@ def to_state(view: Any) -> InstanceState:
         storage=_storage(getattr(view, "storage", None)),
         image_check=_image_check(getattr(view, "image_check", None)),
         network=_network(getattr(view, "network", None)),
+        isolation=getattr(view, "isolation", None),
+        isolation_notes=list(getattr(view, "isolation_notes", ())),
     )
 
 
@@ -325,5 +329,6 @@ class HostResource:
                 ),
                 tunnel=tunnel,
                 tls_pubkey_sha256=self._tls_pin,
+                isolation=list(getattr(host, "isolation", ("container",))),
             ),
         )

@@ -84,3 +84,39 @@ ensure_venv() {
   say "installing the agent into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec"
 }
+
+# gVisor's runsc as Docker's `runsc` runtime (the sandbox isolation tier), merged
+# into daemon.json (other keys kept) and loaded with a SIGHUP: no restart, no
+# container stops. The ptrace platform needs no /dev/kvm; the container's own
+# network namespace is served by the host's stack (--network=host), which is
+# what the firewall rules and port publishing act on.
+SANDBOX_RUNTIME_ARGS='["--platform=ptrace", "--network=host"]'
+ensure_sandbox_runtime() {
+  local daemon_json=/etc/docker/daemon.json
+  docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"' && return 0
+  say "registering runsc with Docker ($daemon_json)"
+  mkdir -p "$(dirname "$daemon_json")"
+  "$VENV/bin/python" - "$daemon_json" "$(command -v runsc)" "$SANDBOX_RUNTIME_ARGS" <<'PY'
+import json, os, sys
+path, runsc, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+try:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+except FileNotFoundError:
+    text = ""
+config = json.loads(text) if text.strip() else {}
+config.setdefault("runtimes", {})["runsc"] = {"path": runsc, "runtimeArgs": args}
+with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+os.replace(path + ".tmp", path)
+PY
+  # The dockerd behind the default socket (its pid file), not any other one.
+  local pid
+  pid=$(cat /var/run/docker.pid 2>/dev/null || true)
+  [ -n "$pid" ] && kill -HUP "$pid"
+  for _ in $(seq 1 20); do
+    docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"' && return 0
+    sleep 0.5
+  done
+  die "dockerd did not load the runsc runtime from $daemon_json"
+}

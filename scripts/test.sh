@@ -11,12 +11,14 @@ set -euo pipefail
 need_root
 # openssh-server, patchelf and busybox-static make the agent's SSH bundle; docker-registry
 # and apache2-utils (htpasswd) are the image tests' real registry; wireguard-tools and
-# wireguard-go: tunnel mode and the relay of its test.
+# wireguard-go: tunnel mode and the relay of its test; runsc: gVisor, the sandbox
+# isolation tier.
 apt_install busybox-static debootstrap openssh-client openssh-server patchelf git shellcheck \
   systemd btrfs-progs iproute2 docker-registry apache2-utils nftables e2fsprogs xfsprogs \
-  wireguard-tools wireguard-go
+  wireguard-tools wireguard-go runsc
 ensure_dockerd
 ensure_venv test
+ensure_sandbox_runtime
 "$ROOT/scripts/build-test-images.sh"
 
 cd "$ROOT"

@@ -2,8 +2,8 @@
 
 Needs Docker's `runsc` runtime registered (scripts/test.sh does it). One
 sandbox instance is driven through what a renter does: SSH with scp and
-sftp, a published port, the network wall from inside, its stats, a process
-past the memory limit, and a kill -9 of the agent. A host without the
+sftp, a volume, a published port, the network wall from inside, its stats, a
+process past the memory limit, and a kill -9 of the agent. A host without the
 runtime answers 409 naming the tier.
 """
 
@@ -24,6 +24,7 @@ import pytest
 from support.agent_proc import AgentProcess
 from support.docker_api import Api, agent_id, containers, docker, inspect, remove_containers_of
 from support.fake_cp import FakeControlPlane
+from support.volumes import unmount_under
 
 AgentFactory = Callable[..., AgentProcess]
 DEBIAN = {"image": "qudata-test/debian", "image_tag": "12"}
@@ -105,11 +106,15 @@ def sandbox_agent(
         "QUDATA_SYNC_INTERVAL": "2",
     }
     agent = agent_factory(env).start()
+    fake_cp.wait_for("/init/host")  # registered: the control plane's secret is stored
     owner = agent_id(agent.state_dir)
     try:
         yield agent, Api(agent)
     finally:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.stop(signal.SIGKILL)
         remove_containers_of(owner)
+        unmount_under(agent.state_dir)  # the volume's loop mount
 
 
 def _wait_ssh(api: Api, instance_id: str, timeout: float = 90) -> dict[str, Any]:
@@ -176,6 +181,9 @@ def test_a_sandbox_instance_does_what_a_container_does(
     inventory = fake_cp.wait_for("/init/host")[0].body
     assert inventory["isolation"] == ["container", "sandbox"]
 
+    volume = api.client.post("/v1/volumes", json={"size_gb": 0.05})
+    assert volume.status_code == 201, volume.text
+    volume_id = volume.json()["data"]["volume_id"]
     created = api.client.post(
         "/v1/instances",
         json={
@@ -184,6 +192,7 @@ def test_a_sandbox_instance_does_what_a_container_does(
             "ssh_enabled": True,
             "ports": {"8080": "auto"},
             "env_variables": {"QUDATA_CPU_CORES": "0.5", "QUDATA_MEMORY_GB": "0.25"},
+            "volumes": {volume_id: "/workspace"},
         },
     )
     assert created.status_code == 202, created.text
@@ -200,6 +209,12 @@ def test_a_sandbox_instance_does_what_a_container_does(
     dmesg = renter.ssh(port, "dmesg | head -3")
     assert "gVisor" in dmesg.stdout, dmesg
     _scp_and_sftp(renter, port)
+
+    # Its volume takes writes up to its size, and no further.
+    assert renter.ssh(port, "echo kept > /workspace/note && sync").returncode == 0
+    fill = renter.ssh(port, "dd if=/dev/zero of=/workspace/fill bs=1M count=90 conv=fsync")
+    assert fill.returncode != 0 and "No space left on device" in fill.stderr, fill
+    assert renter.ssh(port, "rm /workspace/fill").returncode == 0
 
     # A published port reaches a server inside the sandbox.
     serve = (
@@ -259,7 +274,7 @@ def test_a_sandbox_instance_does_what_a_container_does(
     agent.start()
     state = _wait_ssh(Api(agent), instance_id)
     assert state["isolation"] == "sandbox"
-    assert renter.ssh(port, "echo back").stdout.strip() == "back"
+    assert renter.ssh(port, "cat /workspace/note").stdout.strip() == "kept"
 
 
 def test_an_order_for_a_tier_the_host_lacks_is_409_naming_it(agent_factory: AgentFactory) -> None:

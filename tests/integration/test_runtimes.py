@@ -3,6 +3,7 @@ GPU decision with the installed runsc (and a driver version made up for the test
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -50,10 +51,10 @@ def test_a_probe_under_a_runtime_docker_lacks_fails_and_leaves_nothing(
         engine.probe_runtime("qudata-no-such-runtime", ref, ["/busybox", "true"], 10)
     with pytest.raises(AgentError, match="exited 3"):
         engine.probe_runtime("runsc", ref, ["/busybox", "sh", "-c", "exit 3"], 30)
-    left = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", "name=qudata-probe-"], capture_output=True, text=True
-    )
-    assert left.stdout.strip() == ""
+    for runtime in ("qudata-no-such-runtime", "runsc"):
+        mine = f"name=qudata-probe-{runtime}-{os.getpid()}-"  # this process's probes only
+        left = subprocess.run(["docker", "ps", "-aq", "--filter", mine], capture_output=True)
+        assert left.returncode == 0 and left.stdout.strip() == b""
 
 
 def test_the_installed_runsc_decides_gpus_in_the_sandbox_for_a_made_up_driver() -> None:

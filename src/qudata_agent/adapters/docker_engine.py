@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +73,10 @@ _POOL_SIZE = 32  # quick and slow pools together never wait for a connection
 # A registry that does not answer (packets dropped) must not hold a create for long:
 # past this the check counts as "registry unreachable".
 _CHECK_TIMEOUT_S = 15.0
+
+
+LABEL_PROBE = "qudata.probe"  # a runtime's start check (services.isolation), no instance
+_STALE_PROBE_S = 300
 
 
 class DockerError(AgentError):
@@ -188,14 +193,15 @@ class DockerEngine:
         Raises `DockerError` when the container does not start, exits non-zero
         or outlives `timeout_s`; the container is removed in every case.
         """
-        name = f"qudata-probe-{runtime}-{threading.get_ident()}"
+        name = f"qudata-probe-{runtime}-{os.getpid()}-{threading.get_ident()}"
         api = self._own_client(timeout_s)
         try:
             with self._translated(f"a container under the {runtime} runtime"):
-                with contextlib.suppress(docker.errors.NotFound):
-                    api.remove_container(name, force=True)  # left by a crash
+                self._remove_stale_probes(api)
                 host = api.create_host_config(runtime=runtime, network_mode="none")
-                created = api.create_container(image, argv, name=name, host_config=host)
+                created = api.create_container(
+                    image, argv, name=name, host_config=host, labels={LABEL_PROBE: "1"}
+                )
                 api.start(created["Id"])
                 ended = api.wait(created["Id"], timeout=math.ceil(timeout_s))
                 code = int(ended.get("StatusCode", -1))
@@ -212,6 +218,15 @@ class DockerEngine:
         if code != 0:
             raise DockerError(f"the probe exited {code}: {text[-300:]}")
         return text
+
+    @staticmethod
+    def _remove_stale_probes(api: docker.APIClient) -> None:
+        """Probe containers left by an agent killed mid-probe (older than any probe runs)."""
+        cutoff = time.time() - _STALE_PROBE_S
+        for found in api.containers(all=True, filters={"label": LABEL_PROBE}):
+            if float(found.get("Created") or 0) < cutoff:
+                with contextlib.suppress(docker.errors.APIError):
+                    api.remove_container(found["Id"], force=True)
 
     def storage_info(self) -> StorageInfo:
         """The storage driver, its backing filesystem (overlay2's) and the data root."""

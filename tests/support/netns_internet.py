@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Any
 
+from support.docker_api import Api, docker
+
 NS = "t24inet"
 PUBLIC = "198.51.100.226"
 PRIVATE = "10.224.24.2"
@@ -120,3 +122,46 @@ class Internet:
         for host_end, *_ in _LINKS:
             _sh("ip", "link", "del", host_end, check=False)
         _sh("ip", "netns", "del", NS, check=False)
+
+
+# -- what an instance does with it -------------------------------------------------
+
+
+def bash(container: str, script: str) -> str:
+    return docker("exec", container, "bash", "-c", script)
+
+
+def download(container: str, n: int, address: str = PUBLIC) -> tuple[int, float]:
+    """Bytes received and seconds taken, measured in the container."""
+    out = bash(
+        container,
+        f"s=$(date +%s.%N); exec 3<>/dev/tcp/{address}/8001; echo {n} >&3;"
+        " got=$(cat <&3 | wc -c); e=$(date +%s.%N); echo $got $s $e",
+    )
+    got, start, end = out.split()
+    return int(got), float(end) - float(start)
+
+
+def upload(container: str, internet: Internet, n: int, address: str = PUBLIC) -> tuple[int, float]:
+    """Bytes the namespace received and the seconds between its first and last byte."""
+    bash(container, f"head -c {n} /dev/zero > /dev/tcp/{address}/8002")
+    event = internet.next("upload")
+    return int(event["bytes"]), float(event["seconds"])
+
+
+def network(api: Api) -> dict[str, int]:
+    found = api.get().get("network")
+    return dict(found) if found else {}
+
+
+def settled(api: Api, key: str, at_least: int, timeout: float = 20) -> dict[str, int]:
+    """The view's counters once `key` reached `at_least` and stopped moving."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        now = network(api)
+        if now and now.get(key, 0) >= at_least and now == last:
+            return now
+        last = now
+        time.sleep(3.2)
+    raise AssertionError(f"{key} below {at_least} after {timeout}s: {last}")

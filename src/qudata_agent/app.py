@@ -66,7 +66,7 @@ from qudata_agent.domain.firewall import plan as firewall_plan
 from qudata_agent.domain.gpu_health import HealthRecord
 from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.inventory import init_host_payload
-from qudata_agent.domain.netpolicy import EgressPolicy
+from qudata_agent.domain.netpolicy import EgressPolicy, ruleset
 from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.domain.tls import TlsMode, certificate_names
@@ -290,7 +290,7 @@ class Agent:
             account=MeterFile(s.state_dir / METER_FILE),
             blocking=parts.blocking,
             bridge=s.bridge,
-            policy=EgressPolicy(s.egress_block_ports, s.egress_deny, s.egress_conn_rate),
+            policy=egress_policy(s),
             default_mbps=s.net_mbps_default,
         )
         records.on_new_run(meter.poke)  # a new run has a new veth: caps and maps at once
@@ -783,9 +783,10 @@ def wall_plan(settings: Settings) -> FirewallPlan:
 def apply_wall(settings: Settings) -> int:
     """`qudata-agent firewall apply`: the wall in place without the agent (at boot,
     before Docker starts tenants); 0 when it stands (or the firewall is off), 1 if not."""
+    egress = _apply_egress_policy(settings)
     if not settings.firewall:
         print("qudata-agent: the tenant firewall is off (QUDATA_FIREWALL=off): nothing to apply")
-        return 0
+        return 0 if egress else 1
     try:
         changed = Firewall().apply(wall_plan(settings))
     except AgentError as e:
@@ -795,7 +796,23 @@ def apply_wall(settings: Settings) -> int:
         return 1
     print(f"qudata-agent: tenant firewall on {settings.bridge} "
           + ("installed" if changed else "already in place"))  # fmt: skip
-    return 0
+    return 0 if egress else 1
+
+
+def egress_policy(settings: Settings) -> EgressPolicy:
+    s = settings
+    return EgressPolicy(s.egress_block_ports, s.egress_deny, s.egress_conn_rate)
+
+
+def _apply_egress_policy(settings: Settings) -> bool:
+    """The egress policy (port 25, denied networks, connection rate) without the agent."""
+    try:
+        Nftables(settings.bridge).apply(ruleset(settings.bridge, egress_policy(settings)))
+    except AgentError as e:
+        print(f"qudata-agent: the egress policy could not be applied: {e.message}", file=sys.stderr)
+        return False
+    print(f"qudata-agent: egress policy on {settings.bridge} in place")
+    return True
 
 
 async def _refreshed(isolation: Isolation) -> None:

@@ -10,13 +10,14 @@ and counted.
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from support.agent_proc import AgentProcess
+from support.agent_proc import AgentProcess, agent_command
 from support.docker_api import Api, agent_id, docker, remove_containers_of
 from support.fake_cp import FakeControlPlane
 from support.netns_internet import PRIVATE, PUBLIC, Internet, download, settled, upload
@@ -228,3 +229,24 @@ def test_a_deleted_instance_s_totals_go_in_a_final_stats_report(
     finally:
         api.client.close()
         remove_containers_of(owner)
+
+
+def test_the_boot_command_puts_the_egress_policy_back_without_the_agent(
+    tenant: tuple[Api, str], internet: Internet
+) -> None:
+    api, container = tenant
+    settled(api, "rx_bytes", 0)
+    assert _refused(container, PUBLIC, 25) and not _refused(container, PUBLIC, 2525)
+    assert api.agent.stop()[0] == 0
+    # A reboot: the kernel's tables are gone, and Docker restarts the tenant by itself.
+    subprocess.run(["nft", "delete", "table", "ip", "qudata_net_t24br0"], check=True)
+    assert not _refused(container, PUBLIC, 25)  # the namespace answers on 25 ...
+    done = subprocess.run(
+        [*agent_command(), "firewall", "apply"],
+        env=api.agent.env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "egress policy on t24br0" in done.stdout
+    docker("restart", "-t", "1", container)
+    assert _refused(container, PUBLIC, 25)  # ... until the boot command: refused again
+    assert not _refused(container, PUBLIC, 2525)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from qudata_agent.adapters.docker_engine import DockerError
 from qudata_agent.adapters.host import mount_options, parse_mount_options
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
@@ -466,3 +467,29 @@ async def test_more_than_the_free_space_is_refused_by_the_service(tmp_path: Path
     finally:
         await service.close()
         parts.close()
+
+
+async def test_a_layer_that_cannot_be_measured_does_not_stop_the_others(
+    monitor: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tenant's layer whose walk times out costs its own figure, not everyone's watch."""
+    caplog.set_level(logging.INFO, logger="qudata_agent.services.storage")
+    slow, other = _instance("slow", "c1"), _instance("other", "c2")
+    for instance in (slow, other):
+        monitor.store.insert_instance(instance)
+        monitor.guard.admit(instance.id, 1)
+    monitor.engine.sizes.update({"c1": GIB // 2, "c2": GIB // 4})
+    await monitor.guard.check([slow, other])
+
+    def timed_out(container_id: str) -> int:
+        if container_id == "c1":
+            raise DockerError("measuring container c1 timed out")
+        return 2 * GIB
+
+    monitor.engine.writable_layer_bytes = timed_out  # type: ignore[method-assign]
+    await monitor.guard.check([slow, other])
+    await monitor.guard.check([slow, other])
+    assert await monitor.guard.view(slow) == StorageUsage(1.0, False, 0.5, False)  # the last figure
+    assert await monitor.guard.view(other) == StorageUsage(1.0, False, 2.0, True)
+    missed = [r for r in caplog.records if r.getMessage() == "instance disk use not measured"]
+    assert len(missed) == 1 and missed[0].instance_id == "slow"  # type: ignore[attr-defined]

@@ -73,6 +73,9 @@ _POOL_SIZE = 32  # quick and slow pools together never wait for a connection
 # A registry that does not answer (packets dropped) must not hold a create for long:
 # past this the check counts as "registry unreachable".
 _CHECK_TIMEOUT_S = 15.0
+# Docker walks a writable layer to size it; a tenant's million files must not hold a
+# thread for longer than this.
+_SIZE_TIMEOUT_S = 60.0
 
 
 LABEL_PROBE = "qudata.probe"  # a runtime's start check (services.isolation), no instance
@@ -241,12 +244,22 @@ class DockerEngine:
     def writable_layer_bytes(self, container_id: str) -> int:
         """The size of the container's writable layer (`docker ps --size`'s SizeRw).
 
-        Docker walks the layer to count it: slow for a large one, so call it
-        from the slow pool, and not often. `container_id` is an id (or its
-        prefix), not a name.
+        Docker walks the layer to count it, and the tenant decides how many
+        files are there: the call has a connection of its own that gives up
+        after `_SIZE_TIMEOUT_S` (a `DockerError` saying so), so one layer can
+        hold one slow thread that long and no longer. `container_id` is an id
+        (or its prefix), not a name.
         """
-        with self._translated(f"size of container {container_id}"):
-            found = self._api().api.containers(all=True, size=True, filters={"id": container_id})
+        api = self._own_client(_SIZE_TIMEOUT_S)
+        try:
+            with self._translated(f"size of container {container_id}"):
+                found = api.containers(all=True, size=True, filters={"id": container_id})
+        except AgentError as e:
+            if _timed_out(e):
+                raise DockerError(f"measuring container {container_id} timed out") from e
+            raise
+        finally:
+            api.close()
         for summary in found:
             if str(summary.get("Id", "")).startswith(container_id):
                 return int(summary.get("SizeRw") or 0)  # Docker leaves a zero out

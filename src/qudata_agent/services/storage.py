@@ -38,7 +38,7 @@ from qudata_agent.domain.storage import (
     quota_support,
     usage,
 )
-from qudata_agent.errors import NotFound
+from qudata_agent.errors import AgentError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class StorageGuard:
         self._support: QuotaSupport | None = None
         self._used: dict[str, int] = {}  # instance id -> its layer's size at the last pass
         self._over: set[str] = set()  # instances whose layer was over its size
+        self._missed: set[str] = set()  # instances whose last measure failed (logged once)
 
     @property
     def policy(self) -> StoragePolicy:
@@ -201,9 +202,24 @@ class StorageGuard:
                 )
             except NotFound:
                 continue  # removed a moment ago; the reconciler sees it too
+            except AgentError as e:  # this layer alone (a walk too long): the others go on
+                self._unmeasured(instance.id, e, used)
+                continue
+            self._missed.discard(instance.id)
             self._judge(instance.id, request, used[instance.id])
         self._used = used
         self._over &= set(used)
+
+    def _unmeasured(self, instance_id: str, error: AgentError, used: dict[str, int]) -> None:
+        """Keeps the last figure of a layer that could not be measured; logs the first miss."""
+        if instance_id in self._used:
+            used[instance_id] = self._used[instance_id]
+        if instance_id not in self._missed:
+            self._missed.add(instance_id)
+            log.warning(
+                "instance disk use not measured",
+                extra={"instance_id": instance_id, "error": error.message},
+            )
 
     def _judge(self, instance_id: str, request: StorageRequest, used: int) -> None:
         facts = {

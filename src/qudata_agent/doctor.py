@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import http.client
 import json
 import os
 import shutil
@@ -41,14 +43,17 @@ from qudata_agent.adapters.host import disk_free_bytes, mount_options, run_tool
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.store import Store
+from qudata_agent.adapters.tls import TlsError, TlsIdentity, served_identity
 from qudata_agent.adapters.volume_fs import LoopVolumes, XfsProjectVolumes, fs_facts
 from qudata_agent.config import Settings
 from qudata_agent.domain.inventory import GpuCondition, GpuReport
 from qudata_agent.domain.storage import quota_support
+from qudata_agent.domain.tls import RENEW_BEFORE, TlsMode
 from qudata_agent.domain.volumes import FsFacts, Mechanism, choose_mechanism
 from qudata_agent.errors import AgentError
 
 DB_FILE = "agent.db"
+AGENT_PORT_KEY = "agent_port"  # the store's key of the port last listened on (app.py)
 SECRET_FILES = ("agent_secret", "api_key")  # in the state dir; see services/credentials.py
 NVIDIA_PCI_VENDOR = "0x10de"
 PORTS_FREE_ENOUGH = 0.9  # below this share of the range free: a warning
@@ -515,6 +520,64 @@ def clock_skew_s(answer: CpAnswer) -> float | None:
         return None
 
 
+def tls_check(
+    mode: TlsMode,
+    identity: TlsIdentity | None,
+    error: str | None,
+    plain: int | None,
+    now: dt.datetime,
+) -> Check:
+    """The agent's port: TLS on?, the pin, the certificate's expiry, does plain HTTP answer.
+
+    `plain`: the HTTP status a plain `GET /ping` on the agent's port got (None: no
+    answer, the agent is not running).
+    """
+    name = "api tls"
+    if mode is TlsMode.OFF:
+        return Check(
+            name,
+            Level.WARN,
+            "TLS off (QUDATA_TLS=off): the secret crosses the network in clear",
+            "unset QUDATA_TLS (on: TLS beside plain HTTP), then move the control plane to "
+            "https:// with the pin, then QUDATA_TLS=required (install.sh --tls required)",
+        )
+    if error is not None:
+        return Check(
+            name,
+            Level.FAIL,
+            error,
+            "fix QUDATA_TLS_CERT_FILE/QUDATA_TLS_KEY_FILE, or unset them (the agent makes its own)",
+        )
+    if identity is None:
+        return Check(name, Level.PASS, f"{mode}; the key and certificate are made at first start")
+    detail = f"{mode}, pin sha256//{identity.pin}, certificate until {identity.not_after:%Y-%m-%d}"
+    detail += " (agent-made)" if identity.agent_made else " (the provider's)"
+    if plain is None:
+        detail += "; port not probed: the agent does not answer"
+    elif plain == 400:
+        detail += "; plain HTTP refused"
+    else:
+        detail += "; plain HTTP answers too"
+    left = identity.not_after - now
+    if not identity.agent_made and left <= RENEW_BEFORE:
+        expired = left.total_seconds() <= 0
+        return Check(
+            name,
+            Level.FAIL if expired else Level.WARN,
+            detail + ("; EXPIRED" if expired else f"; expires in {left.days} days"),
+            "put a renewed certificate in QUDATA_TLS_CERT_FILE (same key keeps the pin) and "
+            "restart the agent",
+        )
+    if mode is TlsMode.ON and plain is not None and plain != 400:
+        return Check(
+            name,
+            Level.PASS,
+            detail,
+            "once the control plane calls https:// with the pin: QUDATA_TLS=required",
+        )
+    return Check(name, Level.PASS, detail)
+
+
 def ready(checks: Iterable[Check]) -> bool:
     return all(check.level is not Level.FAIL for check in checks)
 
@@ -579,6 +642,9 @@ class Probes(Protocol):
     def disk_free(self, path: str) -> int | None: ...
 
     def volumes(self, state_dir: Path) -> VolumeSummary: ...
+    def served_tls(self, settings: Settings) -> TlsIdentity | None: ...  # raises ProbeError
+
+    def plain_http(self, state_dir: Path, port: int | None) -> int | None: ...  # None: no answer
 
 
 def _permission_check(name: str, error: OSError) -> Check:
@@ -690,7 +756,19 @@ def run_checks(settings: Settings, probes: Probes, config_file: Path | None = No
         clock_check(probes.timedatectl()),
         _ssh_tools(probes),
         _control_plane(settings, probes),
+        _tls(settings, probes),
     ]
+
+
+def _tls(settings: Settings, probes: Probes) -> Check:
+    identity, error = None, None
+    if settings.tls is not TlsMode.OFF:
+        try:
+            identity = probes.served_tls(settings)
+        except ProbeError as e:
+            error = str(e)
+    plain = probes.plain_http(settings.state_dir, settings.agent_port)
+    return tls_check(settings.tls, identity, error, plain, dt.datetime.now(dt.UTC))
 
 
 # -- the real host ----------------------------------------------------------------
@@ -849,3 +927,33 @@ class HostProbes:
                 (loop if v.mechanism is Mechanism.LOOP else xfs).disk_bytes(v) for v in volumes
             ),
         )
+
+    def served_tls(self, settings: Settings) -> TlsIdentity | None:
+        try:
+            return served_identity(
+                settings.state_dir, settings.tls_cert_file, settings.tls_key_file
+            )
+        except TlsError as e:
+            raise ProbeError(str(e)) from e
+
+    def plain_http(self, state_dir: Path, port: int | None) -> int | None:
+        """The status of a plain `GET /ping` on the agent's port (the store's, else `port`)."""
+        recorded = None
+        with contextlib.suppress(OSError, AgentError, ValueError):
+            if (state_dir / DB_FILE).is_file():
+                store = Store.open_readonly(state_dir / DB_FILE)
+                try:
+                    recorded = store.get(AGENT_PORT_KEY)
+                finally:
+                    store.close()
+        port = int(recorded) if recorded else port
+        if port is None:
+            return None
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=_CP_TIMEOUT_S)
+        try:
+            conn.request("GET", "/ping")
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()

@@ -115,7 +115,18 @@ def test_tls_required_answers_plain_http_with_the_contracts_400(
     for path in ("/ping", "/v1/host", "/no/such/route"):
         assert _plain_get(agent.port, path) == (400, TLS_REQUIRED)
     status, body = _tls_get(agent, "/v1/host", agent.tls_client())
-    assert status == 200 and body["data"]["tls_pubkey_sha256"]
+    pin = body["data"]["tls_pubkey_sha256"]
+    assert status == 200 and pin == spki_pin(served_certificate(agent.port))
+    done = subprocess.run(
+        [*agent_command(), "doctor", "--json"],
+        env=agent.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    (tls,) = [c for c in json.loads(done.stdout)["checks"] if c["name"] == "api tls"]
+    assert tls["level"] == "pass", tls
+    assert f"required, pin sha256//{pin}" in tls["detail"] and "plain HTTP refused" in tls["detail"]
 
 
 def test_tls_off_serves_plain_http_only(agent_factory: AgentFactory) -> None:

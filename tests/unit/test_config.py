@@ -13,6 +13,7 @@ from qudata_agent.config import (
     ConfigError,
     load_settings,
 )
+from qudata_agent.domain.tls import TlsMode
 
 KEY = "k3y-VALUE-1234567890"
 
@@ -266,3 +267,47 @@ def test_the_restart_and_log_settings() -> None:
         5,
         100,
     )
+
+
+def test_the_port_settings_default_to_the_contract() -> None:
+    settings = load_settings(environ={})
+    assert settings.tls is TlsMode.ON
+    assert settings.tls_cert_file is settings.tls_key_file is settings.tls_client_ca is None
+    assert settings.http_header_timeout_s == 10.0
+    assert settings.http_max_connections == 256
+
+
+def test_the_port_settings_are_parsed() -> None:
+    settings = load_settings(
+        environ={
+            "QUDATA_TLS": "Required",
+            "QUDATA_TLS_CERT_FILE": "/etc/qudata-agent/cert.pem",
+            "QUDATA_TLS_KEY_FILE": "/etc/qudata-agent/key.pem",
+            "QUDATA_TLS_CLIENT_CA": "/etc/qudata-agent/cp-ca.pem",
+            "QUDATA_HTTP_HEADER_TIMEOUT": "2.5",
+            "QUDATA_HTTP_MAX_CONNECTIONS": "1024",
+        }
+    )
+    assert settings.tls is TlsMode.REQUIRED
+    assert settings.tls_cert_file == Path("/etc/qudata-agent/cert.pem")
+    assert settings.tls_key_file == Path("/etc/qudata-agent/key.pem")
+    assert settings.tls_client_ca == Path("/etc/qudata-agent/cp-ca.pem")
+    assert settings.http_header_timeout_s == 2.5
+    assert settings.http_max_connections == 1024
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"QUDATA_TLS": "sometimes"}, "QUDATA_TLS"),
+        ({"QUDATA_TLS_CERT_FILE": "cert.pem"}, "QUDATA_TLS_CERT_FILE"),  # not absolute
+        ({"QUDATA_TLS_CERT_FILE": "/c.pem"}, "QUDATA_TLS_KEY_FILE"),  # one without the other
+        ({"QUDATA_TLS_KEY_FILE": "/k.pem"}, "QUDATA_TLS_CERT_FILE"),
+        ({"QUDATA_TLS": "off", "QUDATA_TLS_CLIENT_CA": "/ca.pem"}, "QUDATA_TLS_CLIENT_CA"),
+        ({"QUDATA_HTTP_HEADER_TIMEOUT": "0"}, "QUDATA_HTTP_HEADER_TIMEOUT"),
+        ({"QUDATA_HTTP_MAX_CONNECTIONS": "8"}, "QUDATA_HTTP_MAX_CONNECTIONS"),
+    ],
+)
+def test_a_bad_port_setting_names_its_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings(environ=env)

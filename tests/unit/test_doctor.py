@@ -5,6 +5,7 @@ No host is touched: `run_checks` is driven by a fake `Probes`.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,11 @@ from typing import Any
 import pytest
 
 from qudata_agent import doctor
+from qudata_agent.adapters.tls import TlsIdentity
 from qudata_agent.config import Settings, load_settings
 from qudata_agent.doctor import Check, Level, ProbeError
 from qudata_agent.domain.inventory import GpuCondition, GpuInfo, GpuReport
+from qudata_agent.domain.tls import TlsMode
 from qudata_agent.domain.volumes import FsFacts
 
 INFO_OVERLAY: dict[str, Any] = {
@@ -277,6 +280,8 @@ class FakeProbes:
     volume_summary: doctor.VolumeSummary = field(
         default_factory=lambda: doctor.VolumeSummary(FsFacts("ext4", frozenset({"rw"})))
     )
+    tls: TlsIdentity | None = None
+    plain: int | None = None
 
     def docker_info(self) -> dict[str, Any]:
         if self.info is None:
@@ -332,6 +337,12 @@ class FakeProbes:
     def volumes(self, state_dir: Path) -> doctor.VolumeSummary:
         return self.volume_summary
 
+    def served_tls(self, settings: Settings) -> TlsIdentity | None:
+        return self.tls
+
+    def plain_http(self, state_dir: Path, port: int | None) -> int | None:
+        return self.plain
+
 
 def _settings(**env: str) -> Settings:
     base = {"QUDATA_STATE_DIR": "/st", "QUDATA_PORT_RANGE": "23000-23004"}
@@ -366,6 +377,7 @@ def test_a_ready_cpu_host() -> None:
         "clock sync",
         "instance ssh",
         "control plane",
+        "api tls",
     ]
     assert doctor.exit_code(checks) == 0
     found = _by_name(checks)
@@ -566,3 +578,64 @@ def test_the_volumes_check_names_the_mechanism_and_the_space_held() -> None:
     loop = _by_name(doctor.run_checks(_settings(), FakeProbes(volume_summary=lacking)))["volumes"]
     assert loop.level is Level.FAIL and loop.fix == "apt-get install e2fsprogs"
     assert loop.detail.startswith("loop-ext4 (ext4 has no per-directory size limit")
+
+
+# -- the agent's port: TLS ------------------------------------------------------------
+
+TLS_NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+
+
+def _identity(days_left: float, agent_made: bool = True) -> TlsIdentity:
+    return TlsIdentity(
+        Path("/s/tls/cert.pem"),
+        Path("/s/tls/key.pem"),
+        "PIN=",
+        TLS_NOW + dt.timedelta(days=days_left),
+        ("host-1",),
+        agent_made,
+    )
+
+
+def test_tls_on_shows_the_pin_the_expiry_and_that_plain_http_answers() -> None:
+    check = doctor.tls_check(TlsMode.ON, _identity(300), None, 200, TLS_NOW)
+    assert check.level is Level.PASS
+    assert "pin sha256//PIN=" in check.detail and "certificate until 2027-03-28" in check.detail
+    assert "plain HTTP answers too" in check.detail
+    assert check.fix is not None and "QUDATA_TLS=required" in check.fix
+
+
+def test_tls_required_says_plain_http_is_refused() -> None:
+    check = doctor.tls_check(TlsMode.REQUIRED, _identity(300), None, 400, TLS_NOW)
+    assert check.level is Level.PASS and "plain HTTP refused" in check.detail
+    assert check.fix is None
+    down = doctor.tls_check(TlsMode.REQUIRED, _identity(300), None, None, TLS_NOW)
+    assert "the agent does not answer" in down.detail
+
+
+def test_tls_off_is_a_warning_with_the_way_on() -> None:
+    check = doctor.tls_check(TlsMode.OFF, None, None, 200, TLS_NOW)
+    assert check.level is Level.WARN and "in clear" in check.detail
+    assert check.fix is not None and "--tls required" in check.fix
+
+
+def test_a_providers_certificate_near_or_past_expiry_is_flagged() -> None:
+    soon = doctor.tls_check(TlsMode.ON, _identity(10, agent_made=False), None, 200, TLS_NOW)
+    assert soon.level is Level.WARN and "expires in 10 days" in soon.detail
+    gone = doctor.tls_check(TlsMode.ON, _identity(-1, agent_made=False), None, 200, TLS_NOW)
+    assert gone.level is Level.FAIL and "EXPIRED" in gone.detail and gone.fix
+    # The agent's own is renewed by the agent itself: no warning for it.
+    assert doctor.tls_check(TlsMode.ON, _identity(10), None, 200, TLS_NOW).level is Level.PASS
+
+
+def test_an_unreadable_certificate_fails_and_no_certificate_yet_passes() -> None:
+    bad = doctor.tls_check(TlsMode.ON, None, "/c.pem: not a readable PEM", None, TLS_NOW)
+    assert bad.level is Level.FAIL and bad.fix
+    fresh = doctor.tls_check(TlsMode.ON, None, None, None, TLS_NOW)
+    assert fresh.level is Level.PASS and "first start" in fresh.detail
+
+
+def test_run_checks_reports_the_port_tls() -> None:
+    probes = FakeProbes(tls=_identity(300), plain=400)
+    checks = doctor.run_checks(load_settings(environ={"QUDATA_TLS": "required"}), probes)
+    (tls,) = [c for c in checks if c.name == "api tls"]
+    assert "plain HTTP refused" in tls.detail

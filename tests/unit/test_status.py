@@ -7,6 +7,8 @@ from pathlib import Path
 
 from qudata_agent import status
 from qudata_agent.adapters.store import Store
+from qudata_agent.adapters.tls import TlsKeeper
+from qudata_agent.config import load_settings
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.status import Live, Recorded, Report
 
@@ -140,3 +142,16 @@ def test_read_recorded_from_a_store(tmp_path: Path) -> None:
     assert (recorded.agent_id, recorded.agent_port, recorded.registered) == ("agent-9", 1031, False)
     (view,) = recorded.instances
     assert view["ssh"] == {"status": "failed", "port": "40001", "reason": "no package manager"}
+
+
+def test_the_tls_line_shows_the_mode_the_pin_and_the_expiry(tmp_path: Path) -> None:
+    off = status.tls_state(load_settings(environ={"QUDATA_TLS": "off"}))
+    assert "plain HTTP only" in status.render(_report(tls=off))
+    settings = load_settings(environ={"QUDATA_STATE_DIR": str(tmp_path)})
+    assert "no certificate yet" in status.render(_report(tls=status.tls_state(settings)))
+    keeper = TlsKeeper(tmp_path, ("host-1",))
+    state = status.tls_state(settings)
+    line = status.render(_report(tls=state))
+    assert f"pin sha256//{keeper.identity.pin}" in line and "(plain HTTP too)" in line
+    assert state.not_after == keeper.identity.not_after.isoformat(timespec="seconds")
+    assert json.loads(status.to_json(_report(tls=state)))["tls"]["pin"] == keeper.identity.pin

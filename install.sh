@@ -99,6 +99,9 @@ usage: install.sh [options]
   --agent-port PORT     the agent's API port (QUDATA_AGENT_PORT), written on the
                         first install: 1024 unless given, fixed for firewall rules
   --set KEY=VALUE       a setting of the README's table into agent.env (repeatable)
+  --tls MODE            the API port's TLS (QUDATA_TLS): on (TLS beside plain HTTP,
+                        the agent's default), required (plain HTTP refused: for a
+                        control plane that calls https:// and pins the key) or off
   --tunnel SPEC         tunnel mode, for a host behind NAT (README, "Hosts behind
                         NAT"): SPEC is RELAY:PORT,RELAY_KEY,ADDRESS/PREFIX,PUBLIC_IP,
                         or `init` when the control plane sends them; installs
@@ -220,6 +223,10 @@ set_option() {
       MIRRORS+=("$value")
       ;;
     --tunnel) set_tunnel "$value" ;;
+    --tls)
+      [[ $value =~ ^(on|required|off)$ ]] || usage_error "--tls: expected on, required or off"
+      SETTINGS+=("QUDATA_TLS=$value")
+      ;;
     *) usage_error "unknown option $name" ;;
   esac
 }
@@ -249,7 +256,7 @@ parse_args() {
       --rollback) ROLLBACK=1 ;;
       --no-hold) HOLD=0 ;;
       --source | --api-url | --api-key-file | --agent-port | --set | --proxy | \
-        --max-concurrent-downloads | --registry-mirror | --tunnel)
+        --max-concurrent-downloads | --registry-mirror | --tunnel | --tls)
         [ $# -ge 2 ] || usage_error "$1 needs a value"
         set_option "$1" "$2"
         shift

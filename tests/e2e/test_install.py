@@ -296,6 +296,16 @@ def test_a_dry_run_in_tunnel_mode_installs_wireguard_and_writes_its_settings(fre
     assert code == 2 and "not a WireGuard key" in output
 
 
+def test_a_dry_run_with_tls_required_writes_the_setting(fresh: Box) -> None:
+    output = fresh.unchanged_by(
+        f"QUDATA_INSTALL_PCI_DEVICES={FAKE_BUS} bash /src/install.sh --dry-run --tls required"
+        f" {WITH_KEY}"
+    )
+    assert f"would set QUDATA_TLS=required in {ENV_FILE}" in output, output
+    code, output = fresh.code(f"bash /src/install.sh --dry-run --tls maybe {WITH_KEY}")
+    assert code == 2 and "--tls: expected on, required or off" in output
+
+
 # -- a real install, then an upgrade, then an uninstall ------------------------------------
 
 

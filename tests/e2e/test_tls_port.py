@@ -97,14 +97,17 @@ def test_curl_pins_the_key_and_plain_http_is_served_by_default(
 ) -> None:
     agent = agent_factory(BASE).start()
     pin = spki_pin(served_certificate(agent.port))
+    wrong = "A" * 43 + "="
+    done = _curl(agent, wrong, "/v1/host")
+    assert done.returncode == 90, (done.returncode, done.stdout)  # SSL public key mismatch
+    assert done.stdout == ""
+    # curl stopped after the handshake: the request (and the secret in it) never left it.
+    assert not [r for r in agent.log_records() if r.get("path") == "/v1/host"]
     done = _curl(agent, pin, "/v1/host")
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer["ok"] is True and answer["data"]["tls_pubkey_sha256"] == pin
-    wrong = "A" * 43 + "="
-    done = _curl(agent, wrong, "/v1/host")
-    assert done.returncode == 90, (done.returncode, done.stdout)  # SSL public key mismatch
-    assert done.stdout == ""  # not a byte of an answer, so the secret never left curl
+    assert [r for r in agent.log_records() if r.get("path") == "/v1/host"]
     assert _plain_get(agent.port, "/ping") == (200, {"ok": True, "data": None})
 
 

@@ -505,6 +505,7 @@ ROLE_PLAY = f"""
           QUDATA_ADDRESS_LOOKUP_URLS: none
         qudata_agent_max_concurrent_downloads: 4
         qudata_agent_registry_mirrors: [http://127.0.0.1:5998]
+        qudata_agent_api_allow: [198.51.100.0/24]
 """
 
 
@@ -541,6 +542,17 @@ def test_the_ansible_role_installs_and_a_second_run_changes_nothing(
     assert host.sh("systemctl is-active qudata-agent").strip() == "active"
     assert json.loads(host.sh("cat /etc/docker/daemon.json"))["max-concurrent-downloads"] == 4
     assert "QUDATA_AGENT_PORT=1024" in host.sh("cat /etc/qudata-agent/agent.env")
+    # The port is open to loopback and the control plane's networks only (the script's
+    # behaviour, packets and all, is tests/e2e/test_port_firewall.py's).
+    assert host.sh("systemctl is-active qudata-agent-api-firewall").strip() == "active"
+    chain = host.sh("iptables -S QUDATA-API").splitlines()
+    assert chain[1:] == [
+        "-A QUDATA-API -s 127.0.0.0/8 -j ACCEPT",
+        "-A QUDATA-API -s 198.51.100.0/24 -j ACCEPT",
+        "-A QUDATA-API -j DROP",
+    ], chain
+    assert "--dport 1024 -j QUDATA-API" in host.sh("iptables -S INPUT")
+    assert host.api("GET", "/v1/host")["ok"] is True  # loopback still served
     # Everywhere, the journal included, but the fake control plane's own recording.
     found = host.sh(
         f"grep -rlF --exclude=cp.jsonl -- '{KEY}' /etc /opt /var /root /run /tmp || true"

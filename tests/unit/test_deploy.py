@@ -75,7 +75,7 @@ def test_the_cloud_init_example_passes_the_key_in_a_file_and_removes_it() -> Non
     text = (DEPLOY / "cloud-init" / "user-data.yaml").read_text()
     assert text.startswith("#cloud-config\n")
     config = yaml.safe_load(text)
-    (key_file,) = config["write_files"]
+    (key_file,) = [f for f in config["write_files"] if f["path"].endswith("api_key")]
     assert key_file["path"].startswith("/run/") and key_file["permissions"] == "0600"
     install = next(cmd for cmd in config["runcmd"] if "install.sh" in " ".join(cmd[:2]))
     assert install[install.index("--api-key-file") + 1] == key_file["path"]
@@ -90,3 +90,37 @@ def test_the_role_passes_the_key_on_stdin_only() -> None:
     assert "qudata_agent_api_key" not in install["ansible.builtin.command"]["argv"]
     assert install["no_log"]
     assert "(no change)" in install["changed_when"]
+
+
+ROLE = DEPLOY / "ansible/roles/qudata_agent"
+
+
+def _body(script: str) -> str:
+    """A firewall script from `set -euo pipefail` on: what does not depend on the host."""
+    return script[script.index("set -euo pipefail") :]
+
+
+def test_the_role_and_cloud_init_close_the_agent_port_with_the_same_script() -> None:
+    config = yaml.safe_load((DEPLOY / "cloud-init" / "user-data.yaml").read_text())
+    files = {f["path"]: f for f in config["write_files"]}
+    script = files["/usr/local/sbin/qudata-agent-api-firewall"]
+    assert script["permissions"] == "0755"
+    role_script = (ROLE / "templates/qudata-agent-api-firewall.j2").read_text()
+    assert _body(script["content"]) == _body(role_script)
+    unit = files["/etc/systemd/system/qudata-agent-api-firewall.service"]["content"]
+    assert "Before=qudata-agent.service" in unit and "WantedBy=multi-user.target" in unit
+    enable = ["systemctl", "enable", "--now", "qudata-agent-api-firewall.service"]
+    install = next(i for i, cmd in enumerate(config["runcmd"]) if "install.sh" in " ".join(cmd[:2]))
+    assert config["runcmd"].index(enable) > install  # iptables comes with install.sh
+
+
+def test_the_role_needs_the_control_planes_networks_while_its_firewall_is_on() -> None:
+    defaults = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
+    assert defaults["qudata_agent_firewall"] is True and defaults["qudata_agent_api_allow"] == []
+    tasks = yaml.safe_load((ROLE / "tasks/main.yml").read_text())
+    (check,) = [t for t in tasks if "control plane's networks" in t["name"]]
+    assert "qudata_agent_api_allow" in check["ansible.builtin.assert"]["that"][0]
+    applied = [t for t in tasks if "ansible.builtin.systemd" in t and "firewall" in t["name"]]
+    assert applied and applied[0]["ansible.builtin.systemd"]["enabled"] is True
+    site = yaml.safe_load((DEPLOY / "ansible/site.yml").read_text())
+    assert site[0]["roles"][0]["vars"]["qudata_agent_api_allow"]

@@ -99,8 +99,9 @@ def test_slowloris_strangers_are_closed_within_the_deadline_and_the_secret_is_se
     latencies: list[float] = []
     try:
         for n in range(STRANGERS):
-            # Half send a request line and one header, never the blank line; half send nothing.
-            partial = b"GET /ping HTTP/1.1\r\nHost: x\r\n" if n % 2 else b""
+            # A third send nothing, a third a request line and one header (never the blank
+            # line), a third the first bytes of a TLS handshake record (never the rest).
+            partial = (b"", b"GET /ping HTTP/1.1\r\nHost: x\r\n", b"\x16\x03\x01\x00")[n % 3]
             opened[_stranger(agent.port, partial)] = time.monotonic()
             if n % 250 == 249:
                 latencies.append(_authenticated_call(agent))
@@ -121,6 +122,30 @@ def test_slowloris_strangers_are_closed_within_the_deadline_and_the_secret_is_se
     assert held_fds <= idle_fds + 256 + 16  # never more than the cap of connections
     assert agent.proc.poll() is None
     assert _authenticated_call(agent) < 1.0
+
+
+def test_a_kept_alive_connection_gets_the_deadline_for_its_next_request(
+    agent_factory: AgentFactory,
+) -> None:
+    """Not the 30 s idle timeout: a next request that never ends is cut at the header deadline."""
+    agent = agent_factory({**BASE, "QUDATA_HTTP_HEADER_TIMEOUT": str(DEADLINE_S)}).start()
+    sock = socket.create_connection(("127.0.0.1", agent.port), timeout=5)
+    try:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):  # the head and the body may come apart
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        time.sleep(DEADLINE_S + 0.5)  # idle, kept alive: well within the 30 s, still open
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing to read, and no end of stream either
+            sock.recv(1)
+        sock.sendall(b"GET /ping HTTP/1.1\r\n")
+        started = time.monotonic()
+        closed = _closed_at({sock: started}, started + DEADLINE_S + SLACK_S + 1)
+    finally:
+        sock.close()
+    assert sock in closed and closed[sock] - started <= DEADLINE_S + SLACK_S
 
 
 def test_over_the_cap_strangers_make_room_and_trusted_slots_are_kept(

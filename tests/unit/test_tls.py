@@ -6,8 +6,10 @@ import base64
 import datetime as dt
 import hashlib
 import os
+import socket
 import ssl
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,41 @@ def test_the_server_context_speaks_tls12_and_up_and_asks_for_client_certs(
     assert keeper.context.minimum_version is ssl.TLSVersion.TLSv1_2
     assert keeper.context.verify_mode is ssl.CERT_REQUIRED
     assert TlsKeeper(tmp_path, ("h",)).context.verify_mode is ssl.CERT_NONE
+
+
+def _served_by(ctx: ssl.SSLContext) -> x509.Certificate:
+    """The certificate a handshake with `ctx` presents (over a socket pair, in memory)."""
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    left, right = socket.socketpair()
+    with left, right:
+        server = threading.Thread(target=lambda: ctx.wrap_socket(right, server_side=True))
+        server.start()
+        with client_ctx.wrap_socket(left) as tls:
+            der = tls.getpeercert(binary_form=True)
+        server.join(5)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_a_renewal_is_served_by_the_live_context_with_the_same_pin(tmp_path: Path) -> None:
+    keeper = TlsKeeper(tmp_path, ("host-1",))
+    before = _served_by(keeper.context)
+    due = keeper.identity.not_after - RENEW_BEFORE + dt.timedelta(hours=1)
+    assert keeper.renew(now=due) is True
+    after = _served_by(keeper.context)
+    assert after.serial_number != before.serial_number
+    assert after.not_valid_after_utc == keeper.identity.not_after > before.not_valid_after_utc
+    assert spki_pin(after) == spki_pin(before) == keeper.identity.pin
+
+
+def test_a_providers_certificate_is_never_renewed_by_the_agent(tmp_path: Path) -> None:
+    own = issue(None, "p", server=True, valid_for=dt.timedelta(days=1)).write(tmp_path, "p")
+    keeper = TlsKeeper(tmp_path, ("h",), own)
+    assert keeper.renew("198.51.100.4") is False
+    assert _served_by(keeper.context).serial_number == keeper_serial(own[0])
+
+
+def keeper_serial(cert_file: Path) -> int:
+    return x509.load_pem_x509_certificate(cert_file.read_bytes()).serial_number

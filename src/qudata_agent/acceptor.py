@@ -66,8 +66,8 @@ class Link:
     def attach(self, abort: Callable[[], None]) -> None:
         """The protocol has the transport; its request headers are due by the deadline."""
         self._abort = abort
-        self._acceptor.attach(self._conn, self._expire)
         self._arm(self._deadline)
+        self._acceptor.attach(self._conn, self._expire)
 
     def waiting_for_headers(self) -> None:
         """Bytes of a request arrived, its headers not yet: they are due within the timeout."""
@@ -147,8 +147,11 @@ class Acceptor:
         return self._table.holds(conn)
 
     def attach(self, conn: Conn, close: Callable[[], None]) -> None:
+        """A protocol holds the connection now; `close` ends it (at once if it lost its slot)."""
         if self._table.holds(conn):
             self._closers[conn.id] = close
+        else:
+            close()
 
     def forget(self, conn: Conn) -> None:
         self._table.close(conn)

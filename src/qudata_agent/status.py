@@ -391,5 +391,8 @@ def gather(settings: Settings) -> Report:
         https = settings.tls is TlsMode.REQUIRED or settings.tls_client_ca is not None
         live = fetch_live(host, port, _read_secret(state / AGENT_SECRET_FILE), https)
     except AgentDown as e:
-        return replace(report, down_reason=error or str(e))
+        reason = str(e)
+        if settings.tls_client_ca is not None:
+            reason += "; with mutual TLS status cannot call the API (no client certificate)"
+        return replace(report, down_reason=error or reason)
     return replace(report, live=live)

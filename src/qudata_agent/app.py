@@ -565,7 +565,7 @@ class Agent:
                 registrar = self._registrar(parts, cp, address, tls)
                 backoff = Backoff(base_s=0.5, cap_s=s.cp_backoff_max_s)
                 await registration_loop(registrar, listening, backoff, (ControlPlaneError,))
-                await self._tunnel_from_answer(parts, registrar, await listening)
+                await self._tunnel_from_answer(parts, registrar, await listening, tls)
                 async with asyncio.TaskGroup() as group:
                     group.create_task(reporter.run())
                     group.create_task(
@@ -597,7 +597,9 @@ class Agent:
             "tunnel", lambda: run_every(TUNNEL_CHECK_S, tunnel.check, "tunnel", first_delay_s=1)
         )
 
-    async def _tunnel_from_answer(self, parts: _Parts, registrar: Registrar, port: int) -> None:
+    async def _tunnel_from_answer(
+        self, parts: _Parts, registrar: Registrar, port: int, tls: TlsKeeper | None
+    ) -> None:
         """The tunnel from /init's data.tunnel where the settings lacked it, then re-register."""
         tunnel = parts.tunnel
         if tunnel is None or tunnel.config is not None:
@@ -612,9 +614,11 @@ class Agent:
         if problem:
             log.error("tunnel mode is off", extra={"error": problem})
             return
-        if await tunnel.start(config):
-            registrar.move(config.public_address)
-            await registrar.register(port)
+        await tunnel.start(config)  # on failure the checks keep trying: the address moves now
+        if tls is not None:  # the relay's address among the certificate's names
+            await parts.blocking.quick(tls.renew, config.public_address)
+        registrar.move(config.public_address)
+        await registrar.register(port)
 
     def _tls(self) -> TlsKeeper | None:
         """The port's certificate (the provider's, else the agent's own) and SSL context."""

@@ -53,14 +53,10 @@ SERVICES = (
     ' while (1) { my $m; my $from = $u->recv($m, 512); $u->send("echo:$m", 0, $from) } }\''
 )
 RENTER_CLIENT = r"""
-import json, socket, sys, urllib.request
+import socket, sys
 kind, port = sys.argv[1], int(sys.argv[2])
 try:
-    if kind == "http":
-        req = urllib.request.Request(f"http://{sys.argv[3]}:{port}{sys.argv[4]}",
-                                     headers={"X-Agent-Secret": sys.argv[5]})
-        print(urllib.request.urlopen(req, timeout=3).read().decode())
-    elif kind == "tcp":
+    if kind == "tcp":
         with socket.create_connection((sys.argv[3], port), timeout=3) as s:
             print(s.makefile().readline().strip())
     else:
@@ -82,9 +78,13 @@ class Renter:
         done = self.net.renter(sys.executable, "-c", RENTER_CLIENT, *args)
         return done.stdout.strip()
 
-    def api(self, secret: str, path: str = "/v1/host") -> dict[str, Any] | None:
-        out = self._run("http", str(AGENT_PORT), PUBLIC, path, secret)
-        return None if out.startswith("error") else json.loads(out)  # type: ignore[no-any-return]
+    def api(self, secret: str, pin: str, path: str = "/v1/host") -> dict[str, Any] | None:
+        """Over TLS, the agent's key pinned (curl --pinnedpubkey), as a control plane would."""
+        done = self.net.renter(
+            "curl", "-sS", "-k", "--max-time", "5", "--pinnedpubkey", f"sha256//{pin}",
+            "-H", f"X-Agent-Secret: {secret}", f"https://{PUBLIC}:{AGENT_PORT}{path}",
+        )  # fmt: skip
+        return json.loads(done.stdout) if done.returncode == 0 else None  # type: ignore[no-any-return]
 
     def tcp(self, port: int | str, address: str = PUBLIC) -> str:
         return self._run("tcp", str(port), address)
@@ -142,7 +142,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             agent = AgentProcess(state, env, port=AGENT_PORT).start()
             cp.wait_for("/init")
             wait_for((state / "agent_secret").exists, 15, "the secret from /init")
-            yield Rig(net, agent, Renter(net, work), cp)
+            rig = Rig(net, agent, Renter(net, work), cp)
+            yield rig
+            agent = rig.agent  # a test may have started another
     finally:
         if agent is not None and agent.proc is not None and agent.proc.poll() is None:
             agent.stop(signal.SIGKILL)
@@ -158,8 +160,17 @@ def _secret(rig: Rig) -> str:
     return rig.agent.secret()
 
 
+def _pin(rig: Rig) -> str:
+    """The pin the agent sent in its last /init (tls_pubkey_sha256)."""
+    return str(rig.cp.wait_for("/init")[-1].body["tls_pubkey_sha256"])
+
+
+def _api(rig: Rig) -> dict[str, Any] | None:
+    return rig.renter.api(_secret(rig), _pin(rig))
+
+
 def _wait_api(rig: Rig, timeout: float) -> float:
-    return wait_for(lambda: rig.renter.api(_secret(rig)) is not None, timeout, "the agent's API")
+    return wait_for(lambda: _api(rig) is not None, timeout, "the agent's API")
 
 
 @pytest.fixture(scope="module")
@@ -185,11 +196,13 @@ def test_the_renter_reaches_the_api_ssh_tcp_and_udp_through_the_relay(
     rig: Rig, instance: dict[str, Any]
 ) -> None:
     def tunnel() -> dict[str, Any]:
-        host = rig.renter.api(_secret(rig))
+        host = _api(rig)
         assert host is not None
         return host["data"]["tunnel"]  # type: ignore[no-any-return]
 
     wait_for(lambda: tunnel()["state"] == "up", 15, "the tunnel's state up")
+    # Pinned: a client that expects another key gets nothing.
+    assert rig.renter.api(_secret(rig), "A" * 43 + "=") is None
     assert tunnel()["public_address"] == PUBLIC
     assert tunnel()["endpoint"] == rig.net.endpoint and tunnel()["last_handshake_at"] is not None
     # The control plane was told the relay's address, the agent's port and its key.
@@ -280,7 +293,7 @@ def test_a_tenant_cannot_reach_the_tunnel_network_or_another_host(
 
 def test_a_relay_restart_is_survived_within_30_s(rig: Rig, instance: dict[str, Any]) -> None:
     rig.net.relay_down()
-    assert rig.renter.api(_secret(rig)) is None
+    assert _api(rig) is None
     rig.net.relay_up()
     took = _wait_api(rig, 30)
     ports = instance["allocated_ports"]
@@ -304,5 +317,32 @@ def test_the_agent_killed_and_its_tunnel_gone_comes_back(
     # And while it runs, a dead wireguard-go is noticed and replaced.
     sh("ip", "link", "del", "dev", WG)
     _wait_api(rig, 30)
-    host = rig.renter.api(_secret(rig))
+    host = _api(rig)
     assert host is not None and host["data"]["tunnel"]["state"] == "up"
+
+
+def test_the_tunnel_can_come_from_the_init_answer(rig: Rig, instance: dict[str, Any]) -> None:
+    """Only QUDATA_TUNNEL=wireguard set: the fields come in /init's data.tunnel; the agent
+    brings the tunnel up and registers again with the relay's address."""
+    rig.agent.stop(signal.SIGKILL)
+    _cleanup_host()
+    answer = {
+        "endpoint": rig.net.endpoint,
+        "relay_key": rig.net.relay_key,
+        "address": HOST_A_TUNNEL,
+        "public_address": PUBLIC,
+        "ports": f"{HOST_A_BLOCK[0]}-{HOST_A_BLOCK[1]}",
+    }
+    status, body = rig.cp.answers["/v0/init"]
+    rig.cp.answers["/v0/init"] = (status, {**body, "data": {**body["data"], "tunnel": answer}})
+    rig.cp.calls.clear()
+    fields = ("ENDPOINT", "RELAY_KEY", "ADDRESS", "PUBLIC_ADDRESS")
+    env = {k: v for k, v in rig.agent.env.items() if k.removeprefix("QUDATA_TUNNEL_") not in fields}
+    assert env["QUDATA_TUNNEL"] == "wireguard" and "QUDATA_TUNNEL_ENDPOINT" not in env
+    rig.agent = AgentProcess(rig.agent.state_dir, env, port=AGENT_PORT).start()
+    _wait_api(rig, 30)
+    inits = rig.cp.wait_for("/init", count=2)
+    assert inits[0].body["address"] != PUBLIC and inits[-1].body["address"] == PUBLIC
+    assert all(i.body["tunnel_pubkey"] == rig.net.host_a_key for i in inits)
+    ports = instance["allocated_ports"]
+    assert rig.renter.tcp(ports["8080"]) == f"peer={RENTER}"

@@ -119,7 +119,9 @@ class WireGuard:
         table = str(self.routing.table)
         _run("ip", "route", "replace", "default", "dev", wg, "table", table)
         if not self.rule_present():
-            _run("ip", "rule", "add", *self._rule_args())
+            added = _run("ip", "rule", "add", *self._rule_args(), check=False)
+            if added.returncode != 0 and not self.rule_present():
+                raise TunnelError(f"ip rule add: {added.stderr.strip()}")
         self._apply_mangle()
 
     def set_peer(self, config: TunnelConfig) -> None:

@@ -15,6 +15,7 @@ What stays true:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -74,16 +75,18 @@ class Tunnel:
         self._handshake: float | None = None
         self._started_at: float | None = None
         self.repairs = 0  # times something had to be put back
+        self._lock = asyncio.Lock()  # a start and a check never run at once
 
     async def start(self, config: TunnelConfig) -> bool:
         """Brings the tunnel up with `config`; False (logged, kept for the checks) on failure."""
-        self.config = config
-        self._started_at = self._clock()
-        try:
-            await self._blocking.slow(self._up, config)
-        except (AgentError, OSError) as e:
-            self._fail(f"the tunnel cannot be brought up: {e}")
-            return False
+        async with self._lock:
+            self.config = config
+            self._started_at = self._clock()
+            try:
+                await self._blocking.slow(self._up, config)
+            except (AgentError, OSError) as e:
+                self._fail(f"the tunnel cannot be brought up: {e}")
+                return False
         log.info(
             "tunnel up",
             extra={
@@ -115,14 +118,17 @@ class Tunnel:
         if config is None:
             return
         try:
-            await self._blocking.quick(self._check, config)
+            async with self._lock:
+                await self._blocking.quick(self._check, config)
         except (AgentError, OSError) as e:
             self._fail(f"tunnel check failed: {e}")
 
     def _check(self, config: TunnelConfig) -> None:
         device = self._device
         if not device.exists():
-            log.warning("tunnel interface gone; making it again", extra={"if": device.routing})
+            log.warning(
+                "tunnel interface gone; making it again", extra={"if": device.routing.interface}
+            )
             self.repairs += 1
             device.create()
             device.configure(config)

@@ -6,7 +6,8 @@
 # The renters' containers, the agent's state and its configuration stay unless
 # asked for:
 #   --containers   also the containers the agent made (label qudata.agent_id),
-#                  its Docker network, its firewall chains (QUDATA-*) and the
+#                  its Docker network, its firewall chains (QUDATA-*), the tunnel
+#                  of tunnel mode (interface, rule, table) and the
 #                  reservation of their port range (sysctl.d)
 #   --state        also the state dir (identity, secrets, the API key,
 #                  database), the configuration dir and the log dir
@@ -117,6 +118,21 @@ drop_chains() {
   for chain in $chains; do run iptables -w 5 -t "$1" -X "$chain"; done
 }
 
+# remove_tunnel: tunnel mode's interface, its routing rule and table (the agent keeps
+# them up when it stops, so that its instances stay reachable); the mangle chains go
+# with the other QUDATA-* chains.
+remove_tunnel() {
+  command -v ip >/dev/null || return 0
+  local ifname table rules i
+  ifname=$(sed -n 's/^QUDATA_TUNNEL_INTERFACE=//p' "$ENV_FILE" 2>/dev/null | tail -1)
+  table=$(sed -n 's/^QUDATA_TUNNEL_TABLE=//p' "$ENV_FILE" 2>/dev/null | tail -1)
+  ifname=${ifname:-qudata-wg} table=${table:-51820}
+  if ip link show dev "$ifname" >/dev/null 2>&1; then run ip link del dev "$ifname"; fi
+  rules=$(ip rule show 2>/dev/null | grep -c "lookup $table\b" || true)
+  for ((i = 0; i < rules; i++)); do run ip rule del lookup "$table"; done
+  if [ -n "$(ip route show table "$table" 2>/dev/null)" ]; then run ip route flush table "$table"; fi
+}
+
 remove_containers() {
   say "tenant containers (label $LABEL), the agent's network and firewall chains"
   if ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
@@ -137,6 +153,7 @@ remove_containers() {
       drop_chains "$table"
     done
   fi
+  remove_tunnel
   if [ -f "$SYSCTL_FILE" ]; then
     # No tenant port to keep free any more (the reservation itself lasts until a reboot).
     run rm -f "$SYSCTL_FILE"

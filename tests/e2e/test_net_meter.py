@@ -20,7 +20,15 @@ import pytest
 from support.agent_proc import AgentProcess, agent_command
 from support.docker_api import Api, agent_id, docker, remove_containers_of
 from support.fake_cp import FakeControlPlane
-from support.netns_internet import PRIVATE, PUBLIC, Internet, download, settled, upload
+from support.netns_internet import (
+    PRIVATE,
+    PUBLIC,
+    Internet,
+    download,
+    settled,
+    until_counted,
+    upload,
+)
 
 AgentFactory = Callable[..., AgentProcess]
 DEBIAN = {"image": "qudata-test/debian", "image_tag": "12"}
@@ -194,11 +202,12 @@ def test_counts_survive_the_agents_kill_9_and_a_container_restart(
     assert first["rx_public_bytes"] - before["rx_public_bytes"] < 10.2 * MB  # counted once
     docker("restart", "-t", "1", container)  # a new run: a new veth, maybe a new address
     again.wait("running")
-    time.sleep(1)
+    until_counted(again, container)  # the meter found the new run (a pass after its event)
+    mid = settled(again, "rx_public_bytes", first["rx_public_bytes"] + 1)
+    assert all(mid[k] >= first[k] for k in first)
     assert download(container, 10 * MB)[0] == 10 * MB
-    after = settled(again, "rx_public_bytes", first["rx_public_bytes"] + 10 * MB)
-    assert all(after[k] >= first[k] for k in first)
-    assert within(after["rx_public_bytes"] - first["rx_public_bytes"], 10 * MB, 0.02)
+    after = settled(again, "rx_public_bytes", mid["rx_public_bytes"] + 10 * MB)
+    assert within(after["rx_public_bytes"] - mid["rx_public_bytes"], 10 * MB, 0.02)
     again.client.close()
 
 
@@ -226,6 +235,11 @@ def test_a_deleted_instance_s_totals_go_in_a_final_stats_report(
         assert final["status"] == "destroyed"
         assert final["rx_public_bytes"] >= seen["rx_public_bytes"]
         assert final["rx_bytes"] >= seen["rx_bytes"]
+        # Removed with the instance: its counters (and their map entries) are gone.
+        key = "i" + state["instance_id"].replace("-", "")
+        listing = subprocess.run(["nft", "list", "table", "ip", "qudata_net_t24br0"],
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert key not in listing
     finally:
         api.client.close()
         remove_containers_of(owner)

@@ -155,13 +155,33 @@ def network(api: Api) -> dict[str, int]:
 
 
 def settled(api: Api, key: str, at_least: int, timeout: float = 20) -> dict[str, int]:
-    """The view's counters once `key` reached `at_least` and stopped moving."""
+    """The view's counters once `key` reached `at_least` and held through a meter pass.
+
+    With `at_least` 0: as soon as the instance is metered at all.
+    """
     deadline = time.monotonic() + timeout
-    last: dict[str, int] = {}
+    now: dict[str, int] = {}
     while time.monotonic() < deadline:
         now = network(api)
-        if now and now.get(key, 0) >= at_least and now == last:
-            return now
-        last = now
-        time.sleep(3.2)
-    raise AssertionError(f"{key} below {at_least} after {timeout}s: {last}")
+        if now and now.get(key, 0) >= at_least:
+            if at_least == 0:
+                return now
+            time.sleep(3.2)  # the meter reads every 3 s: one more pass, nothing moved
+            if network(api) == now:
+                return now
+            continue
+        time.sleep(0.3)
+    raise AssertionError(f"{key} below {at_least} after {timeout}s: {now}")
+
+
+def until_counted(api: Api, container: str, timeout: float = 20) -> None:
+    """Small downloads until the instance's public bytes move."""
+    start = network(api)["rx_public_bytes"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        download(container, 100_000)
+        for _ in range(12):
+            if network(api)["rx_public_bytes"] > start:
+                return
+            time.sleep(0.3)
+    raise AssertionError("the new run's traffic was never counted")

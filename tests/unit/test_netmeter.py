@@ -1,0 +1,174 @@
+"""The network meter's pass with fakes of nft and tc: totals never go back, finals once.
+
+The real nftables and tc are exercised by tests/e2e/test_net_meter.py; here
+the pass's bookkeeping: counters made when missing (and counted from 0), a
+reset counter, the account read back by a new meter, a delete's last totals.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from qudata_agent.blocking import Blocking
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.instance import Instance, Status, Wanted
+from qudata_agent.domain.netpolicy import EgressPolicy, counter_names
+from qudata_agent.services.netmeter import NetMeter
+
+ID = "11111111-2222-3333-4444-555555555555"
+
+
+class FakeNft:
+    def __init__(self) -> None:
+        self.counters_: dict[str, tuple[int, int]] = {}
+        self.keys: dict[str, str] = {}
+        self.scripts: list[str] = []
+
+    def apply(self, script: str) -> None:
+        self.scripts.append(script)
+        for line in script.splitlines():
+            if m := re.fullmatch(r"add counter ip \S+ (\S+)", line):
+                self.counters_.setdefault(m.group(1), (0, 0))
+            elif m := re.fullmatch(r"delete counter ip \S+ (\S+)", line):
+                del self.counters_[m.group(1)]
+            elif m := re.fullmatch(r'add element ip \S+ m_rx_public \{ (\S+) : "(\S+)" \}', line):
+                self.keys[m.group(1)] = m.group(2)
+            elif m := re.fullmatch(r"delete element ip \S+ m_rx_public \{ (\S+) \}", line):
+                del self.keys[m.group(1)]
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        return dict(self.counters_)
+
+    def map_keys(self, name: str) -> dict[str, str]:
+        return dict(self.keys)
+
+    def count(self, kind: str, size: int) -> None:
+        self.counters_[counter_names(ID)[kind]] = (1, size)
+
+
+@dataclass
+class FakeShaper:
+    shaped: list[tuple[str, str, float]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def attachment(self, pid: int) -> Any:
+        return type("Where", (), {"address": f"172.30.0.{pid}", "veth": f"veth{pid}"})()
+
+    def shape(self, veth: str, ifb: str, mbps: float) -> str:
+        self.shaped.append((veth, ifb, mbps))
+        return "ifb"
+
+    def remove_ifb(self, name: str) -> None:
+        self.removed.append(name)
+
+
+class FakeEngine:
+    def inspect(self, container_id: str) -> ContainerState:
+        return ContainerState(container_id, "c", ID, "a", "running", pid=7)
+
+
+@dataclass
+class MemoryAccount:
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> dict[str, Any]:
+        return self.data
+
+    def save(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+
+def _instance(env: dict[str, str] | None = None, started: str = "t1") -> Instance:
+    spec = ContainerSpec(instance_id=ID, agent_id="a", image="i", command=("x",), env=env or {})
+    return Instance(ID, Status.RUNNING, Wanted.RUNNING, "i", "c", container_id="cid",
+                    spec_json=spec.to_json(), started_at=started)  # fmt: skip
+
+
+@dataclass
+class Rig:
+    nft: FakeNft = field(default_factory=FakeNft)
+    shaper: FakeShaper = field(default_factory=FakeShaper)
+    account: MemoryAccount = field(default_factory=MemoryAccount)
+    instances: list[Instance] = field(default_factory=list)
+
+    def meter(self, default_mbps: float | None = None) -> NetMeter:
+        async def listed() -> list[Instance]:
+            return list(self.instances)
+
+        return NetMeter(instances=listed, nft=self.nft, shaper=self.shaper, engine=FakeEngine(),
+                        account=self.account, blocking=Blocking(), bridge="br0",
+                        policy=EgressPolicy(), default_mbps=default_mbps)  # fmt: skip
+
+
+@pytest.fixture
+def rig() -> Rig:
+    return Rig(instances=[_instance({"QUDATA_NET_MBPS": "20"})])
+
+
+async def test_totals_never_go_back_over_resets_and_remade_counters(rig: Rig) -> None:
+    meter = rig.meter()
+    await meter.refresh()
+    assert set(counter_names(ID).values()) <= set(rig.nft.counters_)
+    assert rig.nft.keys == {"172.30.0.7": counter_names(ID)["rx_public"]}
+    assert rig.shaper.shaped == [("veth7", "qdifb1111111122", 20.0)]
+    rig.nft.count("rx_public", 1000)
+    await meter.refresh()
+    rig.nft.count("rx_public", 300)  # the kernel's counter began anew
+    await meter.refresh()
+    use = meter.use(ID)
+    assert use is not None and use.rx_public_bytes == 1300
+    rig.nft.counters_.clear()  # the table is gone (a reboot): remade, counted from 0
+    await meter.refresh()
+    rig.nft.count("rx_public", 50)
+    await meter.refresh()
+    use = meter.use(ID)
+    assert use is not None and use.rx_public_bytes == 1350 and use.rx_bytes == 1350
+
+
+async def test_a_new_meter_reads_the_account_and_counts_nothing_twice(rig: Rig) -> None:
+    first = rig.meter()
+    await first.refresh()
+    rig.nft.count("tx_public", 700)
+    await first.refresh()
+    again = rig.meter()  # the agent after a kill -9: the kernel kept counting
+    rig.nft.count("tx_public", 900)
+    await again.refresh()
+    use = again.use(ID)
+    assert use is not None and use.tx_public_bytes == 900
+
+
+async def test_a_deleted_instance_s_totals_are_handed_over_once(rig: Rig) -> None:
+    meter = rig.meter()
+    await meter.refresh()
+    rig.nft.count("rx_private", 4000)
+    rig.instances = []  # deleted: its counters are read once more, then removed
+    await meter.refresh()
+    assert not rig.nft.counters_ and not rig.nft.keys
+    assert rig.shaper.removed == ["qdifb1111111122"]
+    finals = await meter.take_finals()
+    assert [(i, u.rx_bytes) for i, u in finals] == [(ID, 4000)]
+    assert await meter.take_finals() == []
+    assert meter.use(ID) is None
+
+
+async def test_the_host_default_caps_an_order_without_its_own() -> None:
+    rig = Rig(instances=[_instance()])
+    await rig.meter(default_mbps=50).refresh()
+    assert rig.shaper.shaped == [("veth7", "qdifb1111111122", 50.0)]
+    rig = Rig(instances=[_instance()])
+    await rig.meter().refresh()
+    assert rig.shaper.shaped == []
+
+
+async def test_a_new_run_is_attached_and_capped_again(rig: Rig) -> None:
+    meter = rig.meter()
+    await meter.refresh()
+    await meter.refresh()
+    assert len(rig.shaper.shaped) == 1  # the same run: nothing to do
+    rig.instances = [_instance({"QUDATA_NET_MBPS": "20"}, started="t2")]
+    await meter.refresh()
+    assert len(rig.shaper.shaped) == 2

@@ -167,3 +167,37 @@ def test_message_does_not_echo_credentials() -> None:
         resolve_image("user:hunter2@reg.example/img", None)
     assert "hunter2" not in caught.value.message
     assert "user:" not in caught.value.message
+
+
+ID = "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize(
+    ("image", "image_tag"),
+    [
+        ("sha256:" + ID[:12], None),  # Docker finds the image by this ID prefix
+        ("sha256:" + ID, None),
+        ("sha256", ID[:12]),  # the same, spelt through image_tag
+        ("sha512:" + "ab" * 20, None),
+        (ID[:12], None),  # a short ID
+        (ID, None),  # a full ID
+        (ID[:40] + ":v1", None),
+    ],
+)
+def test_refuses_an_image_id(image: str, image_tag: str | None) -> None:
+    with pytest.raises(InvalidRequest, match="image ID") as caught:
+        resolve_image(image, image_tag)
+    assert ID[:12] not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "busybox@sha256:" + ID,  # a digest reference names a repository: fine
+        "team/" + ID[:12],  # hex inside a path is a name, not an ID
+        "abc123",  # shorter than any ID Docker shows
+        "sha256sum/tool",
+    ],
+)
+def test_names_that_only_look_like_ids_are_accepted(image: str) -> None:
+    assert resolve_image(image, None).repository

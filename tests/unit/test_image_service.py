@@ -140,3 +140,13 @@ async def test_prepulls_wait_for_a_renter_pull_and_go_one_at_a_time(parts: Any) 
     loop.cancel()
     with pytest.raises(asyncio.CancelledError):
         await loop
+
+
+async def test_another_spelling_of_a_private_image_is_still_private(parts: Any) -> None:
+    service, engine, _ = parts
+    await service.ensure(REF, RIGHT)
+    pulled = engine.local[REF]
+    # The same image under a name with no digest of its own (a local tag): found by ID.
+    engine.local["alias:1"] = LocalImage(pulled.image_id, ("alias:1",), (), 10)
+    with pytest.raises(AgentError, match="refused access"):
+        await service.ensure("alias:1", None)

@@ -146,6 +146,11 @@ def test_private_images_and_the_image_cache(store: Store) -> None:
     store.mark_private("reg/app", [digest])  # twice is fine
     assert store.is_private("reg/app", ["sha256:other", digest])
     assert not store.is_private("reg/other", [digest])
+    # by image ID too: any spelling of the image (no digest of its own) finds the record
+    assert not store.is_private("other", [], "sha256:" + "c" * 64)
+    store.mark_private("reg/app", [digest], "sha256:" + "c" * 64)
+    assert store.is_private("other", [], "sha256:" + "c" * 64)
+    assert not store.is_private("other", [], "sha256:" + "d" * 64)
     store.cache_pulled("id-1", "reg/app:1", 10.0)
     store.cache_pulled("id-1", "reg/app:2", 20.0)
     store.cache_pulled("id-1", "reg/app:1", 30.0)

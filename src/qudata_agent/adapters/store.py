@@ -83,6 +83,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " instance_id TEXT REFERENCES instances(id) ON DELETE SET NULL,"
         " project_id INTEGER UNIQUE, created_at REAL NOT NULL)",
     ),
+    (
+        # Private images by image ID too: a spelling of the reference that names no
+        # repository digest (another tag, an ID prefix) still finds the record.
+        "CREATE TABLE private_image_ids (image_id TEXT PRIMARY KEY)",
+    ),
 )
 
 
@@ -355,20 +360,38 @@ class Store:
 
     # -- images ------------------------------------------------------------------
 
-    def mark_private(self, repository: str, digests: Iterable[str]) -> None:
-        with self._writing():
-            self._conn.executemany(
+    def mark_private(
+        self, repository: str, digests: Iterable[str], image_id: str | None = None
+    ) -> None:
+        """Records an image pulled with credentials: by repository and digest, and by ID."""
+        with self._transaction() as tx:
+            tx.executemany(
                 "INSERT INTO private_images(repository, digest) VALUES(?, ?)"
                 " ON CONFLICT DO NOTHING",
                 [(repository, d) for d in digests],
             )
+            if image_id:
+                tx.execute(
+                    "INSERT INTO private_image_ids(image_id) VALUES(?) ON CONFLICT DO NOTHING",
+                    (image_id,),
+                )
 
-    def is_private(self, repository: str, digests: Iterable[str]) -> bool:
+    def is_private(
+        self, repository: str, digests: Iterable[str], image_id: str | None = None
+    ) -> bool:
+        """Whether the image was recorded private, by any of its digests here or by its ID."""
         wanted = list(digests)
-        if not wanted:
-            return False
         marks = ",".join("?" * len(wanted))
         with self._lock:
+            if (
+                image_id
+                and self._conn.execute(
+                    "SELECT 1 FROM private_image_ids WHERE image_id = ?", (image_id,)
+                ).fetchone()
+            ):
+                return True
+            if not wanted:
+                return False
             row = self._conn.execute(
                 f"SELECT 1 FROM private_images WHERE repository = ? AND digest IN ({marks})",  # noqa: S608 (only placeholders)
                 (repository, *wanted),

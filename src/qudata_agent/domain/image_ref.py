@@ -17,6 +17,12 @@ What stays true:
 - a tag or digest inside `image` wins over `image_tag`; a digest wins over a
   tag, and `str()` of a reference with a digest is `repository@digest`;
 - every `ImageRef` that `resolve_image` returns has a tag or a digest;
+- a reference Docker would read as a local image ID is refused: a repository
+  named after a digest algorithm (`sha256:<hex>` parses as repository
+  `sha256`, and Docker then finds the image by ID prefix), or one bare
+  component of 12-64 hex digits (a short or full ID); an ID names no
+  registry, so it would reach a private image with no registry's yes. A
+  digest *reference* (`repo@sha256:...`) is fine: it names a repository;
 - error messages name the field and never echo the input (a malformed
   reference may carry `user:password@`).
 """
@@ -39,6 +45,7 @@ _HOST_RE = re.compile(rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9A-Fa-f:.]+\]
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST_RE = re.compile(r"(sha256|sha384|sha512):([0-9a-f]+)")
 _DIGEST_HEX_LEN = {"sha256": 64, "sha384": 96, "sha512": 128}
+_ID_LIKE_RE = re.compile(r"[0-9a-f]{12,64}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ def resolve_image(image: str, image_tag: str | None) -> ImageRef:
         _check_tag(image_tag, "image_tag")
     repository, tag, digest = _split(image)
     _check_repository(repository)
+    _check_not_an_id(repository)
     if tag is not None:
         _check_tag(tag, "image")
     if digest is not None:
@@ -122,6 +130,15 @@ def _check_repository(repository: str) -> None:
         raise InvalidRequest(
             "field 'image': the repository must be lowercase letters and digits in"
             " '/'-separated components, joined inside by '.', '_', '__' or '-'"
+        )
+
+
+def _check_not_an_id(repository: str) -> None:
+    """Refuses a repository Docker would resolve as a local image ID (or its prefix)."""
+    if repository in _DIGEST_HEX_LEN or _ID_LIKE_RE.fullmatch(repository):
+        raise InvalidRequest(
+            "field 'image': an image ID (sha256:<hex> or bare hex) is not accepted;"
+            " name the image by repository, tag or repository@digest"
         )
 
 

@@ -7,7 +7,8 @@ or its tag moved), the record of private images and of the agent's cache
 
 What stays true:
 - an image pulled with credentials is recorded private (repository and
-  digest, never the credentials); a later order for it runs only once the
+  digest, and its image ID, so no other spelling of a reference reaches it;
+  never the credentials); a later order for it runs only once the
   registry has confirmed access with that order's credentials, and a
   registry that cannot be asked refuses it (fail closed);
 - a public cached tag runs as it is when the registry cannot be asked, and
@@ -61,9 +62,9 @@ class ImageEngine(Protocol):
 
 
 class ImageStore(Protocol):
-    def mark_private(self, repository: str, digests: Any) -> None: ...
+    def mark_private(self, repository: str, digests: Any, image_id: str | None = None) -> None: ...
 
-    def is_private(self, repository: str, digests: Any) -> bool: ...
+    def is_private(self, repository: str, digests: Any, image_id: str | None = None) -> bool: ...
 
     def cache_pulled(self, image_id: str, ref: str, at: float) -> None: ...
 
@@ -200,7 +201,10 @@ class ImageService:
         private = local is not None and (
             self._private_pulls[repository] > 0
             or await self._blocking.quick(
-                self._store.is_private, repository, repository_digests(local, repository)
+                self._store.is_private,
+                repository,
+                repository_digests(local, repository),
+                local.image_id,
             )
         )
         step = first_step(local, repository, ref.digest is not None, private)
@@ -265,7 +269,9 @@ class ImageService:
                 raise AgentError(f"image {name} is not here after its pull")
             if auth is not None:
                 digests = repository_digests(image, repository)
-                await self._blocking.quick(self._store.mark_private, repository, digests)
+                await self._blocking.quick(
+                    self._store.mark_private, repository, digests, image.image_id
+                )
                 log.info("private image recorded", extra={"image": name})
         finally:
             if auth is not None:

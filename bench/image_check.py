@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             **registry.credentials(),
         }
         bench.image = ref
+        agent.extra_env.update(registry.allow_env)  # the registry is on loopback
         agent.start()
         agent.wait_ready()
         bench.connect()

@@ -46,6 +46,7 @@ from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nftables import Nftables
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.public_address import PublicAddress
+from qudata_agent.adapters.resolver import own_addresses, resolve
 from qudata_agent.adapters.runtimes import RuntimeTools
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
 from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
@@ -106,6 +107,7 @@ from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.reconciler import Reconciler
 from qudata_agent.services.records import Records
 from qudata_agent.services.registration import Identity, Registrar
+from qudata_agent.services.registry_guard import RegistryGuard
 from qudata_agent.services.ssh import SshService
 from qudata_agent.services.storage import StorageGuard
 from qudata_agent.services.telemetry import HostSize, Telemetry
@@ -380,7 +382,13 @@ class Agent:
         meter = self._meter(parts, records)
         ssh.prune_soon()
         pulls = PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s)
-        images = ImageService(parts.docker, parts.store, parts.blocking, pulls)
+        guard = RegistryGuard(
+            allow=s.registry_allow,
+            resolve=resolve,
+            own_addresses=own_addresses,
+            public_address=s.address,
+        )
+        images = ImageService(parts.docker, parts.store, parts.blocking, pulls, guard=guard)
         image_cache = self._image_cache(parts, images)
         records.on_change(image_cache.poke)  # a delete may leave an image unused
         builds = BuildPipeline(
@@ -406,11 +414,17 @@ class Agent:
             views=views,
             engine=parts.docker,
             blocking=parts.blocking,
-            ports=PortAllocator(s.port_range, frozenset({agent_port}), port_is_free),
+            ports=PortAllocator(
+                s.port_range,
+                frozenset({agent_port} | ({s.metrics_listen[1]} if s.metrics_listen else set())),
+                port_is_free,
+                fixed_range=s.fixed_ports,
+            ),
             capacity=capacity,
             agent_id=parts.agent_id,
             storage=storage,
             volumes=volumes,
+            images=images,
             host=HostDefaults(
                 network=net.network,
                 crash_restarts=s.crash_restarts,

@@ -25,6 +25,7 @@ from qudata_agent.domain.firewall import parse_allow_list
 from qudata_agent.domain.image_ref import resolve_image
 from qudata_agent.domain.netpolicy import MAX_MBPS, MIN_MBPS, parse_ports
 from qudata_agent.domain.nvidia_toolkit import parse_floor
+from qudata_agent.domain.registry_hosts import parse_allow_list as parse_registry_allow
 from qudata_agent.domain.storage import StoragePolicy
 from qudata_agent.domain.tls import TlsMode
 from qudata_agent.domain.tunnel import (
@@ -62,6 +63,7 @@ class Settings:
     agent_port: int | None = None  # None: the first free port from 1024 (previous one preferred)
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+    fixed_ports: tuple[int, int] = (1024, 65535)  # fixed host ports an order may ask for
     address: str | None = None
     docker_host: str | None = None
     log_level: str = "INFO"
@@ -103,6 +105,8 @@ class Settings:
     image_cache_gb: float | None = None
     image_gc_interval_s: float = 600.0
     prepull: tuple[str, ...] = ()  # image references pulled after start, kept in the cache
+    # Registries on loopback, private or this host's addresses Docker may be sent to (host:port).
+    registry_allow: frozenset[str] = frozenset()
     prepull_interval_s: float = 86400.0  # how often the pre-pull list is checked again
     # Optional Prometheus listener without the secret (host, port); None: off.
     metrics_listen: tuple[str, int] | None = None
@@ -275,6 +279,13 @@ def _parse_images(name: str, raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(refs))
 
 
+def _parse_registries(name: str, raw: str) -> frozenset[str]:
+    try:
+        return parse_registry_allow(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}: expected comma-separated host:port entries: {e}") from None
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Reads KEY=VALUE lines (comments, blank lines and `export ` allowed)."""
     try:
@@ -427,6 +438,7 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         "QUDATA_AGENT_PORT": ("agent_port", lambda n, r: _parse_int(n, r, 1, 65535)),
         "QUDATA_STATE_DIR": ("state_dir", _parse_state_dir),
         "QUDATA_PORT_RANGE": ("port_range", _parse_port_range),
+        "QUDATA_FIXED_PORTS": ("fixed_ports", _parse_port_range),
         "QUDATA_LOG_LEVEL": ("log_level", lambda n, r: _parse_choice(n, r, LOG_LEVELS)),
         "QUDATA_LOG_FORMAT": ("log_format", lambda n, r: _parse_choice(n, r, LOG_FORMATS)),
         "QUDATA_LOG_FILE": ("log_file", _parse_state_dir),  # an absolute path
@@ -500,6 +512,7 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         ),
         "QUDATA_SANDBOX_RUNTIME": ("sandbox_runtime", _parse_runtime),
         "QUDATA_NVIDIA_TOOLKIT_MIN": ("nvidia_toolkit_min", _parse_version),
+        "QUDATA_REGISTRY_ALLOW": ("registry_allow", _parse_registries),
         "QUDATA_PREPULL_INTERVAL": (
             "prepull_interval_s",
             lambda n, r: _parse_float(n, r, 1, 30 * 86400),

@@ -56,7 +56,7 @@ def test_a_private_image_stays_private_and_its_password_is_nowhere(
     agent_factory: AgentFactory, registry: Registry
 ) -> None:
     ref, digest = registry.push_new(f"team/private-{uuid.uuid4().hex[:8]}")
-    agent = agent_factory({"QUDATA_SYNC_INTERVAL": "1"}).start()
+    agent = agent_factory({"QUDATA_SYNC_INTERVAL": "1", **registry.allow_env}).start()
     owner = agent_id(agent.state_dir)
     api = Api(agent)
     inspected = []
@@ -115,6 +115,7 @@ def test_prepull_at_start_and_gc_after_a_delete(
             # Any cached image is over this cap: the GC removes what it may.
             "QUDATA_IMAGE_CACHE_GB": "0.000001",
             "QUDATA_IMAGE_GC_INTERVAL": "3600",  # only the start and the poke after a delete
+            **open_registry.allow_env,
         }
     ).start()
     owner = agent_id(agent.state_dir)
@@ -142,7 +143,7 @@ def test_a_cached_public_image_runs_while_its_registry_is_down_and_says_so(
     agent_factory: AgentFactory, open_registry: Registry
 ) -> None:
     ref, digest = open_registry.push_new(f"team/public-{uuid.uuid4().hex[:8]}")
-    agent = agent_factory().start()
+    agent = agent_factory(open_registry.allow_env).start()
     owner = agent_id(agent.state_dir)
     api = Api(agent)
     try:
@@ -182,6 +183,7 @@ def test_gc_on_a_small_data_root_removes_only_while_space_is_short(
                 "QUDATA_IMAGE_GC_FREE_GB": "1",
                 "QUDATA_IMAGE_GC_INTERVAL": "3600",  # the start and the pokes only
                 "QUDATA_PREPULL": warm,
+                **open_registry.allow_env,
             }
         ).start()
         api = Api(agent)

@@ -219,10 +219,11 @@ def test_ping_stays_fast_while_a_pull_hangs(agent_factory: AgentFactory) -> None
                 continue
 
     threading.Thread(target=accept, daemon=True).start()
-    agent = agent_factory({"QUDATA_PULL_INACTIVITY_TIMEOUT": "4"}).start()
+    registry = f"127.0.0.1:{silent.getsockname()[1]}"
+    env = {"QUDATA_PULL_INACTIVITY_TIMEOUT": "4", "QUDATA_REGISTRY_ALLOW": registry}
+    agent = agent_factory(env).start()
     api = Api(agent)
     try:
-        registry = f"127.0.0.1:{silent.getsockname()[1]}"
         assert api.create(image=f"{registry}/stalls", image_tag="1").status_code == 202
         worst = 0.0
         deadline = time.monotonic() + 3

@@ -43,12 +43,14 @@ def test_no_secret_in_the_log_after_a_full_run(
         {"ok": True, "data": {**DEFAULT_INIT, "secret_key": agent_secret}},
     )
     log_file = tmp_path / "agent-file.log"
+    registry = f"127.0.0.1:{free_port()}"  # allowed: a loopback registry is refused otherwise
     agent = agent_factory(
         {
             "QUDATA_API_KEY": api_key,
             "QUDATA_API_URL": fake_cp.url,
             "QUDATA_LOG_FILE": str(log_file),
             "QUDATA_PORT_RANGE": "24000-24499",
+            "QUDATA_REGISTRY_ALLOW": registry,
         }
     ).start()
     owner = agent_id(agent.state_dir)
@@ -58,7 +60,6 @@ def test_no_secret_in_the_log_after_a_full_run(
         api = Api(agent)
 
         # A private registry that does not answer: the pull fails with the credentials in hand.
-        registry = f"127.0.0.1:{free_port()}"
         created = api.create(
             image=f"{registry}/team/private",
             image_tag="1",

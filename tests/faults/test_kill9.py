@@ -52,7 +52,7 @@ def test_kill9_while_the_image_is_pulled(
     rigs: RigFactory, registry: StallingRegistry, ssh_key: tuple[Path, str]
 ) -> None:
     ref = f"{registry.host}/fault/debian-ssh"
-    rig = rigs(ENV)
+    rig = rigs({**ENV, "QUDATA_REGISTRY_ALLOW": registry.host})
     try:
         ports = _create(rig, ssh_key[1], image=ref, image_tag="12")
         registry.wait_stalled()

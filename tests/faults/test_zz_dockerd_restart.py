@@ -179,7 +179,7 @@ def test_a_build_failing_while_docker_is_down_ends_in_error_with_all_freed(
     ports freed, while Docker is still away; and nothing of it is left once Docker is back."""
     assert _docker_answers(), "dockerd must be up before the test"
     registry = StallingRegistry(Image.export("qudata-test/busybox:1")).start()
-    rig = rigs({"QUDATA_SYNC_INTERVAL": "2"})
+    rig = rigs({"QUDATA_SYNC_INTERVAL": "2", "QUDATA_REGISTRY_ALLOW": registry.host})
     try:
         ref = f"{registry.host}/fault/busybox"
         resp = rig.api.create(image=ref, image_tag="latest", ports={"8080": "auto"})

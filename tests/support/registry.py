@@ -95,6 +95,11 @@ class Registry:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def allow_env(self) -> dict[str, str]:
+        """What an agent needs to be let send Docker to this loopback registry."""
+        return {"QUDATA_REGISTRY_ALLOW": self.host}
+
+    @property
     def log_path(self) -> Path:
         return self.work / "registry.log"
 

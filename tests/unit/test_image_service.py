@@ -150,3 +150,41 @@ async def test_another_spelling_of_a_private_image_is_still_private(parts: Any) 
     engine.local["alias:1"] = LocalImage(pulled.image_id, ("alias:1",), (), 10)
     with pytest.raises(AgentError, match="refused access"):
         await service.ensure("alias:1", None)
+
+
+async def test_admission_refuses_a_forbidden_registry_unless_nothing_is_contacted(
+    tmp_path: Path,
+) -> None:
+    from qudata_agent.domain.image_ref import resolve_image
+    from qudata_agent.errors import InvalidRequest
+    from qudata_agent.services.registry_guard import RegistryGuard
+
+    asked: list[str] = []
+
+    async def resolve(host: str, timeout_s: float) -> tuple[str, ...]:
+        asked.append(host)
+        return ("127.0.0.1",)
+
+    engine = FakeRegistryEngine()
+    store = Store.open(tmp_path / "agent.db")
+    blocking = Blocking()
+    guard = RegistryGuard(allow=(), resolve=resolve, own_addresses=frozenset)
+    service = ImageService(
+        engine, store, blocking, PullCoordinator(engine, blocking, 5), guard=guard
+    )
+    try:
+        with pytest.raises(InvalidRequest, match="loopback"):
+            await service.admit(resolve_image("localhost:5000/app:1", None))
+        # the build's own path refuses it too, before any registry call or pull
+        with pytest.raises(InvalidRequest):
+            await service.ensure("localhost:5000/app:1", None, None)
+        assert engine.checks == [] and engine.pulls == []
+        # built or loaded here (no registry digest): used as it is, whatever its name says
+        engine.local["localhost:5000/app:1"] = LocalImage("id-local", ("localhost:5000/app:1",))
+        asked.clear()
+        await service.admit(resolve_image("localhost:5000/app:1", None))
+        check = await service.ensure("localhost:5000/app:1", None, None)
+        assert not check.checked and asked == [] and engine.checks == []
+    finally:
+        blocking.close()
+        store.close()

@@ -298,3 +298,17 @@ def test_parsed_requests_flow_into_the_allocator() -> None:
     requests = parse_port_requests({"8080": "auto", "3000": "3000"}, ssh_enabled=True)
     result = _allocator(40000, 40009).allocate(requests, set())
     assert result == {"8080": 40000, "3000": 3000, "22": 40001}
+
+
+@pytest.mark.parametrize("port", [1, 22, 80, 81, 443, 1023])
+def test_fixed_ports_below_the_fixed_range_are_refused(port: int) -> None:
+    allocator = PortAllocator((40000, 40009), frozenset(), lambda p, _: True)
+    with pytest.raises(InvalidRequest, match="outside 1024-65535"):
+        allocator.allocate({"8080": port}, [])
+
+
+def test_the_provider_may_open_the_fixed_range() -> None:
+    allocator = PortAllocator((40000, 40009), frozenset(), lambda p, _: True, fixed_range=(80, 90))
+    assert allocator.allocate({"8080": 80}, []) == {"8080": 80}
+    with pytest.raises(InvalidRequest, match="outside 80-90"):
+        allocator.allocate({"8080": 1024}, [])

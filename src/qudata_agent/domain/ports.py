@@ -12,6 +12,10 @@ What stays true:
   host port twice (host ports are kept distinct across TCP and UDP alike);
 - `allocate` returns a host port for every request or raises, and every
   port it returns is distinct, outside `taken`, not reserved and bindable;
+- a fixed host port lies in the provider's fixed-port range (default
+  1024-65535: a renter never takes a privileged port such as a web server's,
+  DNS or an SSH that restarts after Docker), is never one of the agent's own
+  ports, and is bindable now (so no port a host service listens on);
 - auto ports come from the configured range, scanning round-robin from just
   after the last port handed out, so a port freed a moment ago is not reused
   at once; the cursor is the only state the allocator changes.
@@ -28,6 +32,7 @@ from collections.abc import Callable, Collection, Mapping
 from qudata_agent.errors import Conflict, InvalidRequest
 
 MAX_PORTS = 64
+DEFAULT_FIXED_RANGE = (1024, 65535)
 SSH_PORT_KEY = "22"
 AUTO = "auto"
 _KEY_RE = re.compile(r"([1-9][0-9]{0,4})(?:/(tcp|udp))?", re.IGNORECASE)
@@ -118,8 +123,10 @@ class PortAllocator:
         reserved: frozenset[int],
         bindable: Callable[[int, str], bool],
         start: int | None = None,
+        fixed_range: tuple[int, int] = DEFAULT_FIXED_RANGE,
     ) -> None:
         low, high = port_range
+        self._fixed_range = fixed_range
         if not 1 <= low <= high <= 65535:
             raise ValueError(f"port range {low}-{high} is not within 1-65535")
         self._low = low
@@ -167,6 +174,12 @@ class PortAllocator:
     ) -> None:
         if not 1 <= port <= 65535:
             raise InvalidRequest(f"field 'ports.{key}': host port {port} is not in 1-65535")
+        first, last = self._fixed_range
+        if not first <= port <= last:
+            raise InvalidRequest(
+                f"field 'ports.{key}': fixed host port {port} is outside {first}-{last},"
+                ' the fixed ports this host hands out (ask for "auto")'
+            )
         if port in chosen.values():
             raise InvalidRequest(f"field 'ports.{key}': host port {port} is asked for twice")
         if port in self._reserved:

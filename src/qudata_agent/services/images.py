@@ -17,6 +17,10 @@ What stays true:
 - pulls are shared by image and credentials (see `PullCoordinator`);
 - credentials live in memory for the call only: no log line, record or
   message made here holds a password;
+- no registry check and no pull starts before the registry guard passed
+  the reference's host (`services.registry_guard`): dockerd is never sent to
+  loopback, private or the host's own addresses; an image used as it is
+  (built or loaded here, a public digest reference) contacts nothing;
 - each instance's check is recorded, so a build resumed after a restart
   (which has no credentials) uses the image it was already granted.
 """
@@ -47,6 +51,7 @@ from qudata_agent.domain.image_access import (
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
 from qudata_agent.errors import AgentError, Conflict
 from qudata_agent.services.pulls import PullCoordinator
+from qudata_agent.services.registry_guard import RegistryGuard
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +106,9 @@ class ImageService:
         blocking: Blocking,
         pulls: PullCoordinator,
         clock: Callable[[], float] = time.time,
+        guard: RegistryGuard | None = None,  # None: any registry host (tests only)
     ) -> None:
+        self._guard = guard
         self._engine = engine
         self._store = store
         self._blocking = blocking
@@ -126,6 +133,36 @@ class ImageService:
     async def renters_idle(self) -> None:
         """Returns once no renter's image is being checked or pulled."""
         await self._idle.wait()
+
+    async def admit(self, ref: ImageRef) -> None:
+        """Refuses (400) an order whose image needs a registry the guard forbids.
+
+        Called before anything is recorded. An image that would be used as it
+        is passes whatever its name says; a host that cannot be resolved now
+        passes here and is judged again (and not contacted) by the build.
+        """
+        if self._guard is None or ref.registry is None:
+            return
+        name, repository = str(ref), normal_repository(ref.repository)
+        local = await self._blocking.quick(self._engine.local_image, name)
+        if local is not None:
+            private = await self._is_private(local, repository)
+            if first_step(local, repository, ref.digest is not None, private) is Step.USE:
+                return
+        try:
+            await self._guard.check(ref)
+        except RegistryUnreachable:
+            return
+
+    async def _is_private(self, local: LocalImage, repository: str) -> bool:
+        if self._private_pulls[repository] > 0:
+            return True
+        return await self._blocking.quick(
+            self._store.is_private,
+            repository,
+            repository_digests(local, repository),
+            local.image_id,
+        )
 
     async def view(self, instance_id: str) -> ImageCheck | None:
         row = await self._blocking.quick(self._store.instance_image, instance_id)
@@ -198,15 +235,7 @@ class ImageService:
         name = str(ref)
         repository = normal_repository(ref.repository)
         local = await self._blocking.quick(self._engine.local_image, name)
-        private = local is not None and (
-            self._private_pulls[repository] > 0
-            or await self._blocking.quick(
-                self._store.is_private,
-                repository,
-                repository_digests(local, repository),
-                local.image_id,
-            )
-        )
+        private = local is not None and await self._is_private(local, repository)
         step = first_step(local, repository, ref.digest is not None, private)
         if step is Step.USE:
             assert local is not None
@@ -218,6 +247,8 @@ class ImageService:
             if check is not None:
                 return check, local
             log.info("image tag moved in the registry; pulling", extra={"image": name})
+        elif self._guard is not None:
+            await self._guard.check(ref)
         pulled = await self._pull(name, repository, auth, on_pull)
         return ImageCheck(_digest_of(pulled, repository, ref), True, None), pulled
 
@@ -232,6 +263,8 @@ class ImageService:
     ) -> ImageCheck | None:
         """Asks the registry; the check when the local copy may be used, None to pull."""
         try:
+            if self._guard is not None:
+                await self._guard.check(ref)
             # The slow pool: a registry that drops packets may hold this for seconds.
             remote = await self._blocking.slow(self._engine.registry_digest, name, auth)
         except RegistryRefused as e:

@@ -86,6 +86,12 @@ class IsolationCheck(Protocol):
     async def offer(self) -> Offer: ...
 
 
+class ImageAdmission(Protocol):
+    """The image service's part of admission (`services.images.ImageService.admit`)."""
+
+    async def admit(self, ref: ImageRef) -> None: ...
+
+
 class Storage(Protocol):
     """The storage guard (`services.storage.StorageGuard`): what a create's storage_gb gets."""
 
@@ -136,6 +142,7 @@ class InstanceService:
         agent_id: str,
         storage: Storage | None = None,  # None: storage_gb is accepted and ignored
         volumes: Volumes | None = None,  # None: an order with volumes is refused
+        images: ImageAdmission | None = None,  # None: every registry host (tests only)
         host: HostDefaults = NO_DEFAULTS,
         stop_timeout_s: int = 10,
         wall: Wall | None = None,  # None: no firewall to verify (tests, QUDATA_FIREWALL=off)
@@ -152,6 +159,7 @@ class InstanceService:
         self._agent_id = agent_id
         self._storage = storage
         self._volumes = volumes
+        self._images = images
         self._host = host
         self._stop_timeout_s = stop_timeout_s
         self._isolation = isolation
@@ -192,6 +200,8 @@ class InstanceService:
         if self._wall is not None:
             await self._wall.verify()  # fail closed: nothing is recorded without the wall
         await self._check_isolation(order.isolation, resources.gpu_count)
+        if self._images is not None:
+            await self._images.admit(ref)  # a registry host dockerd must not call: 400
         # Read before the lock: a slow GPU driver never holds up another create.
         capacity, _disk = await self._capacity.read(need_gpus=resources.gpu_count > 0)
         async with self._create_lock:

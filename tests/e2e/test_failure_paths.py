@@ -96,6 +96,11 @@ def cuda_like_image() -> Iterator[str]:
             "ENV NVIDIA_VISIBLE_DEVICES=all",
             "--change",
             "ENV NVIDIA_DRIVER_CAPABILITIES=all",
+            # What else the NVIDIA toolkit's hook reads: the agent's to decide, not the image's.
+            "--change",
+            "ENV NVIDIA_IMEX_CHANNELS=all NVIDIA_MIG_CONFIG_DEVICES=all"
+            " NVIDIA_MIG_MONITOR_DEVICES=all NVIDIA_REQUIRE_CUDA=cuda>=99.0"
+            " NVIDIA_DISABLE_REQUIRE=true NVIDIA_GDRCOPY=enabled NVIDIA_FABRIC_DEVICES=all",
             cid,
             CUDA_LIKE,
         )
@@ -114,6 +119,8 @@ def test_gpu_variables_are_the_agents_and_the_runtime_is_pinned(
             "QUDATA_GPU_COUNT": "0",
             "NVIDIA_VISIBLE_DEVICES": "all",
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility,graphics",
+            "NVIDIA_IMEX_CHANNELS": "0",
+            "NVIDIA_MIG_MONITOR_DEVICES": "all",
             "KEEP": "me",
         },
     )
@@ -125,6 +132,14 @@ def test_gpu_variables_are_the_agents_and_the_runtime_is_pinned(
     assert "NVIDIA_VISIBLE_DEVICES=all" not in env
     assert not any(e.startswith("NVIDIA_DRIVER_CAPABILITIES=compute,utility,graphics") for e in env)
     assert attrs["HostConfig"]["Runtime"] == "runc"
+    # every other NVIDIA_ variable, from the image or the order, reaches the hook empty
+    hook = {"IMEX_CHANNELS", "MIG_CONFIG_DEVICES", "MIG_MONITOR_DEVICES", "REQUIRE_CUDA"}
+    hook |= {"DISABLE_REQUIRE", "GDRCOPY", "FABRIC_DEVICES", "DRIVER_CAPABILITIES"}
+    for name in hook:
+        assert f"NVIDIA_{name}=" in env, (name, env)
+    assert not any(e.startswith("NVIDIA_") and e.endswith("=all") for e in env), env
+    assert not any(e in env for e in ("NVIDIA_IMEX_CHANNELS=0", "NVIDIA_DISABLE_REQUIRE=true"))
+    assert "NVIDIA_IMEX_CHANNELS" in api.agent.log()  # dropped from the order, and said so
     seen = docker("exec", cid, "sh", "-c", "echo $NVIDIA_VISIBLE_DEVICES").strip()
     assert seen == "void"  # what the runtime reads inside, image ENV included
     assert "NVIDIA_VISIBLE_DEVICES" in api.agent.log()  # the renter is told it was dropped

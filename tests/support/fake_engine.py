@@ -21,6 +21,7 @@ from qudata_agent.domain.instance import Action, Instance, Status
 from qudata_agent.domain.log_tail import LogTail
 from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.ports import PortAllocator
+from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape
 from qudata_agent.errors import AgentError, Conflict, NotFound
 from qudata_agent.services.builds import BuildPipeline
@@ -42,6 +43,8 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.images = {"present:1"}
+        self.image_env: tuple[str, ...] = ()  # every image's ENV ("NAME=value")
+        self.image_volumes: tuple[str, ...] = ()  # and its VOLUME paths
         self.containers: dict[str, ContainerState] = {}
         self.specs: dict[str, ContainerSpec] = {}
         self.pull_gate = threading.Event()
@@ -57,6 +60,9 @@ class FakeEngine:
 
     def registry_digest(self, ref: str, auth: Any) -> str:
         raise RegistryUnreachable("no registry here")
+
+    def image_config(self, ref: str) -> ImageConfig:
+        return ImageConfig(env=self.image_env, volumes=self.image_volumes)
 
     def pull(
         self, ref: str, auth: Any, on_progress: Callable[[Any], None], inactivity_s: float

@@ -62,3 +62,37 @@ def test_the_profile_file_gives_the_values_back_exactly_in_sh() -> None:
     script = profile_env_text(env) + 'printf "%s|%s" "$A" "$B"'
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout == "it's $HOME `x` b  c|"
+
+
+def test_every_nvidia_variable_of_an_image_reaches_the_hook_empty() -> None:
+    from qudata_agent.domain.container_spec import neutral_hook_env
+
+    image = ("PATH=/bin", "NVIDIA_IMEX_CHANNELS=all", "NVIDIA_VISIBLE_DEVICES=all", "nvidia_x=1")
+    env = neutral_hook_env(image, {"NVIDIA_VISIBLE_DEVICES": "GPU-1", "A": "b"})
+    assert env == {
+        "NVIDIA_VISIBLE_DEVICES": "GPU-1",  # the agent's own value stays
+        "A": "b",
+        "NVIDIA_IMEX_CHANNELS": "",
+        "nvidia_x": "",
+    }
+
+
+def test_every_nvidia_variable_of_an_order_is_dropped() -> None:
+    from qudata_agent.domain.gpus import Resources
+    from qudata_agent.domain.order import CreateOrder, build_spec, dropped_env
+
+    order = CreateOrder(
+        image="x", env={"NVIDIA_MIG_CONFIG_DEVICES": "all", "NVIDIA_REQUIRE_X": "y", "K": "v"}
+    )
+    assert dropped_env(order) == ("NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_REQUIRE_X")
+    spec = build_spec(
+        order,
+        instance_id="i",
+        agent_id="a",
+        image="x:latest",
+        resources=Resources(None, None, 0),
+        ports={},
+        gpus=(),
+        storage_bytes=None,
+    )
+    assert spec.env == {"K": "v", "NVIDIA_VISIBLE_DEVICES": "void"}

@@ -361,6 +361,7 @@ class DockerEngine:
             env=tuple(str(item) for item in config.get("Env") or ()),
             architecture=str(attrs.get("Architecture") or ""),
             os=str(attrs.get("Os") or "linux"),
+            volumes=tuple(sorted(str(path) for path in config.get("Volumes") or {})),
         )
 
     def pull(

@@ -17,8 +17,13 @@ What stays true:
   instance holds, read-write (`domain.volumes`);
 - the GPU variables the NVIDIA runtime reads (`GPU_ENV`) are the agent's:
   exactly the rented GPUs, `void` when none, whatever the order or the image
-  says; the OCI runtime is pinned (`runc`), so a host whose default runtime is
-  `nvidia` cannot widen what a container sees;
+  says; every other `NVIDIA_*` variable (the toolkit hook reads IMEX
+  channels, MIG config and monitor devices, CUDA requirements, GDRCopy,
+  fabric devices... from them, and new ones appear) is the agent's too: an
+  order's is dropped, an image's is set empty (`neutral_hook_env`), so the
+  hook sees only what the agent decided; the OCI runtime is pinned
+  (`runc`), so a host whose default runtime is `nvidia` cannot widen what a
+  container sees;
 - the restart policy follows what the instance runs (see `restart_policy`)
   and the container's log is capped and rotated.
 """
@@ -26,6 +31,7 @@ What stays true:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,6 +68,7 @@ RUNTIME = "runc"
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 DRIVER_CAPABILITIES = "NVIDIA_DRIVER_CAPABILITIES"
 GPU_ENV: tuple[str, ...] = (VISIBLE_DEVICES, DRIVER_CAPABILITIES)
+HOOK_ENV_PREFIX = "NVIDIA_"  # what the NVIDIA container toolkit's hook reads its orders from
 NO_GPU = "void"
 IPV6_OFF = "net.ipv6.conf.all.disable_ipv6"  # a sysctl of the container's own network namespace
 GPU_CAPABILITIES = "compute,utility"
@@ -87,6 +94,25 @@ def gpu_env(gpu_uuids: tuple[str, ...]) -> dict[str, str]:
     if not gpu_uuids:
         return {VISIBLE_DEVICES: NO_GPU}
     return {VISIBLE_DEVICES: ",".join(gpu_uuids), DRIVER_CAPABILITIES: GPU_CAPABILITIES}
+
+
+def is_hook_variable(name: str) -> bool:
+    """Whether the NVIDIA toolkit's hook may read this variable (every `NVIDIA_*`)."""
+    return name.upper().startswith(HOOK_ENV_PREFIX)
+
+
+def neutral_hook_env(image_env: Iterable[str], env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with every `NVIDIA_*` the image sets (and `env` does not) set empty.
+
+    A container's variable overrides the image's of the same name, so the
+    hook sees empty values (no devices, no requirement, nothing enabled).
+    """
+    neutral = dict(env)
+    for item in image_env:
+        name = item.partition("=")[0]
+        if is_hook_variable(name) and name not in neutral:
+            neutral[name] = ""
+    return neutral
 
 
 def container_name(instance_id: str) -> str:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from qudata_agent.domain.container_spec import (
     DEFAULT_CRASH_RESTARTS,
     DEFAULT_LOG_MAX_BYTES,
-    GPU_ENV,
     IDLE_COMMAND,
     IPV6_OFF,
     MIN_SHM_BYTES,
@@ -22,6 +21,7 @@ from qudata_agent.domain.container_spec import (
     Mount,
     PortBinding,
     gpu_env,
+    is_hook_variable,
     restart_policy,
 )
 from qudata_agent.domain.gpus import Resources
@@ -82,8 +82,8 @@ def _binding(key: str, host_port: int) -> PortBinding:
 
 
 def dropped_env(order: CreateOrder) -> tuple[str, ...]:
-    """The order's variables the agent overrides (the GPU ones): to tell the renter."""
-    return tuple(name for name in GPU_ENV if name in order.env)
+    """The order's variables the agent owns (every `NVIDIA_*`): dropped, and logged."""
+    return tuple(name for name in order.env if is_hook_variable(name))
 
 
 def build_spec(
@@ -103,7 +103,7 @@ def build_spec(
     idle = order.command is None
     command = IDLE_COMMAND if order.command is None else ("/bin/sh", "-c", order.command)
     policy, retries = restart_policy(idle, host.crash_restarts)
-    env = {k: v for k, v in order.env.items() if k not in GPU_ENV}
+    env = {k: v for k, v in order.env.items() if not is_hook_variable(k)}
     return ContainerSpec(
         instance_id=instance_id,
         agent_id=agent_id,

@@ -69,6 +69,7 @@ class ImageConfig:
     env: tuple[str, ...] = ()
     architecture: str = ""  # Docker's naming: amd64, arm64...
     os: str = "linux"
+    volumes: tuple[str, ...] = ()  # the image's VOLUME paths
 
 
 def unsupported(image: ImageConfig, bundle_arch: str) -> str | None:

@@ -15,7 +15,10 @@ What stays true:
   removes the leftover of a failed build), and the record of the failure,
   which frees the ports and GPUs in the same transaction, is retried until
   the store takes it; an instance never stays `pending` holding resources;
-- registry credentials live in the build's memory only.
+- registry credentials live in the build's memory only;
+- the container is made with every `NVIDIA_*` variable of its image set
+  empty unless the agent set it (`neutral_hook_env`): the NVIDIA toolkit's
+  hook sees the agent's GPU decisions only.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState, neutral_hook_env
 from qudata_agent.domain.instance import Instance, Status
+from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.errors import AgentError, Conflict
 from qudata_agent.retry import until_done
 from qudata_agent.services.images import ImageService
@@ -45,6 +49,8 @@ RESUMED_PULL_HINT = (
 
 
 class BuildEngine(Protocol):
+    def image_config(self, ref: str) -> ImageConfig: ...
+
     def create(self, spec: ContainerSpec) -> str: ...
 
     def start(self, container_id: str) -> None: ...
@@ -152,6 +158,8 @@ class BuildPipeline:
             await self._unless_cancelled(image, cancel)
             self._checkpoint(cancel)
             instance = await self._step(instance, "creating")
+            image_config = await self._blocking.quick(self._engine.image_config, spec.image)
+            spec = replace(spec, env=neutral_hook_env(image_config.env, spec.env))
             if self._prepare_network is not None:
                 await self._prepare_network()
             if self._prepare_spec is not None:

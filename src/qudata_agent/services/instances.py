@@ -230,7 +230,7 @@ class InstanceService:
         )
         for name in dropped_env(order):
             log.warning(
-                "the order's GPU variable is set by the agent; its value was dropped",
+                "the order's NVIDIA_ variable is the agent's to set; it was dropped",
                 extra={"instance_id": instance.id, "variable": name},
             )
         self._builds.start(instance, order.credentials)

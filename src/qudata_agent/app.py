@@ -502,6 +502,9 @@ class Agent:
             max_instances=s.max_instances,
             reserved_cpu_cores=s.reserved_cpu_cores,
             reserved_memory_bytes=int(s.reserved_memory_gb * 1024**3),
+            default_storage_bytes=None
+            if s.default_storage_gb is None
+            else int(s.default_storage_gb * 1024**3),
         )
 
     def _reporter(

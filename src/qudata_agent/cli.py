@@ -67,6 +67,7 @@ SETTINGS_HELP = (
     ("QUDATA_INVENTORY_INTERVAL", "seconds between inventory checks (300)"),
     ("QUDATA_STORAGE_POLICY", "monitor or refuse storage_gb where it cannot be capped"),
     ("QUDATA_STORAGE_CHECK_INTERVAL", "seconds between layer measurements (60)"),
+    ("QUDATA_DEFAULT_STORAGE_GB", "storage_gb of an order naming none (its share of free disk)"),
     ("QUDATA_CRASH_RESTARTS", "restarts of a crashing command before it is left error (5)"),
     ("QUDATA_CONTAINER_LOG_MB", "each container's log, rotated files together, MB (100)"),
     ("QUDATA_MAX_INSTANCES", "instances the host may run at once (1)"),

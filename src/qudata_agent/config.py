@@ -93,6 +93,7 @@ class Settings:
     # Where Docker cannot cap a container's size: refuse storage_gb, or accept and watch it.
     storage_policy: StoragePolicy = StoragePolicy.MONITOR
     storage_check_interval_s: float = 60.0  # how often an uncapped writable layer is measured
+    default_storage_gb: float | None = None  # storage_gb of an order naming none; None: a share
     crash_restarts: int = 5  # a crashing command is restarted this often, then left `error`
     container_log_mb: int = 100  # each container's log, all rotated files together
     max_instances: int = 1  # instances the host may run at once (CONTRACT.md section 4)
@@ -479,6 +480,10 @@ def _from_mapping(env: Mapping[str, str]) -> Settings:
         "QUDATA_STORAGE_CHECK_INTERVAL": (
             "storage_check_interval_s",
             lambda n, r: _parse_float(n, r, 1, 86400),
+        ),
+        "QUDATA_DEFAULT_STORAGE_GB": (
+            "default_storage_gb",
+            lambda n, r: _parse_float(n, r, 0.01, 1e6),
         ),
         "QUDATA_CRASH_RESTARTS": ("crash_restarts", lambda n, r: _parse_int(n, r, 0, 100)),
         "QUDATA_CONTAINER_LOG_MB": ("container_log_mb", lambda n, r: _parse_int(n, r, 1, 10240)),

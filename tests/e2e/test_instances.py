@@ -31,7 +31,9 @@ AgentFactory = Callable[..., AgentProcess]
 
 @pytest.fixture
 def api(agent_factory: AgentFactory) -> Iterator[Api]:
-    yield from serve_api(agent_factory({"QUDATA_SYNC_INTERVAL": "1"}).start())
+    # 127.0.0.1:1 is the failed pull's registry: allowed, so Docker really tries it.
+    env = {"QUDATA_SYNC_INTERVAL": "1", "QUDATA_REGISTRY_ALLOW": "127.0.0.1:1"}
+    yield from serve_api(agent_factory(env).start())
 
 
 def test_create_runs_the_container_exactly_as_asked(api: Api) -> None:

@@ -174,15 +174,17 @@ def test_an_order_naming_nothing_gets_the_share_of_its_gpus() -> None:
     assert one.cpuset is None  # a share is not a whole number of cores
 
 
-def test_with_one_instance_per_host_nothing_named_means_no_limit() -> None:
+def test_with_one_instance_per_host_nothing_named_means_the_host_less_its_reserves() -> None:
     c = cap(PCIE, max_instances=1)
     answer = admitted(decide(c, [], Request(gpu_count=1)))
-    assert (answer.cpu_cores, answer.memory_bytes, answer.cpuset) == (None, None, None)
+    assert answer.cpu_cores == c.cpu_cores and answer.memory_bytes == c.memory_bytes
+    assert answer.cpuset is None
     no_gpu = Capacity(HostShape(cpus=PCIE.cpus, memory_bytes=64 * GIB), max_instances=1)
-    assert admitted(decide(no_gpu, [], Request())).cpu_cores is None
+    alone = admitted(decide(no_gpu, [], Request()))
+    assert alone.cpu_cores == len(PCIE.cpus) - 1 and alone.memory_bytes == 62 * GIB
     refused = decide(c, [answer.holding()], Request())
     assert isinstance(refused, Refusal)
-    assert refused.message == "the host already runs 1 instances, its maximum of 1"
+    assert refused.message.startswith("the host already runs 1 instances, its maximum of 1")
 
 
 def test_no_gpu_host_with_several_instances_gives_equal_slots() -> None:
@@ -279,3 +281,22 @@ def test_the_shared_pool_is_every_cpu_no_instance_holds() -> None:
     assert shared_cpus(capacity, pinned) == (0, 2)
     everything = [Holding(cpuset=(0, 1, 2, 3))]
     assert shared_cpus(capacity, everything) == (0, 1, 2, 3)  # never an empty cpuset
+
+
+def test_an_order_without_storage_gets_the_default_or_its_share_of_the_free_disk() -> None:
+    host = HostShape(cpus=CONSUMER.cpus, memory_bytes=66 * GIB)
+    alone = Capacity(host, disk_free_bytes=100 * GIB, max_instances=1)
+    assert admitted(decide(alone, [], Request())).storage_bytes == 100 * GIB
+    four = Capacity(host, disk_free_bytes=100 * GIB, max_instances=4)
+    first = admitted(decide(four, [], Request()))
+    assert first.storage_bytes == 25 * GIB
+    set_by_provider = replace(four, default_storage_bytes=30 * GIB)
+    assert admitted(decide(set_by_provider, [], Request())).storage_bytes == 30 * GIB
+    # cut to what is free
+    tight = replace(four, disk_free_bytes=4 * GIB, default_storage_bytes=30 * GIB)
+    assert admitted(decide(tight, [], Request())).storage_bytes == 4 * GIB
+    full = replace(four, disk_free_bytes=GIB // 2)
+    assert admitted(decide(full, [], Request())).storage_bytes is None  # never refused
+    unknown = replace(four, disk_free_bytes=None)
+    assert admitted(decide(unknown, [], Request())).storage_bytes is None
+    assert admitted(decide(four, [], Request(storage_bytes=3 * GIB))).storage_bytes == 3 * GIB

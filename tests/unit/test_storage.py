@@ -330,7 +330,7 @@ async def test_admit_records_the_request_and_prunes_gone_instances(monitor: Part
     monitor.store.insert_instance(_instance("kept"))
     assert monitor.guard.admit("kept", 2.5) is None
     assert json.loads(monitor.store.get(STORE_KEY) or "") == {
-        "kept": {"requested_bytes": int(2.5 * GIB), "enforced": False}
+        "kept": {"requested_bytes": int(2.5 * GIB), "enforced": False, "default": False}
     }
     view = await monitor.guard.view(_instance("kept"))
     assert view == StorageUsage(requested_gb=2.5, enforced=False, used_gb=None, over_limit=False)
@@ -421,11 +421,12 @@ async def test_refuse_policy_on_a_host_that_cannot_enforce(tmp_path: Path) -> No
             )
         assert await service.current() is None
         assert parts.store.allocated_ports() == frozenset() and parts.engine.specs == {}
-        # Without storage_gb the same host takes the order.
+        # Without storage_gb the same host takes the order: its default share is watched.
         await service.create(CreateOrder(image="present", image_tag="1"))
         running = await _running(service)
         assert parts.engine.specs[running.container_id or ""].storage_bytes is None
-        assert (await service.describe()).storage is None
+        storage = (await service.describe()).storage
+        assert storage is not None and storage.default and not storage.enforced
     finally:
         await service.close()
         parts.close()
@@ -493,3 +494,20 @@ async def test_a_layer_that_cannot_be_measured_does_not_stop_the_others(
     assert await monitor.guard.view(other) == StorageUsage(1.0, False, 2.0, True)
     missed = [r for r in caplog.records if r.getMessage() == "instance disk use not measured"]
     assert len(missed) == 1 and missed[0].instance_id == "slow"  # type: ignore[attr-defined]
+
+
+async def test_an_order_without_storage_gb_gets_the_default_capped_where_the_host_can(
+    tmp_path: Path,
+) -> None:
+    parts = Parts(tmp_path, BTRFS, StoragePolicy.REFUSE)
+    service = parts.service()
+    try:
+        await service.create(CreateOrder(image="present", image_tag="1"))
+        running = await _running(service)
+        capped = parts.engine.specs[running.container_id or ""].storage_bytes
+        storage = (await service.describe()).storage
+        assert storage is not None and storage.default and storage.enforced
+        assert capped is not None and capped == int(storage.requested_gb * GIB)
+    finally:
+        await service.close()
+        parts.close()

@@ -145,6 +145,10 @@ class StorageState(BaseModel):
         default=None, description="the writable layer's size at the last check (not enforced only)"
     )
     over_limit: bool = Field(description="the writable layer is larger than requested_gb")
+    default: bool = Field(
+        default=False,
+        description="true: the create named no storage_gb, and this is the host's default share",
+    )
 
 
 class NetworkState(BaseModel):
@@ -198,7 +202,8 @@ class InstanceState(BaseModel):
         "of the instance's GPUs since it was created, oldest first",
     )
     storage: StorageState | None = Field(
-        default=None, description="present when the create asked for storage_gb"
+        default=None,
+        description="the disk the instance got: what storage_gb asked for, or the host's default",
     )
     image_check: ImageCheckState | None = Field(
         default=None, description="once the image is ready: its digest and how it was checked"

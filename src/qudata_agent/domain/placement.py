@@ -15,14 +15,21 @@ The rules:
   counts as taken). An instance with no limit (None) holds the whole host's
   share of that resource: nothing else fits beside it.
 - An order that names no CPU (or no memory) gets a share of the host:
-  with `max_instances` 1, no limit at all (the host is its own, as with one
-  instance per host); with GPUs asked on a host with GPUs, the fraction of the
+  with `max_instances` 1, the whole host less the reserves (a limit still:
+  the reserves keep the host's own daemons, the agent among them, alive);
+  with GPUs asked on a host with GPUs, the fraction of the
   host matching its fraction of the GPUs (2 of 8 GPUs: a quarter of what is
   left after the reserves); otherwise (a host with no GPU, or an order with
   no GPU beside GPU renters) one instance slot's share, 1/`max_instances` of
   the host. Equal slots are what keeps the last of `max_instances` small
   instances admissible instead of the first taking everything free. A share
   larger than what is free is cut to what is free; only nothing free refuses.
+- An order that names no `storage_gb` gets the provider's default
+  (`default_storage_bytes`), else the same share of the disk's free space;
+  cut to what is free; a default never refuses an order (only a
+  `storage_gb` asked for can), so where less than `MIN_DEFAULT_STORAGE_BYTES`
+  is free it gets none (the image GC is there to free space). Unknown free
+  space: the provider's default, else none.
 - Whole cores: an order that names a whole number of CPUs gets a cpuset of
   whole physical cores (all SMT siblings of each) of its own when that many
   are free, on the NUMA node of its GPUs first, leaving out the lowest cores
@@ -63,6 +70,7 @@ DEFAULT_RESERVED_CPU_CORES = 1.0
 DEFAULT_RESERVED_MEMORY_BYTES = 2 * GIB
 MIN_CPU_CORES = 0.01  # Docker's smallest --cpus
 MIN_MEMORY_BYTES = 6 * MIB  # Docker's smallest memory limit
+MIN_DEFAULT_STORAGE_BYTES = GIB
 _EXHAUSTIVE_MAX = 3000  # GPU subsets tried one by one; past that, a greedy search
 _EPS = 1e-9
 
@@ -76,6 +84,7 @@ class Capacity:
     reserved_cpu_cores: float = DEFAULT_RESERVED_CPU_CORES
     reserved_memory_bytes: int = DEFAULT_RESERVED_MEMORY_BYTES
     max_instances: int = 1
+    default_storage_bytes: int | None = None  # None: the order's share of the free space
 
     @property
     def cpu_cores(self) -> float:
@@ -245,9 +254,10 @@ def decide(
     memory = _memory_limit(capacity, request, left.memory_bytes)
     if memory is not None and memory > left.memory_bytes:
         short.append(f"needs {_gib(memory)} GiB of memory, {_gib(left.memory_bytes)} free")
-    storage = request.storage_bytes
-    if storage is not None and left.disk_bytes is not None and storage > left.disk_bytes:
-        short.append(f"needs {_gib(storage)} GiB of disk, {_gib(left.disk_bytes)} free")
+    storage = _storage_limit(capacity, request, left.disk_bytes)
+    asked = request.storage_bytes
+    if asked is not None and left.disk_bytes is not None and asked > left.disk_bytes:
+        short.append(f"needs {_gib(asked)} GiB of disk, {_gib(left.disk_bytes)} free")
     if short:
         return Refusal(tuple(short))
     cpuset = _cpuset(capacity, holdings, request, gpus)
@@ -266,7 +276,7 @@ def place(capacity: Capacity, holdings: Sequence[Holding], request: Request) -> 
 def _share(capacity: Capacity, request: Request) -> float | None:
     """The fraction of the host an order that names no figure gets; None: no limit."""
     if capacity.max_instances <= 1:
-        return None
+        return 1.0
     total_gpus = len(capacity.shape.gpus.gpus)
     if request.gpu_count > 0 and total_gpus:
         return min(1.0, request.gpu_count / total_gpus)
@@ -291,6 +301,19 @@ def _memory_limit(capacity: Capacity, request: Request, free_bytes: int) -> int 
         return None
     wanted = int(capacity.memory_bytes * share) // MIB * MIB
     return max(MIN_MEMORY_BYTES, min(wanted, free_bytes // MIB * MIB))
+
+
+def _storage_limit(capacity: Capacity, request: Request, free_bytes: int | None) -> int | None:
+    if request.storage_bytes is not None:
+        return request.storage_bytes
+    if free_bytes is None or capacity.disk_free_bytes is None:
+        return capacity.default_storage_bytes
+    wanted = capacity.default_storage_bytes
+    if wanted is None:
+        share = _share(capacity, request) or 1.0
+        wanted = int(capacity.disk_free_bytes * share)
+    cut = min(wanted, free_bytes) // MIB * MIB
+    return cut if cut >= MIN_DEFAULT_STORAGE_BYTES else None
 
 
 # -- GPUs ---------------------------------------------------------------------------

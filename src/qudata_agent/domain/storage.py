@@ -146,14 +146,19 @@ def admit(
     support: QuotaSupport,
     policy: StoragePolicy,
     free_bytes: int | None,
+    asked: bool = True,
 ) -> int | None:
     """The size limit (bytes) to put on the container; None: accepted, not enforced.
 
     Raises Conflict when the disk that holds Docker's data has less free space
     than asked (`free_bytes` None: unknown, not checked), or when the host
-    cannot enforce the size and the policy is `refuse`.
+    cannot enforce the size and the policy is `refuse`. A size the order did
+    not ask for (`asked` False: the host's default) is never refused: it is
+    enforced where the host can, else watched.
     """
     requested = int(storage_gb * GIB)
+    if not asked:
+        return requested if support.enforceable else None
     if free_bytes is not None and requested > free_bytes:
         raise Conflict(
             f"storage_gb {storage_gb:.12g} is more than the {free_bytes / GIB:.1f} GB free on the"
@@ -175,6 +180,7 @@ class StorageRequest:
 
     requested_bytes: int
     enforced: bool
+    default: bool = False  # the order named no storage_gb: the host's default share
 
 
 @dataclass(frozen=True)
@@ -183,8 +189,9 @@ class StorageUsage:
 
     requested_gb: float
     enforced: bool
-    used_gb: float | None  # the writable layer, when measured (monitor mode)
+    used_gb: float | None  # the writable layer and its VOLUME paths, when measured
     over_limit: bool
+    default: bool = False
 
 
 def usage(request: StorageRequest, used_bytes: int | None) -> StorageUsage:
@@ -193,4 +200,5 @@ def usage(request: StorageRequest, used_bytes: int | None) -> StorageUsage:
         enforced=request.enforced,
         used_gb=None if used_bytes is None else round(used_bytes / GIB, 3),
         over_limit=used_bytes is not None and used_bytes > request.requested_bytes,
+        default=request.default,
     )

@@ -40,7 +40,9 @@ class HostCapacity:
         max_instances: int = 1,
         reserved_cpu_cores: float = 1.0,
         reserved_memory_bytes: int = 2 * 1024**3,
+        default_storage_bytes: int | None = None,
     ) -> None:
+        self._default_storage_bytes = default_storage_bytes
         self._topology = topology
         self._shape = shape
         self._disk = disk
@@ -66,5 +68,6 @@ class HostCapacity:
             reserved_cpu_cores=self._reserved_cpu_cores,
             reserved_memory_bytes=self._reserved_memory_bytes,
             max_instances=self.max_instances,
+            default_storage_bytes=self._default_storage_bytes,
         )
         return capacity, disk

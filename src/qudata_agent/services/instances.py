@@ -95,7 +95,7 @@ class ImageAdmission(Protocol):
 class Storage(Protocol):
     """The storage guard (`services.storage.StorageGuard`): what a create's storage_gb gets."""
 
-    def admit(self, instance_id: str, storage_gb: float) -> int | None: ...
+    def admit(self, instance_id: str, storage_gb: float, asked: bool = True) -> int | None: ...
 
 
 class Wall(Protocol):
@@ -258,8 +258,11 @@ class InstanceService:
         ports = self._ports.allocate(requests, store.allocated_ports())
         instance_id = str(uuid.uuid4())
         storage = None
-        if order.storage_gb is not None and self._storage is not None:
-            storage = self._storage.admit(instance_id, order.storage_gb)  # may refuse: 409
+        if placement.storage_bytes is not None and self._storage is not None:
+            # An order without storage_gb gets the host's default (placement), never refused.
+            asked = order.storage_gb is not None
+            gb = order.storage_gb if asked else placement.storage_bytes / GIB
+            storage = self._storage.admit(instance_id, gb, asked)  # may refuse: 409
         spec = build_spec(
             order,
             instance_id=instance_id,

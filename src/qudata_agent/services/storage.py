@@ -149,16 +149,18 @@ class StorageGuard:
 
     # -- create ---------------------------------------------------------------
 
-    def admit(self, instance_id: str, storage_gb: float) -> int | None:
+    def admit(self, instance_id: str, storage_gb: float, asked: bool = True) -> int | None:
         """The size limit for the new instance's container (None: watched, not capped).
 
         Blocking (runs where the instance is placed). Raises Conflict when the
         request cannot be met (see `domain.storage.admit`); records it otherwise.
+        `asked` False: the host's default for an order that named no size.
         """
         support = self.support()
         free = self._free_bytes(support.data_root) if support.data_root else None
-        limit = admit(storage_gb, support, self._policy, free)
-        self._record(instance_id, StorageRequest(int(storage_gb * GIB), limit is not None))
+        limit = admit(storage_gb, support, self._policy, free, asked)
+        request = StorageRequest(int(storage_gb * GIB), limit is not None, default=not asked)
+        self._record(instance_id, request)
         return limit
 
     def _requests(self) -> dict[str, StorageRequest]:
@@ -175,7 +177,7 @@ class StorageGuard:
         requests = {k: v for k, v in self._requests().items() if k in alive}
         requests[instance_id] = request
         records = {
-            k: {"requested_bytes": v.requested_bytes, "enforced": v.enforced}
+            k: {"requested_bytes": v.requested_bytes, "enforced": v.enforced, "default": v.default}
             for k, v in requests.items()
         }
         self._store.set(STORE_KEY, json.dumps(records, sort_keys=True))

@@ -170,6 +170,7 @@ def _storage(usage: Any) -> StorageState | None:
         enforced=usage.enforced,
         used_gb=usage.used_gb,
         over_limit=usage.over_limit,
+        default=usage.default,
     )
 
 

@@ -261,7 +261,7 @@ class InstanceService:
         if placement.storage_bytes is not None and self._storage is not None:
             # An order without storage_gb gets the host's default (placement), never refused.
             asked = order.storage_gb is not None
-            gb = order.storage_gb if asked else placement.storage_bytes / GIB
+            gb = placement.storage_bytes / GIB if order.storage_gb is None else order.storage_gb
             storage = self._storage.admit(instance_id, gb, asked)  # may refuse: 409
         spec = build_spec(
             order,

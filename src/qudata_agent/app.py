@@ -56,6 +56,7 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.adapters.systemd import Notifier
 from qudata_agent.adapters.tls import TlsError, TlsKeeper
 from qudata_agent.adapters.traffic_control import TrafficControl
+from qudata_agent.adapters.tree_size import tree_bytes
 from qudata_agent.adapters.volume_fs import LoopVolumes, XfsProjectVolumes, copy_tree, fs_facts
 from qudata_agent.adapters.wireguard import WireGuard, ensure_key
 from qudata_agent.api.app import ApiDeps, create_app
@@ -124,6 +125,14 @@ FALLBACK_DOCKER_ROOT = "/var/lib/docker"
 TUNNEL_KEY_FILE = "tunnel.key"
 TUNNEL_CHECK_S = 5.0
 TLS_RENEWAL_CHECK_S = 6 * 3600.0
+
+
+def _docker_disk_free(docker: DockerEngine) -> int | None:
+    """The free space of Docker's data root now; None when Docker cannot say where it is."""
+    try:
+        return disk_free_bytes(docker.data_root())
+    except AgentError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -308,6 +317,7 @@ class Agent:
             policy=self.settings.storage_policy,
             mount_options=mount_options,
             free_bytes=disk_free_bytes,
+            tree_bytes=lambda path: tree_bytes(path).bytes,
         )
 
     async def _ssh(self, parts: _Parts) -> SshService:
@@ -381,7 +391,12 @@ class Agent:
         records.on_change(ssh.prune_soon)  # a deleted instance's SSH directory goes too
         meter = self._meter(parts, records)
         ssh.prune_soon()
-        pulls = PullCoordinator(parts.docker, parts.blocking, s.pull_inactivity_s)
+        pulls = PullCoordinator(
+            parts.docker,
+            parts.blocking,
+            s.pull_inactivity_s,
+            free_bytes=lambda: _docker_disk_free(parts.docker),
+        )
         guard = RegistryGuard(
             allow=s.registry_allow,
             resolve=resolve,

@@ -88,6 +88,7 @@ def test_on_btrfs_storage_gb_caps_the_container(
             "enforced": True,
             "used_gb": None,
             "over_limit": False,
+            "default": False,
         }
         attrs = json.loads(btrfs.docker("inspect", state["container_id"]))[0]
         assert attrs["HostConfig"]["StorageOpt"] == {"size": str(GIB)}
@@ -120,9 +121,10 @@ def test_refuse_policy_says_how_to_fix_the_host(
         [warning] = _logged(api, "storage_gb cannot be enforced")
         assert warning["level"] == "warning" and warning["policy"] == "refuse"
         assert "pquota" in warning["fix"]
-        # An order without storage_gb is not affected.
+        # An order without storage_gb is not refused: its default share is only watched.
         assert api.create(**BUSYBOX).status_code == 202
-        assert api.wait("running")["storage"] is None
+        storage = api.wait("running")["storage"]
+        assert storage["default"] is True and storage["enforced"] is False
 
 
 def test_monitor_policy_watches_the_layer_and_reports_the_overrun(

@@ -8,6 +8,7 @@ record, and (for a registry host) no connection to it at all.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -172,3 +173,93 @@ def test_privileged_fixed_ports_and_the_agents_port_are_refused(
         assert resp.json()["data"]["ports"]["8080"] == str(fixed)
         api.wait("running")
         assert httpx.get(agent.url + "/ping").status_code == 200
+
+
+# -- the disk and the host's share ---------------------------------------------------------
+
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def volume_image() -> Iterator[str]:
+    """busybox with a VOLUME: Docker gives each container an anonymous volume there."""
+    name = "qudata-test/volume-walls:1"
+    cid = docker("create", BUSYBOX, "true").strip()
+    try:
+        docker("commit", "--change", "VOLUME /data", cid, name)
+    finally:
+        docker("rm", "-f", cid, check=False)
+    yield name
+    docker("rmi", "-f", name, check=False)
+
+
+def _storage_until(api: Api, what: Callable[[dict[str, object]], bool]) -> dict[str, object]:
+    deadline = time.monotonic() + 30
+    storage = api.get()["storage"]
+    while time.monotonic() < deadline and not what(storage):
+        time.sleep(0.3)
+        storage = api.get()["storage"]
+    assert what(storage), storage
+    return storage  # type: ignore[no-any-return]
+
+
+def test_writes_into_a_volume_path_count_against_storage_gb_and_the_volume_goes_with_it(
+    agent_factory: AgentFactory, volume_image: str
+) -> None:
+    env = {"QUDATA_PORT_RANGE": PORT_RANGE, "QUDATA_STORAGE_CHECK_INTERVAL": "1"}
+    agent = agent_factory(env).start()
+    with _serving(agent) as api:
+        assert api.create(image=volume_image, storage_gb=0.1).status_code == 202  # 102 MiB
+        cid = api.wait("running")["container_id"]
+        [volume] = [m for m in inspect_mounts(cid) if m["Type"] == "volume"]
+        # 160 MiB into the VOLUME path: outside the writable layer, yet counted
+        docker("exec", cid, "dd", "if=/dev/zero", "of=/data/fill", "bs=1M", "count=160")
+        storage = _storage_until(api, lambda s: bool(s["over_limit"]))
+        assert 0.15 <= float(str(storage["used_gb"])) < 0.2, storage
+        assert "over its storage_gb" in agent.log()
+        assert api.delete().status_code == 200
+        # the anonymous volume went with the instance: nothing left on the disk
+        assert volume["Name"] not in docker("volume", "ls", "-q").split()
+
+
+def inspect_mounts(cid: str) -> list[dict[str, str]]:
+    return json.loads(docker("inspect", cid))[0]["Mounts"]  # type: ignore[no-any-return]
+
+
+def test_an_order_without_storage_gb_gets_the_default_and_says_so(
+    agent_factory: AgentFactory,
+) -> None:
+    env = {"QUDATA_PORT_RANGE": PORT_RANGE, "QUDATA_DEFAULT_STORAGE_GB": "3"}
+    agent = agent_factory(env).start()
+    with _serving(agent) as api:
+        assert api.create(image=BUSYBOX).status_code == 202
+        storage = api.wait("running")["storage"]
+        assert storage["default"] is True and storage["requested_gb"] == 3.0, storage
+        assert storage["enforced"] is False  # this host's overlay2 on ext4: watched
+    shared = agent_factory({"QUDATA_PORT_RANGE": PORT_RANGE}, state_dir=agent.state_dir)
+    with _serving(shared.start()) as api:  # no setting: its share of the free disk
+        assert api.create(image=BUSYBOX).status_code == 202
+        storage = api.wait("running")["storage"]
+        assert storage["default"] is True and storage["requested_gb"] >= 1, storage
+
+
+def test_one_instance_per_host_naming_no_cpu_or_memory_gets_the_host_less_its_reserves(
+    agent_factory: AgentFactory,
+) -> None:
+    env = {
+        "QUDATA_PORT_RANGE": PORT_RANGE,
+        "QUDATA_MAX_INSTANCES": "1",
+        "QUDATA_RESERVED_CPU_CORES": "0.5",
+        "QUDATA_RESERVED_MEMORY_GB": "2",
+    }
+    agent = agent_factory(env).start()
+    with _serving(agent) as api:
+        assert api.create(image=BUSYBOX).status_code == 202
+        cid = api.wait("running")["container_id"]
+        host = json.loads(docker("inspect", cid))[0]["HostConfig"]
+        cpus = os.cpu_count() or 1  # the host's logical CPUs, as the agent counts them
+        assert host["NanoCpus"] == round((cpus - 0.5) * 1e9), host["NanoCpus"]
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        assert 0 < host["Memory"] <= total - 2 * GIB
+        assert host["Memory"] > total - 2 * GIB - 64 * 1024**2  # the share, rounded to MiB
+        assert 0 < host["ShmSize"] <= host["Memory"] // 2  # /dev/shm within the memory limit

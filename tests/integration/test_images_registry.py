@@ -31,7 +31,7 @@ from qudata_agent.domain.order import RegistryCredentials
 from qudata_agent.errors import AgentError
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import NOTE_PINNED, NOTE_UNREACHABLE, ImageService
-from qudata_agent.services.pulls import PullCoordinator
+from qudata_agent.services.pulls import ImageTooLarge, PullCoordinator
 from support.registry import Registry
 
 pytestmark = pytest.mark.docker
@@ -266,3 +266,24 @@ def test_a_silent_registry_counts_as_unreachable_within_the_check_timeout() -> N
             assert engine.info()  # the engine itself still answers
         finally:
             engine.close()
+
+
+async def test_an_image_larger_than_the_free_disk_fails_early_and_is_not_kept(
+    parts: Parts, open_registry: Registry
+) -> None:
+    """The real pull from a real registry; only the free space it is weighed against is small."""
+    ref, _ = open_registry.push_new(_name(), extra_bytes=3 * 1024**2)  # random: 3 MiB compressed
+    pulls = PullCoordinator(parts.engine, parts.blocking, 60, free_bytes=lambda: 1024**2)
+    images = ImageService(parts.engine, parts.store, parts.blocking, pulls)
+    with pytest.raises(ImageTooLarge, match="does not fit") as caught:
+        await images.ensure(ref, None)
+    assert "has 1.0 MiB free" in caught.value.message
+    assert parts.engine.local_image(ref) is None
+    # with the disk's real free space the same pull goes through
+    await ImageService(
+        parts.engine,
+        parts.store,
+        parts.blocking,
+        PullCoordinator(parts.engine, parts.blocking, 60, free_bytes=lambda: 1000 * GIB),
+    ).ensure(ref, None)
+    assert parts.engine.local_image(ref) is not None

@@ -200,14 +200,14 @@ class Registry:
 
     # -- images ----------------------------------------------------------------------
 
-    def push_new(self, name: str, tag: str = "1") -> tuple[str, str]:
+    def push_new(self, name: str, tag: str = "1", extra_bytes: int = 0) -> tuple[str, str]:
         """Pushes a new small image (the busybox test image and one small layer of its
-        own) as `name:tag`; returns (reference, manifest digest). The local tag is
-        removed, so whoever wants it must pull it."""
+        own, with `extra_bytes` of random data) as `name:tag`; returns (reference,
+        manifest digest). The local tag is removed, so whoever wants it must pull it."""
         ref = f"{self.host}/{name}:{tag}"
         build = self.work / f"build-{uuid.uuid4().hex}"
         build.mkdir()
-        (build / "unique").write_text(uuid.uuid4().hex)
+        (build / "unique").write_bytes(uuid.uuid4().hex.encode() + os.urandom(extra_bytes))
         (build / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\nCOPY unique /unique\n")
         env = {**self.docker_env, "DOCKER_BUILDKIT": "0"}
         _run("docker", "build", "-q", "-t", ref, str(build), env=env)

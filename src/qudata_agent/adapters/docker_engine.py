@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 _UNREACHABLE = (docker.errors.DockerException, requests.exceptions.RequestException)
 _NEVER = "0001-01-01T00:00:00Z"  # Docker's zero time: "did not happen"
+_ANONYMOUS = re.compile(r"[0-9a-f]{64}")  # the name Docker gives an anonymous volume
 _POOL_SIZE = 32  # quick and slow pools together never wait for a connection
 # A registry that does not answer (packets dropped) must not hold a create for long:
 # past this the check counts as "registry unreachable".
@@ -824,6 +826,7 @@ def _state_from_attrs(attrs: dict[str, Any]) -> ContainerState:
         pid=int(state.get("Pid") or 0) or None,
         address=_address(attrs),
         env=tuple(str(item) for item in (attrs.get("Config") or {}).get("Env") or ()),
+        anonymous_volumes=_anonymous_volumes(attrs),
     )
 
 
@@ -833,6 +836,16 @@ def _address(attrs: dict[str, Any]) -> str | None:
         if (network or {}).get("IPAddress"):
             return str(network["IPAddress"])
     return None
+
+
+def _anonymous_volumes(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """Host paths of the volumes Docker made for the image's VOLUME paths (64-hex names)."""
+    found = []
+    for mount in attrs.get("Mounts") or ():
+        name = str(mount.get("Name") or "")
+        if mount.get("Type") == "volume" and _ANONYMOUS.fullmatch(name) and mount.get("Source"):
+            found.append(str(mount["Source"]))
+    return tuple(found)
 
 
 def _when(value: Any) -> str | None:

@@ -142,9 +142,11 @@ class StorageState(BaseModel):
         "storage driver cannot, so the layer is only measured (QUDATA_STORAGE_POLICY=monitor)"
     )
     used_gb: float | None = Field(
-        default=None, description="the writable layer's size at the last check (not enforced only)"
+        default=None,
+        description="the writable layer's size with the image's VOLUME paths at the last check"
+        " (where no cap holds them all)",
     )
-    over_limit: bool = Field(description="the writable layer is larger than requested_gb")
+    over_limit: bool = Field(description="the writable layer and VOLUME paths exceed requested_gb")
     default: bool = Field(
         default=False,
         description="true: the create named no storage_gb, and this is the host's default share",

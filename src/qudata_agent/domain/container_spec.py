@@ -211,6 +211,8 @@ class ContainerState:
     pid: int | None = None  # the container's init process on the host, while it runs
     address: str | None = None  # its IPv4 address on its (first) network, while it runs
     env: tuple[str, ...] = ()  # Config.Env: the image's ENV and the instance's, "NAME=value"
+    # Host directories of the anonymous volumes Docker made for the image's VOLUME paths.
+    anonymous_volumes: tuple[str, ...] = ()
 
     @property
     def running(self) -> bool:

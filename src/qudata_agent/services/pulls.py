@@ -9,15 +9,25 @@ layers, as Docker reports them) can be read at any time without touching
 Docker; a finished or failed pull leaves no entry behind, so the next request
 starts afresh. The pull itself runs in the slow thread pool and is bounded by
 the engine's inactivity deadline.
+
+The image's size is weighed while it comes: Docker's API tells no image size
+before a pull (a registry check returns the manifest's digest and size only),
+but the pull reports each layer's compressed size as its download starts. As
+soon as the compressed layers known so far exceed the free space Docker's
+disk had when the pull began (a lower bound of what the pull needs: layers
+are stored unpacked), the pull is cut (its connection closed, so Docker stops
+it) and fails with `ImageTooLarge`, naming both figures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
+from qudata_agent.errors import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +36,26 @@ class Puller(Protocol):
     def pull(self, ref: str, auth: Any, on_progress: Any, inactivity_s: float) -> None: ...
 
 
+GIB = 1024**3
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 1024**2:.1f} MiB"
+
+
+class ImageTooLarge(Conflict):
+    """The layers of the image being pulled cannot fit in the free space of Docker's disk."""
+
+
 class PullCoordinator:
-    def __init__(self, engine: Puller, blocking: Blocking, inactivity_s: float) -> None:
+    def __init__(
+        self,
+        engine: Puller,
+        blocking: Blocking,
+        inactivity_s: float,
+        free_bytes: Callable[[], int | None] | None = None,  # Docker's disk; None: not weighed
+    ) -> None:
+        self._free_bytes = free_bytes
         self._engine = engine
         self._blocking = blocking
         self._inactivity_s = inactivity_s
@@ -63,8 +91,18 @@ class PullCoordinator:
             task.exception()  # retrieved here; every waiter gets it through the shield
 
     async def _pull(self, ref: str, auth: Any | None) -> None:
+        free = None
+        if self._free_bytes is not None:
+            free = await self._blocking.quick(self._free_bytes)
+
         def on_progress(report: Any) -> None:
             self._progress[ref] = report  # called from the pulling thread
+            if free is not None and report.bytes_total > free:
+                raise ImageTooLarge(
+                    f"image {ref} does not fit: its layers are at least"
+                    f" {_size(report.bytes_total)} compressed, and Docker's disk has"
+                    f" {_size(free)} free"
+                )
 
         log.info("pulling image", extra={"image": ref})
         await self._blocking.slow(self._engine.pull, ref, auth, on_progress, self._inactivity_s)

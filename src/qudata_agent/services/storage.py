@@ -4,17 +4,21 @@ Owns: finding out whether this host's Docker can cap a container's writable
 layer (`QuotaSupport`: logged at start, checked again on every watch pass,
 logged again when it changed); the admission of a create's `storage_gb`
 (the policy and the free space of Docker's data root decide, through
-`domain.storage.admit`); the record of what each instance asked for; and the
-watch of layers that are not capped: measured every interval, a warning
-logged when one passes its size and a note when it is back under.
+`domain.storage.admit`); the record of what each instance asked for (or got
+by default); and the watch of what no cap holds: layers that are not capped,
+and the anonymous volumes Docker makes for an image's VOLUME paths (outside
+any layer cap), measured with their layer every interval, a warning logged
+when an instance passes its size and a note when it is back under.
 
 What stays true:
 - a request is enforced, watched, or refused; never silently dropped;
 - what an instance asked for is kept in the store (one meta key, JSON, pruned
   of instances that no longer exist whenever a new one is recorded), so the
   answer survives an agent restart;
-- the layer is measured only where nothing caps it (Docker walks the layer to
-  count it), on the slow pool, once per interval, never from a request.
+- the layer is measured only where nothing caps it or where VOLUME paths
+  lie outside the cap (Docker walks the layer to count it; the volumes are
+  walked with a bound in time and entries), on the slow pool, once per
+  interval, never from a request.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
+from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.storage import (
     GIB,
@@ -46,12 +51,15 @@ STORE_KEY = "storage_requests"
 
 MountOptions = Callable[[str], frozenset[str] | None]  # data root -> its mount options
 FreeBytes = Callable[[str], int | None]  # path -> free bytes on its filesystem
+TreeBytes = Callable[[str], int]  # host directory -> space its files take (a bounded walk)
 
 
 class StorageEngine(Protocol):
     def storage_info(self) -> StorageInfo: ...
 
     def writable_layer_bytes(self, container_id: str) -> int: ...
+
+    def inspect(self, container_id: str) -> ContainerState: ...
 
 
 class StorageStore(Protocol):
@@ -84,7 +92,9 @@ class StorageGuard:
         policy: StoragePolicy,
         mount_options: MountOptions,
         free_bytes: FreeBytes,
+        tree_bytes: TreeBytes | None = None,  # None: VOLUME paths are not counted
     ) -> None:
+        self._tree_bytes = tree_bytes
         self._engine = engine
         self._store = store
         self._blocking = blocking
@@ -190,27 +200,46 @@ class StorageGuard:
         return None if request is None else usage(request, self._used.get(instance.id))
 
     async def check(self, instances: Sequence[Instance]) -> None:
-        """One watch pass: support detected again, every uncapped layer measured."""
+        """One watch pass: support detected again, every uncapped layer measured.
+
+        An image's VOLUME paths are anonymous volumes outside the layer and
+        outside any cap on it: they are measured too, capped layer or not,
+        and counted with the layer against the instance's size.
+        """
         await self.detect()
         requests = await self._blocking.quick(self._requests)
         used: dict[str, int] = {}
         for instance in instances:
             request = requests.get(instance.id)
-            if instance.container_id is None or request is None or request.enforced:
+            if instance.container_id is None or request is None:
                 continue
             try:
-                used[instance.id] = await self._blocking.slow(
-                    self._engine.writable_layer_bytes, instance.container_id
-                )
+                measured = await self._measure(instance.container_id, request)
             except NotFound:
                 continue  # removed a moment ago; the reconciler sees it too
             except AgentError as e:  # this layer alone (a walk too long): the others go on
                 self._unmeasured(instance.id, e, used)
                 continue
-            self._missed.discard(instance.id)
-            self._judge(instance.id, request, used[instance.id])
+            if measured is not None:
+                used[instance.id] = measured
+                self._missed.discard(instance.id)
+                self._judge(instance.id, request, measured)
         self._used = used
         self._over &= set(used)
+
+    async def _measure(self, container_id: str, request: StorageRequest) -> int | None:
+        """The layer and the VOLUME paths together; None where nothing needs measuring."""
+        volumes: tuple[str, ...] = ()
+        if self._tree_bytes is not None:
+            state = await self._blocking.quick(self._engine.inspect, container_id)
+            volumes = state.anonymous_volumes
+        if request.enforced and not volumes:
+            return None  # the cap holds the layer, and nothing lies outside it
+        total = await self._blocking.slow(self._engine.writable_layer_bytes, container_id)
+        for path in volumes:
+            assert self._tree_bytes is not None
+            total += await self._blocking.slow(self._tree_bytes, path)
+        return total
 
     def _unmeasured(self, instance_id: str, error: AgentError, used: dict[str, int]) -> None:
         """Keeps the last figure of a layer that could not be measured; logs the first miss."""
@@ -231,7 +260,7 @@ class StorageGuard:
         }
         if used > request.requested_bytes and instance_id not in self._over:
             self._over.add(instance_id)
-            log.warning("instance disk use is over its storage_gb (not enforced)", extra=facts)
+            log.warning("instance disk use is over its storage_gb", extra=facts)
         elif used <= request.requested_bytes and instance_id in self._over:
             self._over.discard(instance_id)
             log.info("instance disk use is back within its storage_gb", extra=facts)

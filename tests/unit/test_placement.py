@@ -300,3 +300,11 @@ def test_an_order_without_storage_gets_the_default_or_its_share_of_the_free_disk
     unknown = replace(four, disk_free_bytes=None)
     assert admitted(decide(unknown, [], Request())).storage_bytes is None
     assert admitted(decide(four, [], Request(storage_bytes=3 * GIB))).storage_bytes == 3 * GIB
+
+
+def test_a_default_size_is_a_ceiling_that_promises_no_disk() -> None:
+    from qudata_agent.domain.container_spec import ContainerSpec
+
+    spec = ContainerSpec("i", "a", "x:1", (), storage_bytes=50 * GIB, storage_asked=False)
+    assert Holding.of_spec(spec).storage_bytes is None
+    assert Holding.of_spec(replace(spec, storage_asked=True)).storage_bytes == 50 * GIB

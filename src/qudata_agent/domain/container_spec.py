@@ -150,6 +150,7 @@ class ContainerSpec:
     ports: tuple[PortBinding, ...] = ()
     gpu_uuids: tuple[str, ...] = ()
     storage_bytes: int | None = None  # writable-layer size, where the driver enforces it
+    storage_asked: bool = True  # False: the host's default size, a cap that promises nothing
     restart_policy: str = "unless-stopped"
     restart_retries: int = 0  # with "on-failure": how many restarts before it stays stopped
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES  # container log, all rotated files together

@@ -121,6 +121,7 @@ def build_spec(
         ports=tuple(_binding(key, port) for key, port in sorted(ports.items())),
         gpu_uuids=gpus,
         storage_bytes=storage_bytes,
+        storage_asked=order.storage_gb is not None,
         network=host.network,
         mounts=mounts,
         runtime=runtime_of(order.isolation, host.sandbox_runtime),

@@ -27,7 +27,9 @@ The rules:
 - An order that names no `storage_gb` gets the provider's default
   (`default_storage_bytes`), else the same share of the disk's free space;
   cut to what is free; a default never refuses an order (only a
-  `storage_gb` asked for can), so where less than `MIN_DEFAULT_STORAGE_BYTES`
+  `storage_gb` asked for can) and promises nothing: it is a ceiling on what
+  the instance may write, not space kept from other instances or volumes
+  (`Holding.of_spec` leaves it out). Where less than `MIN_DEFAULT_STORAGE_BYTES`
   is free it gets none (the image GC is there to free space). Unknown free
   space: the provider's default, else none.
 - Whole cores: an order that names a whole number of CPUs gets a cpuset of
@@ -115,7 +117,7 @@ class Holding:
             cpuset=parse_cpu_list(spec.cpuset_cpus) if spec.cpuset_cpus else (),
             cpu_cores=None if spec.nano_cpus is None else spec.nano_cpus / 1e9,
             memory_bytes=spec.memory_bytes,
-            storage_bytes=spec.storage_bytes,
+            storage_bytes=spec.storage_bytes if spec.storage_asked else None,
             storage_used_bytes=storage_used_bytes,
         )
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+import resource
+from pathlib import Path
 from typing import Any
 
-from qudata_agent.acceptor import PortPolicy
+from qudata_agent.acceptor import FD_HEADROOM, PortPolicy, raise_open_files_limit
+from qudata_agent.config import Settings
 from qudata_agent.domain.tls import TlsMode
 from qudata_agent.server import KEEP_ALIVE_S, make_server, tls_required_app
 
@@ -31,3 +35,21 @@ async def test_plain_http_where_tls_is_required_gets_the_contracts_400() -> None
     assert start["status"] == 400
     assert (b"connection", b"close") in start["headers"]
     assert json.loads(body["body"]) == {"ok": False, "error": "TLS required: use https://"}
+
+
+def test_the_units_open_files_limit_is_sized_above_the_connection_cap() -> None:
+    unit = (Path(__file__).resolve().parents[2] / "packaging/qudata-agent.service").read_text()
+    (limit,) = re.findall(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    assert int(limit) >= Settings().http_max_connections + FD_HEADROOM
+
+
+def test_the_agent_lifts_its_soft_open_files_limit_for_the_cap() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        now, needed = raise_open_files_limit(1024)
+        assert needed == 1024 + FD_HEADROOM
+        expected = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        assert now == expected == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

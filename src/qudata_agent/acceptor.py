@@ -91,7 +91,11 @@ class Link:
 
     def _arm(self, when: float) -> None:
         self._disarm()
-        self._timer = self._acceptor.loop.call_at(when, self._expire)
+        self._timer = self._acceptor.loop.call_at(when, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._acceptor.header_timeouts += 1
+        self._expire()
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -123,6 +127,7 @@ class Acceptor:
         self._noted_at = -_NOTE_EVERY_S
         self.evicted = 0
         self.refused = 0
+        self.header_timeouts = 0  # the first byte, the handshake or the headers came too late
 
     def start(self) -> None:
         self._sock.setblocking(False)
@@ -140,8 +145,16 @@ class Acceptor:
     async def wait_closed(self) -> None:
         await asyncio.gather(*self._pending.values(), return_exceptions=True)
 
-    def open_connections(self) -> int:
-        return len(self._table)
+    def figures(self) -> dict[str, int]:
+        """What /metrics shows of the port: open connections by kind, and the counters."""
+        strangers, trusted = self._table.counts()
+        return {
+            "strangers": strangers,
+            "trusted": trusted,
+            "evicted": self.evicted,
+            "refused": self.refused,
+            "header_timeouts": self.header_timeouts,
+        }
 
     def holds(self, conn: Conn) -> bool:
         return self._table.holds(conn)
@@ -255,6 +268,9 @@ class Acceptor:
                 }
             await self.loop.connect_accepted_socket(lambda: self._factory(link, way), client, **tls)
         except (OSError, ssl.SSLError, TimeoutError) as e:
+            # asyncio ends a handshake past its timeout with ConnectionAbortedError.
+            if isinstance(e, TimeoutError) or self.loop.time() >= deadline:
+                self.header_timeouts += 1
             log.debug("connection ended before HTTP", extra={"error": repr(e)})
             return False
         return True

@@ -719,6 +719,7 @@ class Agent:
             s.shutdown_timeout_s,
             self._port_policy(tls),
         )
+        parts.metrics.follow_port(server.port_figures)
         self._server = server
         if self._stop.is_set():
             server.should_exit = True

@@ -110,6 +110,7 @@ class Metrics:
         self._disk: tuple[Callable[[], str | None], Callable[[str], int | None]] | None = None
         self._volumes: Callable[[], Sequence[Any]] | None = None
         self._tunnel: Callable[[], dict[str, Any]] | None = None
+        self._port: Callable[[], dict[str, int]] | None = None
         self.registry.register(_Snapshot(self))
 
     # -- events ----------------------------------------------------------------
@@ -158,6 +159,10 @@ class Metrics:
         """Tunnel mode: its state and last handshake, read at scrape time."""
         self._tunnel = view
 
+    def follow_port(self, figures: Callable[[], dict[str, int]]) -> None:
+        """The API port: open connections by kind, evictions, refusals, header timeouts."""
+        self._port = figures
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE
@@ -192,6 +197,25 @@ class Metrics:
                 yield family
         if self._volumes is not None:
             yield from _volume_families(self._volumes())
+        if self._port is not None:
+            yield from _port_families(self._port())
+
+
+def _port_families(figures: dict[str, int]) -> Iterator[Metric]:
+    open_now = GaugeMetricFamily(
+        "qudata_api_connections",
+        "Connections open on the API port: strangers, and those that proved the secret",
+        labels=["kind"],
+    )
+    open_now.add_metric(["stranger"], float(figures["strangers"]))
+    open_now.add_metric(["trusted"], float(figures["trusted"]))
+    yield open_now
+    for name, doc in (
+        ("evicted", "Strangers closed to make room at the connection cap"),
+        ("refused", "Newcomers closed at once: every slot proved the secret or was busy"),
+        ("header_timeouts", "Connections closed at the request-header deadline"),
+    ):
+        yield CounterMetricFamily(f"qudata_api_connections_{name}", doc, value=figures[name])
 
 
 def _volume_families(views: Sequence[Any]) -> Iterator[Metric]:

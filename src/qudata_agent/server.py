@@ -121,6 +121,7 @@ class EnvelopeH11Protocol(H11Protocol):
         self.transport.close()
 
 
+PORT_FIGURES = ("strangers", "trusted", "evicted", "refused", "header_timeouts")
 KEEP_ALIVE_S = 30  # an idle kept-alive connection is closed after this (CONTRACT.md section 5)
 TLS_REQUIRED_BODY = json.dumps({"ok": False, "error": TLS_REQUIRED_ERROR}).encode()
 
@@ -187,6 +188,14 @@ class AgentServer(uvicorn.Server):
         super().__init__(config)
         self.policy = policy
         self.acceptor: Acceptor | None = None
+
+    def port_figures(self) -> dict[str, int]:
+        """The acceptor's figures for /metrics (zeros before it starts)."""
+        if self.acceptor is None:
+            return dict.fromkeys(
+                ("strangers", "trusted", "evicted", "refused", "header_timeouts"), 0
+            )
+        return self.acceptor.figures()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         config = self.config

@@ -84,6 +84,26 @@ def _closed_at(socks: dict[socket.socket, float], until: float) -> dict[socket.s
     return closed
 
 
+def _port_figures(
+    agent: AgentProcess, conn: http.client.HTTPConnection | None = None
+) -> dict[str, float]:
+    """The API port's counters from /metrics (on `conn` when given, else a new connection)."""
+    own = conn or http.client.HTTPConnection("127.0.0.1", agent.port, timeout=30)
+    try:
+        own.request("GET", "/metrics", headers={"X-Agent-Secret": agent.secret()})
+        text = own.getresponse().read().decode()
+    finally:
+        if conn is None:
+            own.close()
+    figures = {}
+    for line in text.splitlines():
+        if line.startswith("qudata_api_connections_") and "_total " in line:
+            name, value = line.split()
+            short = name.removeprefix("qudata_api_connections_").removesuffix("_total")
+            figures[short] = float(value)
+    return figures
+
+
 def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -122,6 +142,9 @@ def test_slowloris_strangers_are_closed_within_the_deadline_and_the_secret_is_se
     assert held_fds <= idle_fds + 256 + 16  # never more than the cap of connections
     assert agent.proc.poll() is None
     assert _authenticated_call(agent) < 1.0
+    figures = _port_figures(agent)  # every stranger was either evicted or cut at the deadline
+    assert figures["evicted"] + figures["header_timeouts"] >= STRANGERS, figures
+    assert figures["evicted"] >= STRANGERS - 256 and figures["header_timeouts"] > 0, figures
 
 
 def test_a_kept_alive_connection_gets_the_deadline_for_its_next_request(
@@ -180,6 +203,7 @@ def test_over_the_cap_strangers_make_room_and_trusted_slots_are_kept(
         refused = _closed_at({newcomer: time.monotonic()}, time.monotonic() + 2)
         newcomer.close()
         assert refused, "a stranger got a slot held by connections that proved the secret"
+        assert _port_figures(agent, trusted[0])["refused"] >= 1  # asked on a trusted one
         for conn in trusted:  # and those are still served on the connections they hold
             conn.request("GET", "/ping")
             answer = conn.getresponse()

@@ -296,3 +296,15 @@ def test_free_space_on_dockers_data_root_once_known(metrics: Metrics) -> None:
     root.append("/var/lib/docker")
     found = value(metrics, "qudata_docker_data_root_free_bytes", path="/var/lib/docker")
     assert found == 42 * 1024**3
+
+
+def test_the_api_port_figures_are_exported() -> None:
+    metrics = Metrics()
+    figures = {"strangers": 3, "trusted": 1, "evicted": 7, "refused": 2, "header_timeouts": 5}
+    metrics.follow_port(lambda: figures)
+    text = metrics.render()[0].decode()
+    assert 'qudata_api_connections{kind="stranger"} 3.0' in text
+    assert 'qudata_api_connections{kind="trusted"} 1.0' in text
+    assert "qudata_api_connections_evicted_total 7.0" in text
+    assert "qudata_api_connections_refused_total 2.0" in text
+    assert "qudata_api_connections_header_timeouts_total 5.0" in text

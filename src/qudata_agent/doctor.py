@@ -42,11 +42,14 @@ from qudata_agent.adapters.docker_engine import DockerEngine
 from qudata_agent.adapters.host import disk_free_bytes, mount_options, run_tool
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
+from qudata_agent.adapters.runtimes import sandbox_gpus, toolkit_config, toolkit_version
 from qudata_agent.adapters.store import Store
 from qudata_agent.adapters.tls import TlsError, TlsIdentity, served_identity
 from qudata_agent.adapters.volume_fs import LoopVolumes, XfsProjectVolumes, fs_facts
 from qudata_agent.config import Settings
 from qudata_agent.domain.inventory import GpuCondition, GpuReport
+from qudata_agent.domain.isolation import SandboxGpus, parse_runtimes, sandbox_gpu_refusal
+from qudata_agent.domain.nvidia_toolkit import Version, toolkit_refusal, unconfirmed
 from qudata_agent.domain.storage import quota_support
 from qudata_agent.domain.tls import RENEW_BEFORE, TlsMode
 from qudata_agent.domain.volumes import FsFacts, Mechanism, choose_mechanism
@@ -384,6 +387,86 @@ def cdi_check(gpus_present: bool, specs: Sequence[str]) -> Check:
     )
 
 
+def isolation_check(info: Mapping[str, Any] | None, sandbox_runtime: str) -> Check:
+    """The sandbox tier: gVisor's runtime registered with Docker (the agent probes it at start)."""
+    runtimes = parse_runtimes((info or {}).get("Runtimes"))
+    if sandbox_runtime in runtimes:
+        found = runtimes[sandbox_runtime]
+        args = " ".join(found.args) or "no arguments"
+        return Check(
+            "isolation",
+            Level.PASS,
+            f"container and sandbox ({sandbox_runtime}: {found.path}, {args});"
+            " the agent offers the sandbox once a probe container starts under it",
+        )
+    return Check(
+        "isolation",
+        Level.WARN,
+        f"container only: Docker has no {sandbox_runtime!r} runtime, so orders for"
+        " isolation 'sandbox' are refused (409)",
+        "install.sh --sandbox (gVisor's runsc registered in daemon.json)",
+    )
+
+
+def sandbox_gpu_check(
+    info: Mapping[str, Any] | None,
+    sandbox_runtime: str,
+    report: GpuReport,
+    gpus: SandboxGpus | None,
+) -> Check | None:
+    """GPUs in the sandbox (runsc's nvproxy and the driver); None without GPUs or sandbox."""
+    runtime = parse_runtimes((info or {}).get("Runtimes")).get(sandbox_runtime)
+    if not report.gpus or runtime is None or gpus is None:
+        return None
+    why = sandbox_gpu_refusal(runtime, gpus, report.driver_version)
+    if why is None:
+        return Check("sandbox gpus", Level.PASS, f"nvproxy supports driver {report.driver_version}")
+    return Check(
+        "sandbox gpus", Level.WARN, f"GPU orders with isolation 'sandbox' are refused: {why}"
+    )
+
+
+def toolkit_version_check(
+    gpus_present: bool, version: Version | None, raised: Version | None
+) -> Check:
+    """The NVIDIA Container Toolkit against its known escapes (domain.nvidia_toolkit)."""
+    if not gpus_present:
+        return Check("toolkit escapes", Level.PASS, "not needed: no NVIDIA GPU")
+    why = toolkit_refusal(version, raised)
+    unknown = ", ".join(unconfirmed())
+    if why is not None:
+        return Check("toolkit escapes", Level.FAIL, f"GPU orders are refused: {why}",
+                     "apt-get install --only-upgrade nvidia-container-toolkit"
+                     " nvidia-container-toolkit-base libnvidia-container-tools"
+                     " libnvidia-container1")  # fmt: skip
+    shown = ".".join(map(str, version or ()))
+    return Check(
+        "toolkit escapes",
+        Level.PASS,
+        f"NVIDIA Container Toolkit {shown}: past every confirmed fix"
+        f" (not checkable: {unknown}; raise QUDATA_NVIDIA_TOOLKIT_MIN once its fix is known)",
+    )
+
+
+def forward_compat_check(
+    gpus_present: bool, found: bool, hook_off: bool, mode: str | None
+) -> Check:
+    """The CUDA forward-compat hook (the path of CVE-2025-23266): off unless wanted."""
+    if not gpus_present:
+        return Check("cuda compat hook", Level.PASS, "not needed: no NVIDIA GPU")
+    if found and hook_off and mode in ("disabled", "ldconfig", "mount"):
+        return Check("cuda compat hook", Level.PASS, f"off (cuda-compat-mode {mode})")
+    return Check(
+        "cuda compat hook",
+        Level.WARN,
+        "the toolkit may run the enable-cuda-compat hook for a container"
+        + ("" if found else " (no /etc/nvidia-container-toolkit/config.toml)"),
+        "nvidia-ctk config --in-place --set features.disable-cuda-compat-lib-hook=true"
+        " --set nvidia-container-runtime.modes.legacy.cuda-compat-mode=disabled"
+        " (install.sh does)",
+    )
+
+
 def disk_check(root: str | None, free: int | None) -> Check:
     """Free space on Docker's data root, where images and writable layers live."""
     if root is None or free is None:
@@ -646,6 +729,12 @@ class Probes(Protocol):
 
     def plain_http(self, state_dir: Path, port: int | None) -> int | None: ...  # None: no answer
 
+    def toolkit_version(self) -> Version | None: ...  # None: not installed or unreadable
+
+    def toolkit_config(self) -> tuple[bool, bool, str | None]: ...  # found, hook off, compat mode
+
+    def sandbox_gpus(self, runsc: str) -> SandboxGpus: ...
+
 
 def _permission_check(name: str, error: OSError) -> Check:
     return Check(
@@ -721,6 +810,26 @@ def _ssh_tools(probes: Probes) -> Check:
     return ssh_check(missing)
 
 
+def _isolation_checks(
+    settings: Settings,
+    probes: Probes,
+    info: Mapping[str, Any] | None,
+    report: GpuReport,
+    gpus_present: bool,
+) -> list[Check]:
+    """The tiers, GPUs in the sandbox, the toolkit's escapes and its forward-compat hook."""
+    name = settings.sandbox_runtime
+    runtime = parse_runtimes((info or {}).get("Runtimes")).get(name)
+    gpus = probes.sandbox_gpus(runtime.path) if runtime is not None and report.gpus else None
+    sandbox = sandbox_gpu_check(info, name, report, gpus)
+    checks = [isolation_check(info, name), *([sandbox] if sandbox is not None else [])]
+    version = probes.toolkit_version() if gpus_present else None
+    checks.append(toolkit_version_check(gpus_present, version, settings.nvidia_toolkit_min))
+    found, hook_off, mode = probes.toolkit_config() if gpus_present else (False, False, None)
+    checks.append(forward_compat_check(gpus_present, found, hook_off, mode))
+    return checks
+
+
 def run_checks(settings: Settings, probes: Probes, config_file: Path | None = None) -> list[Check]:
     docker_host = settings.docker_host or "unix:///var/run/docker.sock"
     info: dict[str, Any] | None = None
@@ -746,6 +855,7 @@ def run_checks(settings: Settings, probes: Probes, config_file: Path | None = No
         runtime_check(info, gpus_present),
         toolkit_check(gpus_present, probes.container_cli_info() if gpus_present else None),
         cdi_check(gpus_present, probes.cdi_specs() if gpus_present else ()),
+        *_isolation_checks(settings, probes, info, report, gpus_present),
         _ports(settings, probes),
         ephemeral_check(
             settings.port_range,
@@ -898,6 +1008,16 @@ class HostProbes:
 
     def disk_free(self, path: str) -> int | None:
         return disk_free_bytes(path)
+
+    def toolkit_version(self) -> Version | None:
+        return toolkit_version()
+
+    def toolkit_config(self) -> tuple[bool, bool, str | None]:
+        found = toolkit_config()
+        return found.found, found.compat_hook_disabled, found.cuda_compat_mode
+
+    def sandbox_gpus(self, runsc: str) -> SandboxGpus:
+        return sandbox_gpus(runsc)
 
     def volumes(self, state_dir: Path) -> VolumeSummary:
         root = state_dir / "volumes"

@@ -18,6 +18,7 @@ from qudata_agent.adapters.tls import TlsIdentity
 from qudata_agent.config import Settings, load_settings
 from qudata_agent.doctor import Check, Level, ProbeError
 from qudata_agent.domain.inventory import GpuCondition, GpuInfo, GpuReport
+from qudata_agent.domain.isolation import SandboxGpus
 from qudata_agent.domain.tls import TlsMode
 from qudata_agent.domain.volumes import FsFacts
 
@@ -282,6 +283,9 @@ class FakeProbes:
     )
     tls: TlsIdentity | None = None
     plain: int | None = None
+    toolkit: tuple[int, int, int] | None = (1, 17, 8)
+    toolkit_conf: tuple[bool, bool, str | None] = (True, True, "disabled")
+    sandbox: SandboxGpus = field(default_factory=lambda: SandboxGpus(False))
 
     def docker_info(self) -> dict[str, Any]:
         if self.info is None:
@@ -330,6 +334,15 @@ class FakeProbes:
     def cdi_specs(self) -> tuple[str, ...]:
         return self.cdi
 
+    def toolkit_version(self) -> tuple[int, int, int] | None:
+        return self.toolkit
+
+    def toolkit_config(self) -> tuple[bool, bool, str | None]:
+        return self.toolkit_conf
+
+    def sandbox_gpus(self, runsc: str) -> SandboxGpus:
+        return self.sandbox
+
     def disk_free(self, path: str) -> int | None:
         self.disk_paths.append(path)
         return self.free
@@ -370,6 +383,9 @@ def test_a_ready_cpu_host() -> None:
         "nvidia runtime",
         "nvidia toolkit",
         "cdi",
+        "isolation",
+        "toolkit escapes",
+        "cuda compat hook",
         "port range",
         "ephemeral ports",
         "state dir",

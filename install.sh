@@ -70,6 +70,11 @@ MAX_DOWNLOADS=
 MIRRORS=()
 SETTINGS=()
 TUNNEL=""
+SANDBOX=0     # --sandbox: gVisor's runsc registered as Docker's runsc runtime
+SANDBOX_GPU=0 # --sandbox-gpu: a gVisor release with nvproxy (GPUs in the sandbox)
+RUNSC=
+# gVisor's release bucket (a runsc binary and its SHA-512 per architecture).
+GVISOR_URL=${QUDATA_INSTALL_GVISOR_URL:-https://storage.googleapis.com/gvisor/releases/release/latest}
 CHANGED=0       # something the agent reads changed: it is restarted
 TOUCHED=0       # anything on the host changed (a file written, a command run)
 VENV_SWITCHED=0 # a new version was switched in
@@ -115,6 +120,12 @@ usage: install.sh [options]
   --install-driver      with an NVIDIA GPU and no working driver: install the
                         server driver branch (a reboot is needed after it)
   --no-hold             leave the Docker and NVIDIA packages unheld (apt-mark)
+  --sandbox             offer the sandbox isolation tier: gVisor's runsc (the
+                        distribution's package) registered in daemon.json as the
+                        runsc runtime
+  --sandbox-gpu         the same with gVisor's newest release (checksum verified)
+                        and nvproxy on, so sandboxes may have GPUs (where that
+                        release supports the host's driver)
   --strict              exit 4 when `qudata-agent doctor` finds a failure
   --rollback            go back to the previous version (its venv, and the
                         database saved before the upgrade when the upgrade changed
@@ -255,6 +266,8 @@ parse_args() {
       --strict) STRICT=1 ;;
       --rollback) ROLLBACK=1 ;;
       --no-hold) HOLD=0 ;;
+      --sandbox) SANDBOX=1 ;;
+      --sandbox-gpu) SANDBOX=1 SANDBOX_GPU=1 ;;
       --source | --api-url | --api-key-file | --agent-port | --set | --proxy | \
         --max-concurrent-downloads | --registry-mirror | --tunnel | --tls)
         [ $# -ge 2 ] || usage_error "$1 needs a value"
@@ -441,9 +454,10 @@ step_volumes() {
 merged_daemon_json() {
   local mirrors
   mirrors=$(printf '%s\n' "${MIRRORS[@]+"${MIRRORS[@]}"}")
-  "$PYTHON" - "$DAEMON_JSON" "$MAX_DOWNLOADS" "$mirrors" <<'PY'
+  "$PYTHON" - "$DAEMON_JSON" "$MAX_DOWNLOADS" "$mirrors" "$RUNSC" "$SANDBOX_GPU" <<'PY'
 import json, sys
 path, downloads, mirrors = sys.argv[1], sys.argv[2], [m for m in sys.argv[3].split("\n") if m]
+runsc, gpu = sys.argv[4], sys.argv[5] == "1"
 try:
     with open(path, encoding="utf-8") as f:
         text = f.read()
@@ -457,8 +471,44 @@ if downloads:
     config["max-concurrent-downloads"] = int(downloads)
 if mirrors:
     config["registry-mirrors"] = mirrors
+if runsc:
+    # --network=host: the container's own namespace through the host's stack (the
+    # firewall and the published ports act on it as on any container).
+    args = ["--network=host"] + (["--nvproxy"] if gpu else [])
+    runtimes = config.setdefault("runtimes", {})
+    runtimes["runsc"] = {"path": runsc, "runtimeArgs": args}
 print(json.dumps(config, indent=2, sort_keys=True))
 PY
+}
+
+is_sha512_line() { grep -Eq '^[0-9a-f]{128}( |$)' "$1"; }
+is_elf() { [ "$(head -c 4 "$1" | od -An -c | tr -d ' ')" = "177ELF" ]; }
+
+# step_sandbox: gVisor for the sandbox tier (the agent offers it only once a
+# probe container starts under it). The distribution's runsc, or with
+# --sandbox-gpu gVisor's newest release (nvproxy: GPUs in a sandbox).
+step_sandbox() {
+  [ "$SANDBOX" = 1 ] || return 0
+  step "Sandbox isolation tier (gVisor's runsc)"
+  if [ "$SANDBOX_GPU" = 0 ]; then
+    apt_install runsc
+    RUNSC=/usr/bin/runsc
+    note "runsc from the distribution; GPUs stay out of sandboxes (use --sandbox-gpu for them)"
+    return 0
+  fi
+  local arch dest=/usr/local/bin/runsc
+  arch=$(uname -m)
+  RUNSC=$dest
+  would "download $GVISOR_URL/$arch/runsc, check its SHA-512 and install it as $dest" && return 0
+  fetch "$GVISOR_URL/$arch/runsc.sha512" "$WORK/runsc.sha512" is_sha512_line
+  fetch "$GVISOR_URL/$arch/runsc" "$WORK/runsc" is_elf
+  [ "$(sha512sum "$WORK/runsc" | cut -d' ' -f1)" = "$(cut -d' ' -f1 "$WORK/runsc.sha512")" ] ||
+    die "the downloaded runsc does not match its SHA-512: nothing was installed"
+  install -m 0755 "$WORK/runsc" "$dest"
+  TOUCHED=1
+  note "runsc $("$dest" --version 2>/dev/null | head -1) in $dest"
+  "$dest" nvproxy list-supported-drivers >/dev/null 2>&1 ||
+    warn "this runsc has no nvproxy: sandboxes get no GPUs"
 }
 
 step_docker_config() {
@@ -475,7 +525,7 @@ step_docker_config() {
     note "live-restore on$([ -z "$MAX_DOWNLOADS" ] || echo ", max-concurrent-downloads $MAX_DOWNLOADS")$([ ${#MIRRORS[@]} -eq 0 ] || echo ", registry mirrors ${MIRRORS[*]}")"
     return 0
   fi
-  would "merge live-restore$([ -z "$MAX_DOWNLOADS" ] || echo ", max-concurrent-downloads")$([ ${#MIRRORS[@]} -eq 0 ] || echo ", registry-mirrors") into $DAEMON_JSON and reload dockerd" && return 0
+  would "merge live-restore$([ -z "$MAX_DOWNLOADS" ] || echo ", max-concurrent-downloads")$([ ${#MIRRORS[@]} -eq 0 ] || echo ", registry-mirrors")$([ -z "$RUNSC" ] || echo ", the runsc runtime") into $DAEMON_JSON and reload dockerd" && return 0
   mkdir -p "$(dirname "$DAEMON_JSON")"
   printf '%s\n' "$merged" | write_file "$DAEMON_JSON" 0644
   note "merged into $DAEMON_JSON"
@@ -598,6 +648,19 @@ step_fabricmanager() {
     run systemctl enable --now nvidia-fabricmanager.service
 }
 
+# The CUDA forward-compat hook (the path of CVE-2025-23266) off for every container.
+toolkit_compat_off() {
+  local conf=/etc/nvidia-container-toolkit/config.toml
+  if grep -Eq '^\s*disable-cuda-compat-lib-hook\s*=\s*true' "$conf" 2>/dev/null &&
+    grep -Eq '^\s*cuda-compat-mode\s*=\s*"disabled"' "$conf" 2>/dev/null; then
+    note "the toolkit's CUDA compat hook is off"
+    return 0
+  fi
+  run nvidia-ctk config --in-place --set features.disable-cuda-compat-lib-hook=true \
+    --set nvidia-container-runtime.modes.legacy.cuda-compat-mode=disabled ||
+    warn "could not turn the CUDA compat hook off in $conf: see qudata-agent doctor"
+}
+
 step_nvidia() {
   step "NVIDIA GPUs"
   local count
@@ -621,6 +684,7 @@ step_nvidia() {
     add_toolkit_repo
     apt_install nvidia-container-toolkit
   fi
+  toolkit_compat_off
   if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"nvidia"'; then
     note "Docker has the nvidia runtime"
     return 0
@@ -1127,6 +1191,7 @@ main() {
   step_volumes
   step_tunnel
   step_nvidia
+  step_sandbox
   step_docker_config
   step_hold
   step_agent

@@ -163,6 +163,19 @@ def test_a_dry_run_prints_every_step_and_changes_nothing(fresh: Box) -> None:
     assert fresh.code("test -e /opt/qudata-agent || test -e /etc/qudata-agent")[0] == 1
 
 
+def test_a_dry_run_with_the_sandbox_installs_runsc_and_registers_it(fresh: Box) -> None:
+    output = fresh.unchanged_by(
+        f"QUDATA_INSTALL_PCI_DEVICES={FAKE_BUS} bash /src/install.sh --dry-run --sandbox {WITH_KEY}"
+    )
+    apt = [line for line in output.splitlines() if "would run: apt-get install" in line]
+    assert any(line.endswith(" runsc") for line in apt), output
+    gpu = fresh.unchanged_by(
+        f"QUDATA_INSTALL_PCI_DEVICES={FAKE_BUS} bash /src/install.sh --dry-run --sandbox-gpu"
+        f" {WITH_KEY}"
+    )
+    assert "check its SHA-512 and install it as /usr/local/bin/runsc" in gpu, gpu
+
+
 def test_a_dry_run_on_a_gpu_host_shows_the_driver_and_toolkit_steps(fresh: Box) -> None:
     bus = "/tmp/gpu-bus/0000:65:00.0"
     fresh.sh(f"mkdir -p {bus} && echo 0x10de > {bus}/vendor && echo 0x030200 > {bus}/class")
@@ -475,6 +488,24 @@ def test_daemon_json_is_merged_not_clobbered(installed: tuple[Box, str]) -> None
     code, output = box.code(f"cd / && QUDATA_INSTALL_PCI_DEVICES={FAKE_BUS} bash /src/install.sh")
     assert code == 1 and "is not valid JSON" in output, output
     assert box.sh("cat /etc/docker/daemon.json").strip() == "{broken"
+    box.sh("""echo '{"live-restore": true}' > /etc/docker/daemon.json""")
+
+
+def test_sandbox_installs_runsc_and_registers_it_merged_into_daemon_json(
+    installed: tuple[Box, str],
+) -> None:
+    box, _ = installed
+    box.sh("""echo '{"live-restore": true, "log-driver": "local"}' > /etc/docker/daemon.json""")
+    output = box.install("--sandbox")
+    assert "Sandbox isolation tier" in output and "merged into /etc/docker/daemon.json" in output
+    assert json.loads(box.sh("cat /etc/docker/daemon.json")) == {
+        "live-restore": True,
+        "log-driver": "local",
+        "runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=host"]}},
+    }
+    assert "runsc version" in box.sh("/usr/bin/runsc --version")
+    again = box.install("--sandbox")  # nothing left to do
+    assert "done (no change)" in again, again
     box.sh("""echo '{"live-restore": true}' > /etc/docker/daemon.json""")
 
 

@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ from qudata_agent.adapters.cgroups import CgroupReader
 from qudata_agent.adapters.docker_engine import DockerEngine
 from qudata_agent.adapters.host import HostCounters, HostProbe, host_memory_bytes, host_shape
 from qudata_agent.adapters.nvml import Nvml
+from qudata_agent.adapters.runtimes import sandbox_gpus
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.inventory import GpuReport, GpuSample, init_host_payload, short_gpu_name
+from qudata_agent.domain.isolation import sandbox_gpu_refusal
 from qudata_agent.domain.placement import Capacity, Holding, Placement, Refusal, Request, decide
 from qudata_agent.domain.topology import GpuTopology, HostShape, parse_smi_topology
 from qudata_agent.metrics import Metrics
@@ -363,6 +366,52 @@ async def _containers_per_gpu(
     return problems
 
 
+def compare_sandbox_gpu(expected_uuid: str, logs: str) -> list[str]:
+    """A sandbox with a GPU: gVisor's kernel inside, and exactly its GPU listed."""
+    problems = [] if "gVisor" in logs else ["the sandbox's dmesg does not show gVisor"]
+    return problems + compare_container_gpus(expected_uuid, logs)
+
+
+def _sandbox_gpu(report: GpuReport, image: str, runtime_name: str) -> list[str]:
+    """`isolation: sandbox` with one GPU: the agent's decision, and when it allows, a real one."""
+    engine = DockerEngine()
+    try:
+        runtime = engine.runtimes().get(runtime_name)
+        if runtime is None:
+            print(f"sandbox gpu: Docker has no {runtime_name!r} runtime (install.sh --sandbox-gpu)")
+            return []
+        gpus = sandbox_gpus(runtime.path)
+        why = sandbox_gpu_refusal(runtime, gpus, report.driver_version)
+        print(
+            f"sandbox gpu: {runtime.path} {' '.join(runtime.args)}; nvproxy {gpus.nvproxy},"
+            f" {len(gpus.supported_drivers)} drivers listed; driver {report.driver_version}:"
+            f" {'allowed' if why is None else 'refused: ' + why}"
+        )
+        if why is not None:
+            return []  # the agent answers such an order 409 with this reason
+        first = report.gpus[0].uuid
+        spec = ContainerSpec(
+            instance_id=f"check-gpu-sandbox-{uuid.uuid4().hex[:8]}", agent_id="check-gpu",
+            image=image, command=("sh", "-c", "dmesg | head -3; nvidia-smi -L; sleep 60"),
+            gpu_uuids=(first,), env={"NVIDIA_VISIBLE_DEVICES": first},
+            runtime=runtime_name,
+        )  # fmt: skip
+        cid = engine.create(spec)
+        try:
+            engine.start(cid)
+            deadline = time.monotonic() + 60
+            logs = ""
+            while time.monotonic() < deadline and "GPU 0" not in logs:
+                time.sleep(1)
+                logs = engine.logs(cid, 20, 64 * 1024, 10).text
+            print(f"sandbox gpu: the container says\n{logs}")
+            return compare_sandbox_gpu(first, logs)
+        finally:
+            engine.remove(cid)
+    finally:
+        engine.close()
+
+
 def _instance_per_gpu(nvml: Nvml, smi: list[SmiGpu], image: str | None) -> list[str]:
     topology = asyncio.run(nvml.topology_async())
     shape = host_shape(topology)
@@ -396,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run a container per GPU from this local image (glibc-based, e.g. debian:12)",
     )
+    parser.add_argument(
+        "--sandbox",
+        metavar="RUNTIME",
+        default=None,
+        help="with --image: also a sandbox with one GPU under this Docker runtime (runsc)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("nvidia-smi") is None:
         print("no nvidia-smi here: not a machine with an NVIDIA driver", file=sys.stderr)
@@ -417,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         uuids = tuple(g.uuid for g in report.gpus)
         samples, events = asyncio.run(_agent_side(nvml, uuids))
         per_gpu = _instance_per_gpu(nvml, smi, args.image)
+        if args.sandbox and args.image:
+            per_gpu += _sandbox_gpu(report, args.image, args.sandbox)
         conditions = nvml.conditions()
     finally:
         nvml.close()

@@ -177,6 +177,16 @@ def test_a_container_sees_only_its_gpu(check: Any) -> None:
     ]
 
 
+def test_a_sandbox_with_a_gpu_shows_gvisor_and_only_its_gpu(check: Any) -> None:
+    listing = f"GPU 0: NVIDIA H100 80GB HBM3 (UUID: {UUIDS[0]})\n"
+    dmesg = "[   0.000000] Starting gVisor...\n"
+    assert check.compare_sandbox_gpu(UUIDS[0], dmesg + listing) == []
+    assert check.compare_sandbox_gpu(UUIDS[0], listing) == [
+        "the sandbox's dmesg does not show gVisor"
+    ]
+    assert check.compare_sandbox_gpu(UUIDS[0], dmesg) == [f"container for {UUIDS[0]} sees no GPU"]
+
+
 def test_each_instances_stats_carry_its_gpu(check: Any) -> None:
     rows = check.parse_query(QUERY)
     entries = [

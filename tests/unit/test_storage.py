@@ -511,3 +511,45 @@ async def test_an_order_without_storage_gb_gets_the_default_capped_where_the_hos
     finally:
         await service.close()
         parts.close()
+
+
+async def test_volume_paths_are_counted_with_the_layer_even_where_the_layer_is_capped(
+    tmp_path: Path,
+) -> None:
+    from qudata_agent.domain.container_spec import ContainerState
+
+    parts = Parts(tmp_path, BTRFS, StoragePolicy.MONITOR)
+    walked: list[str] = []
+
+    def tree(path: str) -> int:
+        walked.append(path)
+        return {"/v/a": GIB, "/v/b": GIB // 2}[path]
+
+    guard = StorageGuard(
+        parts.engine,
+        parts.store,
+        parts.blocking,
+        policy=StoragePolicy.MONITOR,
+        mount_options=lambda path: frozenset({"rw"}),
+        free_bytes=lambda path: 500 * GIB,
+        tree_bytes=tree,
+    )
+    try:
+        plain, with_volumes = _instance("plain", "c1"), _instance("vols", "c2")
+        for instance in (plain, with_volumes):
+            parts.store.insert_instance(instance)
+            assert guard.admit(instance.id, 1) == GIB  # the layer is capped
+        parts.engine.containers["c1"] = ContainerState(
+            "c1", "qudata-plain", "plain", "a", "running"
+        )
+        parts.engine.containers["c2"] = ContainerState(
+            "c2", "qudata-vols", "vols", "a", "running", anonymous_volumes=("/v/a", "/v/b")
+        )
+        parts.engine.sizes.update({"c1": GIB // 4, "c2": GIB // 4})
+        await guard.check([plain, with_volumes])
+        assert parts.engine.measured == ["c2"]  # a capped layer alone is not walked
+        assert sorted(walked) == ["/v/a", "/v/b"]
+        assert await guard.view(plain) == StorageUsage(1.0, True, None, False)
+        assert await guard.view(with_volumes) == StorageUsage(1.0, True, 1.75, True)
+    finally:
+        parts.close()

@@ -170,6 +170,12 @@ remove_state() {
     *) die "QUDATA_STATE_DIR=$state is not an absolute path: remove it yourself" ;;
   esac
   say "state ($state), configuration ($CONF_DIR) and logs ($LOG_DIR)"
+  # Renters' volumes are loop mounts under the state: unmounted first, so rm
+  # removes their images instead of descending into mounted filesystems.
+  local point
+  for point in "$state"/volumes/*/mnt; do
+    ! mountpoint -q "$point" 2>/dev/null || run umount "$point"
+  done
   [ ! -e "$state" ] || run rm -rf "$state"
   [ ! -e "$CONF_DIR" ] || run rm -rf "$CONF_DIR"
   [ ! -e "$LOG_DIR" ] || run rm -rf "$LOG_DIR"

@@ -334,6 +334,34 @@ def test_at_boot_the_wall_goes_in_before_docker_without_the_agent(
     host.wait("instance running again", lambda: _instance(host)["status"] == "running")
 
 
+def test_a_volume_is_mounted_where_docker_sees_it(installed: tuple[Host, str]) -> None:
+    """The unit's own mount namespace: a volume is still mounted in the host's (through
+    systemd-run), so the host's dockerd binds what the agent made, and a write past the
+    size fails there with ENOSPC."""
+    host, _ = installed
+    # What a container lacks and a real host has: loop devices in /dev, and / shared
+    # (systemd makes it so when the kernel starts it, not in a container); the agent's
+    # namespace, a slave of the host's, then sees the mounts made in the host's.
+    host.sh(
+        "test -e /dev/loop-control || mknod /dev/loop-control c 10 237;"
+        " for i in $(seq 0 63); do test -e /dev/loop$i || mknod /dev/loop$i b 7 $i; done;"
+        " mount --make-rshared / && systemctl restart qudata-agent"
+    )
+    host.wait("agent back", lambda: host.api("GET", "/v1/volumes")["ok"])
+    made = host.api("POST", "/v1/volumes", {"size_gb": 0.05})
+    assert made["ok"], made
+    volume_id = made["data"]["volume_id"]
+    data = f"/var/lib/qudata-agent/volumes/{volume_id}/mnt/data"
+    out = host.sh(
+        f"docker run --rm --mount type=bind,source={data},target=/v {TENANT_IMAGE}"
+        " sh -c 'echo kept > /v/f; dd if=/dev/zero of=/v/fill bs=1M count=80 2>&1; echo rc=$?'"
+    )
+    assert "No space left on device" in out and "rc=0" not in out, out
+    assert host.sh(f"cat {data}/f").strip() == "kept"
+    assert host.api("DELETE", f"/v1/volumes/{volume_id}")["ok"]
+    assert host.sh(f"test -e /var/lib/qudata-agent/volumes/{volume_id} || echo gone") == "gone\n"
+
+
 def test_the_watchdog_is_pinged_and_a_wedged_agent_is_restarted(
     installed: tuple[Host, str],
 ) -> None:

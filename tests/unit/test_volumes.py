@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qudata_agent.adapters.volume_fs import fs_facts
+from qudata_agent.adapters.volume_fs import fs_facts, sandboxed
 from qudata_agent.domain.volumes import (
     GIB,
     FsFacts,
@@ -165,3 +165,20 @@ def test_the_facts_of_the_filesystem_that_holds_a_path(
 
 def test_no_mountinfo_means_unknown_facts(tmp_path: Path) -> None:
     assert fs_facts(tmp_path, str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize(
+    ("root_line", "expected"),
+    [
+        ("22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw", False),  # the host's
+        ("22 1 254:0 / / rw,relatime - ext4 /dev/vda rw", False),  # private, no systemd
+        ("301 280 254:0 / / ro,relatime master:1 - ext4 /dev/vda rw", True),  # a unit's
+        ("301 280 254:0 / / ro shared:155 master:1 - ext4 /dev/vda rw", True),
+    ],
+)
+def test_a_sandboxed_namespace_is_told_by_its_roots_propagation(
+    tmp_path: Path, root_line: str, expected: bool
+) -> None:
+    sample = tmp_path / "mountinfo"
+    sample.write_text(root_line + "\n40 22 0:5 / /proc rw - proc proc rw\n")
+    assert sandboxed(str(sample), pid1_ns=str(tmp_path / "unreadable")) is expected

@@ -44,13 +44,40 @@ DATA = "data"
 DATA_MODE = 0o777  # the renter's directory: any user of the image may write to it
 
 
-def _host_namespace() -> list[str]:
-    """The prefix that runs a command in the host's mount namespace, when the agent is not."""
+def sandboxed(mountinfo: str = "/proc/self/mountinfo", pid1_ns: str = "/proc/1/ns/mnt") -> bool:
+    """Does the agent run in a mount namespace of its own, whose mounts the host never sees?
+
+    PID 1's namespace tells, where it can be read; where it cannot, the root's
+    mount does: a namespace that only receives the host's mounts (what systemd
+    makes for a sandboxed unit) marks it `master:N`.
+    """
     try:
-        if os.readlink("/proc/self/ns/mnt") == os.readlink("/proc/1/ns/mnt"):
-            return []
+        return os.readlink("/proc/self/ns/mnt") != os.readlink(pid1_ns)
     except OSError:
+        pass
+    try:
+        lines = Path(mountinfo).read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 6 and fields[4] == "/" and "-" in fields[6:]:
+            tags = fields[6 : fields.index("-", 6)]
+            return any(tag.startswith("master:") for tag in tags)
+    return False
+
+
+def _host_namespace() -> list[str]:
+    """The prefix that runs a command in the host's mount namespace, when the agent is not.
+
+    Under its systemd unit the agent has a mount namespace of its own (the
+    sandboxing), from which mounts do not reach dockerd: the mount then runs
+    as a transient unit of the service manager (`systemd-run`), in the host's.
+    """
+    if not sandboxed():
         return []
+    if shutil.which("systemd-run"):
+        return ["systemd-run", "--quiet", "--wait", "--collect", "--pipe", "--"]
     return ["nsenter", "--mount=/proc/1/ns/mnt", "--"]
 
 
@@ -59,7 +86,12 @@ def run(argv: list[str], timeout_s: float = TOOL_TIMEOUT_S, host_ns: bool = Fals
     command = (_host_namespace() if host_ns else []) + argv
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout_s, check=False
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BackingError(f"{argv[0]} failed: {e}") from e
@@ -119,6 +151,11 @@ class LoopVolumes:
             if not image.is_file():
                 raise BackingError(f"its image file {image.name} is missing")
             run(["mount", "-o", "loop,nodev,nosuid", str(image), str(mnt)], host_ns=True)
+            if not os.path.ismount(mnt):  # made in the host's namespace, unseen in ours
+                raise BackingError(
+                    "its mount does not reach the agent's namespace (make / shared:"
+                    " mount --make-rshared /)"
+                )
             log.info("volume mounted", extra={"volume_id": volume.id, "path": str(mnt)})
         data = self.data_dir(volume)
         if fresh:

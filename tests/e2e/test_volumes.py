@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from support.agent_proc import AgentProcess
-from support.docker_api import containers, inspect
+from support.docker_api import containers, docker, inspect
 from support.volumes import mounts_under, shell, volume_agent
 
 AgentFactory = Callable[..., AgentProcess]
@@ -52,6 +53,31 @@ def test_a_file_outlives_its_instance_and_the_agents_kill9(agent_factory: AgentF
         assert rig.volume(vol["volume_id"])["status"] == "ready"
         second = rig.run_with({vol["volume_id"]: "/data/other"})
         assert "kept" in shell(second, "cat /data/other/note")
+
+
+def test_after_a_reboot_the_volume_is_mounted_before_its_instance_starts(
+    agent_factory: AgentFactory,
+) -> None:
+    """What a reboot leaves: the agent gone, the container stopped, the volume unmounted.
+    The agent mounts the volume again, then starts the instance on it, data intact."""
+    with volume_agent(agent_factory) as rig:
+        vol = rig.new_volume(0.05)
+        state = rig.run_with({vol["volume_id"]: "/workspace"})
+        shell(state, "echo survived > /workspace/f && sync")
+        rig.agent.stop(signal.SIGKILL)
+        docker("stop", "-t", "1", state["container_id"])
+        mnt = rig.state_dir / "volumes" / vol["volume_id"] / "mnt"
+        subprocess.run(["umount", str(mnt)], check=True)
+        # Docker alone cannot bring it back on an empty directory: the bind source is gone.
+        refused = subprocess.run(
+            ["docker", "start", state["container_id"]], capture_output=True, text=True
+        )
+        assert refused.returncode != 0 and "data" in refused.stderr, refused.stderr
+        rig.kill9_and_start()
+        after = rig.wait(state["instance_id"], "running")
+        assert after["container_id"] == state["container_id"]
+        assert "survived" in shell(after, "cat /workspace/f")
+        assert rig.volume(vol["volume_id"])["status"] == "in_use"
 
 
 def test_a_write_past_the_size_fails_inside_and_fills_nothing_outside(

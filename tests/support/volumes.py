@@ -55,7 +55,8 @@ class VolumeAgent:
         return self.agent.state_dir
 
     def kill9_and_start(self) -> None:
-        self.agent.stop(signal.SIGKILL)
+        if self.agent.proc is not None and self.agent.proc.poll() is None:
+            self.agent.stop(signal.SIGKILL)
         self.api.client.close()
         self.agent = self.factory(
             self.env, state_dir=self.agent.state_dir, port=self.agent.port

@@ -445,8 +445,11 @@ step_ssh() {
 }
 
 step_volumes() {
-  step "Volumes (mkfs.ext4 for loop images, xfs_quota for XFS project quotas)"
-  apt_install e2fsprogs xfsprogs util-linux
+  step "Volumes (mkfs.ext4 for loop images; xfs_quota where the state is on XFS)"
+  apt_install e2fsprogs util-linux
+  local dir=$STATE_DIR
+  while [ ! -d "$dir" ]; do dir=$(dirname "$dir"); done
+  [ "$(stat -f -c %T "$dir" 2>/dev/null)" != xfs ] || apt_install xfsprogs
 }
 
 # merged_daemon_json: daemon.json on stdout with live-restore and the pull

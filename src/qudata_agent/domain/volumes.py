@@ -29,6 +29,7 @@ from enum import StrEnum
 from qudata_agent.errors import Conflict, InvalidRequest
 
 GIB = 1024**3
+MIN_SIZE_BYTES = 32 * 1024**2  # an ext4 filesystem smaller than this is mostly its own metadata
 MAX_VOLUMES_PER_INSTANCE = 16
 MAX_PATH_LENGTH = 1024
 # Where no renter's volume may go: the kernel's own trees, and the agent's (the SSH bundle).
@@ -161,7 +162,10 @@ def promised_bytes(volumes: list[Volume], used: Mapping[str, int]) -> int:
 
 
 def admit_size(size_bytes: int, free_bytes: int | None, promised: int) -> None:
-    """Conflict (naming what is short) when a volume of `size_bytes` does not fit the disk."""
+    """Conflict (naming what is short) when a volume of `size_bytes` does not fit the disk;
+    InvalidRequest when it is too small to be a filesystem."""
+    if size_bytes < MIN_SIZE_BYTES:
+        raise InvalidRequest(f"field 'size_gb': at least {MIN_SIZE_BYTES / GIB:.3f} (32 MiB)")
     if free_bytes is None:
         return
     left = max(0, free_bytes - promised)

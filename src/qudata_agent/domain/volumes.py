@@ -165,7 +165,7 @@ def admit_size(size_bytes: int, free_bytes: int | None, promised: int) -> None:
     """Conflict (naming what is short) when a volume of `size_bytes` does not fit the disk;
     InvalidRequest when it is too small to be a filesystem."""
     if size_bytes < MIN_SIZE_BYTES:
-        raise InvalidRequest(f"field 'size_gb': at least {MIN_SIZE_BYTES / GIB:.3f} (32 MiB)")
+        raise InvalidRequest("field 'size_gb': at least 0.032 (32 MiB)")
     if free_bytes is None:
         return
     left = max(0, free_bytes - promised)

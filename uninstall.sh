@@ -6,7 +6,8 @@
 # The renters' containers, the agent's state and its configuration stay unless
 # asked for:
 #   --containers   also the containers the agent made (label qudata.agent_id),
-#                  its Docker network, its firewall chains (QUDATA-*), the tunnel
+#                  its Docker network, its firewall chains (QUDATA-*), the network
+#                  meter's nftables tables and IFB devices, the tunnel
 #                  of tunnel mode (interface, rule, table) and the
 #                  reservation of their port range (sysctl.d)
 #   --state        also the state dir (identity, secrets, the API key,
@@ -133,6 +134,23 @@ remove_tunnel() {
   if [ -n "$(ip route show table "$table" 2>/dev/null)" ]; then run ip route flush table "$table"; fi
 }
 
+# remove_netmeter: the network meter's nftables tables (qudata_net_<bridge>: counters,
+# caps' policy, egress policy) and the IFB devices that shaped instances' uploads.
+remove_netmeter() {
+  if command -v nft >/dev/null; then
+    local table
+    for table in $(nft list tables ip 2>/dev/null | sed -n 's/^table ip \(qudata_net_[A-Za-z0-9_]*\)$/\1/p'); do
+      run nft delete table ip "$table"
+    done
+  fi
+  if command -v ip >/dev/null; then
+    local ifb
+    for ifb in $(ip -o link show type ifb 2>/dev/null | sed -n 's/^[0-9]*: \(qdifb[0-9a-f]*\)[:@].*/\1/p'); do
+      run ip link del dev "$ifb"
+    done
+  fi
+}
+
 remove_containers() {
   say "tenant containers (label $LABEL), the agent's network and firewall chains"
   if ! docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
@@ -154,6 +172,7 @@ remove_containers() {
     done
   fi
   remove_tunnel
+  remove_netmeter
   if [ -f "$SYSCTL_FILE" ]; then
     # No tenant port to keep free any more (the reservation itself lasts until a reboot).
     run rm -f "$SYSCTL_FILE"

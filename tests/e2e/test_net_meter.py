@@ -25,6 +25,7 @@ from support.netns_internet import (
     PUBLIC,
     Internet,
     download,
+    forget_meter,
     settled,
     until_counted,
     upload,
@@ -64,6 +65,7 @@ def tenant(
     yield api, state["container_id"]
     api.client.close()
     remove_containers_of(owner)
+    forget_meter(state["instance_id"])
 
 
 def metrics(api: Api) -> str:
@@ -254,3 +256,4 @@ def test_a_deleted_instance_s_totals_go_in_a_final_stats_report(
     finally:
         api.client.close()
         remove_containers_of(owner)
+        forget_meter("")

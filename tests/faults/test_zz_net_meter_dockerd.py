@@ -16,7 +16,7 @@ import pytest
 from faults.test_zz_dockerd_restart import _main_dockerd, _restore_dockerd, _wait
 from support.agent_proc import AgentProcess
 from support.docker_api import Api, agent_id, remove_containers_of
-from support.netns_internet import Internet, download, settled, until_counted
+from support.netns_internet import Internet, download, forget_meter, settled, until_counted
 
 AgentFactory = Callable[..., AgentProcess]
 MB = 1_000_000
@@ -35,9 +35,11 @@ def test_counts_survive_a_dockerd_restart(agent_factory: AgentFactory, internet:
     agent = agent_factory(ENV).start()
     api = Api(agent)
     owner = agent_id(agent.state_dir)
+    instance_id = ""
     try:
         assert api.create(image="qudata-test/debian", image_tag="12").status_code == 202
-        container = api.wait("running", timeout=60)["container_id"]
+        running = api.wait("running", timeout=60)
+        container, instance_id = running["container_id"], running["instance_id"]
         assert download(container, 5 * MB)[0] == 5 * MB
         before = settled(api, "rx_public_bytes", 5 * MB)
         pid = _main_dockerd()
@@ -56,3 +58,4 @@ def test_counts_survive_a_dockerd_restart(agent_factory: AgentFactory, internet:
     finally:
         api.client.close()
         remove_containers_of(owner)
+        forget_meter(instance_id)

@@ -185,3 +185,9 @@ def until_counted(api: Api, container: str, timeout: float = 20) -> None:
                 return
             time.sleep(0.3)
     raise AssertionError("the new run's traffic was never counted")
+
+
+def forget_meter(instance_id: str, table: str = "qudata_net_t24br0") -> None:
+    """What an agent killed with its instance left: the meter's table and the IFB device."""
+    _sh("nft", "delete", "table", "ip", table, check=False)
+    _sh("ip", "link", "del", "qdifb" + instance_id.replace("-", "")[:10], check=False)

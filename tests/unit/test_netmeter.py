@@ -27,9 +27,12 @@ class FakeNft:
         self.counters_: dict[str, tuple[int, int]] = {}
         self.keys: dict[str, str] = {}
         self.scripts: list[str] = []
+        self.gone = False
 
     def apply(self, script: str) -> None:
         self.scripts.append(script)
+        if script.startswith("add table"):
+            self.gone = False
         for line in script.splitlines():
             if m := re.fullmatch(r"add counter ip \S+ (\S+)", line):
                 self.counters_.setdefault(m.group(1), (0, 0))
@@ -42,6 +45,14 @@ class FakeNft:
 
     def counters(self) -> dict[str, tuple[int, int]]:
         return dict(self.counters_)
+
+    def exists(self) -> bool:
+        return not self.gone
+
+    def flush_ruleset(self) -> None:
+        self.counters_.clear()
+        self.keys.clear()
+        self.gone = True
 
     def map_keys(self, name: str) -> dict[str, str]:
         return dict(self.keys)
@@ -172,3 +183,17 @@ async def test_a_new_run_is_attached_and_capped_again(rig: Rig) -> None:
     rig.instances = [_instance({"QUDATA_NET_MBPS": "20"}, started="t2")]
     await meter.refresh()
     assert len(rig.shaper.shaped) == 2
+
+
+async def test_a_table_removed_behind_its_back_is_made_again_and_counts_on(rig: Rig) -> None:
+    meter = rig.meter()
+    await meter.refresh()
+    rig.nft.count("rx_public", 100)
+    await meter.refresh()
+    rig.nft.flush_ruleset()  # a firewall reload
+    await meter.refresh()
+    assert not rig.nft.gone and rig.nft.keys == {"172.30.0.7": counter_names(ID)["rx_public"]}
+    rig.nft.count("rx_public", 30)
+    await meter.refresh()
+    use = meter.use(ID)
+    assert use is not None and use.rx_public_bytes == 130

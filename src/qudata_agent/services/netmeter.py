@@ -60,6 +60,8 @@ class Nft(Protocol):
 
     def map_keys(self, name: str) -> dict[str, str]: ...
 
+    def exists(self) -> bool: ...
+
 
 class Shaper(Protocol):
     def attachment(self, pid: int) -> Any: ...  # adapters.traffic_control.Attachment
@@ -183,6 +185,7 @@ class NetMeter:
         """One pass: new runs attached and capped, counters read, the account written."""
         async with self._lock:
             try:
+                await self._blocking.quick(self._ensure_table)
                 instances = list(await self._instances())
                 runs = await self._new_runs(instances)
                 await self._blocking.quick(self._pass, instances, runs)
@@ -221,12 +224,20 @@ class NetMeter:
             found[instance.id] = _Run(key, where.address, where.veth)
         return found
 
-    def _pass(self, instances: list[Instance], runs: dict[str, _Run]) -> None:
+    def _ensure_table(self) -> None:
+        """The table in place: made at the first pass, and again if something removed it
+        (a firewall reload's `nft flush ruleset`); then every run is attached again."""
         if not self._loaded:
             self._load()
-        if not self._ready:
-            self._nft.apply(ruleset(self._bridge, self._policy))
-            self._ready = True
+        if self._ready and self._nft.exists():
+            return
+        if self._ready:
+            log.warning("the network meter's nftables table was gone; made again")
+        self._nft.apply(ruleset(self._bridge, self._policy))
+        self._runs.clear()
+        self._ready = True
+
+    def _pass(self, instances: list[Instance], runs: dict[str, _Run]) -> None:
         live = {i.id: i for i in instances}
         for instance_id in live:
             self._tallies.setdefault(instance_id, {})

@@ -688,6 +688,12 @@ step_nvidia() {
     apt_install nvidia-container-toolkit
   fi
   toolkit_compat_off
+  # A CDI spec naming each GPU by UUID: the agent injects GPUs by CDI name where
+  # Docker takes them (25 or later, CDI on).
+  if [ ! -e /etc/cdi/nvidia.yaml ]; then
+    run nvidia-ctk cdi generate --device-name-strategy=uuid --output=/etc/cdi/nvidia.yaml ||
+      warn "could not write a CDI spec: GPUs go in through the legacy hook"
+  fi
   if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"nvidia"'; then
     note "Docker has the nvidia runtime"
     return 0

@@ -47,7 +47,7 @@ from qudata_agent.adapters.nftables import Nftables
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.public_address import PublicAddress
 from qudata_agent.adapters.resolver import own_addresses, resolve
-from qudata_agent.adapters.runtimes import RuntimeTools
+from qudata_agent.adapters.runtimes import RuntimeTools, cdi_spec_texts
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
 from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
@@ -68,6 +68,7 @@ from qudata_agent.domain.firewall import plan as firewall_plan
 from qudata_agent.domain.gpu_health import HealthRecord
 from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.inventory import init_host_payload
+from qudata_agent.domain.isolation import cdi_refusal
 from qudata_agent.domain.netpolicy import EgressPolicy, ruleset
 from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
@@ -372,6 +373,21 @@ class Agent:
             toolkit_floor=self.settings.nvidia_toolkit_min,
         )
 
+    async def _cdi_gpus(self, parts: _Parts) -> bool:
+        """Whether the container tier's GPUs go in by CDI name (decided once, at start)."""
+        try:
+            info = await parts.blocking.quick(parts.docker.info)
+            gpus = await parts.nvml.uuids_async()
+        except AgentError:
+            return False
+        if not gpus:
+            return False
+        dirs = [str(d) for d in info.get("CDISpecDirs") or ()]
+        texts = await parts.blocking.quick(cdi_spec_texts, dirs)
+        why = cdi_refusal(str(info.get("ServerVersion") or ""), dirs, texts, gpus)
+        log.info("GPU injection", extra={"cdi": why is None, "why_not": why})
+        return why is None
+
     async def _services(self, parts: _Parts, agent_port: int) -> _Services:
         """The instance side of the agent: records, builds, reconcile, views, SSH, storage."""
         s = self.settings
@@ -446,6 +462,7 @@ class Agent:
                 log_max_bytes=s.container_log_mb * 1024**2,
                 disable_ipv6=ipv6_available(),
                 sandbox_runtime=s.sandbox_runtime,
+                cdi_gpus=await self._cdi_gpus(parts),
             ),
             stop_timeout_s=s.stop_timeout_s,
             wall=net,

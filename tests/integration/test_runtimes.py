@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker_engine import DockerEngine, _create_kwargs
 from qudata_agent.adapters.runtimes import probe_image, sandbox_gpus, toolkit_version
+from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.isolation import RuntimeInfo, SandboxGpus, sandbox_gpu_refusal
 from qudata_agent.errors import AgentError
 
@@ -89,3 +90,20 @@ def test_a_runsc_that_lists_drivers_is_read_through_the_same_call(tmp_path: Path
 
 def test_no_toolkit_reads_as_unknown_not_as_fixed() -> None:
     assert toolkit_version(("qudata-no-such-tool",)) is None
+
+
+def test_cdi_gpus_become_cdi_device_requests() -> None:
+    spec = ContainerSpec(
+        instance_id="i1",
+        agent_id="a1",
+        image="img:1",
+        command=("run",),
+        gpu_uuids=("GPU-aaaa", "GPU-bbbb"),
+        cdi_gpus=True,
+    )
+    (request,) = _create_kwargs(spec)["device_requests"]
+    assert request["Driver"] == "cdi"
+    assert request["DeviceIDs"] == ["nvidia.com/gpu=GPU-aaaa", "nvidia.com/gpu=GPU-bbbb"]
+    assert not request["Capabilities"]
+    legacy = _create_kwargs(ContainerSpec.from_json(spec.to_json().replace("true", "false")))
+    assert legacy["device_requests"][0]["DeviceIDs"] == ["GPU-aaaa", "GPU-bbbb"]

@@ -15,6 +15,8 @@ from qudata_agent.domain.isolation import (
     RuntimeInfo,
     SandboxGpus,
     Tier,
+    cdi_device,
+    cdi_refusal,
     decide_offer,
     notes_of,
     nvproxy_enabled,
@@ -150,6 +152,39 @@ def test_the_order_picks_the_runtime_and_the_view_reads_the_tier_back() -> None:
     # The sandbox keeps every hardening default of the container.
     assert sandbox.cap_add == container.cap_add and sandbox.security_opt == container.security_opt
     assert notes_of(Tier.SANDBOX) == SANDBOX_NOTES and notes_of(Tier.CONTAINER) == ()
+
+
+def test_cdi_is_preferred_only_where_docker_and_a_uuid_spec_allow_it() -> None:
+    spec = "kind: nvidia.com/gpu\ndevices:\n- name: GPU-aaaa\n- name: GPU-bbbb\n- name: all\n"
+    gpus = ("GPU-aaaa", "GPU-bbbb")
+    assert cdi_refusal("28.0.1", ["/etc/cdi"], [spec], gpus) is None
+    old = cdi_refusal("20.10.24+dfsg1", ["/etc/cdi"], [spec], gpus)
+    assert old is not None and "25 or later" in old
+    off = cdi_refusal("26.1.0", [], [spec], gpus)
+    assert off is not None and "features.cdi" in off
+    by_index = cdi_refusal("28.0.1", ["/etc/cdi"], ["devices:\n- name: '0'\n"], gpus)
+    assert by_index is not None and "--device-name-strategy=uuid" in by_index
+    assert cdi_refusal("28.0.1", ["/etc/cdi"], [spec], ("GPU-cccc",)) is not None
+    assert cdi_device("GPU-aaaa") == "nvidia.com/gpu=GPU-aaaa"
+
+
+def test_only_the_container_tier_takes_its_gpus_by_cdi() -> None:
+    def spec(tier: Tier, gpus: tuple[str, ...]) -> ContainerSpec:
+        return build_spec(
+            CreateOrder(image="busybox:1", isolation=tier),
+            instance_id="i",
+            agent_id="a",
+            image="busybox:1",
+            resources=Resources(None, None, len(gpus)),
+            ports={},
+            gpus=gpus,
+            storage_bytes=None,
+            host=HostDefaults(cdi_gpus=True),
+        )
+
+    assert spec(Tier.CONTAINER, ("GPU-aaaa",)).cdi_gpus is True
+    assert spec(Tier.SANDBOX, ("GPU-aaaa",)).cdi_gpus is False  # nvproxy takes the legacy path
+    assert spec(Tier.CONTAINER, ()).cdi_gpus is False
 
 
 # -- the NVIDIA Container Toolkit ---------------------------------------------------

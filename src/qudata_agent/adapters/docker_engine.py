@@ -56,7 +56,7 @@ from qudata_agent.domain.container_spec import (
     ContainerState,
 )
 from qudata_agent.domain.image_access import LocalImage, RegistryRefused, RegistryUnreachable
-from qudata_agent.domain.isolation import RuntimeInfo, parse_runtimes
+from qudata_agent.domain.isolation import RuntimeInfo, cdi_device, parse_runtimes
 from qudata_agent.domain.log_tail import LogTail, TailBuffer
 from qudata_agent.domain.network import NetworkInfo, network_options
 from qudata_agent.domain.ssh_init import ImageConfig
@@ -767,7 +767,13 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         kwargs["cpuset_cpus"] = spec.cpuset_cpus
     if spec.memory_bytes:
         kwargs["mem_limit"] = kwargs["memswap_limit"] = spec.memory_bytes  # no extra swap
-    if spec.gpu_uuids:
+    if spec.gpu_uuids and spec.cdi_gpus:
+        kwargs["device_requests"] = [
+            docker.types.DeviceRequest(
+                driver="cdi", device_ids=[cdi_device(u) for u in spec.gpu_uuids]
+            )
+        ]
+    elif spec.gpu_uuids:
         kwargs["device_requests"] = [
             docker.types.DeviceRequest(device_ids=list(spec.gpu_uuids), capabilities=[["gpu"]])
         ]

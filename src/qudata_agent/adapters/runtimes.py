@@ -113,6 +113,23 @@ def cdi_gpu_specs(dirs: Sequence[Path] = CDI_DIRS) -> list[str]:
     return found
 
 
+def cdi_spec_texts(dirs: Sequence[str]) -> list[str]:
+    """The CDI spec files in Docker's CDI directories, read (at most 1 MB each)."""
+    texts = []
+    for directory in dirs:
+        try:
+            files = sorted(p for p in Path(directory).iterdir() if p.suffix in (".yaml", ".json"))
+        except OSError:
+            continue
+        for spec in files:
+            try:
+                with spec.open(encoding="utf-8", errors="replace") as f:
+                    texts.append(f.read(1_000_000))
+            except OSError:
+                continue
+    return texts
+
+
 def probe_image(busyboxes: Sequence[Path] = BUSYBOXES) -> tuple[bytes, str] | None:
     """A root filesystem with only the host's static busybox, and its image reference."""
     busybox = next((p for p in busyboxes if p.is_file()), None)

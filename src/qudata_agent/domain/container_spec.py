@@ -149,6 +149,7 @@ class ContainerSpec:
     pids_limit: int = DEFAULT_PIDS_LIMIT
     ports: tuple[PortBinding, ...] = ()
     gpu_uuids: tuple[str, ...] = ()
+    cdi_gpus: bool = False  # the GPUs by CDI device name (domain.isolation.cdi_device)
     storage_bytes: int | None = None  # writable-layer size, where the driver enforces it
     storage_asked: bool = True  # False: the host's default size, a cap that promises nothing
     restart_policy: str = "unless-stopped"

@@ -204,5 +204,36 @@ def refusal(offer: Offer, tier: Tier, gpu_count: int) -> str | None:
     return None
 
 
+CDI_KIND = "nvidia.com/gpu"
+CDI_MIN_DOCKER = 25  # Docker's first release that takes CDI device names
+
+
+def cdi_device(gpu_uuid: str) -> str:
+    """The CDI name of one GPU (`nvidia-ctk cdi generate --device-name-strategy=uuid`)."""
+    return f"{CDI_KIND}={gpu_uuid}"
+
+
+def cdi_refusal(
+    docker_version: str, spec_dirs: Sequence[str], spec_texts: Sequence[str], gpus: Sequence[str]
+) -> str | None:
+    """None when the container tier can inject these GPUs by CDI name; else why not.
+
+    CDI is preferred where it can be had: the devices come from a spec the
+    provider generated, not from the legacy prestart hook's own discovery.
+    """
+    major = re.match(r"(\d+)\.", docker_version)
+    if major is None or int(major.group(1)) < CDI_MIN_DOCKER:
+        return f"Docker {docker_version or '(unknown)'} takes no CDI devices (25 or later does)"
+    if not spec_dirs:
+        return "Docker's CDI support is off (daemon.json features.cdi, on by default from 28)"
+    named = [u for u in gpus if any(f"name: {u}" in t or f'"name": "{u}"' in t for t in spec_texts)]
+    if not gpus or len(named) != len(gpus):
+        return (
+            "no CDI spec names every GPU by UUID: nvidia-ctk cdi generate"
+            " --device-name-strategy=uuid --output=/etc/cdi/nvidia.yaml"
+        )
+    return None
+
+
 def notes_of(tier: Tier) -> tuple[str, ...]:
     return SANDBOX_NOTES if tier is Tier.SANDBOX else ()

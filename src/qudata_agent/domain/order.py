@@ -46,6 +46,7 @@ class HostDefaults:
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     disable_ipv6: bool = False  # the host has IPv6 and the wall is IPv4 only
     sandbox_runtime: str = DEFAULT_SANDBOX_RUNTIME  # Docker's name of gVisor's runtime
+    cdi_gpus: bool = False  # the container tier's GPUs by CDI name (domain.isolation.cdi_refusal)
 
 
 NO_DEFAULTS = HostDefaults()
@@ -125,4 +126,5 @@ def build_spec(
         network=host.network,
         mounts=mounts,
         runtime=runtime_of(order.isolation, host.sandbox_runtime),
+        cdi_gpus=host.cdi_gpus and bool(gpus) and order.isolation is Tier.CONTAINER,
     )

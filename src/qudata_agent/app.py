@@ -45,6 +45,7 @@ from qudata_agent.adapters.meter_file import METER_FILE, MeterFile
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nftables import Nftables
 from qudata_agent.adapters.nvml import Nvml
+from qudata_agent.adapters.port_gate import IptablesPortGate
 from qudata_agent.adapters.public_address import PublicAddress
 from qudata_agent.adapters.resolver import own_addresses, resolve
 from qudata_agent.adapters.runtimes import RuntimeTools, cdi_spec_texts
@@ -332,7 +333,24 @@ class Agent:
             log.error("no SSH for instances: the SSH bundle cannot be made", extra={"error": error})
             bundle = f"the agent's SSH is not available on this host: {error}"
         files = InstanceSshFiles(root / "instances")
-        return SshService(parts.docker, parts.store, parts.blocking, files, bundle, HostSshProbe())
+        gate = await self._port_gate(parts)
+        return SshService(
+            parts.docker, parts.store, parts.blocking, files, bundle, HostSshProbe(), gate=gate
+        )
+
+    async def _port_gate(self, parts: _Parts) -> IptablesPortGate | None:
+        """The SSH port gate (`domain.port_gate`), where the agent keeps a firewall."""
+        if not self.settings.firewall:
+            return None
+        gate = IptablesPortGate(parts.agent_id)
+        try:
+            stale = await parts.blocking.quick(gate.setup)
+        except AgentError as e:
+            log.warning("ssh ports are not gated", extra={"error": e.message})
+            return None
+        if stale:
+            log.info("ssh port gates left by an earlier run removed", extra={"ports": stale})
+        return gate
 
     def _volumes(self, parts: _Parts, records: Records) -> VolumeService:
         """Volumes under the state directory, sized the way this host's filesystem allows."""

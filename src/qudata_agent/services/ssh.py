@@ -18,7 +18,12 @@ stays true:
   bounded in bytes and time and runs outside the shared pools;
 - an image the bundle cannot serve (another architecture) runs without SSH,
   reported `failed` with the reason; a failure never stops the instance;
-- an instance's directory goes with the instance (`prune`).
+- an instance's directory goes with the instance (`prune`);
+- with a port gate (`domain.port_gate`), the published SSH port refuses new
+  connections with a reset from before the container starts until sshd
+  answers on the container's own address, so a renter never meets a port
+  that accepts and then drops; the gate opens then, or when the agent gives
+  up on sshd, and never outlives the run it was closed for, nor the instance.
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ log = logging.getLogger(__name__)
 DISABLED, INSTALLING, READY, FAILED = "disabled", "installing", "ready", "failed"
 WAIT_TIMEOUT_S = 30.0  # how long a new run's sshd has to answer on its port
 POLL_S = 0.25
+# A new run's sshd usually answers within a fraction of a second: the first
+# seconds are polled finely (a connection to the container's own address,
+# refused at once while nothing listens), so a gated port opens promptly.
+FAST_POLL_S = 0.02
+FAST_POLL_FOR_S = 3.0
 WORD_TIMEOUT_S = 2.0
 LOOPBACK = "127.0.0.1"  # published ports are published on every address of the host
 # sshd reads authorized_keys at every login: keep it small.
@@ -91,6 +101,14 @@ class SshFiles(Protocol):
     def instance_ids(self) -> list[str]: ...
 
     def remove(self, instance_id: str) -> None: ...
+
+
+class PortGate(Protocol):
+    """Refuses new connections to a host port with a reset (adapters.port_gate)."""
+
+    def close(self, port: int) -> None: ...
+
+    def open(self, port: int) -> None: ...
 
 
 class BundleInfo(Protocol):
@@ -136,8 +154,11 @@ class SshService:
         bundle: BundleInfo | str,  # the bundle, or why the host could not make one
         probe: SshProbe,
         wait_timeout_s: float = WAIT_TIMEOUT_S,
+        gate: PortGate | None = None,
     ) -> None:
         self._engine = engine
+        self._gate = gate
+        self._gated: dict[str, int] = {}  # instance id -> its gated host port
         self._probe = probe
         self._wait_timeout_s = wait_timeout_s
         self._word_timeout_s = WORD_TIMEOUT_S
@@ -259,9 +280,44 @@ class SshService:
                 await self._fail(instance.id, e.message)
                 return spec
             await self._set(instance.id, INSTALLING)
+            await self._close_gate(instance)
         return ssh_spec(
             spec, image, bundles_dir=str(self._bundle.bundles_dir), instance_dir=str(where)
         )
+
+    # -- the gate -----------------------------------------------------------------
+
+    async def _close_gate(self, instance: Instance) -> None:
+        """Before the container starts: its SSH port refuses until sshd answers."""
+        port = instance.ports.get("22")
+        if self._gate is None or port is None:
+            return
+        try:
+            await self._blocking.quick(self._gate.close, port)
+        except AgentError as e:  # the instance goes on, ungated (as without a gate)
+            log.warning("ssh port not gated", extra={"instance_id": instance.id, "error": str(e)})
+            return
+        self._gated[instance.id] = port
+
+    async def _open_gate(self, instance_id: str) -> None:
+        port = self._gated.get(instance_id)
+        if self._gate is None or port is None:
+            return
+        await self._blocking.quick(self._gate.open, port)
+        self._gated.pop(instance_id, None)
+        log.debug("ssh port opened", extra={"instance_id": instance_id, "port": port})
+
+    def gated(self) -> dict[str, int]:
+        """The instances whose SSH port is gated now, with the port."""
+        return dict(self._gated)
+
+    async def release(self, instance_id: str) -> None:
+        """The run is over, the instance is gone, or its build failed: its gate (if any)
+        opens."""
+        try:
+            await self._open_gate(instance_id)
+        except AgentError as e:  # the next prune tries again
+            log.warning("ssh port gate not removed", extra={"error": e.message})
 
     def on_new_run(self, instance: Instance) -> None:
         """Called on every new run of the container: watches for sshd's banner."""
@@ -286,6 +342,12 @@ class SshService:
                 return
 
     async def _watch(self, instance_id: str) -> None:
+        try:
+            await self._watch_run(instance_id)
+        finally:  # whatever this run came to, its port is not left refusing
+            await asyncio.shield(self.release(instance_id))
+
+    async def _watch_run(self, instance_id: str) -> None:
         instance = await self._blocking.quick(self._store.get_instance, instance_id)
         if instance is None or instance.status is not Status.RUNNING or not instance.container_id:
             return
@@ -299,6 +361,7 @@ class SshService:
             return  # stopped or started again: the next run's pass decides
         ready, reason = verdict
         if ready:
+            await self._open_gate(instance_id)  # before `ready`: who reads it gets in
             await self._set(instance_id, READY, run=instance.started_at)
             log.info("ssh ready", extra={"instance_id": instance_id})
         else:
@@ -308,7 +371,8 @@ class SshService:
         """(ready, why not), or None when this run is over: learnt from the host side only
         (the container's state, the init's word read bounded, sshd's banner)."""
         assert instance.container_id is not None
-        deadline = asyncio.get_running_loop().time() + self._wait_timeout_s
+        start = asyncio.get_running_loop().time()
+        deadline = start + self._wait_timeout_s
         while True:
             try:
                 state = await self._blocking.quick(self._engine.inspect, instance.container_id)
@@ -320,15 +384,17 @@ class SshService:
             if reason is not None:
                 return False, reason
             tried = []
-            for host, port in _sshd_addresses(instance, state):
+            gated = instance.id in self._gated and state.address is not None
+            for host, port in _sshd_addresses(instance, state, gated):
                 banner = await self._probe.banner(host, port)
                 if banner.ssh:
                     return True, ""
                 tried.append(banner.detail)
             last = tried[0] if tried else "no address of the container to reach"
-            if asyncio.get_running_loop().time() >= deadline:
+            now = asyncio.get_running_loop().time()
+            if now >= deadline:
                 return False, f"sshd does not answer on port 22 ({_port_words(instance)}): {last}"
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(FAST_POLL_S if now - start < FAST_POLL_FOR_S else POLL_S)
 
     async def _init_word(self, instance_id: str, pid: int | None) -> bytes | None:
         """The init's status file, read from the host: bounded in bytes and time, in a
@@ -368,6 +434,7 @@ class SshService:
                 return
 
     async def _prune_once(self) -> None:
+        await self._prune_gates()
         # Listed before the store is read: an instance is recorded before its
         # directory is made, so a directory listed here whose instance is not
         # in the store belongs to a deleted one.
@@ -381,6 +448,14 @@ class SshService:
                 self._locks.pop(instance_id, None)
                 log.info("ssh directory removed", extra={"instance_id": instance_id})
 
+    async def _prune_gates(self) -> None:
+        """Opens the gates of instances that are gone or will not run (a failed build)."""
+        waiting = [i for i in self._gated if i not in self._tasks or self._tasks[i].done()]
+        for instance_id in waiting:
+            instance = await self._blocking.quick(self._store.get_instance, instance_id)
+            if instance is None or instance.status not in (Status.PENDING, Status.RUNNING):
+                await self.release(instance_id)
+
     async def close(self) -> None:
         tasks = [t for t in self._tasks.values() if not t.done()]
         if self._prune is not None and not self._prune.done():
@@ -391,11 +466,14 @@ class SshService:
             await asyncio.wait(tasks, timeout=5)
 
 
-def _sshd_addresses(instance: Instance, state: ContainerState) -> list[tuple[str, int]]:
+def _sshd_addresses(
+    instance: Instance, state: ContainerState, gated: bool
+) -> list[tuple[str, int]]:
     """Where the host reaches this run's sshd: the published port, as a renter does, then
-    the container's own address (an internal network publishes nothing)."""
+    the container's own address (an internal network publishes nothing); while the port
+    is gated, the container's own address only."""
     port = instance.ports.get("22")
-    found = [] if port is None else [(LOOPBACK, port)]
+    found = [] if port is None or gated else [(LOOPBACK, port)]
     return found if state.address is None else [*found, (state.address, 22)]
 
 

@@ -1,0 +1,35 @@
+"""The SSH port gate's rules, as data."""
+
+from __future__ import annotations
+
+import pytest
+
+from qudata_agent.domain.port_gate import CHAIN, comment, gate_rule, own_ports
+
+
+def test_the_rule_refuses_new_connections_to_one_port_with_a_reset() -> None:
+    rule = gate_rule(22005, "agent-a")
+    assert rule[-4:] == ("-j", "REJECT", "--reject-with", "tcp-reset")
+    assert rule[rule.index("--ctorigdstport") + 1] == "22005"
+    assert "NEW" in rule and comment("agent-a") in rule
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536])
+def test_a_port_out_of_range_is_refused(port: int) -> None:
+    with pytest.raises(ValueError):
+        gate_rule(port, "agent-a")
+
+
+def test_own_ports_reads_this_agents_rules_only() -> None:
+    listing = [
+        f"-N {CHAIN}",
+        f"-A {CHAIN} -p tcp -m conntrack --ctstate NEW --ctorigdstport 22001 -m comment"
+        f' --comment "{comment("agent-a")}" -j REJECT --reject-with tcp-reset',
+        f"-A {CHAIN} -p tcp -m conntrack --ctstate NEW --ctorigdstport 22002 -m comment"
+        f' --comment "{comment("agent-b")}" -j REJECT --reject-with tcp-reset',
+        f"-A {CHAIN} -p tcp -m conntrack --ctstate NEW --ctorigdstport 22003 -m comment"
+        f' --comment "{comment("agent-ab")}" -j REJECT --reject-with tcp-reset',
+    ]
+    assert own_ports(listing, "agent-a") == [22001]
+    assert own_ports(listing, "agent-b") == [22002]
+    assert own_ports([], "agent-a") == []

@@ -485,6 +485,7 @@ class Agent:
             stop_timeout_s=s.stop_timeout_s,
             wall=net,
             isolation=isolation,
+            before_start=ssh.before_start,
         )
         reconciler = Reconciler(
             records=records,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -147,6 +147,7 @@ class InstanceService:
         stop_timeout_s: int = 10,
         wall: Wall | None = None,  # None: no firewall to verify (tests, QUDATA_FIREWALL=off)
         isolation: IsolationCheck | None = None,  # None: only the container tier
+        before_start: Callable[[Instance], Awaitable[None]] | None = None,  # the SSH gate
     ) -> None:
         self._wall = wall
         self._records = records
@@ -163,6 +164,7 @@ class InstanceService:
         self._host = host
         self._stop_timeout_s = stop_timeout_s
         self._isolation = isolation
+        self._before_start = before_start
         self._create_lock = asyncio.Lock()
 
     # -- the collection -------------------------------------------------------
@@ -332,6 +334,8 @@ class InstanceService:
             # Docker is touched.
             instance = await self._records.save(instance.want(wanted, self._records.clock()))
             assert instance.container_id is not None
+            if action is not Action.STOP and self._before_start is not None:
+                await self._before_start(instance)
             try:
                 await self._docker_action(action, instance.container_id)
                 state = await self._blocking.quick(self._engine.inspect, instance.container_id)

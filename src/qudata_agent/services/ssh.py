@@ -299,6 +299,12 @@ class SshService:
             return
         self._gated[instance.id] = port
 
+    async def before_start(self, instance: Instance) -> None:
+        """A start or restart of the instance's container is coming: its SSH port is gated
+        until this new run's sshd answers."""
+        if instance.ssh_enabled and await self._blocking.quick(self._files.prepared, instance.id):
+            await self._close_gate(instance)
+
     async def _open_gate(self, instance_id: str) -> None:
         port = self._gated.get(instance_id)
         if self._gate is None or port is None:
@@ -449,11 +455,12 @@ class SshService:
                 log.info("ssh directory removed", extra={"instance_id": instance_id})
 
     async def _prune_gates(self) -> None:
-        """Opens the gates of instances that are gone or will not run (a failed build)."""
+        """Opens the gates no watch will open: of instances that are gone, or not being
+        built and with no watch of a new run (a failed build, a start that failed)."""
         waiting = [i for i in self._gated if i not in self._tasks or self._tasks[i].done()]
         for instance_id in waiting:
             instance = await self._blocking.quick(self._store.get_instance, instance_id)
-            if instance is None or instance.status not in (Status.PENDING, Status.RUNNING):
+            if instance is None or instance.status is not Status.PENDING:
                 await self.release(instance_id)
 
     async def close(self) -> None:

@@ -226,7 +226,10 @@ class Acceptor:
         Here, not in `_serve`: a task cancelled before its first step never runs its body.
         """
         self._pending.pop(conn.id, None)
-        if task.cancelled() or task.exception() is not None or not task.result():
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("a connection failed before HTTP", exc_info=error)
+        if task.cancelled() or error is not None or not task.result():
             client.close()
             self.forget(conn)
 

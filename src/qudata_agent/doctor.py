@@ -275,6 +275,26 @@ def ssh_check(missing: Sequence[str]) -> Check:
     )
 
 
+# What the network meter, the caps and the egress policy run (CONTRACT.md section 8).
+NET_TOOLS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("nftables", ("/usr/sbin/nft", "/sbin/nft")),
+    ("iproute2", ("/usr/sbin/tc", "/sbin/tc")),
+)
+
+
+def net_tools_check(missing: Sequence[str]) -> Check:
+    """Whether the host has nft and tc (`missing`: the packages that bring them)."""
+    if not missing:
+        return Check("network meter", Level.PASS, "nft and tc present")
+    return Check(
+        "network meter",
+        Level.WARN,
+        f"missing {', '.join(missing)}: instances' traffic is not metered or capped, and"
+        " port 25 is not blocked",
+        f"apt-get install {' '.join(missing)}",
+    )
+
+
 def control_plane_check(url: str, has_key: bool, answer: CpAnswer | str | None) -> Check:
     """`answer`: the answer to an authenticated call through the agent's client, or why none."""
     if not has_key:
@@ -810,6 +830,18 @@ def _ssh_tools(probes: Probes) -> Check:
     return ssh_check(missing)
 
 
+def _net_tools(probes: Probes) -> Check:
+    try:
+        missing = [
+            package
+            for package, paths in NET_TOOLS
+            if all(probes.mode_of(Path(p)) is None for p in paths)
+        ]
+    except OSError as e:
+        return _permission_check("network meter", e)
+    return net_tools_check(missing)
+
+
 def _isolation_checks(
     settings: Settings,
     probes: Probes,
@@ -865,6 +897,7 @@ def run_checks(settings: Settings, probes: Probes, config_file: Path | None = No
         *_file_checks(settings, probes, config_file),
         clock_check(probes.timedatectl()),
         _ssh_tools(probes),
+        _net_tools(probes),
         _control_plane(settings, probes),
         _tls(settings, probes),
     ]

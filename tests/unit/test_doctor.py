@@ -392,6 +392,7 @@ def test_a_ready_cpu_host() -> None:
         "secret files",
         "clock sync",
         "instance ssh",
+        "network meter",
         "control plane",
         "api tls",
     ]
@@ -482,6 +483,15 @@ def test_the_instance_ssh_check_names_the_packages_to_install() -> None:
     everything = {**present, Path("/usr/bin/patchelf"): 0o755, Path("/bin/busybox"): 0o755}
     checks = _by_name(doctor.run_checks(_settings(), FakeProbes(modes=everything)))
     assert checks["instance ssh"].level is Level.PASS
+
+
+def test_the_network_meter_check_names_the_packages_to_install() -> None:
+    checks = _by_name(doctor.run_checks(_settings(), FakeProbes()))
+    assert checks["network meter"].level is Level.WARN
+    assert checks["network meter"].fix == "apt-get install nftables iproute2"
+    both = {Path("/usr/sbin/nft"): 0o755, Path("/usr/sbin/tc"): 0o755}
+    checks = _by_name(doctor.run_checks(_settings(), FakeProbes(modes=both)))
+    assert checks["network meter"].level is Level.PASS
 
 
 # -- fleet checks: lost GPUs, GPU health, toolkit, CDI, disk, live-restore, pulls, ports -------

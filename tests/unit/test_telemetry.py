@@ -14,6 +14,7 @@ from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.inventory import GpuSample
+from qudata_agent.domain.netpolicy import NetworkUse
 from qudata_agent.domain.usage import CgroupSample
 from qudata_agent.errors import NotFound
 from qudata_agent.metrics import Metrics
@@ -108,7 +109,7 @@ def instance(
 
 
 class Rig:
-    def __init__(self, blocking: Blocking, max_instances: int) -> None:
+    def __init__(self, blocking: Blocking, max_instances: int, network: Any = None) -> None:
         self.instances: list[Instance] = []
         self.cgroups = FakeCgroups()
         self.engine = FakeEngine()
@@ -124,7 +125,7 @@ class Rig:
         self.telemetry = Telemetry(
             instances=listed, engine=self.engine, cgroups=self.cgroups, host=FakeHost(),
             gpu_samples=self.nvml.samples, host_gpus=host_gpus, size=SIZE, blocking=blocking,
-            max_instances=max_instances,
+            max_instances=max_instances, network=network,
         )  # fmt: skip
 
     async def tick(self) -> dict[str, Any]:
@@ -246,3 +247,58 @@ async def test_metrics_label_each_instance(blocking: Blocking) -> None:
     assert 'qudata_network_receive_bytes_total{instance_id="i1",subject="instance"}' in text
     assert 'qudata_instance_status{instance_id="i2",status="paused"} 1.0' in text
     assert 'qudata_instance_status{instance_id="",status="running"} 1.0' in text
+
+
+# -- the network meter's figures (CONTRACT.md section 8) --------------------------
+
+
+class FakeNetwork:
+    def __init__(self) -> None:
+        self.refreshed = 0
+        self.finals: list[tuple[str, NetworkUse]] = []
+
+    async def refresh(self) -> None:
+        self.refreshed += 1
+
+    def use(self, instance_id: str) -> NetworkUse | None:
+        return NetworkUse(rx_bytes=30, tx_bytes=20, rx_public_bytes=10, tx_public_bytes=5)
+
+    async def take_finals(self) -> list[tuple[str, NetworkUse]]:
+        taken, self.finals = self.finals, []
+        return taken
+
+
+NET = {"rx_bytes": 30, "tx_bytes": 20, "rx_public_bytes": 10, "tx_public_bytes": 5}
+
+
+async def test_each_entry_carries_the_meters_four_and_a_deleted_one_comes_once(
+    blocking: Blocking,
+) -> None:
+    network = FakeNetwork()
+    rig = Rig(blocking, max_instances=4, network=network)
+    rig.instances = [instance(1)]
+    payload = await rig.tick()
+    assert network.refreshed == 1  # read fresh for every report
+    assert {k: payload["instances"][0][k] for k in NET} == NET
+    network.finals = [("i9", NetworkUse(rx_bytes=7, rx_public_bytes=7))]
+    entries = (await rig.tick())["instances"]
+    assert entries[-1]["instance_id"] == "i9" and entries[-1]["status"] == "destroyed"
+    assert entries[-1]["rx_bytes"] == 7 and entries[-1]["cpu_util"] == 0.0
+    assert [e["instance_id"] for e in (await rig.tick())["instances"]] == ["i1"]
+
+
+async def test_one_per_host_a_deleted_instance_s_totals_ride_on_the_host_report(
+    blocking: Blocking,
+) -> None:
+    network = FakeNetwork()
+    rig = Rig(blocking, max_instances=1, network=network)
+    running = [instance(1)]
+    rig.instances = running
+    payload = await rig.tick()
+    assert {k: payload[k] for k in NET} == NET
+    rig.instances = []
+    network.finals = [("i1", NetworkUse(rx_bytes=99))]
+    payload = await rig.tick()
+    assert payload["status"] == "destroyed" and payload["instance_id"] == "i1"
+    assert payload["rx_bytes"] == 99
+    assert "instance_id" not in await rig.tick()

@@ -153,12 +153,13 @@ class NetMeter:
 
     def use(self, instance_id: str) -> NetworkUse | None:
         tallies = self._tallies.get(instance_id)
-        return NetworkUse.of(tallies) if tallies is not None else None
+        return NetworkUse.of(dict(tallies)) if tallies is not None else None
 
     def uses(self) -> dict[str, NetworkUse]:
         """Every instance's figures (deleted ones until their final report), for /metrics."""
-        out = {i: f.use for i, f in self._finals.items()}
-        out.update({i: NetworkUse.of(t) for i, t in self._tallies.items()})
+        # A pass on a worker thread may add or drop entries: iterate over copies.
+        out = {i: f.use for i, f in list(self._finals.items())}
+        out.update({i: NetworkUse.of(dict(t)) for i, t in list(self._tallies.items())})
         return out
 
     async def take_finals(self) -> list[tuple[str, NetworkUse]]:

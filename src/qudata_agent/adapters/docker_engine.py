@@ -235,13 +235,7 @@ class DockerEngine:
 
     def storage_info(self) -> StorageInfo:
         """The storage driver, its backing filesystem (overlay2's) and the data root."""
-        info = self.info()
-        status = {str(k): str(v) for k, v in info.get("DriverStatus") or () if k}
-        return StorageInfo(
-            driver=str(info.get("Driver") or ""),
-            backing_filesystem=status.get("Backing Filesystem"),
-            data_root=str(info.get("DockerRootDir") or "/var/lib/docker"),
-        )
+        return _storage_info(self.info())
 
     def writable_layer_bytes(self, container_id: str) -> int:
         """The size of the container's writable layer (`docker ps --size`'s SizeRw).
@@ -355,16 +349,7 @@ class DockerEngine:
         """What the (local) image runs and for which platform: its Config and Architecture."""
         with self._translated(f"image {ref}"):
             attrs: dict[str, Any] = self._api().images.get(ref).attrs
-        config = attrs.get("Config") or {}
-        return ImageConfig(
-            entrypoint=tuple(str(a) for a in config.get("Entrypoint") or ()),
-            cmd=tuple(str(a) for a in config.get("Cmd") or ()),
-            user=str(config.get("User") or ""),
-            env=tuple(str(item) for item in config.get("Env") or ()),
-            architecture=str(attrs.get("Architecture") or ""),
-            os=str(attrs.get("Os") or "linux"),
-            volumes=tuple(sorted(str(path) for path in config.get("Volumes") or {})),
-        )
+        return _image_config(attrs)
 
     def pull(
         self,
@@ -512,16 +497,7 @@ class DockerEngine:
         with self._translated(f"network {name}"):
             for network in self._api().api.networks(names=[name]):
                 if network.get("Name") == name:
-                    attrs = self._api().api.inspect_network(network["Id"])
-                    return NetworkInfo(
-                        name=name,
-                        network_id=str(attrs["Id"]),
-                        driver=str(attrs.get("Driver") or ""),
-                        options={str(k): str(v) for k, v in (attrs.get("Options") or {}).items()},
-                        ipv6=bool(attrs.get("EnableIPv6")),
-                        internal=bool(attrs.get("Internal")),
-                        containers=len(attrs.get("Containers") or {}),
-                    )
+                    return _network_info(name, self._api().api.inspect_network(network["Id"]))
         return None
 
     def create_network(self, name: str, bridge: str, labels: dict[str, str]) -> str:
@@ -625,13 +601,9 @@ class EventStream:
     def _generate(self) -> Iterator[tuple[str, str]]:
         try:
             for event in self._stream:
-                if event.get("Type") != "container":
-                    continue
-                actor = event.get("Actor") or {}
-                container_id = actor.get("ID") or event.get("id")
-                action = event.get("Action") or event.get("status")
-                if container_id and action:
-                    yield str(action), str(container_id)
+                seen = _container_event(event)
+                if seen is not None:
+                    yield seen
         finally:
             self.close()
 
@@ -889,3 +861,57 @@ def _host_ports(attrs: dict[str, Any]) -> dict[str, int]:
             if numeric:
                 ports[key] = numeric[0]
     return ports
+
+
+# -- reading Docker's answers ------------------------------------------------------------------
+# Pure functions over the Engine API's JSON, tested against answers captured from
+# Docker 20.10 (API 1.41) and 26 (API 1.45): tests/unit/samples/docker/.
+
+
+def _network_info(name: str, attrs: dict[str, Any]) -> NetworkInfo:
+    return NetworkInfo(
+        name=name,
+        network_id=str(attrs["Id"]),
+        driver=str(attrs.get("Driver") or ""),
+        options={str(k): str(v) for k, v in (attrs.get("Options") or {}).items()},
+        ipv6=bool(attrs.get("EnableIPv6")),
+        internal=bool(attrs.get("Internal")),
+        containers=len(attrs.get("Containers") or {}),
+    )
+
+
+def _image_config(attrs: dict[str, Any]) -> ImageConfig:
+    """An image's Config (the only place Docker 26 keeps it: `ContainerConfig` is gone)."""
+    config = attrs.get("Config") or {}
+    return ImageConfig(
+        entrypoint=tuple(str(a) for a in config.get("Entrypoint") or ()),
+        cmd=tuple(str(a) for a in config.get("Cmd") or ()),
+        user=str(config.get("User") or ""),
+        env=tuple(str(item) for item in config.get("Env") or ()),
+        architecture=str(attrs.get("Architecture") or ""),
+        os=str(attrs.get("Os") or "linux"),
+        volumes=tuple(sorted(str(path) for path in config.get("Volumes") or {})),
+    )
+
+
+def _container_event(event: dict[str, Any]) -> tuple[str, str] | None:
+    """(action, container id) of a container event, else None.
+
+    `Action` and `Actor.ID` are read first: the older top-level `status` and
+    `id` are deprecated since API 1.44 and gone from newer engines' answers.
+    """
+    if event.get("Type") != "container":
+        return None
+    actor = event.get("Actor") or {}
+    container_id = actor.get("ID") or event.get("id")
+    action = event.get("Action") or event.get("status")
+    return (str(action), str(container_id)) if container_id and action else None
+
+
+def _storage_info(info: dict[str, Any]) -> StorageInfo:
+    status = {str(k): str(v) for k, v in info.get("DriverStatus") or () if k}
+    return StorageInfo(
+        driver=str(info.get("Driver") or ""),
+        backing_filesystem=status.get("Backing Filesystem"),
+        data_root=str(info.get("DockerRootDir") or "/var/lib/docker"),
+    )

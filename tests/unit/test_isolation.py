@@ -36,7 +36,7 @@ from qudata_agent.domain.nvidia_toolkit import (
     unconfirmed,
 )
 from qudata_agent.domain.order import CreateOrder, HostDefaults, build_spec
-from qudata_agent.errors import AgentError, Conflict
+from qudata_agent.errors import AgentError, Conflict, Unavailable
 from qudata_agent.services.isolation import Isolation
 
 RUNC = RuntimeInfo("runc", "runc")
@@ -282,6 +282,25 @@ def test_the_service_probes_once_and_finds_a_runtime_registered_later() -> None:
         await service.check(Tier.SANDBOX, 0)  # a refusal makes a fresh pass first
         await service.refresh()
         assert engine.probed.count("runc") == 1 and engine.probed.count("runsc") == 1
+
+    asyncio.run(scenario())
+
+
+class DownEngine(FakeEngine):
+    def runtimes(self) -> dict[str, RuntimeInfo]:
+        raise AgentError("Docker at unix:///var/run/docker.sock is not reachable")
+
+
+def test_docker_down_keeps_the_last_offer_and_names_docker_before_any() -> None:
+    async def scenario() -> None:
+        down = _service(DownEngine({}), FakeTools())
+        with pytest.raises(Unavailable, match="Docker did not answer"):
+            await down.check(Tier.CONTAINER, 0)
+        engine = FakeEngine(BOTH)
+        service = _service(engine, FakeTools())
+        assert (await service.offer()).names() == ["container", "sandbox"]
+        engine.runtimes = DownEngine({}).runtimes  # type: ignore[method-assign]
+        assert (await service.refresh()).names() == ["container", "sandbox"]
 
     asyncio.run(scenario())
 

@@ -82,6 +82,7 @@ class Offer:
     sandbox_gpus: str | None = "the sandbox is not offered"  # None: allowed; else why not
     sandbox_runtime: str = DEFAULT_SANDBOX_RUNTIME
     gpus: str | None = None  # None: GPU orders may run (any tier); else why not (the toolkit)
+    unreachable: str | None = None  # Docker did not answer before any offer was made
 
     def names(self) -> list[str]:
         return [t.value for t in self.tiers]

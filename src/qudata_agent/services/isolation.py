@@ -15,7 +15,10 @@ What stays true:
   runtime holds up neither the API nor another create's check;
 - an order for a tier the host lacks makes one fresh pass (at most one every
   `recheck_s`), so a runtime registered after the start is found without a
-  restart of the agent.
+  restart of the agent;
+- a pass that cannot reach Docker keeps the last offer (an unreachable
+  daemon says nothing about its runtimes); before any offer, a create gets
+  503 naming Docker, never a 409 naming a runtime.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from qudata_agent.domain.isolation import (
     refusal,
 )
 from qudata_agent.domain.nvidia_toolkit import Version, toolkit_refusal
-from qudata_agent.errors import AgentError, Conflict
+from qudata_agent.errors import AgentError, Conflict, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,10 @@ class Isolation:
     async def check(self, tier: Tier, gpu_count: int) -> None:
         """Raises Conflict naming why an order for `tier` with `gpu_count` GPUs cannot run."""
         offer = await self.offer()
+        if offer.unreachable is not None:
+            offer = await self.refresh()
+            if offer.unreachable is not None:
+                raise Unavailable(offer.unreachable)
         why = refusal(offer, tier, gpu_count)
         if why is not None and self._clock() - self._last_pass >= self._recheck_s:
             offer = await self.refresh()  # maybe registered since the last pass
@@ -120,8 +127,12 @@ class Isolation:
             try:
                 runtimes = await self._blocking.quick(self._engine.runtimes)
             except AgentError as e:
+                # Docker down says nothing about the runtimes: the last offer stands.
                 log.warning("cannot list Docker's runtimes", extra={"error": e.message})
-                runtimes = {}
+                if self._offer is not None:
+                    return self._offer
+                why = f"Docker did not answer ({e.message})"
+                return Offer(tiers=(), missing={t: why for t in Tier}, unreachable=why)
             probes = {}
             for name in (CONTAINER_RUNTIME, self._sandbox_runtime):
                 if name in runtimes:

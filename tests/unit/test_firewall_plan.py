@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -148,3 +149,19 @@ async def test_the_firewall_off_verifies_nothing(blocking: Blocking) -> None:
     guard = NetworkGuard(FakeNetworks(), None, blocking, name="q", bridge="qd0", agent_id="a")
     await guard.verify()
     await guard.check()
+
+
+async def test_a_build_relies_on_its_creates_check_and_no_older_one(blocking: Blocking) -> None:
+    wall = FakeWall()
+    guard = _guard(wall, FakeNetworks(), blocking)
+    asked = time.monotonic()
+    await guard.verify()  # the create's check
+    await guard.prepare(asked)  # its build: no second check
+    assert wall.checks == 1
+    await guard.prepare()  # anything else: a check of its own
+    assert wall.checks == 2
+    wall.broken = True
+    with pytest.raises(Unavailable):
+        await guard.verify()
+    with pytest.raises(Unavailable):  # a failed check since: the build checks again, and fails
+        await guard.prepare(asked)

@@ -78,7 +78,7 @@ class BuildPipeline:
         engine: BuildEngine,
         blocking: Blocking,
         images: ImageService,
-        prepare_network: Callable[[], Awaitable[None]] | None = None,
+        prepare_network: Callable[[float | None], Awaitable[None]] | None = None,
         prepare_spec: Callable[[Instance, ContainerSpec], Awaitable[ContainerSpec]] | None = None,
         cleanup_retry_s: float = 0.5,
     ) -> None:
@@ -95,11 +95,19 @@ class BuildPipeline:
         """The instances whose build is in flight."""
         return frozenset(self._builds)
 
-    def start(self, instance: Instance, credentials: Any | None, resumed: bool = False) -> None:
-        """Builds in the background; `resumed`: a build cut short by a restart of the agent."""
+    def start(
+        self,
+        instance: Instance,
+        credentials: Any | None,
+        resumed: bool = False,
+        wall_asked: float | None = None,
+    ) -> None:
+        """Builds in the background; `resumed`: a build cut short by a restart of the agent;
+        `wall_asked`: when the create asked for the wall check that admitted it."""
         cancel = asyncio.Event()
         task = asyncio.create_task(
-            self._build(instance, credentials, cancel, resumed), name=f"build {instance.id}"
+            self._build(instance, credentials, cancel, resumed, wall_asked),
+            name=f"build {instance.id}",
         )
         self._builds[instance.id] = _Build(task, cancel)
         task.add_done_callback(lambda _t: self._builds.pop(instance.id, None))
@@ -144,7 +152,12 @@ class BuildPipeline:
         )
 
     async def _build(
-        self, instance: Instance, auth: Any, cancel: asyncio.Event, resumed: bool
+        self,
+        instance: Instance,
+        auth: Any,
+        cancel: asyncio.Event,
+        resumed: bool,
+        wall_asked: float | None = None,
     ) -> None:
         spec = ContainerSpec.from_json(instance.spec_json)
         try:
@@ -161,7 +174,7 @@ class BuildPipeline:
             image_config = await self._blocking.quick(self._engine.image_config, spec.image)
             spec = replace(spec, env=neutral_hook_env(image_config.env, spec.env))
             if self._prepare_network is not None:
-                await self._prepare_network()
+                await self._prepare_network(wall_asked)
             if self._prepare_spec is not None:
                 spec = await self._prepare_spec(instance, spec)
             container_id = await self._create_or_adopt(spec)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -199,6 +200,7 @@ class InstanceService:
         mounts = parse_mounts(order.volumes)
         if mounts and self._volumes is None:
             raise InvalidRequest("field 'volumes': this agent has no volumes")
+        asked = time.monotonic()
         if self._wall is not None:
             await self._wall.verify()  # fail closed: nothing is recorded without the wall
         await self._check_isolation(order.isolation, resources.gpu_count)
@@ -235,7 +237,7 @@ class InstanceService:
                 "the order's NVIDIA_ variable is the agent's to set; it was dropped",
                 extra={"instance_id": instance.id, "variable": name},
             )
-        self._builds.start(instance, order.credentials)
+        self._builds.start(instance, order.credentials, wall_asked=asked)
         self._records.changed()
         return instance
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,24 @@ def test_data_root_is_the_engines() -> None:
             engine.info()["ServerVersion"]
             == _cli("version", "--format", "{{.Server.Version}}").strip()
         )
+    finally:
+        engine.close()
+
+
+def test_the_data_root_is_asked_of_docker_once_a_minute() -> None:
+    """Every create's admission reads it: one `docker info` serves the next minute's."""
+    engine = DockerEngine()
+    asked: list[int] = []
+    real = engine.info
+
+    def counted() -> dict[str, Any]:
+        asked.append(1)
+        return real()
+
+    engine.info = counted  # type: ignore[method-assign]
+    try:
+        assert engine.data_root() == engine.data_root() != ""
+        assert len(asked) == 1
     finally:
         engine.close()
 

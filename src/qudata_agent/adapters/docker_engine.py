@@ -106,6 +106,9 @@ def _timed_out(e: BaseException) -> bool:
     return False
 
 
+_DATA_ROOT_TTL_S = 60.0
+
+
 class DockerEngine:
     def __init__(
         self,
@@ -120,6 +123,7 @@ class DockerEngine:
         self._lock = threading.Lock()
         self._streams: set[_Closable] = set()  # pulls and event streams in flight
         self._streams_lock = threading.Lock()
+        self._data_root: tuple[float, str] | None = None  # (monotonic when read, path)
 
     def _api(self) -> docker.DockerClient:
         with self._lock:
@@ -178,8 +182,16 @@ class DockerEngine:
         return info
 
     def data_root(self) -> str:
-        """Docker's data root (where images and writable layers live)."""
-        return str(self.info().get("DockerRootDir") or "/var/lib/docker")
+        """Docker's data root (where images and writable layers live). Read with `docker
+        info` at most once a minute: every create's admission asks for it, and `docker
+        info` costs dockerd tens of milliseconds (more while it starts containers); the
+        path changes only with a restart of dockerd under a new configuration."""
+        now = time.monotonic()
+        if self._data_root is not None and now - self._data_root[0] < _DATA_ROOT_TTL_S:
+            return self._data_root[1]
+        root = str(self.info().get("DockerRootDir") or "/var/lib/docker")
+        self._data_root = (now, root)
+        return root
 
     def runtimes(self) -> dict[str, RuntimeInfo]:
         """The OCI runtimes Docker has registered (`docker info` .Runtimes)."""

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def test_after_a_reboot_the_volume_is_mounted_before_its_instance_starts(
         )
         assert refused.returncode != 0 and "data" in refused.stderr, refused.stderr
         rig.kill9_and_start()
+        # The record still says running from before: Docker tells when it runs again.
+        deadline = time.monotonic() + 60
+        while not inspect(state["container_id"])["State"]["Running"]:
+            assert time.monotonic() < deadline, "the instance was not started again"
+            time.sleep(0.2)
         after = rig.wait(state["instance_id"], "running")
         assert after["container_id"] == state["container_id"]
         assert "survived" in shell(after, "cat /workspace/f")

@@ -9,6 +9,8 @@
 # an http(s) URL of a tarball). What it does, each step only when needed:
 #   - the Docker engine (the distribution's docker.io) when there is none, its
 #     daemon.json merged (live-restore, pull settings), its packages held;
+#   - runc, containerd, Docker and the NVIDIA toolkit upgraded to the latest
+#     version the repositories have (security fixes of container escapes);
 #   - what the agent's SSH for instances is made from: the distribution's
 #     openssh-server, patchelf and busybox-static (nothing goes into images);
 #   - with an NVIDIA GPU on the PCI bus: checks the driver (installs the server
@@ -706,6 +708,38 @@ step_nvidia() {
   fi
 }
 
+# step_upgrades: the container stack at the distribution's (or the vendor's)
+# latest version: a runc, containerd, Docker or NVIDIA toolkit with a known
+# escape lets a tenant out (doctor names them). An installed package with a
+# newer candidate is upgraded, held or not (the hold stays: it only stops
+# unattended upgrades). apt's lists are refreshed when older than a day;
+# refreshing them is no change to the host.
+UPGRADED_PACKAGES=(runc containerd docker.io containerd.io docker-ce docker-ce-cli
+  nvidia-container-toolkit nvidia-container-toolkit-base libnvidia-container-tools libnvidia-container1)
+step_upgrades() {
+  step "security updates of the container stack (runc, containerd, Docker, NVIDIA toolkit)"
+  local pkg have candidate upgrades=()
+  if [ "$DRY_RUN" = 0 ] && [ "$APT_UPDATED" = 0 ] &&
+    [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 -print -quit 2>/dev/null)" ]; then
+    apt-get update -q >/dev/null || warn "apt-get update failed: the upgrade check uses the lists there are"
+    APT_UPDATED=1
+  fi
+  for pkg in "${UPGRADED_PACKAGES[@]}"; do
+    installed "$pkg" || continue
+    have=$(dpkg-query -W -f='${Version}' "$pkg")
+    candidate=$(apt-cache policy "$pkg" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+    case $candidate in "" | "(none)") continue ;; esac
+    if dpkg --compare-versions "$candidate" gt "$have"; then upgrades+=("$pkg"); fi
+  done
+  if [ ${#upgrades[@]} -eq 0 ]; then
+    note "up to date (what the configured repositories have)"
+    return 0
+  fi
+  DEBIAN_FRONTEND=noninteractive run apt-get install -y -qq -o Dpkg::Use-Pty=0 \
+    --only-upgrade --allow-change-held-packages "${upgrades[@]}"
+  note "upgraded: ${upgrades[*]} (Docker's live-restore keeps the tenants running)"
+}
+
 # held_candidates: installed packages an unattended upgrade must not replace
 # under running tenants (a driver userland without its kernel module leaves zero
 # GPUs; a Docker upgrade restarts dockerd).
@@ -1201,6 +1235,7 @@ main() {
   step_tunnel
   step_nvidia
   step_sandbox
+  step_upgrades
   step_docker_config
   step_hold
   step_agent

@@ -3,7 +3,7 @@
 Owns the readiness checks, their verdicts and the table they print. Each check
 is a pure function from what was observed (Docker's `info`, NVML's report, how
 many ports bind, file modes, `timedatectl`'s answer, the control plane's HTTP
-status) to a `Check`; `run_checks` asks a `Probes` object for those
+status, the container stack's versions) to a `Check`; `run_checks` asks a `Probes` object for those
 observations, so the checks are tested with fakes and `HostProbes` is the only
 part that touches the host.
 
@@ -40,6 +40,7 @@ from qudata_agent import __version__
 from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
 from qudata_agent.adapters.docker_engine import DockerEngine
 from qudata_agent.adapters.host import disk_free_bytes, mount_options, run_tool
+from qudata_agent.adapters.host_versions import container_stack
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.runtimes import sandbox_gpus, toolkit_config, toolkit_version
@@ -52,6 +53,7 @@ from qudata_agent.domain.isolation import SandboxGpus, parse_runtimes, sandbox_g
 from qudata_agent.domain.nvidia_toolkit import Version, toolkit_refusal, unconfirmed
 from qudata_agent.domain.storage import quota_support
 from qudata_agent.domain.tls import RENEW_BEFORE, TlsMode
+from qudata_agent.domain.versions import Installed, Verdict, judge
 from qudata_agent.domain.volumes import FsFacts, Mechanism, choose_mechanism
 from qudata_agent.errors import AgentError
 
@@ -681,6 +683,21 @@ def tls_check(
     return Check(name, Level.PASS, detail)
 
 
+_VERDICT_LEVEL = {Verdict.FIXED: Level.PASS, Verdict.NOT_FIXED: Level.FAIL,
+                  Verdict.CANNOT_TELL: Level.WARN}  # fmt: skip
+
+
+def version_checks(stack: Sequence[Installed]) -> list[Check]:
+    """One check per component of the container stack: the escapes its version still
+    carries (`domain.versions`: how distributions' backports are judged)."""
+    checks = []
+    for installed in stack:
+        found = judge(installed)
+        level = _VERDICT_LEVEL[found.verdict]
+        checks.append(Check(f"{found.component} version", level, found.detail, found.fix))
+    return checks
+
+
 def ready(checks: Iterable[Check]) -> bool:
     return all(check.level is not Level.FAIL for check in checks)
 
@@ -754,6 +771,8 @@ class Probes(Protocol):
     def toolkit_config(self) -> tuple[bool, bool, str | None]: ...  # found, hook off, compat mode
 
     def sandbox_gpus(self, runsc: str) -> SandboxGpus: ...
+
+    def container_stack(self) -> list[Installed]: ...  # runc, containerd, Docker, the kernel
 
 
 def _permission_check(name: str, error: OSError) -> Check:
@@ -900,6 +919,7 @@ def run_checks(settings: Settings, probes: Probes, config_file: Path | None = No
         _net_tools(probes),
         _control_plane(settings, probes),
         _tls(settings, probes),
+        *version_checks(probes.container_stack()),
     ]
 
 
@@ -1027,6 +1047,9 @@ class HostProbes:
         except (OSError, subprocess.TimeoutExpired) as e:
             return 1, str(e)
         return done.returncode, (done.stdout or "") + (done.stderr or "")
+
+    def container_stack(self) -> list[Installed]:
+        return container_stack()
 
     def cdi_specs(self) -> tuple[str, ...]:
         found: list[str] = []

@@ -509,6 +509,43 @@ def test_sandbox_installs_runsc_and_registers_it_merged_into_daemon_json(
     box.sh("""echo '{"live-restore": true}' > /etc/docker/daemon.json""")
 
 
+# A security update of containerd, as a repository would publish it: the installed
+# package rebuilt with a higher version, in a local repository apt trusts.
+SECURITY_REPO = """set -e
+rm -rf /tmp/repo /tmp/pkg && mkdir -p /tmp/repo && cd /tmp/repo
+apt-get download -q containerd >/dev/null
+have=$(dpkg-query -W -f='${Version}' containerd)
+dpkg-deb -R containerd_*.deb /tmp/pkg && rm containerd_*.deb
+sed -i "s/^Version: .*/Version: ${have}+sec1/" /tmp/pkg/DEBIAN/control
+dpkg-deb -b /tmp/pkg containerd-sec1.deb >/dev/null
+{ cat /tmp/pkg/DEBIAN/control; echo Filename: ./containerd-sec1.deb
+  echo "Size: $(stat -c %s containerd-sec1.deb)"
+  echo "SHA256: $(sha256sum containerd-sec1.deb | cut -d' ' -f1)"; echo; } > Packages
+echo 'deb [trusted=yes] file:/tmp/repo ./' > /etc/apt/sources.list.d/test-security.list
+apt-get update -q >/dev/null
+apt-mark hold containerd >/dev/null
+echo "$have"
+"""
+
+
+def test_a_held_container_stack_package_is_upgraded_and_stays_held(
+    installed: tuple[Box, str],
+) -> None:
+    """A runc/containerd/Docker with a known escape lets a tenant out: install.sh upgrades."""
+    box, _ = installed
+    have = box.sh(SECURITY_REPO).strip().splitlines()[-1]
+    try:
+        output = box.install()
+        assert "security updates of the container stack" in output
+        assert "upgraded: containerd" in output, output
+        assert box.sh("dpkg-query -W -f='${Version}' containerd").strip() == have + "+sec1"
+        assert "containerd" in box.sh("apt-mark showhold").split()
+        again = box.install()
+        assert "up to date (what the configured repositories have)" in again, again
+    finally:
+        box.sh("rm -f /etc/apt/sources.list.d/test-security.list && rm -rf /tmp/repo /tmp/pkg")
+
+
 def test_a_dry_run_of_an_upgrade_changes_nothing(installed: tuple[Box, str]) -> None:
     box, _ = installed
     output = box.unchanged_by(

@@ -20,6 +20,7 @@ from qudata_agent.doctor import Check, Level, ProbeError
 from qudata_agent.domain.inventory import GpuCondition, GpuInfo, GpuReport
 from qudata_agent.domain.isolation import SandboxGpus
 from qudata_agent.domain.tls import TlsMode
+from qudata_agent.domain.versions import CONTAINERD, DOCKER, KERNEL, RUNC, Installed
 from qudata_agent.domain.volumes import FsFacts
 
 INFO_OVERLAY: dict[str, Any] = {
@@ -286,6 +287,7 @@ class FakeProbes:
     toolkit: tuple[int, int, int] | None = (1, 17, 8)
     toolkit_conf: tuple[bool, bool, str | None] = (True, True, "disabled")
     sandbox: SandboxGpus = field(default_factory=lambda: SandboxGpus(False))
+    stack: list[Installed] = field(default_factory=list)
 
     def docker_info(self) -> dict[str, Any]:
         if self.info is None:
@@ -355,6 +357,9 @@ class FakeProbes:
 
     def plain_http(self, state_dir: Path, port: int | None) -> int | None:
         return self.plain
+
+    def container_stack(self) -> list[Installed]:
+        return self.stack
 
 
 def _settings(**env: str) -> Settings:
@@ -665,3 +670,24 @@ def test_run_checks_reports_the_port_tls() -> None:
     checks = doctor.run_checks(load_settings(environ={"QUDATA_TLS": "required"}), probes)
     (tls,) = [c for c in checks if c.name == "api tls"]
     assert "plain HTTP refused" in tls.detail
+
+
+def test_each_component_of_the_container_stack_gets_its_verdict() -> None:
+    probes = FakeProbes(
+        modes={Path("/st"): 0o700, Path("/st/agent_secret"): 0o600},
+        stack=[
+            Installed(RUNC, "1.1.12", "containerd.io", "1.6.28-1"),
+            Installed(CONTAINERD, "1.7.27", "containerd.io", "1.7.27-1"),
+            Installed(DOCKER, "19.03.0", "docker-ce", "5:19.03.0~3-0~debian-buster"),
+            Installed(KERNEL, "5.14.0-427.el9.x86_64", distro="distribution", exact=False),
+        ],
+    )
+    checks = doctor.run_checks(_settings(QUDATA_API_KEY="key-1234"), probes)
+    found = _by_name(checks)
+    assert found["runc version"].level is Level.FAIL
+    assert "CVE-2025-52881" in found["runc version"].detail
+    assert found["runc version"].fix and "runc" in found["runc version"].fix
+    assert found["containerd version"].level is Level.PASS
+    assert found["docker version"].level is Level.FAIL  # a vendor build older than the fix
+    assert found["kernel version"].level is Level.WARN  # a distribution kernel: cannot tell
+    assert doctor.exit_code(checks) == 1

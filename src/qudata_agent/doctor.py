@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from qudata_agent import __version__
 from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
 from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.firewall import Firewall
 from qudata_agent.adapters.host import disk_free_bytes, mount_options, run_tool
 from qudata_agent.adapters.host_versions import container_stack
 from qudata_agent.adapters.netcheck import port_is_free
@@ -546,6 +547,27 @@ def live_restore_check(info: Mapping[str, Any] | None) -> Check:
     )
 
 
+def wall_check(enabled: bool, problems: Sequence[str] | None, error: str | None = None) -> Check:
+    """The tenant firewall as the settings plan it (`problems` None: not looked at)."""
+    if not enabled:
+        return Check(
+            "tenant firewall",
+            Level.WARN,
+            "off (QUDATA_FIREWALL=off): instances can reach the host, the LAN and metadata",
+            "unset QUDATA_FIREWALL (on by default)",
+        )
+    if error is not None or problems is None:
+        return Check("tenant firewall", Level.WARN, f"cannot inspect: {error}", "run as root")
+    fix = (
+        "qudata-agent firewall apply (the agent repairs it at its next sync; at boot the unit"
+        " qudata-agent-firewall.service puts it in before Docker: systemctl enable"
+        " qudata-agent-firewall)"
+    )
+    if problems:
+        return Check("tenant firewall", Level.FAIL, "; ".join(problems), fix)
+    return Check("tenant firewall", Level.PASS, "in place as planned (chains and jumps)")
+
+
 def pulls_check(info: Mapping[str, Any] | None, daemon_json: str | None) -> Check:
     """Reports Docker's pull settings: parallel downloads and registry mirrors."""
     config: Any = {}
@@ -774,6 +796,8 @@ class Probes(Protocol):
 
     def container_stack(self) -> list[Installed]: ...  # runc, containerd, Docker, the kernel
 
+    def wall_problems(self) -> list[str]: ...  # what differs from the planned wall; ProbeError
+
 
 def _permission_check(name: str, error: OSError) -> Check:
     return Check(
@@ -835,6 +859,15 @@ def _text_or_none(probes: Probes, path: Path) -> str | None:
 def _data_root_options(info: Mapping[str, Any] | None, probes: Probes) -> frozenset[str] | None:
     root = (info or {}).get("DockerRootDir")
     return probes.mount_options(str(root)) if root else None
+
+
+def _wall(settings: Settings, probes: Probes) -> Check:
+    if not settings.firewall:
+        return wall_check(False, None)
+    try:
+        return wall_check(True, probes.wall_problems())
+    except ProbeError as e:
+        return wall_check(True, None, str(e))
 
 
 def _ssh_tools(probes: Probes) -> Check:
@@ -919,6 +952,7 @@ def run_checks(settings: Settings, probes: Probes, config_file: Path | None = No
         _net_tools(probes),
         _control_plane(settings, probes),
         _tls(settings, probes),
+        _wall(settings, probes),
         *version_checks(probes.container_stack()),
     ]
 
@@ -1050,6 +1084,14 @@ class HostProbes:
 
     def container_stack(self) -> list[Installed]:
         return container_stack()
+
+    def wall_problems(self) -> list[str]:
+        from qudata_agent.app import wall_plan  # the agent's own plan, from these settings
+
+        try:
+            return Firewall().problems(wall_plan(self._settings))
+        except AgentError as e:
+            raise ProbeError(e.message) from e
 
     def cdi_specs(self) -> tuple[str, ...]:
         found: list[str] = []

@@ -245,6 +245,8 @@ def test_doctor_reports_live_restore_and_the_pull_settings(installed: tuple[Host
     assert "authenticated call" in checks["control plane"]["detail"], text
     assert "clock skew" in checks["control plane"]["detail"], text
     assert "GiB free on /var/lib/docker" in checks["docker disk"]["detail"], text
+    assert checks["tenant firewall"]["level"] == "pass", text  # the agent's own plan, in place
+    assert "runc version" in checks and "kernel version" in checks, text
 
 
 def test_an_instance_is_kept_through_agent_and_docker_restarts(installed: tuple[Host, str]) -> None:

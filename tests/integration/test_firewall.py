@@ -74,3 +74,17 @@ def test_apply_is_idempotent_repairs_drift_and_removes_cleanly(scratch: Firewall
     assert _listing("QDTEST-FROM") == ["-N QDTEST-FROM"]
     done = subprocess.run(["iptables", "-S", "QDTEST-A"], capture_output=True, check=False)
     assert done.returncode != 0
+
+
+def test_problems_reads_without_changing(scratch: FirewallPlan) -> None:
+    wall = Firewall()
+    assert wall.problems(scratch) == [
+        "chain QDTEST-A is missing",
+        "no jump -i qdtest0 -j QDTEST-A in QDTEST-FROM",
+    ]
+    assert subprocess.run(["iptables", "-S", "QDTEST-A"], capture_output=True).returncode != 0
+    wall.apply(scratch)
+    assert wall.problems(scratch) == []
+    subprocess.run(["iptables", "-A", "QDTEST-A", "-j", "ACCEPT"], check=True)  # drift
+    assert wall.problems(scratch) == ["chain QDTEST-A differs from the plan"]
+    assert _listing("QDTEST-A")[-1] == "-A QDTEST-A -j ACCEPT"  # left as found

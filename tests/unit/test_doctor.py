@@ -288,6 +288,7 @@ class FakeProbes:
     toolkit_conf: tuple[bool, bool, str | None] = (True, True, "disabled")
     sandbox: SandboxGpus = field(default_factory=lambda: SandboxGpus(False))
     stack: list[Installed] = field(default_factory=list)
+    wall: list[str] | str = field(default_factory=list)  # str: iptables cannot be read
 
     def docker_info(self) -> dict[str, Any]:
         if self.info is None:
@@ -361,6 +362,11 @@ class FakeProbes:
     def container_stack(self) -> list[Installed]:
         return self.stack
 
+    def wall_problems(self) -> list[str]:
+        if isinstance(self.wall, str):
+            raise ProbeError(self.wall)
+        return self.wall
+
 
 def _settings(**env: str) -> Settings:
     base = {"QUDATA_STATE_DIR": "/st", "QUDATA_PORT_RANGE": "23000-23004"}
@@ -400,6 +406,7 @@ def test_a_ready_cpu_host() -> None:
         "network meter",
         "control plane",
         "api tls",
+        "tenant firewall",
     ]
     assert doctor.exit_code(checks) == 0
     found = _by_name(checks)
@@ -691,3 +698,16 @@ def test_each_component_of_the_container_stack_gets_its_verdict() -> None:
     assert found["docker version"].level is Level.FAIL  # a vendor build older than the fix
     assert found["kernel version"].level is Level.WARN  # a distribution kernel: cannot tell
     assert doctor.exit_code(checks) == 1
+
+
+def test_the_tenant_firewall_is_looked_at_without_changing_it() -> None:
+    good = FakeProbes(modes={Path("/st"): 0o700})
+    assert _by_name(doctor.run_checks(_settings(), good))["tenant firewall"].level is Level.PASS
+    gone = FakeProbes(wall=["chain QUDATA-EGRESS is missing", "no jump -i qudata0 -j X in INPUT"])
+    check = _by_name(doctor.run_checks(_settings(), gone))["tenant firewall"]
+    assert check.level is Level.FAIL and "QUDATA-EGRESS is missing" in check.detail
+    assert check.fix and "qudata-agent firewall apply" in check.fix
+    blind = FakeProbes(wall="iptables cannot list the rules (run as root)")
+    assert _by_name(doctor.run_checks(_settings(), blind))["tenant firewall"].level is Level.WARN
+    off = _by_name(doctor.run_checks(_settings(QUDATA_FIREWALL="off"), FakeProbes()))
+    assert off["tenant firewall"].level is Level.WARN and "off" in off["tenant firewall"].detail

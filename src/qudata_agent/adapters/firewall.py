@@ -72,6 +72,22 @@ class Firewall:
             log.info("tenant firewall rules installed", extra={"chains": list(plan.chains)})
         return changed
 
+    def problems(self, plan: FirewallPlan) -> list[str]:
+        """What differs from the plan, changing nothing; raises if iptables fails."""
+        found = []
+        for chain, rules in plan.chains.items():
+            listing = self._listing(chain)
+            if listing is None:
+                found.append(f"chain {chain} is missing")
+            elif listing != expected_listing(chain, rules):
+                found.append(f"chain {chain} differs from the plan")
+        for jump in plan.jumps:
+            if self._run("-C", jump.chain, *jump.args, check=False).returncode != 0:
+                found.append(f"no jump {' '.join(jump.args)} in {jump.chain}")
+        if found and self._run("-S", "INPUT", check=False).returncode != 0:
+            raise FirewallError("iptables cannot list the rules (run as root)")
+        return found
+
     def remove(self, plan: FirewallPlan) -> None:
         for jump in plan.jumps:
             while self._run("-C", jump.chain, *jump.args, check=False).returncode == 0:

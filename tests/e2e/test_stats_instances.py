@@ -13,6 +13,8 @@ from support.fake_cp import FakeControlPlane
 AgentFactory = Callable[..., AgentProcess]
 FIELDS = {"gpu_util", "cpu_util", "ram_util", "mem_util", "inet_in", "inet_out", "status",
           "gpu_temp"}  # fmt: skip
+# Each instance entry also carries its metered bytes (CONTRACT.md section 8).
+NETWORK = {"rx_bytes", "tx_bytes", "rx_public_bytes", "tx_public_bytes"}
 
 
 def test_stats_carry_every_instance_on_the_three_second_grid(
@@ -48,7 +50,8 @@ def test_stats_carry_every_instance_on_the_three_second_grid(
                     if e["status"] == "running" and e["cpu_util"] > 0]  # fmt: skip
         assert len(busy) >= 3, busy
         entry = busy[-1]
-        assert set(entry) == FIELDS | {"instance_id"} and entry["instance_id"] == instance_id
+        assert set(entry) == FIELDS | {"instance_id"} | NETWORK, entry
+        assert entry["instance_id"] == instance_id
         assert 70 <= float(entry["cpu_util"]) <= 100, entry  # of its half core
         latest = fake_cp.requests("/stats")[-1].body
         assert latest["status"] == "running"

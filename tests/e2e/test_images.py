@@ -129,8 +129,9 @@ def test_prepull_at_start_and_gc_after_a_delete(
         assert api.delete().status_code == 200
         _wait_for(lambda: not _present(used))
         assert _present(warm)  # on the pre-pull list: kept
-        metrics = api.client.get("/metrics").text
-        assert 'qudata_image_removals_total{reason="cache_size"} 1.0' in metrics
+        # Counted once the removal is done (the tag goes first, then the image and record).
+        counted = 'qudata_image_removals_total{reason="cache_size"} 1.0'
+        _wait_for(lambda: counted in api.client.get("/metrics").text, timeout=10)
         removed = [r for r in agent.log_records() if r.get("msg") == "cached image removed"]
         assert [r["refs"] for r in removed] == [[used]]
     finally:

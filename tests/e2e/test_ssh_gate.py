@@ -91,8 +91,14 @@ def _blind_client(port: int, timeout: float = 60) -> tuple[list[str], int]:
     raise AssertionError(f"no banner on {port} within {timeout:g} s: {outcomes[-5:]}")
 
 
-def _ssh_status(api: Api) -> Any:
-    return api.get()["ssh"]["status"]
+def _ssh_status(api: Api, timeout: float = 10) -> Any:
+    """The SSH status once it leaves `installing` (the gate opens just before `ready`)."""
+    deadline = time.monotonic() + timeout
+    status = api.get()["ssh"]["status"]
+    while status == "installing" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = api.get()["ssh"]["status"]
+    return status
 
 
 def test_a_blind_client_is_refused_until_sshd_answers_and_never_dropped(

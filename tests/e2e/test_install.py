@@ -533,7 +533,7 @@ def test_a_held_container_stack_package_is_upgraded_and_stays_held(
 ) -> None:
     """A runc/containerd/Docker with a known escape lets a tenant out: install.sh upgrades."""
     box, _ = installed
-    have = box.sh(SECURITY_REPO).strip().splitlines()[-1]
+    have = box.sh(SECURITY_REPO.strip()).strip().splitlines()[-1]
     try:
         output = box.install()
         assert "security updates of the container stack" in output

@@ -86,7 +86,15 @@ def test_registers_with_the_contract_payloads(
     assert httpx.get(agent.url + "/openapi.json", headers={"X-Agent-Secret": CP_SECRET}).is_success
 
     payload = host.body
-    assert set(payload) == {"gpu_name", "gpu_amount", "vram", "location", "configuration"}
+    assert set(payload) == {
+        "gpu_name",
+        "gpu_amount",
+        "vram",
+        "location",
+        "configuration",
+        "isolation",  # CONTRACT.md section 9: the tiers offered (tests/e2e/test_sandbox.py)
+    }
+    assert "container" in payload["isolation"]
     # No GPU on this host: none reported, none invented.
     assert payload["gpu_amount"] == 0
     assert payload["gpu_name"] is None

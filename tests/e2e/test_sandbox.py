@@ -284,9 +284,9 @@ def test_an_order_for_a_tier_the_host_lacks_is_409_naming_it(agent_factory: Agen
     api = Api(agent)
     owner = agent_id(agent.state_dir)
     try:
+        refused = api.create(**DEBIAN, isolation="sandbox")  # waits for the first pass
         host = api.client.get("/v1/host").json()["data"]
         assert host["isolation"] == ["container"]
-        refused = api.create(**DEBIAN, isolation="sandbox")
         assert refused.status_code == 409, refused.text
         error = refused.json()["error"]
         assert "'sandbox'" in error and "qudata-no-such-runtime" in error, error

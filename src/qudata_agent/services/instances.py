@@ -86,6 +86,8 @@ class IsolationCheck(Protocol):
 
     async def offer(self) -> Offer: ...
 
+    def current(self) -> Offer | None: ...
+
 
 class ImageAdmission(Protocol):
     """The image service's part of admission (`services.images.ImageService.admit`)."""
@@ -306,7 +308,9 @@ class InstanceService:
         taken = await self._blocking.quick(self._records.store.allocated_ports)
         volumes = None if self._volumes is None else await self._volumes.totals()
         low, high = self._ports.port_range
-        offered = (await self._isolation.offer()).names() if self._isolation else ["container"]
+        # A read never waits for the runtimes' probes: before the first pass ends, none.
+        offer = self._isolation.current() if self._isolation else Offer()
+        offered = offer.names() if offer is not None else []
         return HostView(
             max_instances=capacity.max_instances,
             instances=len(records),

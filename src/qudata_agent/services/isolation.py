@@ -100,6 +100,10 @@ class Isolation:
     def sandbox_runtime(self) -> str:
         return self._sandbox_runtime
 
+    def current(self) -> Offer | None:
+        """The offer of the last pass, without waiting (None before the first)."""
+        return self._offer
+
     async def offer(self) -> Offer:
         """The current offer; the first call waits for the first pass."""
         if self._offer is None:

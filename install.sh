@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs or upgrades the QuData host agent on Debian 12 or Ubuntu 22.04/24.04.
+# Installs or upgrades the QuData host agent on Debian 12/13 or Ubuntu 22.04/24.04.
 #
 #   sudo bash install.sh --api-key-file KEYFILE          # from a checkout of the agent
 #   curl -fsSL URL/install.sh | sudo bash -s -- --api-key-file KEYFILE --source URL/agent.tar.gz
@@ -322,12 +322,12 @@ preflight() {
     warn "not root: fine for --dry-run only"
   fi
   resolve_state_dir # an earlier install may have moved it
-  [ -r /etc/os-release ] || die "no /etc/os-release: supported are Debian 12 and Ubuntu 22.04/24.04"
+  [ -r /etc/os-release ] || die "no /etc/os-release: supported are Debian 12/13 and Ubuntu 22.04/24.04"
   OS_ID=$(. /etc/os-release && echo "${ID:-}")
   OS_VERSION=$(. /etc/os-release && echo "${VERSION_ID:-}")
   case "$OS_ID $OS_VERSION" in
-    "debian 12" | "ubuntu 22.04" | "ubuntu 24.04") ;;
-    *) die "unsupported system '$OS_ID $OS_VERSION': supported are Debian 12 and Ubuntu 22.04/24.04" ;;
+    "debian 12" | "debian 13" | "ubuntu 22.04" | "ubuntu 24.04") ;;
+    *) die "unsupported system '$OS_ID $OS_VERSION': supported are Debian 12/13 and Ubuntu 22.04/24.04" ;;
   esac
   command -v apt-get >/dev/null || die "apt-get is missing"
   if [ -z "$API_KEY" ] && [ "$ROLLBACK" = 0 ] && ! have_key; then
@@ -570,10 +570,11 @@ install_driver() {
       run ubuntu-drivers install --gpgpu
       ;;
     debian)
-      local list=/etc/apt/sources.list.d/qudata-nonfree.list
+      local list=/etc/apt/sources.list.d/qudata-nonfree.list codename
+      codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
       if [ ! -s "$list" ]; then
-        would "write $list (bookworm contrib non-free non-free-firmware)" ||
-          echo "deb http://deb.debian.org/debian bookworm contrib non-free non-free-firmware" |
+        would "write $list ($codename contrib non-free non-free-firmware)" ||
+          echo "deb http://deb.debian.org/debian $codename contrib non-free non-free-firmware" |
           write_file "$list" 0644
         APT_UPDATED=0
       fi

@@ -577,7 +577,7 @@ def test_the_shell_scripts_are_shellcheck_clean() -> None:
         "install.sh",
         "uninstall.sh",
         "deploy/relay/relay.sh",
-        *sorted(str(p.relative_to(REPO)) for p in (REPO / "scripts").glob("*.sh")),
+        *sorted(str(p.relative_to(REPO)) for p in (REPO / "scripts").rglob("*.sh")),
     ]
     assert "scripts/test.sh" in scripts
     done = subprocess.run(

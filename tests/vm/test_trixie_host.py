@@ -51,9 +51,13 @@ def test_install_from_scratch_as_a_provider_would(vm: VM) -> None:
     calls = [json.loads(line) for line in vm.sh("cat /var/tmp/cp.jsonl").splitlines() if line]
     assert any(c["path"] == "/v0/init" for c in calls), calls[:3]
     report = json.loads(vm.sh("qudata-agent doctor --json || true"))
-    failed = {c["name"]: c["detail"] for c in report["checks"] if c["level"] == "fail"}
-    print("doctor in the VM:", json.dumps(report["checks"], indent=1)[:4000])
-    # On a VM without a GPU nothing is allowed to fail but what names the missing GPU.
-    assert all("GPU" in name or "gpu" in name or "nvidia" in name.lower() for name in failed), (
-        failed
-    )
+    print("doctor in the VM:", json.dumps(report["checks"], indent=1)[:6000])
+    failed = {c["name"]: c for c in report["checks"] if c["level"] == "fail"}
+    # What a small VM without a GPU lacks (its 12 GB disk), and the one real finding on
+    # Debian 13's own packages (its runc predates the late-2025 escapes' fixes): each
+    # named with its fix; nothing else may fail.
+    assert set(failed) <= {"docker disk", "runc version"}, failed
+    assert all(c["fix"] for c in failed.values()), failed
+    checks = {c["name"]: c["level"] for c in report["checks"]}
+    for name in ("tenant firewall", "control plane", "api tls", "instance ssh", "live restore"):
+        assert checks.get(name) == "pass", (name, checks.get(name))

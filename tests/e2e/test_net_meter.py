@@ -26,6 +26,7 @@ from support.netns_internet import (
     Internet,
     download,
     forget_meter,
+    metered,
     settled,
     until_counted,
     upload,
@@ -87,7 +88,7 @@ def within(value: float, expected: float, share: float) -> bool:
 
 def test_public_and_private_bytes_are_metered(tenant: tuple[Api, str], internet: Internet) -> None:
     api, container = tenant
-    before = settled(api, "rx_bytes", 0)
+    before = metered(api, container)
     got, down_s = download(container, 50 * MB)
     assert got == 50 * MB
     middle = settled(api, "rx_public_bytes", before["rx_public_bytes"] + 50 * MB)
@@ -120,7 +121,7 @@ def test_a_capped_instance_gets_its_rate_each_way(
     tenant: tuple[Api, str], internet: Internet
 ) -> None:
     api, container = tenant
-    settled(api, "rx_bytes", 0)  # metered: the pass that saw the run applied the cap
+    metered(api, container)  # the pass that attached the run applied the cap
     got, seconds = download(container, 8 * MB)
     down = got * 8 / seconds / 1e6
     got, seconds = upload(container, internet, 8 * MB)
@@ -153,7 +154,7 @@ def test_port_25_denied_networks_and_bursts_are_refused_counted_and_restored_at_
     tenant: tuple[Api, str], internet: Internet
 ) -> None:
     api, container = tenant
-    settled(api, "rx_bytes", 0)
+    metered(api, container)
     assert not _refused(container, PUBLIC, 2525)  # the namespace answers on 2525 ...
     for _ in range(3):
         assert _refused(container, PUBLIC, 25)  # ... and would on 25: the agent refuses
@@ -205,7 +206,7 @@ def test_counts_survive_the_agents_kill_9_and_a_container_restart(
     tenant: tuple[Api, str], internet: Internet, agent_factory: AgentFactory
 ) -> None:
     api, container = tenant
-    before = settled(api, "rx_bytes", 0)
+    before = metered(api, container)
     assert download(container, 10 * MB)[0] == 10 * MB
     api.agent.stop(signal.SIGKILL)  # mid-count: the last pass may not have seen it all
     agent = agent_factory(api.agent.env, state_dir=api.agent.state_dir, port=api.agent.port).start()
@@ -235,8 +236,9 @@ def test_a_deleted_instance_s_totals_go_in_a_final_stats_report(
     try:
         assert api.create(**DEBIAN).status_code == 202
         state = api.wait("running", timeout=60)
+        start = metered(api, state["container_id"])
         assert download(state["container_id"], 5 * MB)[0] == 5 * MB
-        seen = settled(api, "rx_public_bytes", 5 * MB)
+        seen = settled(api, "rx_public_bytes", start["rx_public_bytes"] + 5 * MB)
         assert api.delete().status_code == 200
         deadline = time.monotonic() + 15
         final: dict[str, Any] = {}

@@ -16,7 +16,14 @@ import pytest
 from faults.test_zz_dockerd_restart import _main_dockerd, _restore_dockerd, _wait
 from support.agent_proc import AgentProcess
 from support.docker_api import Api, agent_id, remove_containers_of
-from support.netns_internet import Internet, download, forget_meter, settled, until_counted
+from support.netns_internet import (
+    Internet,
+    download,
+    forget_meter,
+    metered,
+    settled,
+    until_counted,
+)
 
 AgentFactory = Callable[..., AgentProcess]
 MB = 1_000_000
@@ -40,8 +47,9 @@ def test_counts_survive_a_dockerd_restart(agent_factory: AgentFactory, internet:
         assert api.create(image="qudata-test/debian", image_tag="12").status_code == 202
         running = api.wait("running", timeout=60)
         container, instance_id = running["container_id"], running["instance_id"]
+        start = metered(api, container)
         assert download(container, 5 * MB)[0] == 5 * MB
-        before = settled(api, "rx_public_bytes", 5 * MB)
+        before = settled(api, "rx_public_bytes", start["rx_public_bytes"] + 5 * MB)
         pid = _main_dockerd()
         try:
             os.kill(pid, signal.SIGTERM)

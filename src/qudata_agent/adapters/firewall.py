@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import subprocess
 
+from qudata_agent.adapters import commands
 from qudata_agent.domain.firewall import FirewallPlan, expected_listing
 from qudata_agent.errors import AgentError
 
@@ -34,16 +35,7 @@ class Firewall:
         self._iptables = iptables
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        try:
-            done = subprocess.run(
-                [self._iptables, "-w", "5", *args],
-                capture_output=True, text=True, timeout=20, check=False,
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise FirewallError(f"iptables could not run: {e}") from e
-        if check and done.returncode != 0:
-            raise FirewallError(f"iptables {' '.join(args)}: {done.stderr.strip()}")
-        return done
+        return commands.run([self._iptables, "-w", "5", *args], FirewallError, check=check)
 
     def _listing(self, chain: str) -> list[str] | None:
         done = self._run("-S", chain, check=False)

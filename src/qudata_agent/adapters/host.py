@@ -365,14 +365,23 @@ def _holds(point: str, path: str) -> bool:
     return point == "/" or path == point or path.startswith(point.rstrip("/") + "/")
 
 
-def parse_mount_options(mountinfo_text: str, path: str) -> frozenset[str] | None:
-    """The options (per mount and of the superblock) of the filesystem that holds `path`.
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo: where, which filesystem, with which options."""
 
-    From /proc/self/mountinfo text; the mount point that is the longest prefix
-    of `path` wins (of mounts stacked on one point, the last one). `path`
-    should be resolved (no symlinks). None when no line matches.
+    point: str
+    fstype: str
+    options: frozenset[str]  # per mount and of the superblock
+
+
+def parse_mount(mountinfo_text: str, path: str) -> Mount | None:
+    """The mount that holds `path`, from /proc/self/mountinfo text.
+
+    The mount point that is the longest prefix of `path` wins (of mounts
+    stacked on one point, the last one). `path` should be resolved (no
+    symlinks). None when no line matches.
     """
-    best: tuple[int, frozenset[str]] | None = None
+    best: Mount | None = None
     for line in mountinfo_text.splitlines():
         fields = line.split()
         if "-" not in fields[6:]:
@@ -384,9 +393,15 @@ def parse_mount_options(mountinfo_text: str, path: str) -> frozenset[str] | None
         if not _holds(point, path):
             continue
         options = frozenset(fields[5].split(",")) | frozenset(fields[sep + 3].split(","))
-        if best is None or len(point) >= best[0]:
-            best = (len(point), options)
-    return None if best is None else best[1]
+        if best is None or len(point) >= len(best.point):
+            best = Mount(point, fields[sep + 1], options)
+    return best
+
+
+def parse_mount_options(mountinfo_text: str, path: str) -> frozenset[str] | None:
+    """The options (per mount and of the superblock) of the filesystem that holds `path`."""
+    found = parse_mount(mountinfo_text, path)
+    return None if found is None else found.options
 
 
 def mount_options(path: str, mountinfo_path: str = "/proc/self/mountinfo") -> frozenset[str] | None:

@@ -10,9 +10,9 @@ The only module that runs `nft`. What stays true:
 from __future__ import annotations
 
 import json
-import subprocess
 from typing import Any
 
+from qudata_agent.adapters import commands
 from qudata_agent.domain.netpolicy import table_name
 from qudata_agent.errors import AgentError
 
@@ -27,16 +27,7 @@ class Nftables:
         self._table = table_name(bridge)
 
     def _run(self, args: list[str], script: str | None = None) -> str:
-        try:
-            done = subprocess.run(
-                [self._nft, *args], input=script, capture_output=True, text=True,
-                timeout=20, check=False,
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise NftError(f"nft could not run: {e}") from e
-        if done.returncode != 0:
-            raise NftError(f"nft {' '.join(args)}: {done.stderr.strip()[:500]}")
-        return done.stdout
+        return commands.run([self._nft, *args], NftError, stdin=script).stdout
 
     def apply(self, script: str) -> None:
         """Runs `script` as one transaction."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import subprocess
 
+from qudata_agent.adapters import commands
 from qudata_agent.adapters.firewall import FirewallError
 from qudata_agent.domain.port_gate import CHAIN, JUMPS, gate_rule, jump_args, own_ports
 
@@ -24,16 +25,7 @@ class IptablesPortGate:
         self._iptables = iptables
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        try:
-            done = subprocess.run(
-                [self._iptables, "-w", "5", *args],
-                capture_output=True, text=True, timeout=20, check=False,
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise FirewallError(f"iptables could not run: {e}") from e
-        if check and done.returncode != 0:
-            raise FirewallError(f"iptables {' '.join(args)}: {done.stderr.strip()}")
-        return done
+        return commands.run([self._iptables, "-w", "5", *args], FirewallError, check=check)
 
     def setup(self) -> list[int]:
         """The chain and its jumps in place, and this agent's rules left by a crash removed

@@ -18,6 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from qudata_agent.adapters import commands
 from qudata_agent.domain.netpolicy import shaping_commands
 from qudata_agent.errors import AgentError
 
@@ -37,13 +38,7 @@ class Attachment:
 
 
 def _run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ShapingError(f"{argv[0]} could not run: {e}") from e
-    if check and done.returncode != 0:
-        raise ShapingError(f"{' '.join(argv)}: {done.stderr.strip()[:300]}")
-    return done
+    return commands.run(argv, ShapingError, check=check)
 
 
 class TrafficControl:

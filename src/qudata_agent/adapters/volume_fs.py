@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
+from qudata_agent.adapters.host import parse_mount
 from qudata_agent.domain.volumes import BackingError, FsFacts, Volume
 
 log = logging.getLogger(__name__)
@@ -236,18 +236,5 @@ def fs_facts(path: Path, mountinfo: str = "/proc/self/mountinfo") -> tuple[FsFac
         text = Path(mountinfo).read_text()
     except OSError:
         return None
-    target = os.path.realpath(path)
-    best: tuple[FsFacts, str] | None = None
-    for line in text.splitlines():
-        fields = line.split()
-        if "-" not in fields[6:]:
-            continue
-        sep = fields.index("-", 6)
-        if len(fields) < sep + 4:
-            continue
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        inside = point == "/" or target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) >= len(best[1])):
-            options = frozenset(fields[5].split(",")) | frozenset(fields[sep + 3].split(","))
-            best = (FsFacts(fields[sep + 1], options), point)
-    return best
+    found = parse_mount(text, os.path.realpath(path))
+    return None if found is None else (FsFacts(found.fstype, found.options), found.point)

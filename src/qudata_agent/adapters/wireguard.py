@@ -25,6 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from qudata_agent.adapters import commands
 from qudata_agent.adapters.secrets import SecretFile
 from qudata_agent.domain.tunnel import (
     KEEPALIVE_S,
@@ -60,15 +61,7 @@ def ensure_key(path: Path) -> str:
 def _run(
     *args: str, check: bool = True, timeout: float = 20, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    try:
-        done = subprocess.run(
-            list(args), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise TunnelError(f"{args[0]} could not run: {e}") from e
-    if check and done.returncode != 0:
-        raise TunnelError(f"{' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
-    return done
+    return commands.run(list(args), TunnelError, check=check, timeout=timeout, stdin=stdin)
 
 
 class WireGuard:

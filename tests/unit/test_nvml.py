@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qudata_agent.adapters.nvml import Nvml, read_numa_node, sysfs_bus_id
+from qudata_agent.adapters.nvml import Nvml, nvidia_on_pci_bus, read_numa_node, sysfs_bus_id
 from qudata_agent.domain.inventory import GpuInfo, GpuReport
 from qudata_agent.domain.topology import GpuPlace, Link
 from qudata_agent.errors import Unavailable
@@ -408,3 +408,37 @@ def test_conditions_leave_what_a_gpu_cannot_tell_unknown() -> None:
     assert (
         first.remap_pending is None and first.ecc_enabled is None and first.ecc_uncorrected is None
     )
+
+
+def test_nvidia_on_the_pci_bus_reads_each_devices_vendor(tmp_path: Path) -> None:
+    for name, vendor in (("0000:00:01.0", "0x8086\n"), ("0000:3b:00.0", "0x10de\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vendor").write_text(vendor)
+    assert nvidia_on_pci_bus(tmp_path)
+    (tmp_path / "0000:3b:00.0" / "vendor").write_text("0x1af4\n")
+    assert not nvidia_on_pci_bus(tmp_path)
+    assert not nvidia_on_pci_bus(tmp_path / "missing")
+
+
+class NoDriverNvml(FakeNvml):
+    def nvmlInit(self) -> None:
+        raise FakeNVMLError()
+
+
+@pytest.mark.parametrize(
+    ("vendor", "level"), [("0x8086", logging.INFO), ("0x10de", logging.WARNING)]
+)
+def test_no_driver_is_a_warning_only_where_the_bus_has_an_nvidia_device(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, vendor: str, level: int
+) -> None:
+    device = tmp_path / "bus" / "pci" / "devices" / "0000:3b:00.0"
+    device.mkdir(parents=True)
+    (device / "vendor").write_text(vendor + "\n")
+    nvml = Nvml(NoDriverNvml(), sys_root=str(tmp_path))
+    try:
+        with caplog.at_level(logging.INFO, logger="qudata_agent.adapters.nvml"):
+            assert nvml.report().gpus == ()
+    finally:
+        nvml.close()
+    levels = {r.levelno for r in caplog.records if "NVML not usable" in r.getMessage()}
+    assert levels == {level}

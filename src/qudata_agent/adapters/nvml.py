@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
 from qudata_agent.domain.gpu_health import EventKind, GpuEvent
@@ -433,7 +434,11 @@ class Nvml:
 
     def _degraded(self, reason: str) -> GpuReport:
         if self._logged != reason:
-            logger.warning("NVML not usable, reporting no GPUs: %s", reason)
+            # On a host with no NVIDIA device there is no driver to load: that is
+            # a CPU-only host, not a fault. Where the bus has one, it is a fault.
+            on_bus = nvidia_on_pci_bus(Path(self._sys_root) / "bus" / "pci" / "devices")
+            level = logging.WARNING if on_bus else logging.INFO
+            logger.log(level, "NVML not usable, reporting no GPUs: %s", reason)
             self._logged = reason
         return GpuReport(error=reason)
 
@@ -597,3 +602,14 @@ def _reason(error: Exception) -> str:
     except Exception:  # pynvml's __str__ may itself call into a missing library
         text = ""
     return text or type(error).__name__
+
+
+def nvidia_on_pci_bus(devices: Path = Path("/sys/bus/pci/devices")) -> bool:
+    """Whether any PCI device's vendor is NVIDIA (0x10de), as sysfs lists them."""
+    try:
+        return any(
+            (device / "vendor").read_text().strip().lower() == "0x10de"
+            for device in devices.iterdir()
+        )
+    except OSError:
+        return False

@@ -728,7 +728,9 @@ step_upgrades() {
   for pkg in "${UPGRADED_PACKAGES[@]}"; do
     installed "$pkg" || continue
     have=$(dpkg-query -W -f='${Version}' "$pkg")
-    candidate=$(apt-cache policy "$pkg" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+    # No binary cache written (apt-cache would refresh pkgcache.bin): a dry run changes nothing.
+    candidate=$(apt-cache -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= policy "$pkg" \
+      2>/dev/null | sed -n 's/^ *Candidate: //p')
     case $candidate in "" | "(none)") continue ;; esac
     if dpkg --compare-versions "$candidate" gt "$have"; then upgrades+=("$pkg"); fi
   done

@@ -187,8 +187,12 @@ def test_a_damaged_volume_is_error_and_never_an_empty_directory(
         subprocess.run(["umount", str(mnt)], check=True)
         os.remove(rig.state_dir / "volumes" / vid / "image.ext4")
         rig.kill9_and_start()
-        damaged = rig.volume(vid)
-        assert damaged["status"] == "error" and "image file" in damaged["reason"], damaged
+        # The agent answers while its restore runs: the verdict comes with the restore.
+        deadline = time.monotonic() + 30
+        while (damaged := rig.volume(vid))["status"] != "error":
+            assert time.monotonic() < deadline, damaged
+            time.sleep(0.2)
+        assert "image file" in damaged["reason"], damaged
         resp = rig.create({vid: "/workspace"})
         assert resp.status_code == 409 and "damaged" in resp.json()["error"], resp.text
         assert rig.instances() == [] and containers(rig.owner) == []

@@ -181,7 +181,11 @@ def test_a_container_docker_restarts_while_the_agent_is_down_stays_walled(
         restarts = inspect(tenant)["RestartCount"]
         os.kill(inspect(tenant)["State"]["Pid"], signal.SIGKILL)
         _wait_restarted(tenant, restarts)
-        assert _reach(tenant, NET)
+        # Its new veth can take a moment to forward: the internet first (up to 10 s), so
+        # the refusals below are the wall's and not a network still coming up.
+        deadline = time.monotonic() + 10
+        while not _reach(tenant, NET):
+            assert time.monotonic() < deadline, "the restarted tenant never reached the internet"
         assert not _reach(tenant, LAN)
         assert not _reach(tenant, gateway, host_service)
     finally:

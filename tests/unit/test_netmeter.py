@@ -7,6 +7,7 @@ reset counter, the account read back by a new meter, a delete's last totals.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ ID = "11111111-2222-3333-4444-555555555555"
 class FakeNft:
     def __init__(self) -> None:
         self.counters_: dict[str, tuple[int, int]] = {}
+        self.listings = 0  # `nft list counters` calls
         self.keys: dict[str, str] = {}
         self.scripts: list[str] = []
         self.gone = False
@@ -44,6 +46,7 @@ class FakeNft:
                 del self.keys[m.group(1)]
 
     def counters(self) -> dict[str, tuple[int, int]]:
+        self.listings += 1
         return dict(self.counters_)
 
     def exists(self) -> bool:
@@ -197,3 +200,39 @@ async def test_a_table_removed_behind_its_back_is_made_again_and_counts_on(rig: 
     await meter.refresh()
     use = meter.use(ID)
     assert use is not None and use.rx_public_bytes == 130
+
+
+async def test_a_pass_lists_the_counters_once(rig: Rig) -> None:
+    meter = rig.meter()
+    await meter.refresh()  # the first pass makes the counters, then lists them again
+    rig.nft.listings = 0
+    rig.nft.count("rx_public", 100)
+    await meter.refresh()
+    assert rig.nft.listings == 1
+    assert meter.use(ID) is not None and meter.use(ID).wire()["rx_public_bytes"] == 100
+
+
+async def test_the_loop_leaves_the_passes_to_the_stats_tick_but_answers_a_poke(rig: Rig) -> None:
+    meter = rig.meter()
+    passes = 0
+    refresh = meter.refresh
+
+    async def counted() -> None:
+        nonlocal passes
+        passes += 1
+        await refresh()
+
+    meter.refresh = counted  # type: ignore[method-assign]
+    loop = asyncio.create_task(meter.run(interval_s=1.0))
+    try:
+        await asyncio.sleep(0.05)
+        assert passes == 1  # its first pass, at once
+        for _ in range(25):  # the stats tick refreshes well within the interval, 2.5 s long
+            await refresh()
+            await asyncio.sleep(0.1)
+        assert passes == 1, "the loop passed again although the tick had just done it"
+        meter.poke()
+        await asyncio.sleep(0.05)
+        assert passes == 2  # a poke (a new run, a delete) is answered at once
+    finally:
+        loop.cancel()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -148,6 +149,7 @@ class NetMeter:
         self._failing = False
         self._loaded = False
         self._saved: dict[str, Any] | None = None
+        self._last_pass = -math.inf  # when the last pass began (the loop's own or the tick's)
 
     # -- what others read -----------------------------------------------------------
 
@@ -175,16 +177,26 @@ class NetMeter:
     # -- passes -----------------------------------------------------------------------
 
     async def run(self, interval_s: float = INTERVAL_S) -> None:
-        """One pass every `interval_s`, and one at once when poked."""
+        """A pass at once when poked, else whenever none ran for `interval_s`.
+
+        The stats tick refreshes on its own 3 s grid: this loop then has
+        nothing left to do but the pokes (and keeps the figures moving in
+        standalone mode, where there is no tick).
+        """
         while True:
-            await self.refresh()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poked.wait(), interval_s)
+            due = self._last_pass + interval_s - self._clock()
+            if due > 0 and not self._poked.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poked.wait(), due)
+                if not self._poked.is_set():
+                    continue  # a refresh by the tick may have moved the next pass on
             self._poked.clear()
+            await self.refresh()
 
     async def refresh(self) -> None:
         """One pass: new runs attached and capped, counters read, the account written."""
         async with self._lock:
+            self._last_pass = self._clock()
             try:
                 await self._blocking.quick(self._ensure_table)
                 instances = list(await self._instances())
@@ -242,18 +254,20 @@ class NetMeter:
         live = {i.id: i for i in instances}
         for instance_id in live:
             self._tallies.setdefault(instance_id, {})
-        self._ensure_counters()
+        readings = self._ensure_counters()
         if runs:
             self._attach(runs)
         for instance_id, run in runs.items():
             self._cap(live[instance_id], run)
             self._runs[instance_id] = run
-        self._read()
+        self._read(readings)
         self._retire([i for i in self._tallies if i not in live])
         self._expire()
         self._save()
 
-    def _ensure_counters(self) -> None:
+    def _ensure_counters(self) -> dict[str, tuple[int, int]] | None:
+        """The counters listed; every instance's made when missing. Returns the listing,
+        or None when counters were just made (the caller lists again)."""
         present = self._nft.counters()
         missing: list[str] = []
         for instance_id, tallies in self._tallies.items():
@@ -261,9 +275,11 @@ class NetMeter:
                 if name not in present:
                     tallies[kind] = tallies.get(kind, Tally()).restarted()
                     missing.append(name)
-        if missing:
-            self._save()  # "starts at 0" is on disk before the counter exists
-            self._nft.apply(counters_script(self._bridge, missing))
+        if not missing:
+            return present
+        self._save()  # "starts at 0" is on disk before the counter exists
+        self._nft.apply(counters_script(self._bridge, missing))
+        return None
 
     def _attach(self, runs: dict[str, _Run]) -> None:
         """Points each new run's address at its instance's counters (and no other address)."""
@@ -294,8 +310,9 @@ class NetMeter:
             extra={"instance_id": instance.id, "mbps": mbps, "veth": run.veth, "how": run.cap},
         )
 
-    def _read(self) -> None:
-        readings = self._nft.counters()
+    def _read(self, readings: dict[str, tuple[int, int]] | None = None) -> None:
+        if readings is None:
+            readings = self._nft.counters()
         for instance_id, tallies in self._tallies.items():
             for kind, name in counter_names(instance_id).items():
                 reading = readings.get(name)

@@ -287,6 +287,23 @@ def keep_log(agent: AgentProc, dest: Path | None) -> None:
             shutil.copyfile(agent.log_path, dest)
 
 
+def finish(
+    agent: AgentProc,
+    client: httpx.Client | None,
+    ids: set[str],
+    token: str | None,
+    agent_log: Path | None,
+    workdir: Path,
+) -> list[str]:
+    """A run's end, signals held off: `teardown` (this run's baseline found by its
+    `token` label), the agent's log kept (`keep_log`), the workdir removed."""
+    with signals_ignored():
+        problems = teardown(agent, client, ids, f"label={RUN_LABEL_KEY}={token}" if token else None)
+        keep_log(agent, agent_log)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return problems
+
+
 def exit_code(code: int, problems: list[str]) -> int:
     """The run's exit status once cleanup reported `problems`: a cleanup that left
     something behind turns a verdict (0 PASS, 1 FAIL) into 2."""

@@ -37,7 +37,6 @@ test images and the OpenSSH client. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -56,12 +55,10 @@ from _common import (
     docker,
     docker_version,
     exit_code,
+    finish,
     free_port,
     interrupt_on_signals,
-    keep_log,
     need_images,
-    signals_ignored,
-    teardown,
 )
 from ssh_login import MOUNT, keygen, login, prepare_floor_mount
 
@@ -221,15 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         code = 130
     finally:
-        with signals_ignored():
-            client = bench.client if bench is not None else None
-            ids = bench.ids if bench is not None else set()
-            token = bench.token if bench is not None else None
-            problems = teardown(
-                agent, client, ids, f"label={RUN_LABEL_KEY}={token}" if token else None
-            )
-            keep_log(agent, args.agent_log)
-            shutil.rmtree(workdir, ignore_errors=True)
+        problems = finish(
+            agent,
+            bench.client if bench is not None else None,
+            bench.ids if bench is not None else set(),
+            bench.token if bench is not None else None,
+            args.agent_log,
+            workdir,
+        )
     return exit_code(code, problems)
 
 

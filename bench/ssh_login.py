@@ -78,13 +78,11 @@ from _common import (
     docker,
     docker_version,
     exit_code,
+    finish,
     free_port,
     interrupt_on_signals,
-    keep_log,
     need_images,
     run_cmd,
-    signals_ignored,
-    teardown,
 )
 
 from qudata_agent.domain.ssh_setup import INSTANCE_MOUNT, PID_FILE, SSHD_CONFIG_TEXT
@@ -358,15 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         code = 130
     finally:
-        with signals_ignored():
-            client = bench.client if bench is not None else None
-            ids = bench.floor_ids if bench is not None else set()
-            token = bench.token if bench is not None else None
-            problems = teardown(
-                agent, client, ids, f"label={RUN_LABEL_KEY}={token}" if token else None
-            )
-            keep_log(agent, args.agent_log)
-            shutil.rmtree(workdir, ignore_errors=True)
+        problems = finish(
+            agent,
+            bench.client if bench is not None else None,
+            bench.floor_ids if bench is not None else set(),
+            bench.token if bench is not None else None,
+            args.agent_log,
+            workdir,
+        )
     return exit_code(code, problems)
 
 

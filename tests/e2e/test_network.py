@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,36 +11,10 @@ import pytest
 
 from support.agent_proc import AgentProcess, free_port
 from support.docker_api import Api, agent_id, docker, inspect, remove_containers_of
+from support.listener import Listener
 
 AgentFactory = Callable[..., AgentProcess]
 BUSYBOX = {"image": "qudata-test/busybox", "image_tag": "1"}
-
-
-class Listener:
-    """A TCP server on all host addresses that greets whoever connects."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(b"host-service\n")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ runtime answers 409 naming the tier.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 from support.agent_proc import AgentProcess
 from support.docker_api import Api, agent_id, containers, docker, inspect, remove_containers_of
 from support.fake_cp import FakeControlPlane
+from support.listener import Listener
 from support.volumes import unmount_under
 
 AgentFactory = Callable[..., AgentProcess]
@@ -57,29 +56,6 @@ class Renter:
         )  # fmt: skip
 
 
-class Listener:
-    """A TCP service on every host address: what the wall must keep the sandbox from."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(b"host-service\n")
-
-
 @pytest.fixture
 def renter(tmp_path: Path) -> Renter:
     (tmp_path / "renter").mkdir()
@@ -90,8 +66,7 @@ def renter(tmp_path: Path) -> Renter:
 def listener() -> Iterator[Listener]:
     server = Listener()
     yield server
-    server.stop.set()
-    server.sock.close()
+    server.close()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,6 +21,7 @@ import pytest
 
 from support.agent_proc import AgentProcess, free_port
 from support.docker_api import Api, agent_id, containers, docker, remove_containers_of
+from support.listener import Listener
 
 pytestmark = pytest.mark.docker
 
@@ -66,38 +66,9 @@ def _nothing_made(api: Api) -> None:
     assert api.get()["status"] == "destroyed"
 
 
-class Listener:
-    """A TCP listener on loopback that records every connection made to it and hangs up."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-
 @pytest.fixture
 def listener() -> Iterator[Listener]:
-    served = Listener()
+    served = Listener("127.0.0.1", greeting=b"")  # records and hangs up
     yield served
     served.close()
 

@@ -242,6 +242,27 @@ def test_on_ubuntu_the_driver_is_the_server_branch(fresh: Box) -> None:
         fresh.sh("cp /tmp/os-release.debian /etc/os-release")
 
 
+def test_debian_13_is_supported_with_its_own_codename_and_debian_11_is_not(fresh: Box) -> None:
+    fresh.sh("cp /etc/os-release /tmp/os-release.debian")
+    try:
+        fresh.sh(
+            "printf 'ID=debian\\nVERSION_ID=\"13\"\\nVERSION_CODENAME=trixie\\n' > /etc/os-release"
+        )
+        bus = "/tmp/gpu-bus13/0000:65:00.0"
+        fresh.sh(f"mkdir -p {bus} && echo 0x10de > {bus}/vendor && echo 0x030200 > {bus}/class")
+        output = fresh.sh(
+            "QUDATA_INSTALL_PCI_DEVICES=/tmp/gpu-bus13 bash /src/install.sh --dry-run"
+            f" --install-driver {WITH_KEY}"
+        )
+        assert "installing the QuData host agent on debian 13" in output, output
+        assert "(trixie contrib non-free non-free-firmware)" in output, output
+        fresh.sh("printf 'ID=debian\\nVERSION_ID=\"11\"\\n' > /etc/os-release")
+        code, output = fresh.code(f"bash /src/install.sh --dry-run {WITH_KEY}")
+        assert code == 1 and "unsupported system 'debian 11'" in output, output
+    finally:
+        fresh.sh("cp /tmp/os-release.debian /etc/os-release")
+
+
 def test_the_first_install_needs_a_key_and_a_source(fresh: Box) -> None:
     code, output = fresh.code("bash /src/install.sh --dry-run")
     assert code == 2 and "the first install needs the API key" in output

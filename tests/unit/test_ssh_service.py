@@ -320,3 +320,35 @@ async def test_a_disabled_instance_is_left_as_it_is(
     assert files.instance_ids() == []
     assert (await service.view(instance)).status == "disabled"
     await service.close()
+
+
+async def test_the_fine_poll_probes_the_banner_and_leaves_docker_and_the_word_slower(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    """While sshd comes up the banner is tried every 20 ms; Docker's inspect and the
+    init's word (a thread each) only at the slow cadence, or 8 creates at once would
+    ask dockerd hundreds of times a second."""
+
+    class Late(ProbeStandIn):
+        async def banner(self, host: str, port: int) -> Banner:
+            self.banners += 1
+            return banner_of(b"" if self.banners < 25 else self.line)  # ~0.5 s of refusals
+
+    class Counting(EngineStandIn):
+        inspects = 0
+
+        def inspect(self, container_id: str) -> ContainerState:
+            self.inspects += 1
+            return super().inspect(container_id)
+
+    instance = _instance(store)
+    engine, probe = Counting(IMAGE), Late()
+    service, _ = _service(store, blocking, tmp_path, engine, probe=probe)
+    service._wait_timeout_s = 5.0
+    await service.prepare(instance, SPEC)
+    await _watched(service, instance)
+    state = store.ssh_state("i1")
+    assert state is not None and state[0] == "ready", state
+    assert probe.banners == 25
+    assert engine.inspects <= 5 and len(probe.asked) <= 5, (engine.inspects, probe.asked)
+    await service.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -379,16 +380,21 @@ class SshService:
         assert instance.container_id is not None
         start = asyncio.get_running_loop().time()
         deadline = start + self._wait_timeout_s
+        looked_at = -math.inf
         while True:
-            try:
-                state = await self._blocking.quick(self._engine.inspect, instance.container_id)
-            except AgentError:
-                return None  # gone, or Docker away: nothing to say about this run
-            if not state.running or state.started_at != instance.started_at:
-                return None
-            reason = failure_of(await self._init_word(instance.id, state.pid))
-            if reason is not None:
-                return False, reason
+            # Docker's state and the init's word at the slow cadence (an inspect and a
+            # thread each); only the cheap banner probe at the fast one.
+            if asyncio.get_running_loop().time() - looked_at >= POLL_S:
+                try:
+                    state = await self._blocking.quick(self._engine.inspect, instance.container_id)
+                except AgentError:
+                    return None  # gone, or Docker away: nothing to say about this run
+                if not state.running or state.started_at != instance.started_at:
+                    return None
+                reason = failure_of(await self._init_word(instance.id, state.pid))
+                if reason is not None:
+                    return False, reason
+                looked_at = asyncio.get_running_loop().time()
             tried = []
             gated = instance.id in self._gated and state.address is not None
             for host, port in _sshd_addresses(instance, state, gated):

@@ -35,9 +35,8 @@ from qudata_agent.adapters.docker_pull import (
     PullTally,
     RegistryAuth,
     auth_config,
-    registry_of,
-    split_reference,
 )
+from qudata_agent.domain.image_ref import parse_reference
 
 pytestmark = pytest.mark.docker
 
@@ -61,16 +60,17 @@ MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
     ],
 )
 def test_split_reference(ref: str, expected: tuple[str, str]) -> None:
-    assert split_reference(ref) == expected
+    parsed = parse_reference(ref)
+    assert (parsed.repository, parsed.pin) == expected
 
 
 def test_registry_of_and_auth_config() -> None:
-    assert registry_of("busybox") == "docker.io"
-    assert registry_of("team/img") == "docker.io"
-    assert registry_of("reg.example:5000/team/img") == "reg.example:5000"
-    assert registry_of("localhost/img") == "localhost"
+    assert parse_reference("busybox").server == "docker.io"
+    assert parse_reference("team/img").server == "docker.io"
+    assert parse_reference("reg.example:5000/team/img").server == "reg.example:5000"
+    assert parse_reference("localhost/img").server == "localhost"
     auth = RegistryAuth("u", "hunter2-secret", None)
-    assert auth_config(auth, "reg.example/img")["serveraddress"] == "reg.example"
+    assert auth_config(auth, parse_reference("reg.example/img"))["serveraddress"] == "reg.example"
     assert "hunter2-secret" not in repr(auth)
 
 

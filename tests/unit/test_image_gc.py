@@ -9,12 +9,11 @@ from qudata_agent.domain.image_access import (
     LocalImage,
     Step,
     after_check,
-    familiar_ref,
     first_step,
-    normal_repository,
     repository_digests,
 )
 from qudata_agent.domain.image_gc import GIB, CachedImage, Thresholds, plan
+from qudata_agent.domain.image_ref import familiar_ref, normal_repository
 
 OLD = CachedImage("id-old", ("reg/old:1",), 3 * GIB, last_used=100.0)
 MID = CachedImage("id-mid", ("reg/mid:1",), 2 * GIB, last_used=200.0)

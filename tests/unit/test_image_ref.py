@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qudata_agent.domain.image_ref import ImageRef, resolve_image
+from qudata_agent.domain.image_ref import ImageRef, parse_reference, resolve_image
 from qudata_agent.errors import InvalidRequest
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -201,3 +201,22 @@ def test_refuses_an_image_id(image: str, image_tag: str | None) -> None:
 )
 def test_names_that_only_look_like_ids_are_accepted(image: str) -> None:
     assert resolve_image(image, None).repository
+
+
+@pytest.mark.parametrize(
+    ("ref", "repository", "tag", "digest"),
+    [
+        ("busybox", "busybox", "latest", None),
+        ("reg.example:5000/team/img", "reg.example:5000/team/img", "latest", None),
+        ("reg.example:5000/team/img:2", "reg.example:5000/team/img", "2", None),
+        ("img:tag@sha256:abc", "img", "tag", "sha256:abc"),
+    ],
+)
+def test_a_held_reference_is_split_without_checks(
+    ref: str, repository: str, tag: str, digest: str | None
+) -> None:
+    parsed = parse_reference(ref)
+    assert (parsed.repository, parsed.tag, parsed.digest) == (repository, tag, digest)
+    assert parsed.pin == (digest or tag)
+    assert parse_reference("localhost/img").server == "localhost"
+    assert parse_reference("team/img").server == "docker.io"

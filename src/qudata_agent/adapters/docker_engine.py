@@ -45,7 +45,6 @@ from qudata_agent.adapters.docker_pull import (
     RegistryAuth,
     auth_config,
     redact,
-    split_reference,
     stream_error,
 )
 from qudata_agent.domain.container_spec import (
@@ -56,6 +55,7 @@ from qudata_agent.domain.container_spec import (
     ContainerState,
 )
 from qudata_agent.domain.image_access import LocalImage, RegistryRefused, RegistryUnreachable
+from qudata_agent.domain.image_ref import ImageRef, parse_reference
 from qudata_agent.domain.isolation import RuntimeInfo, cdi_device, parse_runtimes
 from qudata_agent.domain.log_tail import LogTail, TailBuffer
 from qudata_agent.domain.network import NetworkInfo, network_options
@@ -199,10 +199,12 @@ class DockerEngine:
 
     def import_image(self, tar: bytes, ref: str) -> None:
         """Makes `ref` from a root filesystem tarball (`docker import`), unless it exists."""
-        repository, _, tag = ref.rpartition(":")
+        parsed = parse_reference(ref)
         with self._translated(f"import of {ref}"):
             if not self._api().api.images(name=ref):
-                self._api().api.import_image_from_data(tar, repository=repository, tag=tag)
+                self._api().api.import_image_from_data(
+                    tar, repository=parsed.repository, tag=parsed.pin
+                )
 
     def probe_runtime(self, runtime: str, image: str, argv: list[str], timeout_s: float) -> str:
         """Runs `argv` in a throwaway container under `runtime` (no network); its output.
@@ -327,10 +329,9 @@ class DockerEngine:
         (the daemon reports that as a 500, also when credentials are missing):
         `RegistryUnreachable`. Messages never hold the password.
         """
-        repository, _ = split_reference(ref)
         # An empty config, never None: with None the SDK would send the host's own
         # docker login (~/.docker/config.json) on a renter's behalf.
-        config = auth_config(auth, repository) if auth is not None else {}
+        config = auth_config(auth, parse_reference(ref)) if auth is not None else {}
         api = self._own_client(self._check_timeout_s)
         try:
             with self._translated(f"registry check of {ref}"):
@@ -377,13 +378,13 @@ class DockerEngine:
         client of its own). `close()` aborts a pull in flight (one still waiting
         for Docker's first answer ends at once when that answer comes).
         """
-        repository, tag = split_reference(ref)
+        parsed = parse_reference(ref)
         api = self._own_client(inactivity_s)
         handle = _PullHandle()
         self._track(handle, True)
         try:
             with self._pull_errors(ref, auth, inactivity_s, handle):
-                response = _open_pull(api, repository, tag, auth, inactivity_s)
+                response = _open_pull(api, parsed, auth, inactivity_s)
                 handle.attach(response)
                 _follow_pull(ref, response, auth, on_progress)
         finally:
@@ -660,17 +661,16 @@ class _PullHandle:
 
 def _open_pull(
     api: docker.APIClient,
-    repository: str,
-    tag: str,
+    ref: ImageRef,
     auth: RegistryAuth | None,
     inactivity_s: float,
 ) -> requests.Response:
     headers: dict[str, str | bytes] = {}
     if auth is not None:
-        headers["X-Registry-Auth"] = docker.auth.encode_header(auth_config(auth, repository))
+        headers["X-Registry-Auth"] = docker.auth.encode_header(auth_config(auth, ref))
     response = api.post(
         f"{api.base_url}/v{api.api_version}/images/create",
-        params={"fromImage": repository, "tag": tag},
+        params={"fromImage": ref.repository, "tag": ref.pin},
         headers=headers,
         stream=True,
         timeout=inactivity_s,

@@ -1,15 +1,14 @@
 """The pure half of image pulls: references, credentials and progress, no I/O.
 
 Owns `RegistryAuth` (credentials for one pull), `PullProgress` (what a pull has
-done so far), the split of an image reference into the repository and the
-tag or digest that Docker's pull endpoint wants, and the tally that turns
-Docker's progress messages into `PullProgress`. The Docker adapter
+done so far), the credentials object Docker's endpoints want (the reference
+itself is split by `domain.image_ref`), and the tally that turns Docker's
+progress messages into `PullProgress`. The Docker adapter
 (`docker_engine.py`) does the talking; this module imports no SDK, so it is
 tested without Docker.
 
 What stays true: a password is never part of a repr, a message or a log line
-built here (`redact` removes it from text that came from elsewhere); a
-registry host with a port is never mistaken for a tag; progress only grows
+built here (`redact` removes it from text that came from elsewhere); progress only grows
 while layers are being fetched.
 """
 
@@ -18,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_TAG = "latest"
-DEFAULT_REGISTRY = "docker.io"
+from qudata_agent.domain.image_ref import ImageRef
 
 # Docker's per-layer progress statuses; the three in `_LAYER_DONE` end a layer.
 _LAYER_STATUSES = frozenset(
@@ -52,35 +50,12 @@ class PullProgress:
     layers_total: int
 
 
-def split_reference(ref: str) -> tuple[str, str]:
-    """`repo[:tag][@digest]` -> (repo, tag or digest); the tag defaults to latest.
-
-    Only a colon after the last slash starts a tag, so `reg:5000/team/img` is
-    the repository `reg:5000/team/img` with tag latest. A digest wins over a tag.
-    """
-    name, _, digest = ref.partition("@")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    tag = DEFAULT_TAG
-    if colon > slash:
-        name, tag = name[:colon], name[colon + 1 :]
-    return name, (digest or tag)
-
-
-def registry_of(repository: str) -> str:
-    """The registry host a repository lives on (Docker Hub when none is named)."""
-    first, slash, _ = repository.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        return first
-    return DEFAULT_REGISTRY
-
-
-def auth_config(auth: RegistryAuth, repository: str) -> dict[str, str]:
+def auth_config(auth: RegistryAuth, ref: ImageRef) -> dict[str, str]:
     """The credentials object Docker expects in X-Registry-Auth (before encoding)."""
     return {
         "username": auth.username,
         "password": auth.password,
-        "serveraddress": auth.registry or registry_of(repository),
+        "serveraddress": auth.registry or ref.server,
     }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from qudata_agent.domain.image_ref import normal_repository
 from qudata_agent.errors import AgentError
 
 
@@ -44,28 +45,6 @@ class Step(Enum):
     PULL = "pull"  # not here, or the tag moved
     USE = "use"  # use the local copy as it is
     CHECK = "check"  # ask the registry first
-
-
-def normal_repository(repository: str) -> str:
-    """The name Docker files an image under ("docker.io/library/x" is "x")."""
-    for prefix in ("docker.io/", "index.docker.io/"):
-        if repository.startswith(prefix):
-            repository = repository[len(prefix) :]
-            break
-    if repository.startswith("library/") and repository.count("/") == 1:
-        repository = repository[len("library/") :]
-    return repository
-
-
-def familiar_ref(ref: str) -> str:
-    """`ref` as Docker lists it in RepoTags/RepoDigests ("docker.io/library/x:1" is "x:1")."""
-    name, at, digest = ref.partition("@")
-    if at:
-        return f"{normal_repository(name)}@{digest}"
-    slash, colon = name.rfind("/"), name.rfind(":")
-    if colon > slash:
-        return f"{normal_repository(name[:colon])}:{name[colon + 1 :]}"
-    return f"{normal_repository(name)}:latest"
 
 
 def repository_digests(image: LocalImage, repository: str) -> frozenset[str]:

@@ -1,7 +1,10 @@
 """Image references: what the control plane's `image` and `image_tag` name, checked.
 
-Owns `ImageRef` and `resolve_image`, the one place that splits and validates
-a reference with (a close subset of) Docker's reference grammar:
+Owns `ImageRef`, `resolve_image` (an order's reference, checked),
+`parse_reference` (a reference the agent already holds, split without checks)
+and the names Docker files images under (`normal_repository`, `familiar_ref`):
+the one place that splits a reference, with (a close subset of) Docker's
+reference grammar:
 
     reference  := repository [ ":" tag ] [ "@" digest ]
     repository := [ host [ ":" port ] "/" ] component ( "/" component )*
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from qudata_agent.errors import InvalidRequest
 
 DEFAULT_TAG = "latest"
+DEFAULT_REGISTRY = "docker.io"  # where a reference that names no registry host is pulled from
 MAX_REPOSITORY_LEN = 255  # Docker's limit on a name (host and path together)
 MAX_INPUT_LEN = 512  # longer input is refused before any pattern runs
 
@@ -67,6 +71,52 @@ class ImageRef:
         if slash and _is_host(first):
             return first
         return None
+
+    @property
+    def server(self) -> str:
+        """The registry host to authenticate against: Docker Hub's when none is named."""
+        return self.registry or DEFAULT_REGISTRY
+
+    @property
+    def pin(self) -> str:
+        """What Docker's pull endpoint takes beside the repository: the digest, else the tag."""
+        return self.digest or self.tag or DEFAULT_TAG
+
+
+def parse_reference(ref: str) -> ImageRef:
+    """`repo[:tag][@digest]` -> `ImageRef`, shape only: for references the agent already holds.
+
+    Only a colon after the last slash starts a tag, so `reg:5000/team/img` is
+    the repository `reg:5000/team/img`; no tag and no digest means `latest`.
+    An order's reference goes through `resolve_image` instead.
+    """
+    name, at, digest = ref.partition("@")
+    slash, colon = name.rfind("/"), name.rfind(":")
+    tag: str | None = None
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1 :]
+    if not (at and digest) and tag is None:
+        tag = DEFAULT_TAG
+    return ImageRef(repository=name, tag=tag, digest=digest if at and digest else None)
+
+
+def normal_repository(repository: str) -> str:
+    """The name Docker files an image under ("docker.io/library/x" is "x")."""
+    for prefix in ("docker.io/", "index.docker.io/"):
+        if repository.startswith(prefix):
+            repository = repository[len(prefix) :]
+            break
+    if repository.startswith("library/") and repository.count("/") == 1:
+        repository = repository[len("library/") :]
+    return repository
+
+
+def familiar_ref(ref: str) -> str:
+    """`ref` as Docker lists it in RepoTags/RepoDigests ("docker.io/library/x:1" is "x:1")."""
+    parsed = parse_reference(ref)
+    if parsed.digest is not None:
+        return f"{normal_repository(parsed.repository)}@{parsed.digest}"
+    return f"{normal_repository(parsed.repository)}:{parsed.tag}"
 
 
 def resolve_image(image: str, image_tag: str | None) -> ImageRef:

@@ -25,8 +25,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.image_access import LocalImage, familiar_ref
+from qudata_agent.domain.image_access import LocalImage
 from qudata_agent.domain.image_gc import CachedImage, Removal, Thresholds, plan
+from qudata_agent.domain.image_ref import familiar_ref
 from qudata_agent.errors import Conflict
 
 log = logging.getLogger(__name__)

@@ -43,12 +43,15 @@ from qudata_agent.domain.image_access import (
     RegistryUnreachable,
     Step,
     after_check,
-    familiar_ref,
     first_step,
-    normal_repository,
     repository_digests,
 )
-from qudata_agent.domain.image_ref import ImageRef, resolve_image
+from qudata_agent.domain.image_ref import (
+    ImageRef,
+    familiar_ref,
+    normal_repository,
+    resolve_image,
+)
 from qudata_agent.errors import AgentError, Conflict
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.registry_guard import RegistryGuard

@@ -33,10 +33,10 @@ import pytest
 from qudata_agent.adapters.docker_engine import DockerEngine, DockerError, PullProgress
 from qudata_agent.adapters.docker_pull import (
     PullTally,
-    RegistryAuth,
     auth_config,
 )
 from qudata_agent.domain.image_ref import parse_reference
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 
 pytestmark = pytest.mark.docker
 
@@ -69,7 +69,7 @@ def test_registry_of_and_auth_config() -> None:
     assert parse_reference("team/img").server == "docker.io"
     assert parse_reference("reg.example:5000/team/img").server == "reg.example:5000"
     assert parse_reference("localhost/img").server == "localhost"
-    auth = RegistryAuth("u", "hunter2-secret", None)
+    auth = RegistryCredentials("u", "hunter2-secret", None)
     assert auth_config(auth, parse_reference("reg.example/img"))["serveraddress"] == "reg.example"
     assert "hunter2-secret" not in repr(auth)
 
@@ -315,7 +315,7 @@ def test_a_registry_that_never_answers_hits_the_inactivity_deadline(
 
 
 def test_credentials_never_appear_in_the_error(engine: DockerEngine) -> None:
-    auth = RegistryAuth(username="renter", password="hunter2-secret", registry="127.0.0.1:1")
+    auth = RegistryCredentials(username="renter", password="hunter2-secret", registry="127.0.0.1:1")
     with pytest.raises(DockerError) as caught:
         engine.pull("127.0.0.1:1/private/img:1", auth, lambda p: None, inactivity_s=10)
     assert "hunter2-secret" not in str(caught.value)
@@ -344,12 +344,12 @@ def test_registry_credentials_reach_the_registry_and_wrong_ones_fail_safely(
     ref = f"127.0.0.1:{registry.port}/{_image_name()}:1"
     pulled.append(ref)
 
-    wrong = RegistryAuth("renter", "hunter2-secret", f"127.0.0.1:{registry.port}")
+    wrong = RegistryCredentials("renter", "hunter2-secret", f"127.0.0.1:{registry.port}")
     with pytest.raises(DockerError) as caught:
         engine.pull(ref, wrong, lambda p: None, inactivity_s=10)
     assert "hunter2-secret" not in str(caught.value) and ref in caught.value.message
 
-    right = RegistryAuth("renter", "right-pw", None)
+    right = RegistryCredentials("renter", "right-pw", None)
     engine.pull(ref, right, lambda p: None, inactivity_s=10)
     assert engine.image_present(ref)
     expected = "Basic " + base64.b64encode(b"renter:right-pw").decode()

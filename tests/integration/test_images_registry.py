@@ -27,7 +27,7 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.image_access import RegistryUnreachable
 from qudata_agent.domain.image_gc import GIB, Thresholds
-from qudata_agent.domain.order import RegistryCredentials
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import AgentError
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import NOTE_PINNED, NOTE_UNREACHABLE, ImageService

@@ -15,7 +15,7 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.image_access import LocalImage, RegistryRefused, RegistryUnreachable
 from qudata_agent.domain.instance import Instance, Status, Wanted
-from qudata_agent.domain.order import RegistryCredentials
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import AgentError
 from qudata_agent.loops.images import prepull_loop
 from qudata_agent.services.images import NOTE_UNREACHABLE, ImageService

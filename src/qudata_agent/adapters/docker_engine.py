@@ -42,7 +42,6 @@ import requests.exceptions
 from qudata_agent.adapters.docker_pull import (
     PullProgress,
     PullTally,
-    RegistryAuth,
     auth_config,
     redact,
     stream_error,
@@ -59,11 +58,12 @@ from qudata_agent.domain.image_ref import ImageRef, parse_reference
 from qudata_agent.domain.isolation import RuntimeInfo, cdi_device, parse_runtimes
 from qudata_agent.domain.log_tail import LogTail, TailBuffer
 from qudata_agent.domain.network import NetworkInfo, network_options
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.domain.storage import StorageInfo
 from qudata_agent.errors import AgentError, Conflict, NotFound, Unavailable
 
-__all__ = ["DockerEngine", "DockerError", "EventStream", "PullProgress", "RegistryAuth"]
+__all__ = ["DockerEngine", "DockerError", "EventStream", "PullProgress"]
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ class DockerEngine:
             return False
         return True
 
-    def registry_digest(self, ref: str, auth: RegistryAuth | None) -> str:
+    def registry_digest(self, ref: str, auth: RegistryCredentials | None) -> str:
         """The manifest digest the registry gives for `ref` now, asked through the daemon.
 
         The daemon makes the request as it would for a pull (its TLS, proxy and
@@ -367,7 +367,7 @@ class DockerEngine:
     def pull(
         self,
         ref: str,
-        auth: RegistryAuth | None,
+        auth: RegistryCredentials | None,
         on_progress: Callable[[PullProgress], None],
         inactivity_s: float,
     ) -> None:
@@ -399,7 +399,7 @@ class DockerEngine:
     def _pull_errors(
         self,
         ref: str,
-        auth: RegistryAuth | None,
+        auth: RegistryCredentials | None,
         inactivity_s: float,
         handle: _PullHandle,
     ) -> Iterator[None]:
@@ -662,7 +662,7 @@ class _PullHandle:
 def _open_pull(
     api: docker.APIClient,
     ref: ImageRef,
-    auth: RegistryAuth | None,
+    auth: RegistryCredentials | None,
     inactivity_s: float,
 ) -> requests.Response:
     headers: dict[str, str | bytes] = {}
@@ -685,7 +685,7 @@ def _open_pull(
 def _follow_pull(
     ref: str,
     response: requests.Response,
-    auth: RegistryAuth | None,
+    auth: RegistryCredentials | None,
     on_progress: Callable[[PullProgress], None],
 ) -> None:
     tally = PullTally()

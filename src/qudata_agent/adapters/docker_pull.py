@@ -1,23 +1,24 @@
 """The pure half of image pulls: references, credentials and progress, no I/O.
 
-Owns `RegistryAuth` (credentials for one pull), `PullProgress` (what a pull has
-done so far), the credentials object Docker's endpoints want (the reference
-itself is split by `domain.image_ref`), and the tally that turns Docker's
-progress messages into `PullProgress`. The Docker adapter
+Owns `PullProgress` (what a pull has done so far), the credentials object
+Docker's endpoints want (the reference itself is split by `domain.image_ref`,
+the credentials are `domain.registry_credentials`'s), and the tally that turns
+Docker's progress messages into `PullProgress`. The Docker adapter
 (`docker_engine.py`) does the talking; this module imports no SDK, so it is
 tested without Docker.
 
-What stays true: a password is never part of a repr, a message or a log line
-built here (`redact` removes it from text that came from elsewhere); progress only grows
-while layers are being fetched.
+What stays true: a password is never part of a message or a log line built
+here (`redact` removes it from text that came from elsewhere); progress only
+grows while layers are being fetched.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from qudata_agent.domain.image_ref import ImageRef
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 
 # Docker's per-layer progress statuses; the three in `_LAYER_DONE` end a layer.
 _LAYER_STATUSES = frozenset(
@@ -36,13 +37,6 @@ _LAYER_DONE = frozenset({"Download complete", "Pull complete", "Already exists"}
 
 
 @dataclass(frozen=True)
-class RegistryAuth:
-    username: str
-    password: str = field(repr=False)
-    registry: str | None = None  # None: the registry named in the image reference
-
-
-@dataclass(frozen=True)
 class PullProgress:
     bytes_done: int
     bytes_total: int
@@ -50,7 +44,7 @@ class PullProgress:
     layers_total: int
 
 
-def auth_config(auth: RegistryAuth, ref: ImageRef) -> dict[str, str]:
+def auth_config(auth: RegistryCredentials, ref: ImageRef) -> dict[str, str]:
     """The credentials object Docker expects in X-Registry-Auth (before encoding)."""
     return {
         "username": auth.username,
@@ -59,7 +53,7 @@ def auth_config(auth: RegistryAuth, ref: ImageRef) -> dict[str, str]:
     }
 
 
-def redact(text: str, auth: RegistryAuth | None) -> str:
+def redact(text: str, auth: RegistryCredentials | None) -> str:
     """`text` with the password removed, should a registry ever echo it back."""
     if auth is not None and auth.password:
         return text.replace(auth.password, "***")

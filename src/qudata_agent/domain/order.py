@@ -26,15 +26,9 @@ from qudata_agent.domain.container_spec import (
 )
 from qudata_agent.domain.gpus import Resources
 from qudata_agent.domain.isolation import DEFAULT_SANDBOX_RUNTIME, Tier, runtime_of
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 
 GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class RegistryCredentials:
-    username: str
-    password: str = field(repr=False)
-    registry: str | None = None
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState, neutral_hook_env
 from qudata_agent.domain.instance import Instance, Status
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.errors import AgentError, Conflict
 from qudata_agent.retry import until_done
@@ -98,7 +99,7 @@ class BuildPipeline:
     def start(
         self,
         instance: Instance,
-        credentials: Any | None,
+        credentials: RegistryCredentials | None,
         resumed: bool = False,
         wall_asked: float | None = None,
     ) -> None:
@@ -154,7 +155,7 @@ class BuildPipeline:
     async def _build(
         self,
         instance: Instance,
-        auth: Any,
+        auth: RegistryCredentials | None,
         cancel: asyncio.Event,
         resumed: bool,
         wall_asked: float | None = None,

@@ -52,6 +52,7 @@ from qudata_agent.domain.image_ref import (
     normal_repository,
     resolve_image,
 )
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import AgentError, Conflict
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.registry_guard import RegistryGuard
@@ -66,7 +67,7 @@ NOTE_UNREACHABLE = "registry not reachable: the cached image is used as it is"
 class ImageEngine(Protocol):
     def local_image(self, ref: str) -> LocalImage | None: ...
 
-    def registry_digest(self, ref: str, auth: Any) -> str: ...
+    def registry_digest(self, ref: str, auth: RegistryCredentials | None) -> str: ...
 
 
 class ImageStore(Protocol):
@@ -177,7 +178,7 @@ class ImageService:
     async def ensure(
         self,
         ref: str,
-        auth: Any,
+        auth: RegistryCredentials | None,
         instance_id: str | None = None,
         on_pull: Callable[[], Awaitable[None]] | None = None,
     ) -> ImageCheck:
@@ -233,7 +234,10 @@ class ImageService:
         return ImageCheck(digest=row[1], checked=row[2] is not None, note=row[3])
 
     async def _decide(
-        self, ref: ImageRef, auth: Any, on_pull: Callable[[], Awaitable[None]] | None
+        self,
+        ref: ImageRef,
+        auth: RegistryCredentials | None,
+        on_pull: Callable[[], Awaitable[None]] | None,
     ) -> tuple[ImageCheck, LocalImage]:
         name = str(ref)
         repository = normal_repository(ref.repository)
@@ -261,7 +265,7 @@ class ImageService:
         repository: str,
         ref: ImageRef,
         local: LocalImage,
-        auth: Any,
+        auth: RegistryCredentials | None,
         private: bool,
     ) -> ImageCheck | None:
         """Asks the registry; the check when the local copy may be used, None to pull."""
@@ -291,7 +295,7 @@ class ImageService:
         self,
         name: str,
         repository: str,
-        auth: Any,
+        auth: RegistryCredentials | None,
         on_pull: Callable[[], Awaitable[None]] | None,
     ) -> LocalImage:
         if on_pull is not None:

@@ -27,13 +27,16 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import Conflict
 
 log = logging.getLogger(__name__)
 
 
 class Puller(Protocol):
-    def pull(self, ref: str, auth: Any, on_progress: Any, inactivity_s: float) -> None: ...
+    def pull(
+        self, ref: str, auth: RegistryCredentials | None, on_progress: Any, inactivity_s: float
+    ) -> None: ...
 
 
 GIB = 1024**3
@@ -60,7 +63,7 @@ class PullCoordinator:
         self._blocking = blocking
         self._inactivity_s = inactivity_s
         # Keyed by (ref, credentials): the credentials object is hashed in memory only.
-        self._pulls: dict[tuple[str, Any], asyncio.Task[None]] = {}
+        self._pulls: dict[tuple[str, RegistryCredentials | None], asyncio.Task[None]] = {}
         self._progress: dict[str, Any] = {}
 
     def progress(self, ref: str) -> Any | None:
@@ -71,7 +74,7 @@ class PullCoordinator:
         """The references with a pull in flight."""
         return frozenset(ref for ref, _ in self._pulls)
 
-    async def ensure(self, ref: str, auth: Any | None) -> None:
+    async def ensure(self, ref: str, auth: RegistryCredentials | None) -> None:
         """Returns once `ref` is present locally; raises the engine's error if not."""
         key = (ref, auth)
         task = self._pulls.get(key)
@@ -90,7 +93,7 @@ class PullCoordinator:
         if not task.cancelled():
             task.exception()  # retrieved here; every waiter gets it through the shield
 
-    async def _pull(self, ref: str, auth: Any | None) -> None:
+    async def _pull(self, ref: str, auth: RegistryCredentials | None) -> None:
         free = None
         if self._free_bytes is not None:
             free = await self._blocking.quick(self._free_bytes)

@@ -42,7 +42,8 @@ from qudata_agent.api.schemas import (
 )
 from qudata_agent.domain.instance import Action, Instance
 from qudata_agent.domain.isolation import Tier
-from qudata_agent.domain.order import CreateOrder, RegistryCredentials
+from qudata_agent.domain.order import CreateOrder
+from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import Conflict, InvalidRequest, NotFound
 
 MAX_TAIL = 10_000

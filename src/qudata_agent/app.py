@@ -11,7 +11,6 @@ stop never stops, removes or otherwise touches a tenant's container.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -39,9 +38,8 @@ from qudata_agent.adapters.host import (
     ipv6_available,
     machine_fingerprint,
     mount_options,
-    resolv_conf_texts,
 )
-from qudata_agent.adapters.meter_file import METER_FILE, MeterFile
+from qudata_agent.adapters.meter_file import MeterFile
 from qudata_agent.adapters.netcheck import port_is_free
 from qudata_agent.adapters.nftables import Nftables
 from qudata_agent.adapters.nvml import Nvml
@@ -64,13 +62,10 @@ from qudata_agent.api.app import ApiDeps, create_app
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
 from qudata_agent.domain.backoff import Backoff
-from qudata_agent.domain.firewall import FirewallPlan, parse_nameservers
-from qudata_agent.domain.firewall import plan as firewall_plan
 from qudata_agent.domain.gpu_health import HealthRecord
 from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.inventory import init_host_payload
 from qudata_agent.domain.isolation import cdi_refusal
-from qudata_agent.domain.netpolicy import EgressPolicy, ruleset
 from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.domain.tls import TlsMode, certificate_names
@@ -99,7 +94,7 @@ from qudata_agent.server import (
 from qudata_agent.services.builds import BuildPipeline
 from qudata_agent.services.capacity import Disk, HostCapacity
 from qudata_agent.services.cpu_pool import CpuPool
-from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
+from qudata_agent.services.credentials import Credentials
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import ImageService
 from qudata_agent.services.instances import InstanceService, holding_of
@@ -117,14 +112,21 @@ from qudata_agent.services.telemetry import HostSize, Telemetry
 from qudata_agent.services.tunnel import Tunnel
 from qudata_agent.services.views import InstanceViews
 from qudata_agent.services.volumes import Backing, VolumeService
+from qudata_agent.state_dir import (
+    AGENT_SECRET_FILE,
+    API_KEY_FILE,
+    DB_FILE,
+    METER_FILE,
+    TUNNEL_KEY_FILE,
+    Meta,
+)
+from qudata_agent.wall import egress_policy, wall_plan
 
 log = logging.getLogger(__name__)
 
-DB_FILE = "agent.db"
-AGENT_ID_KEY = "agent_id"
-AGENT_PORT_KEY = "agent_port"
+AGENT_ID_KEY = Meta.AGENT_ID
+AGENT_PORT_KEY = Meta.AGENT_PORT
 FALLBACK_DOCKER_ROOT = "/var/lib/docker"
-TUNNEL_KEY_FILE = "tunnel.key"
 TUNNEL_CHECK_S = 5.0
 TLS_RENEWAL_CHECK_S = 6 * 3600.0
 
@@ -836,56 +838,6 @@ def _tunnel_fields(s: Settings) -> dict[str, str | None]:
         "address": s.tunnel_address,
         "public_address": s.tunnel_public_address,
     }
-
-
-def _tunnel_network(s: Settings) -> tuple[str, ...]:
-    """The tunnel network, walled off from instances like a private range."""
-    if not (s.tunnel and s.tunnel_address):
-        return ()
-    return (str(ipaddress.IPv4Interface(s.tunnel_address).network),)
-
-
-def wall_plan(settings: Settings) -> FirewallPlan:
-    """The tenant firewall of these settings: the agent's and the boot unit's, the same."""
-    resolvers = parse_nameservers(resolv_conf_texts())
-    return firewall_plan(
-        settings.bridge, settings.egress_allow, resolvers, always_blocked=_tunnel_network(settings)
-    )
-
-
-def apply_wall(settings: Settings) -> int:
-    """`qudata-agent firewall apply`: the wall in place without the agent (at boot,
-    before Docker starts tenants); 0 when it stands (or the firewall is off), 1 if not."""
-    egress = _apply_egress_policy(settings)
-    if not settings.firewall:
-        print("qudata-agent: the tenant firewall is off (QUDATA_FIREWALL=off): nothing to apply")
-        return 0 if egress else 1
-    try:
-        changed = Firewall().apply(wall_plan(settings))
-    except AgentError as e:
-        print(
-            f"qudata-agent: the tenant firewall could not be applied: {e.message}", file=sys.stderr
-        )
-        return 1
-    print(f"qudata-agent: tenant firewall on {settings.bridge} "
-          + ("installed" if changed else "already in place"))  # fmt: skip
-    return 0 if egress else 1
-
-
-def egress_policy(settings: Settings) -> EgressPolicy:
-    s = settings
-    return EgressPolicy(s.egress_block_ports, s.egress_deny, s.egress_conn_rate)
-
-
-def _apply_egress_policy(settings: Settings) -> bool:
-    """The egress policy (port 25, denied networks, connection rate) without the agent."""
-    try:
-        Nftables(settings.bridge).apply(ruleset(settings.bridge, egress_policy(settings)))
-    except AgentError as e:
-        print(f"qudata-agent: the egress policy could not be applied: {e.message}", file=sys.stderr)
-        return False
-    print(f"qudata-agent: egress policy on {settings.bridge} in place")
-    return True
 
 
 async def _refreshed(isolation: Isolation) -> None:

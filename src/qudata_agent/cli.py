@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
-    from qudata_agent import app, logs
+    from qudata_agent import logs
     from qudata_agent.config import ConfigError, load_settings
 
     looking = args.command in ("doctor", "status", "firewall")
@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.redact(settings.api_key)
     if args.command == "firewall":
-        return app.apply_wall(settings)
+        from qudata_agent.wall import apply_wall
+
+        return apply_wall(settings)
     if looking:
         return _look(args.command, settings, config_file, args.json)
     os.umask(0o077)  # everything the agent writes (database, secrets, log file) is private
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"qudata-agent: QUDATA_LOG_FILE: cannot be opened ({e.strerror})", file=sys.stderr)
         return 2
+    from qudata_agent import app  # the daemon only: `status` and `doctor` never load it
+
     return app.run(settings)
 
 

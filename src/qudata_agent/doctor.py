@@ -1086,7 +1086,7 @@ class HostProbes:
         return container_stack()
 
     def wall_problems(self) -> list[str]:
-        from qudata_agent.app import wall_plan  # the agent's own plan, from these settings
+        from qudata_agent.wall import wall_plan  # the agent's own plan, from these settings
 
         try:
             return Firewall().problems(wall_plan(self._settings))

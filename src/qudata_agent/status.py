@@ -25,13 +25,11 @@ from typing import Any
 
 from qudata_agent.adapters.store import Store
 from qudata_agent.adapters.tls import TlsError, served_identity
-from qudata_agent.app import AGENT_ID_KEY, AGENT_PORT_KEY, DB_FILE
 from qudata_agent.config import Settings
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.tls import TlsMode
 from qudata_agent.errors import AgentError
-from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE
-from qudata_agent.services.registration import INVENTORY_DIGEST_KEY
+from qudata_agent.state_dir import Meta, StateDir
 
 EXIT_RUNNING = 0
 EXIT_DOWN = 3  # as `systemctl status` answers for a stopped unit
@@ -284,20 +282,20 @@ def exit_code(report: Report) -> int:
 
 def read_recorded(state_dir: Path) -> Recorded | None:
     """The store's view; None when there is no database (it is never created here)."""
-    db = state_dir / DB_FILE
+    db = StateDir(state_dir).db
     if not db.is_file():
         return None
     store = Store.open_readonly(db)  # never migrated or written here
     try:
-        port = store.get(AGENT_PORT_KEY)
+        port = store.get(Meta.AGENT_PORT)
         instances = tuple(
             recorded_instance(instance, store.ssh_state(instance.id))
             for instance in store.list_instances()
         )
         return Recorded(
-            agent_id=store.get(AGENT_ID_KEY),
+            agent_id=store.get(Meta.AGENT_ID),
             agent_port=int(port) if port and port.isdigit() else None,
-            registered=store.get(INVENTORY_DIGEST_KEY) is not None,
+            registered=store.get(Meta.INVENTORY_DIGEST) is not None,
             instances=instances,
         )
     finally:
@@ -373,12 +371,13 @@ def tls_state(settings: Settings) -> TlsState:
 
 def gather(settings: Settings) -> Report:
     state = settings.state_dir
+    layout = StateDir(state)
     try:
         recorded = read_recorded(state)
         error = None
     except (OSError, AgentError) as e:
         recorded, error = None, f"state unreadable: {e}"
-    has_key = bool(settings.api_key or _read_secret(state / API_KEY_FILE))
+    has_key = bool(settings.api_key or _read_secret(layout.api_key))
     port = (recorded.agent_port if recorded else None) or settings.agent_port
     host = settings.agent_host if settings.agent_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     report = Report(
@@ -389,7 +388,7 @@ def gather(settings: Settings) -> Report:
     report = replace(report, address=f"{host}:{port}")
     try:
         https = settings.tls is TlsMode.REQUIRED or settings.tls_client_ca is not None
-        live = fetch_live(host, port, _read_secret(state / AGENT_SECRET_FILE), https)
+        live = fetch_live(host, port, _read_secret(layout.agent_secret), https)
     except AgentDown as e:
         reason = str(e)
         if settings.tls_client_ca is not None:

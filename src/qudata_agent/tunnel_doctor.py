@@ -27,6 +27,7 @@ from qudata_agent.domain.tunnel import (
     TunnelConfigError,
     parse_endpoint,
 )
+from qudata_agent.state_dir import StateDir
 
 RESTART = "systemctl restart qudata-agent (the agent puts the tunnel back at start)"
 
@@ -158,7 +159,7 @@ def look(settings: Settings) -> TunnelSeen:
             missing.append(f"mangle chain {chain}")
     public_key = None
     with contextlib.suppress(OSError):
-        key = (settings.state_dir / "tunnel.key").read_text().strip()
+        key = StateDir(settings.state_dir).tunnel_key.read_text().strip()
         code, out = _pubkey(key)
         public_key = out.strip() if code == 0 else None
     return TunnelSeen(

@@ -14,7 +14,8 @@ import pytest
 
 from qudata_agent import logs
 from qudata_agent.adapters.secrets import DIR_MODE, FILE_MODE, SecretFile, ensure_private_dir
-from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
+from qudata_agent.services.credentials import Credentials
+from qudata_agent.state_dir import AGENT_SECRET_FILE, API_KEY_FILE
 
 
 def _mode(path: Path) -> int:

@@ -22,8 +22,9 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.backoff import Backoff
 from qudata_agent.loops.registration import registration_loop
-from qudata_agent.services.credentials import AGENT_SECRET_FILE, API_KEY_FILE, Credentials
+from qudata_agent.services.credentials import Credentials
 from qudata_agent.services.registration import Identity, Registrar
+from qudata_agent.state_dir import AGENT_SECRET_FILE, API_KEY_FILE
 
 BASE = "https://cp.example.test/v0"
 API_KEY = "api-key-for-registration-tests"

@@ -14,8 +14,6 @@ from typing import Any
 
 from qudata_agent.errors import AgentError
 
-METER_FILE = "network-meter.json"
-
 
 class MeterFile:
     def __init__(self, path: Path) -> None:

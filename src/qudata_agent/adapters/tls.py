@@ -33,12 +33,9 @@ from cryptography.x509.oid import NameOID
 
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
 from qudata_agent.domain.tls import VALIDITY, certificate_names, is_ip, pin, renewal_reason
+from qudata_agent.state_dir import StateDir
 
 log = logging.getLogger(__name__)
-
-TLS_DIR = "tls"
-KEY_FILE = "key.pem"
-CERT_FILE = "cert.pem"
 
 
 class TlsError(Exception):
@@ -108,10 +105,11 @@ def served_identity(
     """
     if cert_file is not None and key_file is not None:
         return identity_of(cert_file, key_file)
-    made = state_dir / TLS_DIR / CERT_FILE
+    layout = StateDir(state_dir)
+    made = layout.tls_cert
     if not made.exists():
         return None
-    return identity_of(made, state_dir / TLS_DIR / KEY_FILE, agent_made=True)
+    return identity_of(made, layout.tls_key, agent_made=True)
 
 
 def provider_identity(cert_file: Path, key_file: Path) -> TlsIdentity:
@@ -132,9 +130,10 @@ class AgentCertificate:
     """The agent-made key and certificate in `<state>/tls/`."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.folder = state_dir / TLS_DIR
-        self._key = SecretFile(self.folder / KEY_FILE)
-        self._cert = SecretFile(self.folder / CERT_FILE)
+        layout = StateDir(state_dir)
+        self.folder = layout.tls_dir
+        self._key = SecretFile(layout.tls_key)
+        self._cert = SecretFile(layout.tls_cert)
 
     def _private_key(self) -> ec.EllipticCurvePrivateKey:
         text = self._key.read()

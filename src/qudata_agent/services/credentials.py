@@ -18,9 +18,6 @@ from qudata_agent import logs
 
 log = logging.getLogger(__name__)
 
-AGENT_SECRET_FILE = "agent_secret"  # noqa: S105 (a file name)
-API_KEY_FILE = "api_key"
-
 
 class SecretStore(Protocol):
     path: Path

@@ -25,10 +25,11 @@ from qudata_agent import __version__
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.inventory import inventory_digest
 from qudata_agent.services.credentials import Credentials
+from qudata_agent.state_dir import Meta
 
 log = logging.getLogger(__name__)
 
-INVENTORY_DIGEST_KEY = "inventory_digest"
+INVENTORY_DIGEST_KEY = Meta.INVENTORY_DIGEST
 
 
 class InitAnswerLike(Protocol):

@@ -44,10 +44,11 @@ from qudata_agent.domain.storage import (
     usage,
 )
 from qudata_agent.errors import AgentError, NotFound
+from qudata_agent.state_dir import Meta
 
 log = logging.getLogger(__name__)
 
-STORE_KEY = "storage_requests"
+STORE_KEY = Meta.STORAGE_REQUESTS
 
 MountOptions = Callable[[str], frozenset[str] | None]  # data root -> its mount options
 FreeBytes = Callable[[str], int | None]  # path -> free bytes on its filesystem

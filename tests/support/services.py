@@ -47,8 +47,9 @@ class Base:
 
 
 @contextmanager
-def base_on(tmp_path: Path) -> Iterator[Base]:
-    base = Base(Store.open(tmp_path / "agent.db"), Blocking())
+def base_on(tmp_path: Path, store_type: type[Store] = Store) -> Iterator[Base]:
+    """`store_type`: a real store that may be made to refuse a write (a full disk)."""
+    base = Base(store_type.open(tmp_path / "agent.db"), Blocking())
     try:
         yield base
     finally:

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from qudata_agent.adapters.cgroups import CgroupReader
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.adapters.host import HostCounters
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec

@@ -25,7 +25,7 @@ from qudata_agent import __version__
 from qudata_agent.acceptor import PortPolicy, raise_open_files_limit
 from qudata_agent.adapters.cgroups import CgroupReader
 from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.adapters.firewall import Firewall
 from qudata_agent.adapters.host import (
     HostCounters,

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from qudata_agent import __version__
 from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.adapters.firewall import Firewall
 from qudata_agent.adapters.host import disk_free_bytes, mount_options, run_tool
 from qudata_agent.adapters.host_versions import container_stack

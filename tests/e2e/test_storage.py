@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.adapters.host import mount_options
 from qudata_agent.services.storage import detect_quota_support
 from support.agent_proc import AgentProcess

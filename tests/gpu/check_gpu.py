@@ -31,7 +31,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from qudata_agent.adapters.cgroups import CgroupReader
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.adapters.host import HostCounters, HostProbe, host_memory_bytes, host_shape
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.runtimes import sandbox_gpus

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.errors import Unavailable
 
 

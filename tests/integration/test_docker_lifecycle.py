@@ -20,7 +20,8 @@ import docker
 import docker.types
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine, _create_kwargs
+from qudata_agent.adapters.docker import DockerEngine
+from qudata_agent.adapters.docker.spec import create_kwargs
 from qudata_agent.domain.container_spec import (
     CAPABILITIES,
     IDLE_COMMAND,
@@ -268,7 +269,7 @@ def test_create_kwargs_gpus_and_storage() -> None:
         storage_bytes=10 * 1024**3,
         network="tenant-net",
     )
-    kwargs = _create_kwargs(spec)
+    kwargs = create_kwargs(spec)
     (request,) = kwargs["device_requests"]
     assert isinstance(request, docker.types.DeviceRequest)
     assert request["DeviceIDs"] == ["GPU-aaaa", "GPU-bbbb"]
@@ -281,7 +282,7 @@ def test_create_kwargs_gpus_and_storage() -> None:
 
 def test_create_kwargs_without_gpus_or_storage_leaves_them_out() -> None:
     spec = ContainerSpec(instance_id="i1", agent_id="a1", image="img:1", command=())
-    kwargs = _create_kwargs(spec)
+    kwargs = create_kwargs(spec)
     assert not {"device_requests", "storage_opt", "network", "mem_limit"} & kwargs.keys()
     assert kwargs["command"] is None  # the image's own command
     assert kwargs["cap_drop"] == ["ALL"]

@@ -30,8 +30,8 @@ import docker
 import docker.errors
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine, DockerError, PullProgress
-from qudata_agent.adapters.docker_pull import (
+from qudata_agent.adapters.docker import DockerEngine, DockerError, PullProgress
+from qudata_agent.adapters.docker.progress import (
     PullTally,
     auth_config,
 )

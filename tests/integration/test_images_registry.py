@@ -21,7 +21,7 @@ from typing import Any
 import docker
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.adapters.host import disk_free_bytes
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.network import OPT_BRIDGE, OPT_ICC, NetworkInfo, problems
 from qudata_agent.errors import Unavailable

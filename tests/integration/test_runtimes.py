@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine, _create_kwargs
+from qudata_agent.adapters.docker import DockerEngine
+from qudata_agent.adapters.docker.spec import create_kwargs
 from qudata_agent.adapters.runtimes import probe_image, sandbox_gpus, toolkit_version
 from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.isolation import RuntimeInfo, SandboxGpus, sandbox_gpu_refusal
@@ -101,9 +102,9 @@ def test_cdi_gpus_become_cdi_device_requests() -> None:
         gpu_uuids=("GPU-aaaa", "GPU-bbbb"),
         cdi_gpus=True,
     )
-    (request,) = _create_kwargs(spec)["device_requests"]
+    (request,) = create_kwargs(spec)["device_requests"]
     assert request["Driver"] == "cdi"
     assert request["DeviceIDs"] == ["nvidia.com/gpu=GPU-aaaa", "nvidia.com/gpu=GPU-bbbb"]
     assert not request["Capabilities"]
-    legacy = _create_kwargs(ContainerSpec.from_json(spec.to_json().replace("true", "false")))
+    legacy = create_kwargs(ContainerSpec.from_json(spec.to_json().replace("true", "false")))
     assert legacy["device_requests"][0]["DeviceIDs"] == ["GPU-aaaa", "GPU-bbbb"]

@@ -19,7 +19,7 @@ from shlex import quote
 import docker
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.ssh_probe import read_in_container

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerEngine, DockerError
+from qudata_agent.adapters.docker import DockerEngine, DockerError
 from qudata_agent.adapters.host import mount_options
 from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec
 from qudata_agent.errors import NotFound

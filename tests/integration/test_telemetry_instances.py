@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from qudata_agent.adapters.cgroups import CgroupReader
-from qudata_agent.adapters.docker_engine import DockerEngine
+from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.adapters.host import HostCounters, host_memory_bytes
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec

@@ -1,6 +1,6 @@
 """A fake Docker engine for unit tests of the instance service: containers in a dict.
 
-Stands in for `adapters.docker_engine.DockerEngine` behind the service's `Engine`
+Stands in for `adapters.docker.DockerEngine` behind the service's `Engine`
 protocol; the real engine is covered by tests/integration and tests/e2e.
 """
 

@@ -16,14 +16,7 @@ from typing import Any
 
 import pytest
 
-from qudata_agent.adapters.docker_engine import (
-    _container_event,
-    _image_config,
-    _local_image,
-    _network_info,
-    _state_from_attrs,
-    _storage_info,
-)
+from qudata_agent.adapters.docker import answers
 
 SAMPLES = Path(__file__).parent / "samples" / "docker"
 ENGINES = ("20.10", "26")
@@ -51,7 +44,7 @@ def test_container_state_from_inspect(engine: str) -> None:
     old fields reads the same (checked by dropping them)."""
     attrs = _load(engine, "container_inspect.json")
     assert ("KernelMemory" in attrs["HostConfig"]) == (engine == "20.10")
-    state = _state_from_attrs(attrs)
+    state = answers.container_state(attrs)
     assert state.status == "running" and state.exit_code is None
     assert state.instance_id == "capture" and state.agent_id == "capture"
     assert state.restart_policy == "on-failure" and state.max_retries == 2
@@ -63,7 +56,7 @@ def test_container_state_from_inspect(engine: str) -> None:
     assert state.pid is not None and state.pid > 0
     settings = attrs["NetworkSettings"]
     newer = {k: v for k, v in settings.items() if k not in ("IPAddress", "Gateway", "MacAddress")}
-    assert _state_from_attrs({**attrs, "NetworkSettings": newer}) == state
+    assert answers.container_state({**attrs, "NetworkSettings": newer}) == state
 
 
 def test_container_list_carries_the_writable_layer_size(engine: str) -> None:
@@ -80,16 +73,16 @@ def test_image_inspect(engine: str) -> None:
     attrs = _load(engine, "image_inspect.json")
     gone = {"VirtualSize", "ContainerConfig", "Container"}
     assert (gone & set(attrs)) == (gone if engine == "20.10" else set())
-    image = _local_image(attrs)
+    image = answers.local_image(attrs)
     assert image.image_id.startswith("sha256:") and image.size > 0
     assert "qudata-test/busybox:1" in image.tags
-    config = _image_config(attrs)
+    config = answers.image_config(attrs)
     assert config.architecture == "amd64" and config.os == "linux"
 
 
 def test_network_inspect(engine: str) -> None:
     attrs = _load(engine, "network_inspect.json")
-    info = _network_info("capture", attrs)
+    info = answers.network_info("capture", attrs)
     assert info.driver == "bridge" and not info.internal and not info.ipv6
     assert info.options["com.docker.network.bridge.enable_icc"] == "false"
     assert info.options["com.docker.network.bridge.name"] == "qdcap0"
@@ -101,18 +94,21 @@ def test_events(engine: str) -> None:
     `Action`/`Actor` (newer engines drop them): the agent reads `Action` and
     `Actor.ID` first, so an answer without the old fields reads the same."""
     events = _load(engine, "events.json")
-    seen = [_container_event(e) for e in events]
+    seen = [answers.container_event(e) for e in events]
     actions = [a for a, _ in filter(None, seen)]
     assert actions[:2] == ["create", "start"] and actions[-1] == "start"
     assert "die" in actions and "stop" in actions
     stripped = [{k: v for k, v in e.items() if k not in ("status", "id", "from")} for e in events]
-    assert [_container_event(e) for e in stripped] == seen
-    assert _container_event({"Type": "network", "Action": "connect", "Actor": {"ID": "x"}}) is None
+    assert [answers.container_event(e) for e in stripped] == seen
+    assert (
+        answers.container_event({"Type": "network", "Action": "connect", "Actor": {"ID": "x"}})
+        is None
+    )
 
 
 def test_info(engine: str) -> None:
     info = _load(engine, "info.json")
-    storage = _storage_info(info)
+    storage = answers.storage_info(info)
     assert storage.driver == "overlay2" and storage.data_root == "/var/lib/docker"
     assert storage.backing_filesystem == "extfs"
     assert info["CgroupVersion"] == ("1" if engine == "20.10" else "2")

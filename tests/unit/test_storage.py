@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qudata_agent.adapters.docker_engine import DockerError
+from qudata_agent.adapters.docker import DockerError
 from qudata_agent.adapters.host import mount_options, parse_mount_options
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking

@@ -4,7 +4,7 @@ Owns `PullProgress` (what a pull has done so far), the credentials object
 Docker's endpoints want (the reference itself is split by `domain.image_ref`,
 the credentials are `domain.registry_credentials`'s), and the tally that turns
 Docker's progress messages into `PullProgress`. The Docker adapter
-(`docker_engine.py`) does the talking; this module imports no SDK, so it is
+(`pull.py` and `images.py` beside it) does the talking; this module imports no SDK, so it is
 tested without Docker.
 
 What stays true: a password is never part of a message or a log line built

@@ -7,6 +7,8 @@ run) and fails with the list of offending file:line entries.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,3 +316,84 @@ def test_the_exec_checker_finds_one() -> None:
     ]
     assert exec_offences("a.py", "container.exec_run(['sh'])\n")
     assert exec_offences("a.py", "container.logs()\n") == []
+
+
+# `status` and `doctor` only look: they load what reads the state directory and
+# the host, never the agent's wiring, its services, loops or API (status once
+# loaded 117 of the package's modules to read six names).
+LOOKERS = ("status.py", "doctor/", "tunnel_doctor.py")
+LOOKERS_BANNED = tuple(
+    f"{PACKAGE}.{name}" for name in ("app", "services", "loops", "api", "server", "acceptor")
+)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (anywhere in it, lazily too)."""
+    sources = dict(_modules())
+    known = {_module_name(rel) for rel in sources}
+    graph: dict[str, set[str]] = {}
+    for rel, source in sources.items():
+        targets: set[str] = set()
+        for _, name in facts_of(source, rel).imports:
+            parts = name.split(".")
+            while parts and ".".join(parts) not in known:
+                parts.pop()  # `from pkg.mod import Name` names pkg.mod.Name
+            while parts:  # importing a module runs its packages' __init__ first
+                targets.add(".".join(parts))
+                parts.pop()
+        graph[_module_name(rel)] = targets
+    return graph
+
+
+def looker_offences(graph: dict[str, set[str]], start: str) -> list[str]:
+    """The banned modules `start` reaches, each with the chain of imports that gets there."""
+    chains = {start: [start]}
+    todo = [start]
+    while todo:
+        module = todo.pop()
+        for target in sorted(graph.get(module, ())):
+            if target not in chains:
+                chains[target] = [*chains[module], target]
+                todo.append(target)
+    return [
+        " -> ".join(chain)
+        for module, chain in sorted(chains.items())
+        if any(_is_within(module, banned) for banned in LOOKERS_BANNED)
+    ]
+
+
+def test_status_and_doctor_load_no_service_loop_api_or_app() -> None:
+    graph = _import_graph()
+    starts = [
+        _module_name(rel)
+        for rel, _ in _modules()
+        if any(rel == looker or rel.startswith(looker) for looker in LOOKERS)
+    ]
+    assert len(starts) > 3
+    offences = [chain for start in starts for chain in looker_offences(graph, start)]
+    assert offences == [], "\n  ".join(offences)
+
+
+def test_the_looker_checker_follows_imports_through_modules() -> None:
+    graph = {
+        f"{PACKAGE}.status": {f"{PACKAGE}.adapters.store"},
+        f"{PACKAGE}.adapters.store": {f"{PACKAGE}.services.records"},
+    }
+    assert looker_offences(graph, f"{PACKAGE}.status") == [
+        f"{PACKAGE}.status -> {PACKAGE}.adapters.store -> {PACKAGE}.services.records"
+    ]
+    assert looker_offences({f"{PACKAGE}.status": {f"{PACKAGE}.config"}}, f"{PACKAGE}.status") == []
+
+
+def test_importing_status_and_doctor_loads_none_of_it() -> None:
+    """The same, measured: what `import` puts in sys.modules in a fresh interpreter."""
+    code = (
+        "import sys, qudata_agent.status, qudata_agent.doctor, qudata_agent.tunnel_doctor\n"
+        "print('\\n'.join(m for m in sys.modules if m.startswith('qudata_agent')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = done.stdout.split()
+    assert f"{PACKAGE}.status" in loaded
+    assert [m for m in loaded if any(_is_within(m, b) for b in LOOKERS_BANNED)] == []

@@ -163,7 +163,7 @@ def _instance(n: int, container_id: str) -> Instance:
     return Instance(
         id=spec.instance_id, status=Status.RUNNING, wanted=Wanted.RUNNING, image=BUSYBOX,
         container_name=spec.name, container_id=container_id, created_at=float(n),
-        spec_json=spec.to_json(), started_at="bench",
+        spec=spec, started_at="bench",
     )  # fmt: skip
 
 

@@ -330,7 +330,7 @@ async def _containers_per_gpu(
                     gpus=placement.gpus,
                     container_id=cid,
                     created_at=float(n),
-                    spec_json=spec.to_json(),
+                    spec=spec,
                     started_at=state.started_at,
                 )
             )

@@ -12,6 +12,7 @@ import pytest
 from qudata_agent.adapters.docker import DockerEngine
 from qudata_agent.adapters.docker.spec import create_kwargs
 from qudata_agent.adapters.runtimes import probe_image, sandbox_gpus, toolkit_version
+from qudata_agent.adapters.store_codec import spec_from_json, spec_to_json
 from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.isolation import RuntimeInfo, SandboxGpus, sandbox_gpu_refusal
 from qudata_agent.errors import AgentError
@@ -106,5 +107,7 @@ def test_cdi_gpus_become_cdi_device_requests() -> None:
     assert request["Driver"] == "cdi"
     assert request["DeviceIDs"] == ["nvidia.com/gpu=GPU-aaaa", "nvidia.com/gpu=GPU-bbbb"]
     assert not request["Capabilities"]
-    legacy = create_kwargs(ContainerSpec.from_json(spec.to_json().replace("true", "false")))
+    legacy_spec = spec_from_json(spec_to_json(spec).replace("true", "false"))
+    assert legacy_spec is not None
+    legacy = create_kwargs(legacy_spec)
     assert legacy["device_requests"][0]["DeviceIDs"] == ["GPU-aaaa", "GPU-bbbb"]

@@ -59,7 +59,7 @@ def _start(engine: DockerEngine, owner: str, n: int, command: str, **limits: Any
     return Instance(
         id=spec.instance_id, status=Status.RUNNING, wanted=Wanted.RUNNING, image=BUSYBOX,
         container_name=spec.name, container_id=container_id, created_at=float(n),
-        spec_json=spec.to_json(), started_at=state.started_at,
+        spec=spec, started_at=state.started_at,
     )  # fmt: skip
 
 

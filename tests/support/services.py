@@ -94,7 +94,7 @@ def record(
         phase="queued" if status is Status.PENDING else None,
         created_at=1.0,
         updated_at=1.0,
-        spec_json=spec.to_json(),
+        spec=spec,
         **changes,
     )
     base.store.insert_instance(instance)

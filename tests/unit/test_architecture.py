@@ -35,6 +35,11 @@ SDK_OWNERS: dict[str, tuple[str, ...]] = {
     "h11": ("server.py",),
     "cryptography": ("adapters/tls.py",),
 }
+# Modules of the package with one user: the store's text forms of a record and a
+# container spec are read and written by the store alone (no spec JSON elsewhere).
+INTERNAL_OWNERS: dict[str, tuple[str, ...]] = {
+    f"{PACKAGE}.adapters.store_codec": ("adapters/store.py",),
+}
 ENV_OWNER = "config.py"
 ENV_NAMES = frozenset({"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"})
 API_BANNED = (
@@ -143,6 +148,15 @@ def sdk_owner_offences(rel: str, facts: Facts) -> list[str]:
     ]
 
 
+def internal_owner_offences(rel: str, facts: Facts) -> list[str]:
+    return [
+        f"{rel}:{line} imports {module} (only {' or '.join(owners)} may)"
+        for line, module in facts.imports
+        for owned, owners in INTERNAL_OWNERS.items()
+        if _is_within(module, owned) and rel not in owners
+    ]
+
+
 def env_offences(rel: str, facts: Facts) -> list[str]:
     if rel == ENV_OWNER:
         return []
@@ -170,6 +184,7 @@ def domain_offences(rel: str, facts: Facts) -> list[str]:
 Rule = Callable[[str, Facts], list[str]]
 RULES: dict[str, Rule] = {
     "each SDK is imported by its one adapter": sdk_owner_offences,
+    "the store's text forms are the store's": internal_owner_offences,
     "only config.py reads the environment": env_offences,
     "the API layer is thin": api_offences,
     "the domain is pure": domain_offences,
@@ -255,6 +270,8 @@ def test_the_owners_do_import_what_they_own() -> None:
         ("domain/x.py", "from qudata_agent.services import instances\n", "banned under domain/"),
         ("domain/x.py", "from ..api.schemas import Ok\n", "banned under domain/"),
         ("domain/x.py", "from ..adapters import nvml\n", "banned under domain/"),
+        ("services/x.py", "from ..adapters.store_codec import spec_from_json\n", "store.py may"),
+        ("services/x.py", "from qudata_agent.adapters import store_codec\n", "store.py may"),
     ],
 )
 def test_the_checker_finds_a_planted_violation(rel: str, source: str, expected: str) -> None:
@@ -267,7 +284,7 @@ def test_the_checker_finds_a_planted_violation(rel: str, source: str, expected: 
     [
         ("adapters/docker/client.py", "import docker\nimport docker.errors\nimport requests\n"),
         ("adapters/docker/spec.py", "import docker.types\n"),
-        ("adapters/store.py", "import sqlite3\n"),
+        ("adapters/store.py", "import sqlite3\nfrom .store_codec import spec_to_json\n"),
         ("adapters/nvml.py", "def f():\n    import pynvml\n"),
         ("adapters/control_plane.py", "import httpx\n"),
         ("adapters/public_address.py", "import httpx\n"),

@@ -82,7 +82,6 @@ def _instance(store: Store, instance_id: str) -> None:
             container_name=f"qudata-{instance_id}",
             created_at=1.0,
             updated_at=1.0,
-            spec_json="{}",
         )
     )
 

@@ -6,6 +6,12 @@ from dataclasses import replace
 
 import pytest
 
+from qudata_agent.adapters.store_codec import (
+    instance_from_json,
+    instance_to_json,
+    spec_from_json,
+    spec_to_json,
+)
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState, PortBinding
 from qudata_agent.domain.instance import (
     ALLOWED,
@@ -98,7 +104,7 @@ def test_exit_0_is_done_and_a_crash_docker_gave_up_on_is_an_error() -> None:
 
 def test_record_round_trip() -> None:
     instance = _instance().move(Status.PAUSED, now=5, reason="stopped", exit_code=137)
-    assert Instance.from_json(instance.to_json()) == instance
+    assert instance_from_json(instance_to_json(instance), None) == instance
 
 
 def test_spec_round_trip() -> None:
@@ -111,7 +117,9 @@ def test_spec_round_trip() -> None:
         ports=(PortBinding(22, 20001), PortBinding(53, 20002, "udp")),
         gpu_uuids=("GPU-1",),
     )
-    assert ContainerSpec.from_json(spec.to_json()) == spec
+    assert spec_from_json(spec_to_json(spec)) == spec
+    with_spec = replace(_instance(), spec=spec)
+    assert instance_from_json(instance_to_json(with_spec), spec) == with_spec
     assert spec.name == "qudata-i"
     assert spec.labels == {"qudata.agent_id": "a", "qudata.instance_id": "i"}
 

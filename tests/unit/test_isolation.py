@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from qudata_agent.adapters.store_codec import spec_from_json, spec_to_json
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.gpus import Resources
@@ -147,7 +148,7 @@ def test_the_order_picks_the_runtime_and_the_view_reads_the_tier_back() -> None:
 
     sandbox, container = spec(Tier.SANDBOX), spec(Tier.CONTAINER)
     assert sandbox.runtime == "gvisor" and container.runtime == "runc"
-    assert ContainerSpec.from_json(sandbox.to_json()).runtime == "gvisor"
+    assert spec_from_json(spec_to_json(sandbox)) == sandbox and sandbox.runtime == "gvisor"
     assert tier_of(sandbox.runtime) is Tier.SANDBOX and tier_of("runc") is Tier.CONTAINER
     # The sandbox keeps every hardening default of the container.
     assert sandbox.cap_add == container.cap_add and sandbox.security_opt == container.security_opt

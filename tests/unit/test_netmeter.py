@@ -99,7 +99,7 @@ class MemoryAccount:
 def _instance(env: dict[str, str] | None = None, started: str = "t1") -> Instance:
     spec = ContainerSpec(instance_id=ID, agent_id="a", image="i", command=("x",), env=env or {})
     return Instance(ID, Status.RUNNING, Wanted.RUNNING, "i", "c", container_id="cid",
-                    spec_json=spec.to_json(), started_at=started)  # fmt: skip
+                    spec=spec, started_at=started)  # fmt: skip
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qudata_agent.adapters.store_codec import spec_from_json, spec_to_json
 from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.placement import (
     GIB,
@@ -253,7 +254,9 @@ def test_a_holding_from_the_spec_an_instance_was_made_with() -> None:
         nano_cpus=int(4e9), cpuset_cpus=placement.cpuset_cpus, memory_bytes=GIB,
         gpu_uuids=placement.gpus, storage_bytes=5 * GIB,
     )  # fmt: skip
-    held = Holding.of_spec(ContainerSpec.from_json(spec.to_json()), storage_used_bytes=GIB)
+    stored = spec_from_json(spec_to_json(spec))
+    assert stored is not None
+    held = Holding.of_spec(stored, storage_used_bytes=GIB)
     assert held == replace(placement.holding(), storage_used_bytes=GIB)
     assert Holding.of_spec(replace(spec, nano_cpus=None, cpuset_cpus=None)).cpu_cores is None
 

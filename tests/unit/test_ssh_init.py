@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from qudata_agent.adapters.store_codec import spec_from_json, spec_to_json
 from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec, Mount
 from qudata_agent.domain.ssh_init import (
     BANNER_BYTES,
@@ -68,7 +69,7 @@ def test_only_the_bundle_and_the_instances_own_directory_are_mounted_read_only()
     )
     assert final.tmpfs == ((RUN_DIR, "mode=755,size=1m"),)
     assert "AUDIT_WRITE" in final.cap_add and final.cap_add.count("AUDIT_WRITE") == 1
-    assert ContainerSpec.from_json(final.to_json()) == final
+    assert spec_from_json(spec_to_json(final)) == final
 
 
 def test_the_rest_of_the_spec_is_kept() -> None:

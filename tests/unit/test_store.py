@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from qudata_agent.adapters.store import MIGRATIONS, Store
+from qudata_agent.domain.container_spec import ContainerSpec, Mount, PortBinding
+from qudata_agent.domain.instance import Status, Wanted
 from qudata_agent.errors import Unavailable
 
 
@@ -56,6 +60,84 @@ def test_an_older_database_is_migrated_up(db_path: Path) -> None:
         assert store.get("kept") == "yes"
     finally:
         store.close()
+
+
+SPEC_IN_COLUMN = 7  # the schema version that moved the spec out of the record
+
+
+def _old_record(instance_id: str, spec_json: str) -> str:
+    """An instance row's record as agents before migration 7 wrote it: the spec a string in it."""
+    record = {
+        "id": instance_id,
+        "status": "running",
+        "wanted": "running",
+        "image": "busybox:1",
+        "container_name": f"qudata-{instance_id}",
+        "ports": {"22": 20001},
+        "gpus": ["GPU-1"],
+        "container_id": "c1",
+        "phase": None,
+        "reason": None,
+        "exit_code": None,
+        "ssh_enabled": True,
+        "created_at": 1.0,
+        "updated_at": 2.0,
+        "spec_json": spec_json,
+        "started_at": "2026-01-01T00:00:00Z",
+        "wanted_at": 1.0,
+    }
+    return json.dumps(record, sort_keys=True)
+
+
+def test_an_old_instance_row_loads_with_its_spec_after_the_migration(db_path: Path) -> None:
+    spec = ContainerSpec(
+        instance_id="i1",
+        agent_id="a",
+        image="busybox:1",
+        command=("sleep", "inf"),
+        env={"A": "1"},
+        ports=(PortBinding(22, 20001),),
+        gpu_uuids=("GPU-1",),
+        mounts=(Mount("/src", "/dst"),),
+        tmpfs=(("/run/x", "size=1m"),),
+    )
+    conn = sqlite3.connect(db_path)
+    for migration in MIGRATIONS[: SPEC_IN_COLUMN - 1]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute(
+        "INSERT INTO instances(id, status, record) VALUES(?, ?, ?)",
+        ("i1", "running", _old_record("i1", json.dumps(asdict(spec), sort_keys=True))),
+    )
+    conn.execute(
+        "INSERT INTO instances(id, status, record) VALUES(?, ?, ?)",
+        ("i2", "running", _old_record("i2", "{}")),
+    )
+    conn.execute(f"PRAGMA user_version = {SPEC_IN_COLUMN - 1}")
+    conn.commit()
+    conn.close()
+    store = Store.open(db_path)
+    try:
+        old = store.get_instance("i1")
+        assert old is not None
+        assert old.spec == spec
+        assert (old.status, old.wanted, old.ports, old.gpus) == (
+            Status.RUNNING,
+            Wanted.RUNNING,
+            {"22": 20001},
+            ("GPU-1",),
+        )
+        assert old.started_at == "2026-01-01T00:00:00Z" and old.ssh_enabled
+        without = store.get_instance("i2")
+        assert without is not None and without.spec is None
+        store.update_instance(old.move(Status.PAUSED, now=3.0))
+        assert [i.spec for i in store.list_instances()] == [spec, None]
+    finally:
+        store.close()
+    check = sqlite3.connect(db_path)
+    (record,) = check.execute("SELECT record FROM instances WHERE id = 'i1'").fetchone()
+    check.close()
+    assert "spec_json" not in json.loads(record)  # the record no longer carries it
 
 
 def test_get_of_an_unknown_key_is_none(store: Store) -> None:

@@ -103,7 +103,7 @@ def instance(
     )  # fmt: skip
     return Instance(
         id=f"i{n}", status=status, wanted=Wanted.RUNNING, image="img", container_name=spec.name,
-        gpus=gpus, container_id=f"c{n}", created_at=float(n), spec_json=spec.to_json(),
+        gpus=gpus, container_id=f"c{n}", created_at=float(n), spec=spec,
         started_at="run-1",
     )  # fmt: skip
 

@@ -24,6 +24,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from qudata_agent.adapters.store_codec import (
+    instance_from_json,
+    instance_to_json,
+    spec_from_json,
+    spec_to_json,
+)
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.ssh_keys import PublicKey
 from qudata_agent.domain.volumes import Mechanism, State, Volume
@@ -88,11 +94,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # repository digest (another tag, an ID prefix) still finds the record.
         "CREATE TABLE private_image_ids (image_id TEXT PRIMARY KEY)",
     ),
+    (
+        # The container spec in a column of its own (adapters.store_codec), out of
+        # the record, where it was a JSON string inside the JSON; '{}' was no spec.
+        "ALTER TABLE instances ADD COLUMN spec TEXT",
+        "UPDATE instances SET spec = NULLIF(json_extract(record, '$.spec_json'), '{}'),"
+        " record = json_remove(record, '$.spec_json')",
+    ),
 )
 
 
 class _VolumeTaken(Conflict):
     pass
+
+
+def _columns(instance: Instance) -> tuple[str, str | None]:
+    """The `record` and `spec` columns of an instance row."""
+    return instance_to_json(instance), spec_to_json(instance.spec)
 
 
 class Store:
@@ -228,8 +246,8 @@ class Store:
         try:
             with self._transaction() as tx:
                 tx.execute(
-                    "INSERT INTO instances(id, status, record) VALUES(?, ?, ?)",
-                    (instance.id, instance.status.value, instance.to_json()),
+                    "INSERT INTO instances(id, status, record, spec) VALUES(?, ?, ?, ?)",
+                    (instance.id, instance.status.value, *_columns(instance)),
                 )
                 self._take_volumes(tx, instance.id, volumes)
                 tx.executemany(
@@ -249,8 +267,8 @@ class Store:
     def update_instance(self, instance: Instance) -> None:
         with self._writing():
             self._conn.execute(
-                "UPDATE instances SET status = ?, record = ? WHERE id = ?",
-                (instance.status.value, instance.to_json(), instance.id),
+                "UPDATE instances SET status = ?, record = ?, spec = ? WHERE id = ?",
+                (instance.status.value, *_columns(instance), instance.id),
             )
 
     def release_resources(self, instance_id: str) -> None:
@@ -262,8 +280,8 @@ class Store:
         """Records a failed build and frees its ports and GPUs, in one transaction."""
         with self._transaction() as tx:
             tx.execute(
-                "UPDATE instances SET status = ?, record = ? WHERE id = ?",
-                (instance.status.value, instance.to_json(), instance.id),
+                "UPDATE instances SET status = ?, record = ?, spec = ? WHERE id = ?",
+                (instance.status.value, *_columns(instance), instance.id),
             )
             self._release(tx, instance.id)
 
@@ -293,14 +311,16 @@ class Store:
     def get_instance(self, instance_id: str) -> Instance | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT record FROM instances WHERE id = ?", (instance_id,)
+                "SELECT record, spec FROM instances WHERE id = ?", (instance_id,)
             ).fetchone()
-        return None if row is None else Instance.from_json(row[0])
+        return None if row is None else instance_from_json(row[0], spec_from_json(row[1]))
 
     def list_instances(self) -> list[Instance]:
         with self._lock:
-            rows = self._conn.execute("SELECT record FROM instances ORDER BY rowid").fetchall()
-        return [Instance.from_json(row[0]) for row in rows]
+            rows = self._conn.execute(
+                "SELECT record, spec FROM instances ORDER BY rowid"
+            ).fetchall()
+        return [instance_from_json(record, spec_from_json(spec)) for record, spec in rows]
 
     def allocated_ports(self) -> frozenset[int]:
         with self._lock:

@@ -30,10 +30,8 @@ What stays true:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 LABEL_AGENT = "qudata.agent_id"
 LABEL_INSTANCE = "qudata.instance_id"
@@ -173,21 +171,6 @@ class ContainerSpec:
     @property
     def labels(self) -> dict[str, str]:
         return {LABEL_AGENT: self.agent_id, LABEL_INSTANCE: self.instance_id}
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ContainerSpec:
-        record: dict[str, Any] = json.loads(text)
-        record["ports"] = tuple(PortBinding(**p) for p in record.get("ports", ()))
-        for key in ("command", "gpu_uuids", "cap_add", "security_opt"):
-            record[key] = tuple(record.get(key, ()))
-        if record.get("entrypoint") is not None:
-            record["entrypoint"] = tuple(record["entrypoint"])
-        record["mounts"] = tuple(Mount(**m) for m in record.get("mounts", ()))
-        record["tmpfs"] = tuple(tuple(t) for t in record.get("tmpfs", ()))
-        return cls(**record)
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,10 @@ cause). Pure: no I/O, no clocks except those passed in.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
 
-from qudata_agent.domain.container_spec import ContainerState
+from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 
 
 class Status(StrEnum):
@@ -96,7 +94,7 @@ class Instance:
     ssh_enabled: bool = False
     created_at: float = 0.0
     updated_at: float = 0.0
-    spec_json: str = "{}"  # the ContainerSpec, serialized (no credentials)
+    spec: ContainerSpec | None = None  # what the container is made from (no credentials)
     started_at: str | None = None  # Docker's StartedAt: a new value means a new run
     wanted_at: float = 0.0  # when `wanted` was last recorded (the reconcile's yardstick)
 
@@ -132,21 +130,11 @@ class Instance:
         """The renter's intent, recorded before the Docker call that carries it out."""
         return replace(self, wanted=wanted, wanted_at=now, updated_at=now)
 
-    def to_json(self) -> str:
-        record: dict[str, Any] = asdict(self)
-        record["gpus"] = list(self.gpus)
-        return json.dumps(record, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Instance:
-        record = json.loads(text)
-        known = {f for f in cls.__dataclass_fields__}
-        record = {k: v for k, v in record.items() if k in known}
-        record["status"] = Status(record["status"])
-        record["wanted"] = Wanted(record["wanted"])
-        record["gpus"] = tuple(record.get("gpus", ()))
-        record["ports"] = {str(k): int(v) for k, v in record.get("ports", {}).items()}
-        return cls(**record)
+    def require_spec(self) -> ContainerSpec:
+        """The container spec; every record the create path writes has one."""
+        if self.spec is None:
+            raise ValueError(f"instance {self.id} has no container spec recorded")
+        return self.spec
 
 
 def observe(instance: Instance, state: ContainerState, now: float) -> Instance:

@@ -160,7 +160,7 @@ class BuildPipeline:
         resumed: bool,
         wall_asked: float | None = None,
     ) -> None:
-        spec = ContainerSpec.from_json(instance.spec_json)
+        spec = instance.require_spec()
         try:
 
             async def pulling() -> None:  # the image service pulls: the answer shows it

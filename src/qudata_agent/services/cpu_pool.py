@@ -22,7 +22,6 @@ import logging
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.placement import Holding, shared_cpus
 from qudata_agent.domain.topology import format_cpu_list
@@ -76,7 +75,7 @@ class CpuPool:
     async def _pass(self) -> None:
         capacity, _ = await self._capacity.read()
         records = await self._records.all()
-        specs = {i.id: ContainerSpec.from_json(i.spec_json) for i in records}
+        specs = {i.id: i.require_spec() for i in records}
         holdings = [Holding.of_spec(spec) for spec in specs.values()]
         everything = format_cpu_list(c.cpu for c in capacity.shape.cpus)
         pool = format_cpu_list(shared_cpus(capacity, holdings))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec, ContainerState, Mount
+from qudata_agent.domain.container_spec import ContainerState, Mount
 from qudata_agent.domain.gpus import Resources, parse_resources
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
 from qudata_agent.domain.instance import Action, IllegalTransition, Instance, Status, Wanted
@@ -128,7 +128,7 @@ def holding_of(instance: Instance) -> Holding | None:
     """What an instance holds; a failed build holds nothing (its resources are freed)."""
     if instance.status is Status.ERROR and instance.container_id is None:
         return None
-    return Holding.of_spec(ContainerSpec.from_json(instance.spec_json))
+    return Holding.of_spec(instance.require_spec())
 
 
 class InstanceService:
@@ -296,7 +296,7 @@ class InstanceService:
             created_at=now,
             updated_at=now,
             wanted_at=now,
-            spec_json=spec.to_json(),
+            spec=spec,
         )
         store.insert_instance(instance, volume_ids)  # takes the volumes, or refuses (409)
         return instance

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.netpolicy import (
     EgressPolicy,
@@ -99,10 +99,9 @@ class _Final:
 
 def net_limit(instance: Instance, default_mbps: float | None) -> float | None:
     """The instance's cap in Mbit/s: its order's QUDATA_NET_MBPS, else the host's default."""
-    try:
-        env = ContainerSpec.from_json(instance.spec_json).env
-    except (ValueError, TypeError):
+    if instance.spec is None:
         return default_mbps
+    env = instance.spec.env
     try:
         own = parse_mbps(env)
     except AgentError:

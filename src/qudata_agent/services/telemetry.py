@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
+from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.inventory import GpuSample
 from qudata_agent.domain.topology import parse_cpu_list
@@ -74,9 +74,8 @@ class _Limits:
 
 def _limits(instance: Instance) -> _Limits:
     """What the instance was given: its CPU limit or cpuset (the smaller), its memory limit."""
-    try:
-        spec = ContainerSpec.from_json(instance.spec_json)
-    except (ValueError, TypeError):
+    spec = instance.spec
+    if spec is None:
         return _Limits(None, None)
     cores = None if spec.nano_cpus is None else spec.nano_cpus / 1e9
     if spec.cpuset_cpus:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.isolation import notes_of, tier_of
 from qudata_agent.domain.log_tail import (
@@ -99,7 +98,7 @@ class InstanceViews:
                     last = await self._logs(instance.container_id, LAST_LOG_LINES, LAST_LOG_BYTES)
             except NotFound:
                 pass  # removed a moment ago; the event will say so
-        tier = tier_of(ContainerSpec.from_json(instance.spec_json).runtime)
+        tier = tier_of(instance.require_spec().runtime)
         return InstanceView(
             instance,
             isolation=tier.value,

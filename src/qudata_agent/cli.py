@@ -1,12 +1,14 @@
 """The `qudata-agent` command line: `run` (the daemon), `doctor`, `status`, `firewall
-apply` (the wall without the agent, at boot) and `version`.
+apply` (the wall without the agent, at boot), `version`, and the installer's
+`state` and `docker-config` (admin.py).
 
 What stays true: a configuration error exits 2 with one line naming the
 variable, before anything is created on disk; `run` exits 0 after a clean
 SIGTERM/SIGINT stop and 1 when it cannot start; `doctor` exits 0 exactly when
 the host is ready (1 otherwise); `status` exits 0 when the agent answers and 3
 when it does not. `doctor` and `status` only look: they create nothing;
-`firewall apply` exits 0 when the wall stands and 1 when it cannot be applied.
+`firewall apply` exits 0 when the wall stands and 1 when it cannot be applied;
+`state` and `docker-config` read no settings (their arguments name the files).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qudata_agent import __version__
+from qudata_agent import __version__, admin
 from qudata_agent.settings import help_rows
 
 if TYPE_CHECKING:
@@ -73,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     firewall.add_argument("action", choices=["apply"])
     _config_option(firewall, f"$QUDATA_CONFIG_FILE, else {DEFAULT_CONFIG_FILE} if present")
     sub.add_parser("version", help="print the agent's version")
+    admin.add_parsers(sub)
     return parser
 
 
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
+    if args.command in admin.COMMANDS:
+        return admin.run(args)
     from qudata_agent import logs
     from qudata_agent.config import ConfigError, load_settings
 

@@ -562,3 +562,43 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+# -- whole files, for the installer (`qudata-agent state ...`) ----------------------------
+
+
+def file_schema_version(path: Path) -> int:
+    """The schema version of the database at `path`, whatever it is (read-only, no check).
+
+    Raises `Unavailable` when it cannot be read.
+    """
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise Unavailable(f"state database {path} cannot be read: {e}") from e
+    return int(version)
+
+
+def copy_database(source: Path, target: Path) -> None:
+    """A consistent copy of `source` in `target` (replaced), through SQLite's backup API.
+
+    A running agent's database is copied with what its WAL holds, as of one
+    moment; `source` is opened read-only. Raises `Unavailable` on failure.
+    """
+    try:
+        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            dst = sqlite3.connect(target)
+            try:
+                with dst:
+                    src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as e:
+        raise Unavailable(f"state database {source} cannot be copied: {e}") from e

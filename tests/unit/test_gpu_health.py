@@ -13,7 +13,6 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,6 +27,7 @@ from qudata_agent.domain.gpu_health import (
 )
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.loops.gpu_events import gpu_events_loop
+from qudata_agent.services.views import InstanceView
 
 HAS_DRIVER = Path("/proc/driver/nvidia/version").exists()
 XID, DBE, SBE, PSTATE = 0x8, 0x2, 0x1, 0x4
@@ -350,15 +350,8 @@ def test_the_instance_answer_lists_its_gpu_health() -> None:
         container_name="qudata-i-1",
         gpus=("GPU-a",),
     )
-    view = SimpleNamespace(
-        instance=instance,
-        pull=None,
-        ssh=None,
-        logs=None,
-        last_logs=None,
-        gpu_health=(GpuEvent("GPU-a", "xid", 79, 1700000000.5),),
-    )
+    view = InstanceView(instance, gpu_health=(GpuEvent("GPU-a", "xid", 79, 1700000000.5),))
     state = to_state(view).model_dump(mode="json")
     assert state["gpu_health"] == [{"uuid": "GPU-a", "event": "xid", "xid": 79, "at": 1700000000.5}]
-    empty = to_state(SimpleNamespace(instance=None)).model_dump(mode="json")
+    empty = to_state(InstanceView(None)).model_dump(mode="json")
     assert empty["gpu_health"] == []

@@ -52,6 +52,7 @@ from qudata_agent.domain.image_ref import (
     normal_repository,
     resolve_image,
 )
+from qudata_agent.domain.pull_progress import PullProgress
 from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import AgentError, Conflict
 from qudata_agent.services.pulls import PullCoordinator
@@ -126,7 +127,7 @@ class ImageService:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def progress(self, ref: str) -> Any | None:
+    def progress(self, ref: str) -> PullProgress | None:
         return self._pulls.progress(ref)
 
     def busy(self) -> frozenset[str]:

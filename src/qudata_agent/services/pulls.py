@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from qudata_agent.blocking import Blocking
+from qudata_agent.domain.pull_progress import PullProgress
 from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import Conflict
 
@@ -35,7 +36,11 @@ log = logging.getLogger(__name__)
 
 class Puller(Protocol):
     def pull(
-        self, ref: str, auth: RegistryCredentials | None, on_progress: Any, inactivity_s: float
+        self,
+        ref: str,
+        auth: RegistryCredentials | None,
+        on_progress: Callable[[PullProgress], None],
+        inactivity_s: float,
     ) -> None: ...
 
 
@@ -64,9 +69,9 @@ class PullCoordinator:
         self._inactivity_s = inactivity_s
         # Keyed by (ref, credentials): the credentials object is hashed in memory only.
         self._pulls: dict[tuple[str, RegistryCredentials | None], asyncio.Task[None]] = {}
-        self._progress: dict[str, Any] = {}
+        self._progress: dict[str, PullProgress] = {}
 
-    def progress(self, ref: str) -> Any | None:
+    def progress(self, ref: str) -> PullProgress | None:
         """The latest progress report of a running pull of `ref`, if any."""
         return self._progress.get(ref)
 
@@ -86,7 +91,9 @@ class PullCoordinator:
         # pull that others may share.
         await asyncio.shield(task)
 
-    def _forget(self, key: tuple[str, Any], task: asyncio.Task[None]) -> None:
+    def _forget(
+        self, key: tuple[str, RegistryCredentials | None], task: asyncio.Task[None]
+    ) -> None:
         self._pulls.pop(key, None)
         if key[0] not in self.pulling():
             self._progress.pop(key[0], None)
@@ -98,7 +105,7 @@ class PullCoordinator:
         if self._free_bytes is not None:
             free = await self._blocking.quick(self._free_bytes)
 
-        def on_progress(report: Any) -> None:
+        def on_progress(report: PullProgress) -> None:
             self._progress[ref] = report  # called from the pulling thread
             if free is not None and report.bytes_total > free:
                 raise ImageTooLarge(

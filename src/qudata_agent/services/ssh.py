@@ -33,7 +33,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, cast
 
 from qudata_agent.blocking import Blocking, StillRunning
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
@@ -58,7 +58,11 @@ from qudata_agent.errors import AgentError, Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
-DISABLED, INSTALLING, READY, FAILED = "disabled", "installing", "ready", "failed"
+SshStatus = Literal["disabled", "installing", "ready", "failed"]
+DISABLED: SshStatus = "disabled"
+INSTALLING: SshStatus = "installing"
+READY: SshStatus = "ready"
+FAILED: SshStatus = "failed"
 WAIT_TIMEOUT_S = 30.0  # how long a new run's sshd has to answer on its port
 POLL_S = 0.25
 # A new run's sshd usually answers within a fraction of a second: the first
@@ -140,7 +144,7 @@ class SshStore(Protocol):
 
 @dataclass(frozen=True)
 class SshView:
-    status: str
+    status: SshStatus
     port: int | None
     reason: str | None
 
@@ -190,13 +194,14 @@ class SshService:
         if not instance.ssh_enabled:
             return SshView(DISABLED, None, None)
         state = await self._blocking.quick(self._store.ssh_state, instance.id)
-        status, reason, run = state if state is not None else (INSTALLING, None, None)
+        recorded, reason, run = state if state is not None else (INSTALLING, None, None)
+        status = cast(SshStatus, recorded)  # the store holds only what `_set` wrote
         if status == READY and instance.status is Status.RUNNING and run != instance.started_at:
             status = INSTALLING  # ready in an earlier run; this one has not said yet
         return SshView(status, instance.ports.get("22"), reason)
 
     async def _set(
-        self, instance_id: str, status: str, reason: str | None = None, run: str | None = None
+        self, instance_id: str, status: SshStatus, reason: str | None = None, run: str | None = None
     ) -> None:
         await self._blocking.quick(self._store.set_ssh_state, instance_id, status, reason, run)
 

@@ -13,19 +13,24 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from qudata_agent.blocking import Blocking
+from qudata_agent.domain.gpu_health import GpuEvent
 from qudata_agent.domain.instance import Instance, Status, Wanted
-from qudata_agent.domain.isolation import notes_of, tier_of
+from qudata_agent.domain.isolation import Tier, notes_of, tier_of
 from qudata_agent.domain.log_tail import (
     LAST_LOG_BYTES,
     LOG_ANSWER_BYTES,
     LOG_READ_TIMEOUT_S,
     LogTail,
 )
+from qudata_agent.domain.netpolicy import NetworkUse
+from qudata_agent.domain.pull_progress import PullProgress
+from qudata_agent.domain.storage import StorageUsage
 from qudata_agent.errors import NotFound
-from qudata_agent.services.images import ImageService
+from qudata_agent.services.images import ImageCheck, ImageService
+from qudata_agent.services.ssh import SshView
 
 LAST_LOG_LINES = 20
 LOG_CUT = "[qudata: older output left out; an answer carries at most the last {} bytes]"
@@ -37,7 +42,7 @@ class LogEngine(Protocol):
 
 
 class StorageView(Protocol):
-    async def view(self, instance: Instance) -> Any: ...
+    async def view(self, instance: Instance) -> StorageUsage | None: ...
 
 
 @dataclass(frozen=True)
@@ -45,15 +50,15 @@ class InstanceView:
     """What GET /instances shows: the record plus live extras."""
 
     instance: Instance | None
-    pull: Any | None = None  # the engine's pull progress while pulling
+    pull: PullProgress | None = None  # while pulling
     logs: str | None = None
     last_logs: str | None = None  # after the container exited on its own
-    ssh: Any | None = None  # the SSH service's view (status, port, reason)
-    gpu_health: tuple[Any, ...] = ()  # health problems of its GPUs (domain.gpu_health.GpuEvent)
-    storage: Any | None = None  # what storage_gb gets (domain.storage.StorageUsage)
-    image_check: Any | None = None  # how its image was vouched for (services.images.ImageCheck)
-    network: Any | None = None  # its bytes so far (domain.netpolicy.NetworkUse)
-    isolation: str | None = None  # its tier (domain.isolation.Tier), from its spec's runtime
+    ssh: SshView | None = None  # status, port, reason
+    gpu_health: tuple[GpuEvent, ...] = ()  # health problems of its GPUs
+    storage: StorageUsage | None = None  # what storage_gb gets
+    image_check: ImageCheck | None = None  # how its image was vouched for
+    network: NetworkUse | None = None  # its bytes so far
+    isolation: Tier | None = None  # its tier, from its spec's runtime
     isolation_notes: tuple[str, ...] = ()  # what differs in that tier
 
 
@@ -70,10 +75,10 @@ class InstanceViews:
         engine: LogEngine,
         blocking: Blocking,
         images: ImageService,
-        ssh: Callable[[Instance], Awaitable[Any]] | None = None,
-        gpu_health: Callable[[Instance], Sequence[Any]] | None = None,
+        ssh: Callable[[Instance], Awaitable[SshView]] | None = None,
+        gpu_health: Callable[[Instance], Sequence[GpuEvent]] | None = None,
         storage: StorageView | None = None,
-        network: Callable[[str], Any] | None = None,
+        network: Callable[[str], NetworkUse | None] | None = None,
     ) -> None:
         self._engine = engine
         self._blocking = blocking
@@ -101,7 +106,7 @@ class InstanceViews:
         tier = tier_of(instance.require_spec().runtime)
         return InstanceView(
             instance,
-            isolation=tier.value,
+            isolation=tier,
             isolation_notes=notes_of(tier),
             pull=pull,
             logs=text,

@@ -8,6 +8,6 @@ or a conflict.
 from qudata_agent.adapters.docker.client import DockerError
 from qudata_agent.adapters.docker.engine import DockerEngine
 from qudata_agent.adapters.docker.events import EventStream
-from qudata_agent.adapters.docker.progress import PullProgress
+from qudata_agent.domain.pull_progress import PullProgress
 
 __all__ = ["DockerEngine", "DockerError", "EventStream", "PullProgress"]

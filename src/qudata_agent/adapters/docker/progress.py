@@ -1,9 +1,9 @@
 """The pure half of image pulls: references, credentials and progress, no I/O.
 
-Owns `PullProgress` (what a pull has done so far), the credentials object
+Owns the credentials object
 Docker's endpoints want (the reference itself is split by `domain.image_ref`,
 the credentials are `domain.registry_credentials`'s), and the tally that turns
-Docker's progress messages into `PullProgress`. The Docker adapter
+Docker's progress messages into a `domain.pull_progress.PullProgress`. The Docker adapter
 (`pull.py` and `images.py` beside it) does the talking; this module imports no SDK, so it is
 tested without Docker.
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qudata_agent.domain.image_ref import ImageRef
+from qudata_agent.domain.pull_progress import PullProgress
 from qudata_agent.domain.registry_credentials import RegistryCredentials
 
 # Docker's per-layer progress statuses; the three in `_LAYER_DONE` end a layer.
@@ -34,14 +35,6 @@ _LAYER_STATUSES = frozenset(
     }
 )
 _LAYER_DONE = frozenset({"Download complete", "Pull complete", "Already exists"})
-
-
-@dataclass(frozen=True)
-class PullProgress:
-    bytes_done: int
-    bytes_total: int
-    layers_done: int
-    layers_total: int
 
 
 def auth_config(auth: RegistryCredentials, ref: ImageRef) -> dict[str, str]:

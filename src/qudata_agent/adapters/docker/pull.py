@@ -27,13 +27,13 @@ import requests.exceptions
 from qudata_agent.adapters.docker.client import DockerError, explain, timed_out
 from qudata_agent.adapters.docker.images import Images
 from qudata_agent.adapters.docker.progress import (
-    PullProgress,
     PullTally,
     auth_config,
     redact,
     stream_error,
 )
 from qudata_agent.domain.image_ref import ImageRef, parse_reference
+from qudata_agent.domain.pull_progress import PullProgress
 from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import NotFound
 

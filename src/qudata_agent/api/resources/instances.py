@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import falcon
 import falcon.asgi
@@ -40,11 +40,16 @@ from qudata_agent.api.schemas import (
     TunnelState,
     VolumeTotals,
 )
+from qudata_agent.domain.gpu_health import GpuEvent
 from qudata_agent.domain.instance import Action, Instance
 from qudata_agent.domain.isolation import Tier
+from qudata_agent.domain.netpolicy import NetworkUse
 from qudata_agent.domain.order import CreateOrder
 from qudata_agent.domain.registry_credentials import RegistryCredentials
+from qudata_agent.domain.storage import StorageUsage
 from qudata_agent.errors import Conflict, InvalidRequest, NotFound
+from qudata_agent.services.images import ImageCheck
+from qudata_agent.services.views import InstanceView
 
 MAX_TAIL = 10_000
 GIB = 1024**3
@@ -61,7 +66,7 @@ class InstancesApi(Protocol):
 
     async def describe(
         self, instance: Instance | None, logs: bool = False, tail: int = 100
-    ) -> Any: ...
+    ) -> InstanceView: ...
 
     async def act(self, instance_id: str, action: Action) -> Instance: ...
 
@@ -107,7 +112,7 @@ def _ports(instance: Instance) -> dict[str, str]:
     return {key: str(port) for key, port in instance.ports.items()}
 
 
-def to_state(view: Any) -> InstanceState:
+def to_state(view: InstanceView) -> InstanceState:
     instance: Instance | None = view.instance
     if instance is None:
         return InstanceState(instance_id=None, container_id=None, status="destroyed")
@@ -141,29 +146,39 @@ def to_state(view: Any) -> InstanceState:
         ),
         last_logs=view.last_logs,
         logs=view.logs,
-        gpu_health=[
-            GpuHealthEvent(uuid=e.uuid, event=e.kind, xid=e.xid, at=e.at)
-            for e in getattr(view, "gpu_health", ())
-        ],
-        storage=_storage(getattr(view, "storage", None)),
-        image_check=_image_check(getattr(view, "image_check", None)),
-        network=_network(getattr(view, "network", None)),
-        isolation=getattr(view, "isolation", None),
-        isolation_notes=list(getattr(view, "isolation_notes", ())),
+        gpu_health=[event for e in view.gpu_health if (event := _gpu_event(e)) is not None],
+        storage=_storage(view.storage),
+        image_check=_image_check(view.image_check),
+        network=_network(view.network),
+        isolation=None if view.isolation is None else _TIERS[view.isolation],
+        isolation_notes=list(view.isolation_notes),
     )
 
 
-def _image_check(check: Any) -> ImageCheckState | None:
+_TIERS: dict[Tier, Literal["container", "sandbox"]] = {
+    Tier.CONTAINER: "container",
+    Tier.SANDBOX: "sandbox",
+}
+
+
+def _gpu_event(event: GpuEvent) -> GpuHealthEvent | None:
+    """A problem on the wire; a corrected ECC error is counted, never a problem (none comes)."""
+    if event.kind == "ecc_corrected":
+        return None
+    return GpuHealthEvent(uuid=event.uuid, event=event.kind, xid=event.xid, at=event.at)
+
+
+def _image_check(check: ImageCheck | None) -> ImageCheckState | None:
     if check is None:
         return None
     return ImageCheckState(digest=check.digest, checked=check.checked, note=check.note)
 
 
-def _network(use: Any) -> NetworkState | None:
+def _network(use: NetworkUse | None) -> NetworkState | None:
     return None if use is None else NetworkState(**use.wire())
 
 
-def _storage(usage: Any) -> StorageState | None:
+def _storage(usage: StorageUsage | None) -> StorageState | None:
     if usage is None:
         return None
     return StorageState(

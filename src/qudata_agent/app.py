@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import uuid
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -48,7 +49,7 @@ from qudata_agent.adapters.public_address import PublicAddress
 from qudata_agent.adapters.resolver import own_addresses, resolve
 from qudata_agent.adapters.runtimes import RuntimeTools, cdi_spec_texts
 from qudata_agent.adapters.secrets import SecretFile, ensure_private_dir
-from qudata_agent.adapters.ssh_bundle import Bundle, SshBundle
+from qudata_agent.adapters.ssh_bundle import SshBundle
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.ssh_probe import HostSshProbe
 from qudata_agent.adapters.store import Store
@@ -63,23 +64,17 @@ from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
 from qudata_agent.domain.backoff import Backoff
 from qudata_agent.domain.gpu_health import HealthRecord
-from qudata_agent.domain.image_gc import GIB, Thresholds
-from qudata_agent.domain.inventory import init_host_payload
-from qudata_agent.domain.isolation import cdi_refusal
-from qudata_agent.domain.order import HostDefaults
-from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.domain.tls import TlsMode, certificate_names
-from qudata_agent.domain.tunnel import Routing, TunnelConfigError, block_problem, build
+from qudata_agent.domain.tunnel import Routing
 from qudata_agent.domain.volumes import Mechanism, choose_mechanism
-from qudata_agent.errors import AgentError, Unavailable
+from qudata_agent.errors import AgentError
+from qudata_agent.loops.control_plane import ControlPlaneSteps, control_plane_loop
 from qudata_agent.loops.docker_events import docker_events_loop
 from qudata_agent.loops.gpu_events import gpu_events_loop
 from qudata_agent.loops.images import image_gc_loop, prepull_loop
-from qudata_agent.loops.inventory import inventory_loop
 from qudata_agent.loops.metrics_listener import metrics_listener
 from qudata_agent.loops.periodic import run_every
 from qudata_agent.loops.reconcile import reconcile_loop
-from qudata_agent.loops.registration import registration_loop
 from qudata_agent.loops.stats import StatsReporter
 from qudata_agent.loops.supervisor import Supervisor
 from qudata_agent.loops.watchdog import ping_interval_s, watchdog_loop
@@ -91,27 +86,21 @@ from qudata_agent.server import (
     make_server,
     wait_started,
 )
-from qudata_agent.services.builds import BuildPipeline
-from qudata_agent.services.capacity import Disk, HostCapacity
-from qudata_agent.services.cpu_pool import CpuPool
 from qudata_agent.services.credentials import Credentials
-from qudata_agent.services.image_cache import ImageCache
-from qudata_agent.services.images import ImageService
-from qudata_agent.services.instances import InstanceService, holding_of
+from qudata_agent.services.host_facts import (
+    DockerDisk,
+    cdi_gpus,
+    inventory,
+    port_gate,
+    public_address,
+    ssh_bundle,
+)
 from qudata_agent.services.isolation import Isolation
-from qudata_agent.services.netmeter import NetMeter
-from qudata_agent.services.network import NetworkGuard
-from qudata_agent.services.pulls import PullCoordinator
-from qudata_agent.services.reconciler import Reconciler
-from qudata_agent.services.records import Records
 from qudata_agent.services.registration import Identity, Registrar
 from qudata_agent.services.registry_guard import RegistryGuard
-from qudata_agent.services.ssh import SshService
-from qudata_agent.services.storage import StorageGuard
 from qudata_agent.services.telemetry import HostSize, Telemetry
 from qudata_agent.services.tunnel import Tunnel
-from qudata_agent.services.views import InstanceViews
-from qudata_agent.services.volumes import Backing, VolumeService
+from qudata_agent.services.volumes import Backing
 from qudata_agent.state_dir import (
     AGENT_SECRET_FILE,
     API_KEY_FILE,
@@ -121,42 +110,31 @@ from qudata_agent.state_dir import (
     Meta,
 )
 from qudata_agent.wall import egress_policy, wall_plan
+from qudata_agent.wiring import (
+    HostReads,
+    InstanceSide,
+    IsolationParts,
+    MeterParts,
+    NetworkParts,
+    Outside,
+    SshParts,
+    StorageReads,
+    VolumeParts,
+    instance_side,
+)
 
 log = logging.getLogger(__name__)
 
 AGENT_ID_KEY = Meta.AGENT_ID
 AGENT_PORT_KEY = Meta.AGENT_PORT
-FALLBACK_DOCKER_ROOT = "/var/lib/docker"
 TUNNEL_CHECK_S = 5.0
 TLS_RENEWAL_CHECK_S = 6 * 3600.0
 
 
-def _docker_disk_free(docker: DockerEngine) -> int | None:
-    """The free space of Docker's data root now; None when Docker cannot say where it is."""
-    try:
-        return disk_free_bytes(docker.data_root())
-    except AgentError:
-        return None
-
-
-@dataclass(frozen=True)
-class _Services:
-    records: Records
-    instances: InstanceService
-    reconciler: Reconciler
-    ssh: SshService
-    storage: StorageGuard
-    net: NetworkGuard
-    images: ImageService
-    image_cache: ImageCache
-    cpu_pool: CpuPool
-    meter: NetMeter
-    volumes: VolumeService
-    isolation: Isolation
-
-
 @dataclass
 class _Parts:
+    """The adapters opened from the state directory, closed by `Agent.run`."""
+
     store: Store
     credentials: Credentials
     blocking: Blocking
@@ -187,12 +165,80 @@ def _open_state(settings: Settings) -> _Parts:
     )
 
 
+async def _outside(parts: _Parts, s: Settings, agent_port: int) -> Outside:
+    """The real adapters of the instance side, as `wiring.instance_side` takes them."""
+    blocking, docker, nvml = parts.blocking, parts.docker, parts.nvml
+    docker_disk = DockerDisk(docker, disk_usage_bytes, disk_free_bytes)
+    ssh_root = s.state_dir / "ssh"
+    gate = IptablesPortGate(parts.agent_id) if s.firewall else None
+    reserved = {agent_port} | ({s.metrics_listen[1]} if s.metrics_listen else set())
+
+    async def driver() -> tuple[int, str | None]:
+        report = await nvml.report_async()
+        return len(report.gpus), report.driver_version
+
+    return Outside(
+        engine=docker,
+        store=parts.store,
+        blocking=blocking,
+        agent_id=parts.agent_id,
+        host=HostReads(
+            topology=lambda strict: nvml.topology_async(strict=strict),
+            shape=host_shape,
+            disk=docker_disk.disk,
+            docker_free_bytes=docker_disk.free_now,
+            free_bytes=disk_free_bytes,
+            port_free=port_is_free,
+            gpu_health=lambda i: parts.health.problems(i.gpus, since=i.created_at),
+            disable_ipv6=ipv6_available(),
+            cdi_gpus=await cdi_gpus(docker, nvml.uuids_async, cdi_spec_texts, blocking),
+        ),
+        storage=StorageReads(mount_options, lambda path: tree_bytes(path).bytes),
+        ssh=SshParts(
+            files=InstanceSshFiles(ssh_root / "instances"),
+            bundle=await ssh_bundle(SshBundle(ssh_root / "bundles").ensure, blocking),
+            probe=HostSshProbe(),
+            gate=gate if await port_gate(gate, blocking) else None,
+        ),
+        network=NetworkParts(Firewall() if s.firewall else None, wall_plan(s)),
+        meter=MeterParts(
+            Nftables(s.bridge),
+            TrafficControl(),
+            MeterFile(s.state_dir / METER_FILE),
+            egress_policy(s),
+        ),
+        volumes=_volume_parts(s),
+        isolation=IsolationParts(RuntimeTools(), driver),
+        registry=RegistryGuard(
+            allow=s.registry_allow,
+            resolve=resolve,
+            own_addresses=own_addresses,
+            public_address=s.address,
+        ),
+        reserved_ports=frozenset(reserved),
+        on_reconcile=parts.metrics.reconcile_ran,
+        on_image_removed=parts.metrics.image_removed,
+    )
+
+
+def _volume_parts(s: Settings) -> VolumeParts:
+    """Volumes under the state directory, sized the way this host's filesystem allows."""
+    root = s.state_dir / "volumes"
+    ensure_private_dir(root)
+    found = fs_facts(root)
+    mechanism, why = choose_mechanism(None if found is None else found[0])
+    backings: dict[Mechanism, Backing] = {Mechanism.LOOP: LoopVolumes(root)}
+    if found is not None:
+        backings[Mechanism.XFS_PROJECT] = XfsProjectVolumes(root, found[1])
+    log.info("volumes", extra={"mechanism": mechanism.value, "why": why, "root": str(root)})
+    return VolumeParts(backings, mechanism, lambda: disk_free_bytes(str(root)), copy_tree)
+
+
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._stop = asyncio.Event()
         self._server: Any = None
-        self._isolation: Isolation | None = None
 
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None and not self._stop.is_set():
@@ -200,50 +246,6 @@ class Agent:
         self._stop.set()
         if self._server is not None:
             self._server.should_exit = True
-
-    async def _inventory(self, parts: _Parts) -> dict[str, Any]:
-        try:
-            root = await parts.blocking.quick(parts.docker.data_root)
-        except Unavailable as e:
-            log.warning(
-                "Docker unreachable; disk size taken from the default data root",
-                extra={"error": e.message, "path": FALLBACK_DOCKER_ROOT},
-            )
-            root = FALLBACK_DOCKER_ROOT
-        probe = HostProbe(parts.nvml)
-        inventory = await parts.blocking.quick(probe.inventory, root)
-        tiers = None if self._isolation is None else (await self._isolation.offer()).names()
-        return init_host_payload(inventory, tiers)
-
-    async def _address(self, parts: _Parts) -> str | None:
-        """The public IPv4: the relay's in tunnel mode, the configured one, the lookups',
-        else the default route's."""
-        s = self.settings
-        if parts.tunnel is not None and parts.tunnel.config is not None:
-            return parts.tunnel.config.public_address
-        if s.address:
-            return s.address
-        lookups = PublicAddress(s.address_lookup_urls, user_agent=f"qudata-agent/{__version__}")
-        return await lookups.lookup() or await parts.blocking.quick(default_route_address)
-
-    def _registrar(
-        self, parts: _Parts, cp: ControlPlane, address: str | None, tls: TlsKeeper | None
-    ) -> Registrar:
-        identity = Identity(
-            agent_id=parts.agent_id,
-            fingerprint=machine_fingerprint(),
-            address=address,
-            tunnel_pubkey=parts.tunnel.public_key if parts.tunnel else None,
-            tls_pubkey_sha256=tls.identity.pin if tls else None,
-        )
-        return Registrar(
-            cp,
-            parts.credentials,
-            parts.store,
-            identity,
-            lambda: self._inventory(parts),
-            parts.blocking,
-        )
 
     async def run(self) -> int:
         s = self.settings
@@ -262,6 +264,87 @@ class Agent:
             parts.blocking.close()
             parts.store.close()
 
+    async def _serve(self, parts: _Parts) -> int:
+        """The agent from its port to its stop, in order: port, services, loops, HTTP."""
+        s = self.settings
+        if parts.api_key is None:
+            await asyncio.to_thread(self._announce_standalone, parts)
+        try:
+            tls = await asyncio.to_thread(self._tls)
+        except (TlsError, OSError) as e:
+            log.error("cannot set up TLS on the agent's port", extra={"error": str(e)})
+            return 1
+        try:
+            sock = await asyncio.to_thread(self._listen, parts)
+        except PortUnavailable as e:
+            log.error("cannot listen", extra={"error": e.strerror})
+            return 1
+        port = int(sock.getsockname()[1])
+        side = instance_side(await _outside(parts, s, port), s)
+        assert side.storage and side.volumes and side.net and side.meter and side.ssh  # all on
+        side.ssh.prune_soon()
+        self._follow(parts, side)
+        supervisor = Supervisor(on_death=parts.metrics.loop_died)
+        await self._start_tunnel(parts, supervisor)
+        app = create_app(self._api_deps(parts, side, tls))
+        server = self._server = make_server(app, s.shutdown_timeout_s, self._port_policy(tls))
+        parts.metrics.follow_port(server.port_figures)
+        if self._stop.is_set():
+            server.should_exit = True
+        cp = self._control_plane(parts)
+        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._start_loops(supervisor, parts, side, tls)
+        if cp is not None:
+            supervisor.start("control-plane", self._cp_loop(parts, side, cp, tls, listening))
+        self._start_image_loops(supervisor, side)
+        await self._start_metrics_listener(supervisor, parts)
+        notifier = Notifier(s.notify_socket)
+        if s.watchdog_usec and notifier.enabled:
+            interval = ping_interval_s(s.watchdog_usec)
+            supervisor.start("watchdog", lambda: watchdog_loop(notifier.watchdog, interval))
+        try:
+            return await self._serve_http(parts, server, sock, listening, notifier, cp is None)
+        finally:
+            notifier.stopping()
+            listening.cancel()
+            await supervisor.stop(s.shutdown_timeout_s)
+            await side.close()
+            if cp is not None:
+                await cp.aclose()
+            sock.close()
+
+    async def _serve_http(
+        self,
+        parts: _Parts,
+        server: Any,
+        sock: socket.socket,
+        listening: asyncio.Future[int],
+        notifier: Notifier,
+        standalone: bool,
+    ) -> int:
+        port = int(sock.getsockname()[1])
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+        try:
+            if await wait_started(server, serving):
+                listening.set_result(port)
+                notifier.ready(f"listening on port {port}")
+                log.info(
+                    "agent listening",
+                    extra={
+                        "agent_id": parts.agent_id,
+                        "host": self.settings.agent_host,
+                        "port": port,
+                        "version": __version__,
+                        "standalone": standalone,
+                    },
+                )
+            await serving
+        except SystemExit as e:  # uvicorn exits on a failed startup
+            log.error("HTTP server failed to start", extra={"code": e.code})
+            return 1
+        log.info("agent stopped")
+        return 0
+
     def _announce_standalone(self, parts: _Parts) -> None:
         parts.credentials.ensure_secret()
         path = parts.credentials.secret_path
@@ -271,6 +354,7 @@ class Agent:
         )
 
     def _listen(self, parts: _Parts) -> socket.socket:
+        """The agent's port: the configured one, else the one it had last time, else a free one."""
         s = self.settings
         previous = parts.store.get(AGENT_PORT_KEY)
         sock = listen(
@@ -283,247 +367,170 @@ class Agent:
         parts.store.set(AGENT_PORT_KEY, str(sock.getsockname()[1]))
         return sock
 
-    def _network(self, parts: _Parts) -> NetworkGuard:
-        s = self.settings
-        return NetworkGuard(
-            parts.docker,
-            Firewall() if s.firewall else None,
-            parts.blocking,
-            name=s.network,
-            bridge=s.bridge,
-            agent_id=parts.agent_id,
-            wall_plan=wall_plan(s),
+    def _follow(self, parts: _Parts, side: InstanceSide) -> None:
+        """The metrics read the parts they report on."""
+        assert side.storage and side.volumes and side.meter
+        metrics = parts.metrics
+        metrics.follow_network(side.meter)
+        metrics.follow_disk(side.storage.known_data_root, disk_free_bytes)
+        metrics.follow_volumes(side.volumes.views_now)
+        metrics.follow_health(parts.health)
+
+    def _api_deps(self, parts: _Parts, side: InstanceSide, tls: TlsKeeper | None) -> ApiDeps:
+        assert side.ssh and side.volumes
+        return ApiDeps(
+            secret=parts.credentials.agent_secret,
+            max_body_bytes=self.settings.max_body_bytes,
+            instances=side.instances,
+            ssh=side.ssh,
+            volumes=side.volumes,
+            metrics=parts.metrics,
+            tunnel=parts.tunnel.view if parts.tunnel else None,
+            tls_pin=tls.identity.pin if tls else None,
         )
 
-    def _meter(self, parts: _Parts, records: Records) -> NetMeter:
-        s = self.settings
-        meter = NetMeter(
-            instances=records.all,
-            nft=Nftables(s.bridge),
-            shaper=TrafficControl(),
-            engine=parts.docker,
-            account=MeterFile(s.state_dir / METER_FILE),
-            blocking=parts.blocking,
-            bridge=s.bridge,
-            policy=egress_policy(s),
-            default_mbps=s.net_mbps_default,
-        )
-        records.on_new_run(meter.poke)  # a new run has a new veth: caps and maps at once
-        records.on_removed(meter.poke)  # a deleted instance's last count, then its counters go
-        parts.metrics.follow_network(meter)
-        return meter
-
-    def _storage(self, parts: _Parts) -> StorageGuard:
-        return StorageGuard(
-            parts.docker,
-            parts.store,
-            parts.blocking,
-            policy=self.settings.storage_policy,
-            mount_options=mount_options,
-            free_bytes=disk_free_bytes,
-            tree_bytes=lambda path: tree_bytes(path).bytes,
-        )
-
-    async def _ssh(self, parts: _Parts) -> SshService:
-        """The SSH service, with the SSH bundle made (once per OpenSSH of the host)."""
-        root = self.settings.state_dir / "ssh"
-        bundle: Bundle | str
-        try:
-            bundle = await parts.blocking.slow(SshBundle(root / "bundles").ensure)
-        except (AgentError, OSError) as e:
-            error = e.message if isinstance(e, AgentError) else str(e)
-            log.error("no SSH for instances: the SSH bundle cannot be made", extra={"error": error})
-            bundle = f"the agent's SSH is not available on this host: {error}"
-        files = InstanceSshFiles(root / "instances")
-        gate = await self._port_gate(parts)
-        return SshService(
-            parts.docker, parts.store, parts.blocking, files, bundle, HostSshProbe(), gate=gate
-        )
-
-    async def _port_gate(self, parts: _Parts) -> IptablesPortGate | None:
-        """The SSH port gate (`domain.port_gate`), where the agent keeps a firewall."""
-        if not self.settings.firewall:
+    def _control_plane(self, parts: _Parts) -> ControlPlane | None:
+        """The control-plane client; None in standalone mode (no API key)."""
+        if not parts.api_key:
             return None
-        gate = IptablesPortGate(parts.agent_id)
-        try:
-            stale = await parts.blocking.quick(gate.setup)
-        except AgentError as e:
-            log.warning("ssh ports are not gated", extra={"error": e.message})
-            return None
-        if stale:
-            log.info("ssh port gates left by an earlier run removed", extra={"ports": stale})
-        return gate
-
-    def _volumes(self, parts: _Parts, records: Records) -> VolumeService:
-        """Volumes under the state directory, sized the way this host's filesystem allows."""
-        root = self.settings.state_dir / "volumes"
-        ensure_private_dir(root)
-        found = fs_facts(root)
-        mechanism, why = choose_mechanism(None if found is None else found[0])
-        backings: dict[Mechanism, Backing] = {Mechanism.LOOP: LoopVolumes(root)}
-        if found is not None:
-            backings[Mechanism.XFS_PROJECT] = XfsProjectVolumes(root, found[1])
-        log.info("volumes", extra={"mechanism": mechanism.value, "why": why, "root": str(root)})
-
-        async def instances_disk() -> int:  # storage_gb promised to instances, unwritten
-            holdings = [h for h in map(holding_of, await records.all()) if h is not None]
-            return sum(max(0, (h.storage_bytes or 0) - h.storage_used_bytes) for h in holdings)
-
-        return VolumeService(
-            store=parts.store,
-            blocking=parts.blocking,
-            backings=backings,
-            mechanism=mechanism,
-            free_bytes=lambda: disk_free_bytes(str(root)),
-            copy_tree=copy_tree,
-            promised_elsewhere=instances_disk,
+        return ControlPlane(
+            self.settings.api_url,
+            parts.api_key,
+            timeout_s=self.settings.cp_timeout_s,
+            user_agent=f"qudata-agent/{__version__}",
+            on_failure=parts.metrics.control_plane_failed,
+            on_success=parts.metrics.control_plane_succeeded,
         )
 
-    def _isolation_service(self, parts: _Parts) -> Isolation:
-        async def driver() -> tuple[int, str | None]:
-            report = await parts.nvml.report_async()
-            return len(report.gpus), report.driver_version
-
-        return Isolation(
-            engine=parts.docker,
-            tools=RuntimeTools(),
-            blocking=parts.blocking,
-            driver=driver,
-            sandbox_runtime=self.settings.sandbox_runtime,
-            toolkit_floor=self.settings.nvidia_toolkit_min,
-        )
-
-    async def _cdi_gpus(self, parts: _Parts) -> bool:
-        """Whether the container tier's GPUs go in by CDI name (decided once, at start)."""
-        try:
-            info = await parts.blocking.quick(parts.docker.info)
-            gpus = await parts.nvml.uuids_async()
-        except AgentError:
-            return False
-        if not gpus:
-            return False
-        dirs = [str(d) for d in info.get("CDISpecDirs") or ()]
-        texts = await parts.blocking.quick(cdi_spec_texts, dirs)
-        why = cdi_refusal(str(info.get("ServerVersion") or ""), dirs, texts, gpus)
-        log.info("GPU injection", extra={"cdi": why is None, "why_not": why})
-        return why is None
-
-    async def _services(self, parts: _Parts, agent_port: int) -> _Services:
-        """The instance side of the agent: records, builds, reconcile, views, SSH, storage."""
+    def _start_loops(
+        self, supervisor: Supervisor, parts: _Parts, side: InstanceSide, tls: TlsKeeper | None
+    ) -> None:
         s = self.settings
-        net = self._network(parts)
-        storage = self._storage(parts)
-        isolation = self._isolation = self._isolation_service(parts)
-        ssh = await self._ssh(parts)
-        records = Records(parts.store, parts.blocking)
-        records.on_new_run(ssh.on_new_run)
-        volumes = self._volumes(parts, records)
-        capacity = self._capacity(parts, volumes)
-        cpu_pool = CpuPool(
-            records=records, capacity=capacity, engine=parts.docker, blocking=parts.blocking
-        )
-        records.on_new_run(cpu_pool.poke)  # a pinned instance may have just come up
-        records.on_removed(cpu_pool.poke)  # its cores may be free again
-        records.on_change(ssh.prune_soon)  # a deleted instance's SSH directory goes too
-        meter = self._meter(parts, records)
-        ssh.prune_soon()
-        pulls = PullCoordinator(
-            parts.docker,
-            parts.blocking,
-            s.pull_inactivity_s,
-            free_bytes=lambda: _docker_disk_free(parts.docker),
-        )
-        guard = RegistryGuard(
-            allow=s.registry_allow,
-            resolve=resolve,
-            own_addresses=own_addresses,
-            public_address=s.address,
-        )
-        images = ImageService(parts.docker, parts.store, parts.blocking, pulls, guard=guard)
-        image_cache = self._image_cache(parts, images)
-        records.on_change(image_cache.poke)  # a delete may leave an image unused
-        builds = BuildPipeline(
-            records=records,
-            engine=parts.docker,
-            blocking=parts.blocking,
-            images=images,
-            prepare_network=net.prepare,
-            prepare_spec=ssh.prepare,
-        )
-        views = InstanceViews(
-            engine=parts.docker,
-            blocking=parts.blocking,
-            images=images,
-            ssh=ssh.view,
-            gpu_health=lambda i: parts.health.problems(i.gpus, since=i.created_at),
-            storage=storage,
-            network=meter.use,
-        )
-        instances = InstanceService(
-            records=records,
-            builds=builds,
-            views=views,
-            engine=parts.docker,
-            blocking=parts.blocking,
-            ports=PortAllocator(
-                s.port_range,
-                frozenset({agent_port} | ({s.metrics_listen[1]} if s.metrics_listen else set())),
-                port_is_free,
-                fixed_range=s.fixed_ports,
+        reconciler, storage, isolation = side.reconciler, side.storage, side.isolation
+        net, meter = side.net, side.meter
+        assert net and storage and isolation and meter
+        supervisor.start("reconcile", lambda: reconcile_loop(reconciler, net, s.sync_interval_s))
+        supervisor.start(
+            "docker-events",
+            lambda: docker_events_loop(
+                parts.docker,
+                parts.agent_id,
+                reconciler.on_container_event,
+                reconciler.sync,
+                parts.blocking,
             ),
-            capacity=capacity,
+        )
+        supervisor.start(
+            "storage",
+            lambda: run_every(
+                s.storage_check_interval_s,
+                lambda: storage.check_all(side.records.all),
+                "storage",
+                first_delay_s=0,
+            ),
+        )
+        supervisor.start(
+            "isolation",
+            lambda: run_every(
+                s.inventory_interval_s, _refreshed(isolation), "isolation", first_delay_s=0
+            ),
+        )
+        supervisor.start("net-meter", meter.run)
+        supervisor.start("gpu-events", lambda: gpu_events_loop(parts.nvml, parts.health))
+        if tls is not None:
+            keeper = tls
+
+            async def renew_tls() -> None:
+                await parts.blocking.quick(keeper.renew)
+
+            supervisor.start(
+                "tls-renewal", lambda: run_every(TLS_RENEWAL_CHECK_S, renew_tls, "tls-renewal")
+            )
+
+    def _cp_loop(
+        self,
+        parts: _Parts,
+        side: InstanceSide,
+        cp: ControlPlane,
+        tls: TlsKeeper | None,
+        listening: asyncio.Future[int],
+    ) -> Callable[[], Coroutine[Any, Any, None]]:
+        """The control-plane sequence (`loops.control_plane`) with this agent's parts."""
+        s = self.settings
+        reporter = self._reporter(parts, side, cp)
+
+        async def renew_tls(address: str | None) -> None:
+            if tls is not None:  # the address among the certificate's names
+                await parts.blocking.quick(tls.renew, address)
+
+        async def address() -> str | None:
+            relay = parts.tunnel.config if parts.tunnel else None
+            lookups = PublicAddress(s.address_lookup_urls, user_agent=f"qudata-agent/{__version__}")
+            return await public_address(
+                relay.public_address if relay else None,
+                s.address,
+                lookups.lookup,
+                default_route_address,
+                parts.blocking,
+            )
+
+        steps = ControlPlaneSteps(
+            address=address,
+            registrar=lambda a: self._registrar(parts, side, cp, a, tls),
+            renew_tls=renew_tls,
+            backoff=Backoff(base_s=0.5, cap_s=s.cp_backoff_max_s),
+            retry_on=(ControlPlaneError,),
+            report_stats=reporter.run,
+            inventory_interval_s=s.inventory_interval_s,
+            tunnel=parts.tunnel,
+            tunnel_fields=_tunnel_fields(s),
+            port_range=s.port_range,
+        )
+        return lambda: control_plane_loop(steps, listening)
+
+    def _registrar(
+        self,
+        parts: _Parts,
+        side: InstanceSide,
+        cp: ControlPlane,
+        address: str | None,
+        tls: TlsKeeper | None,
+    ) -> Registrar:
+        identity = Identity(
             agent_id=parts.agent_id,
-            storage=storage,
-            volumes=volumes,
-            images=images,
-            host=HostDefaults(
-                network=net.network,
-                crash_restarts=s.crash_restarts,
-                log_max_bytes=s.container_log_mb * 1024**2,
-                disable_ipv6=ipv6_available(),
-                sandbox_runtime=s.sandbox_runtime,
-                cdi_gpus=await self._cdi_gpus(parts),
-            ),
-            stop_timeout_s=s.stop_timeout_s,
-            wall=net,
-            isolation=isolation,
-            before_start=ssh.before_start,
+            fingerprint=machine_fingerprint(),
+            address=address,
+            tunnel_pubkey=parts.tunnel.public_key if parts.tunnel else None,
+            tls_pubkey_sha256=tls.identity.pin if tls else None,
         )
-        reconciler = Reconciler(
-            records=records,
-            builds=builds,
+        probe = HostProbe(parts.nvml)
+
+        async def host_inventory() -> dict[str, Any]:
+            return await inventory(parts.docker, probe.inventory, side.isolation, parts.blocking)
+
+        return Registrar(
+            cp, parts.credentials, parts.store, identity, host_inventory, parts.blocking
+        )
+
+    def _reporter(self, parts: _Parts, side: InstanceSide, cp: ControlPlane) -> StatsReporter:
+        telemetry = Telemetry(
+            instances=side.records.all,
             engine=parts.docker,
+            cgroups=CgroupReader(),
+            host=HostCounters(),
+            gpu_samples=parts.nvml.samples_async,
+            host_gpus=parts.nvml.uuids_async,
+            size=HostSize(cpus=os.cpu_count() or 1, memory_bytes=host_memory_bytes()),
             blocking=parts.blocking,
-            agent_id=parts.agent_id,
-            stop_timeout_s=s.stop_timeout_s,
-            on_pass=parts.metrics.reconcile_ran,
-            restore_first=volumes.restore,
+            max_instances=self.settings.max_instances,
+            network=side.meter,
         )
-        return _Services(
-            records, instances, reconciler, ssh, storage, net, images, image_cache, cpu_pool,
-            meter, volumes, isolation,
-        )  # fmt: skip
+        parts.metrics.follow_stats(telemetry)
+        return StatsReporter(telemetry.sample, cp.stats, (ControlPlaneError,), events=side.events)
 
-    def _image_cache(self, parts: _Parts, images: ImageService) -> ImageCache:
+    def _start_image_loops(self, supervisor: Supervisor, side: InstanceSide) -> None:
         s = self.settings
-        cache_gb = s.image_cache_gb
-        return ImageCache(
-            parts.docker,
-            parts.store,
-            parts.blocking,
-            busy=images.busy,
-            keep=s.prepull,
-            thresholds=Thresholds(
-                min_free_bytes=int(s.image_gc_free_gb * GIB),
-                max_cache_bytes=None if cache_gb is None else int(cache_gb * GIB),
-            ),
-            free_bytes=disk_free_bytes,
-            on_removed=parts.metrics.image_removed,
-        )
-
-    def _start_image_loops(self, supervisor: Supervisor, services: _Services) -> None:
-        s = self.settings
-        images, cache = services.images, services.image_cache
+        images, cache = side.images, side.image_cache
         supervisor.start("image-gc", lambda: image_gc_loop(cache, s.image_gc_interval_s))
         if s.prepull:
 
@@ -535,114 +542,15 @@ class Agent:
                 lambda: prepull_loop(s.prepull, prepull, images.renters_idle, s.prepull_interval_s),
             )
 
-    def _capacity(self, parts: _Parts, volumes: VolumeService) -> HostCapacity:
-        s = self.settings
-
-        def disk() -> Disk:
-            try:
-                root = parts.docker.data_root()
-            except AgentError:
-                root = FALLBACK_DOCKER_ROOT
-            usage = disk_usage_bytes(root)
-            return Disk(*usage) if usage else Disk(None, None)
-
-        return HostCapacity(
-            topology=lambda strict: parts.nvml.topology_async(strict=strict),
-            shape=host_shape,
-            disk=disk,
-            reserved_disk=volumes.promised_sync,
-            blocking=parts.blocking,
-            max_instances=s.max_instances,
-            reserved_cpu_cores=s.reserved_cpu_cores,
-            reserved_memory_bytes=int(s.reserved_memory_gb * 1024**3),
-            default_storage_bytes=None
-            if s.default_storage_gb is None
-            else int(s.default_storage_gb * 1024**3),
-        )
-
-    def _reporter(
-        self, parts: _Parts, records: Records, cp: ControlPlane, meter: NetMeter
-    ) -> StatsReporter:
-        telemetry = Telemetry(
-            instances=records.all,
-            engine=parts.docker,
-            cgroups=CgroupReader(),
-            host=HostCounters(),
-            gpu_samples=parts.nvml.samples_async,
-            host_gpus=parts.nvml.uuids_async,
-            size=HostSize(cpus=os.cpu_count() or 1, memory_bytes=host_memory_bytes()),
-            blocking=parts.blocking,
-            max_instances=self.settings.max_instances,
-            network=meter,
-        )
-        parts.metrics.follow_stats(telemetry)
-        return StatsReporter(telemetry.sample, cp.stats, (ControlPlaneError,))
-
-    def _start_loops(
-        self,
-        supervisor: Supervisor,
-        parts: _Parts,
-        services: _Services,
-        cp: ControlPlane | None,
-        listening: asyncio.Future[int],
-        tls: TlsKeeper | None,
-    ) -> None:
-        s = self.settings
-        reconciler = services.reconciler
-        supervisor.start(
-            "reconcile",
-            lambda: reconcile_loop(reconciler, services.net, s.sync_interval_s),
-        )
-        supervisor.start(
-            "docker-events",
-            lambda: docker_events_loop(
-                parts.docker,
-                parts.agent_id,
-                reconciler.on_container_event,
-                reconciler.sync,
-                parts.blocking,
-            ),
-        )
-
-        async def storage_pass() -> None:
-            await services.storage.check(await services.records.all())
-
-        supervisor.start(
-            "storage",
-            lambda: run_every(s.storage_check_interval_s, storage_pass, "storage", first_delay_s=0),
-        )
-        supervisor.start(
-            "isolation",
-            lambda: run_every(
-                s.inventory_interval_s,
-                lambda: _refreshed(services.isolation),
-                "isolation",
-                first_delay_s=0,
-            ),
-        )
-        parts.metrics.follow_health(parts.health)
-        supervisor.start("net-meter", services.meter.run)
-        supervisor.start("gpu-events", lambda: gpu_events_loop(parts.nvml, parts.health))
-        if cp is not None:
-            reporter = self._reporter(parts, services.records, cp, services.meter)
-            services.records.on_change(reporter.poke)
-
-            async def control_plane() -> None:
-                # Stats and inventory checks go out only once the control plane knows this agent.
-                address = await self._address(parts)
-                if tls is not None:  # the public address among the certificate's names
-                    await parts.blocking.quick(tls.renew, address)
-                registrar = self._registrar(parts, cp, address, tls)
-                backoff = Backoff(base_s=0.5, cap_s=s.cp_backoff_max_s)
-                await registration_loop(registrar, listening, backoff, (ControlPlaneError,))
-                await self._tunnel_from_answer(parts, registrar, await listening, tls)
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(reporter.run())
-                    group.create_task(
-                        inventory_loop(registrar.refresh_inventory, s.inventory_interval_s)
-                    )
-
-            supervisor.start("control-plane", control_plane)
+    async def _start_metrics_listener(self, supervisor: Supervisor, parts: _Parts) -> None:
+        if self.settings.metrics_listen is None:
+            return
+        try:
+            sock = await asyncio.to_thread(bind_socket, *self.settings.metrics_listen)
+        except OSError as e:
+            log.error("metrics listener cannot listen", extra={"error": e.strerror})
+            return
+        supervisor.start("metrics", lambda: metrics_listener(sock, parts.metrics.render))
 
     async def _start_tunnel(self, parts: _Parts, supervisor: Supervisor) -> None:
         """Tunnel mode: the key, the tunnel (when the settings hold it all), its checks."""
@@ -654,41 +562,10 @@ class Agent:
         public_key = await asyncio.to_thread(ensure_key, key)
         parts.tunnel = tunnel = Tunnel(WireGuard(routing, key), parts.blocking, public_key)
         parts.metrics.follow_tunnel(tunnel.view)
-        try:
-            config = build(_tunnel_fields(s), {})
-        except TunnelConfigError as e:
-            if parts.api_key is None:
-                log.error("tunnel mode is off: settings incomplete", extra={"error": str(e)})
-            else:
-                log.info("tunnel settings incomplete; waiting for /init", extra={"missing": str(e)})
-        else:
-            await tunnel.start(config)
+        await tunnel.start_from_settings(_tunnel_fields(s), standalone=parts.api_key is None)
         supervisor.start(
             "tunnel", lambda: run_every(TUNNEL_CHECK_S, tunnel.check, "tunnel", first_delay_s=1)
         )
-
-    async def _tunnel_from_answer(
-        self, parts: _Parts, registrar: Registrar, port: int, tls: TlsKeeper | None
-    ) -> None:
-        """The tunnel from /init's data.tunnel where the settings lacked it, then re-register."""
-        tunnel = parts.tunnel
-        if tunnel is None or tunnel.config is not None:
-            return
-        offer = registrar.tunnel_offer
-        try:
-            config = build(_tunnel_fields(self.settings), offer)
-        except TunnelConfigError as e:
-            log.error("tunnel mode is off: no complete tunnel settings", extra={"error": str(e)})
-            return
-        problem = block_problem(offer.get("ports"), self.settings.port_range)
-        if problem:
-            log.error("tunnel mode is off", extra={"error": problem})
-            return
-        await tunnel.start(config)  # on failure the checks keep trying: the address moves now
-        if tls is not None:  # the relay's address among the certificate's names
-            await parts.blocking.quick(tls.renew, config.public_address)
-        registrar.move(config.public_address)
-        await registrar.register(port)
 
     def _tls(self) -> TlsKeeper | None:
         """The port's certificate (the provider's, else the agent's own) and SSL context."""
@@ -721,115 +598,6 @@ class Agent:
             max_connections=s.http_max_connections,
         )
 
-    async def _serve(self, parts: _Parts) -> int:
-        s = self.settings
-        if parts.api_key is None:
-            await asyncio.to_thread(self._announce_standalone, parts)
-        try:
-            tls = await asyncio.to_thread(self._tls)
-        except (TlsError, OSError) as e:
-            log.error("cannot set up TLS on the agent's port", extra={"error": str(e)})
-            return 1
-        try:
-            sock = await asyncio.to_thread(self._listen, parts)
-        except PortUnavailable as e:
-            log.error("cannot listen", extra={"error": e.strerror})
-            return 1
-        port = int(sock.getsockname()[1])
-        services = await self._services(parts, port)
-        parts.metrics.follow_disk(services.storage.known_data_root, disk_free_bytes)
-        parts.metrics.follow_volumes(services.volumes.views_now)
-        supervisor = Supervisor(on_death=parts.metrics.loop_died)
-        await self._start_tunnel(parts, supervisor)
-        server = make_server(
-            create_app(
-                ApiDeps(
-                    secret=parts.credentials.agent_secret,
-                    max_body_bytes=s.max_body_bytes,
-                    instances=services.instances,
-                    ssh=services.ssh,
-                    volumes=services.volumes,
-                    metrics=parts.metrics,
-                    tunnel=parts.tunnel.view if parts.tunnel else None,
-                    tls_pin=tls.identity.pin if tls else None,
-                )
-            ),
-            s.shutdown_timeout_s,
-            self._port_policy(tls),
-        )
-        parts.metrics.follow_port(server.port_figures)
-        self._server = server
-        if self._stop.is_set():
-            server.should_exit = True
-        cp = (
-            ControlPlane(
-                s.api_url,
-                parts.api_key,
-                timeout_s=s.cp_timeout_s,
-                user_agent=f"qudata-agent/{__version__}",
-                on_failure=parts.metrics.control_plane_failed,
-                on_success=parts.metrics.control_plane_succeeded,
-            )
-            if parts.api_key
-            else None
-        )
-        listening: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._start_loops(supervisor, parts, services, cp, listening, tls)
-        if tls is not None:
-            keeper = tls
-
-            async def renew_tls() -> None:
-                await parts.blocking.quick(keeper.renew)
-
-            supervisor.start(
-                "tls-renewal", lambda: run_every(TLS_RENEWAL_CHECK_S, renew_tls, "tls-renewal")
-            )
-        self._start_image_loops(supervisor, services)
-        if s.metrics_listen is not None:
-            try:
-                metrics_sock = await asyncio.to_thread(bind_socket, *s.metrics_listen)
-            except OSError as e:
-                log.error("metrics listener cannot listen", extra={"error": e.strerror})
-            else:
-                supervisor.start(
-                    "metrics", lambda: metrics_listener(metrics_sock, parts.metrics.render)
-                )
-        notifier = Notifier(s.notify_socket)
-        if s.watchdog_usec and notifier.enabled:
-            interval = ping_interval_s(s.watchdog_usec)
-            supervisor.start("watchdog", lambda: watchdog_loop(notifier.watchdog, interval))
-        serving = asyncio.create_task(server.serve(sockets=[sock]), name="http")
-        try:
-            if await wait_started(server, serving):
-                listening.set_result(port)
-                notifier.ready(f"listening on port {port}")
-                log.info(
-                    "agent listening",
-                    extra={
-                        "agent_id": parts.agent_id,
-                        "host": s.agent_host,
-                        "port": port,
-                        "version": __version__,
-                        "standalone": cp is None,
-                    },
-                )
-            await serving
-        except SystemExit as e:  # uvicorn exits on a failed startup
-            log.error("HTTP server failed to start", extra={"code": e.code})
-            return 1
-        finally:
-            notifier.stopping()
-            listening.cancel()
-            await supervisor.stop(s.shutdown_timeout_s)
-            await services.instances.close()
-            await services.ssh.close()
-            await services.cpu_pool.close()
-            if cp is not None:
-                await cp.aclose()
-            sock.close()
-        log.info("agent stopped")
-        return 0
-
 
 def _tunnel_fields(s: Settings) -> dict[str, str | None]:
     return {
@@ -838,10 +606,6 @@ def _tunnel_fields(s: Settings) -> dict[str, str | None]:
         "address": s.tunnel_address,
         "public_address": s.tunnel_public_address,
     }
-
-
-async def _refreshed(isolation: Isolation) -> None:
-    await isolation.refresh()
 
 
 def run(settings: Settings) -> int:
@@ -855,3 +619,10 @@ def run(settings: Settings) -> int:
         return await agent.run()
 
     return asyncio.run(main())
+
+
+def _refreshed(isolation: Isolation) -> Callable[[], Awaitable[None]]:
+    async def refresh() -> None:
+        await isolation.refresh()
+
+    return refresh

@@ -15,23 +15,19 @@ from typing import Any
 
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
+from qudata_agent.config import Settings
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.image_access import LocalImage, RegistryUnreachable
 from qudata_agent.domain.instance import Action, Instance, Status
 from qudata_agent.domain.log_tail import LogTail
 from qudata_agent.domain.order import CreateOrder
-from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.domain.ssh_init import ImageConfig
+from qudata_agent.domain.storage import StoragePolicy
 from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape
 from qudata_agent.errors import AgentError, Conflict, NotFound
-from qudata_agent.services.builds import BuildPipeline
-from qudata_agent.services.capacity import Disk, HostCapacity
-from qudata_agent.services.images import ImageService
-from qudata_agent.services.instances import InstanceService
-from qudata_agent.services.pulls import PullCoordinator
-from qudata_agent.services.reconciler import Reconciler
-from qudata_agent.services.records import Records
-from qudata_agent.services.views import InstanceView, InstanceViews
+from qudata_agent.services.capacity import Disk
+from qudata_agent.services.views import InstanceView
+from qudata_agent.wiring import HostReads, Outside, StorageReads, Tuning, instance_side
 
 
 class PullFailed(AgentError):
@@ -129,8 +125,10 @@ class FakeEngine:
 
 
 class Stack:
-    """The instance side wired as app.py wires it, over a fake engine, driven like the
-    single-instance routes drive it (`act`, `delete` and `current` on the one instance)."""
+    """The instance side as app.py wires it (`wiring.instance_side`), over a fake engine,
+    driven like the single-instance routes drive it (`act`, `delete` and `current` on the
+    one instance). Parts whose adapters a test does not give are off, as on a host whose
+    settings turn them off."""
 
     def __init__(
         self,
@@ -142,54 +140,44 @@ class Stack:
         max_instances: int = 1,
         topology: GpuTopology | None = None,
         gpu_health: Callable[[Instance], Any] | None = None,
-        storage: Any = None,
+        storage: StorageReads | None = None,
+        storage_policy: StoragePolicy | None = None,
+        free_bytes: Callable[[str], int | None] = lambda path: 500 * 1024**3,
         prepare_spec: Any = None,
     ) -> None:
-        self.records = Records(store, blocking)
-        images = ImageService(engine, store, blocking, PullCoordinator(engine, blocking, 5))  # type: ignore[arg-type]
-        self.builds = BuildPipeline(
-            records=self.records,
-            engine=engine,
-            blocking=blocking,
-            images=images,
-            prepare_spec=prepare_spec,
-            cleanup_retry_s=cleanup_retry_s,
-        )
-        views = InstanceViews(
-            engine=engine, blocking=blocking, images=images, gpu_health=gpu_health, storage=storage
-        )
         gpus = topology or GpuTopology()
 
         async def read_topology(strict: bool) -> GpuTopology:
             return gpus
 
-        capacity = HostCapacity(
+        host = HostReads(
             topology=read_topology,
             shape=lambda g: HostShape(
                 gpus=g, cpus=tuple(Cpu(i, i) for i in range(8)), memory_bytes=32 * 1024**3
             ),
             disk=lambda: Disk(100 * 1024**3, 50 * 1024**3),
-            blocking=blocking,
-            max_instances=max_instances,
+            docker_free_bytes=lambda: None,
+            free_bytes=free_bytes,
+            port_free=lambda port, proto: True,
+            gpu_health=gpu_health,
         )
-        self.service = InstanceService(
-            records=self.records,
-            builds=self.builds,
-            views=views,
-            engine=engine,
-            blocking=blocking,
-            ports=PortAllocator((30000, 30009), frozenset(), lambda port, proto: True),
-            capacity=capacity,
-            agent_id="agent-1",
+        outside = Outside(
+            engine=engine, store=store, blocking=blocking, agent_id="agent-1", host=host,
             storage=storage,
+        )  # fmt: skip
+        settings = Settings(
+            max_instances=max_instances,
+            port_range=(30000, 30009),
+            **({"storage_policy": storage_policy} if storage_policy else {}),
         )
-        self.reconciler = Reconciler(
-            records=self.records,
-            builds=self.builds,
-            engine=engine,
-            blocking=blocking,
-            agent_id="agent-1",
+        self.side = instance_side(
+            outside, settings, Tuning(cleanup_retry_s=cleanup_retry_s, prepare_spec=prepare_spec)
         )
+        self.records = self.side.records
+        self.builds = self.side.builds
+        self.service = self.side.instances
+        self.reconciler = self.side.reconciler
+        self.storage = self.side.storage
 
     async def create(self, order: CreateOrder) -> Instance:
         return await self.service.create(order)
@@ -219,7 +207,7 @@ class Stack:
         await self.reconciler.restore()
 
     async def close(self) -> None:
-        await self.service.close()
+        await self.side.close()
 
 
 def make_service(engine: FakeEngine, store: Store, blocking: Blocking, **options: Any) -> Stack:

@@ -38,6 +38,7 @@ from qudata_agent.domain.storage import (
 )
 from qudata_agent.errors import Conflict, NotFound, Unavailable
 from qudata_agent.services.storage import STORE_KEY, StorageGuard, detect_quota_support
+from qudata_agent.wiring import StorageReads
 from support.fake_engine import FakeEngine, Stack
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -245,6 +246,7 @@ class Parts:
         self.store = Store.open(tmp_path / "agent.db")
         self.blocking = Blocking()
         self.free: dict[str, int | None] = {}
+        self.policy = policy
         self.guard = self.make_guard(policy)
 
     def make_guard(self, policy: StoragePolicy) -> StorageGuard:
@@ -258,7 +260,15 @@ class Parts:
         )
 
     def service(self) -> Stack:
-        return Stack(self.engine, self.store, self.blocking, storage=self.guard)
+        """The instance side as the agent wires it, with a guard of the same policy."""
+        return Stack(
+            self.engine,
+            self.store,
+            self.blocking,
+            storage=StorageReads(mount_options=lambda path: frozenset({"rw"})),
+            storage_policy=self.policy,
+            free_bytes=lambda path: self.free.get(path, 500 * GIB),
+        )
 
     def close(self) -> None:
         self.blocking.close()

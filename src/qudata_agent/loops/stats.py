@@ -16,6 +16,7 @@ from typing import Any
 
 from qudata_agent.domain.backoff import Backoff
 from qudata_agent.loops.periodic import run_every
+from qudata_agent.services.instance_events import InstanceEvents
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class StatsReporter:
         interval_s: float = INTERVAL_S,
         queue_max: int = 64,
         backoff_cap_s: float = 3.0,
+        events: InstanceEvents | None = None,
     ) -> None:
         self._sample = sample
         self._send = send
@@ -42,6 +44,8 @@ class StatsReporter:
         self._backoff = Backoff(base_s=0.25, cap_s=backoff_cap_s)
         self.dropped = 0
         self.sent = 0
+        if events is not None:
+            events.on_change(self.poke)  # a lifecycle action is reported at once
 
     def poke(self) -> None:
         """Asks for one report now (a lifecycle action happened)."""

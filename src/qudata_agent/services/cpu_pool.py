@@ -52,6 +52,8 @@ class CpuPool:
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self.applied: str | None = None  # the pool last applied (for the logs and tests)
+        records.events.on_new_run(self.poke)  # a pinned instance may have just come up
+        records.events.on_removed(self.poke)  # its cores may be free again
 
     def poke(self, _instance: Instance | None = None) -> None:
         """Asks for a pass (a new run's listener, or after a delete); never waits."""

@@ -29,6 +29,7 @@ from qudata_agent.domain.image_access import LocalImage
 from qudata_agent.domain.image_gc import CachedImage, Removal, Thresholds, plan
 from qudata_agent.domain.image_ref import familiar_ref
 from qudata_agent.errors import Conflict
+from qudata_agent.services.instance_events import InstanceEvents
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class ImageCache:
         thresholds: Thresholds,
         free_bytes: Callable[[str], int | None],
         on_removed: Callable[[str], None] = lambda _reason: None,
+        events: InstanceEvents | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -76,6 +78,8 @@ class ImageCache:
         self._on_removed = on_removed
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        if events is not None:
+            events.on_change(self.poke)  # a delete may leave an image unused
 
     def poke(self) -> None:
         """Asks for a pass soon (the loop waits on it)."""

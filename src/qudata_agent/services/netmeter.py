@@ -46,6 +46,7 @@ from qudata_agent.domain.netpolicy import (
     ruleset,
 )
 from qudata_agent.errors import AgentError
+from qudata_agent.services.instance_events import InstanceEvents
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class NetMeter:
         policy: EgressPolicy,
         default_mbps: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        events: InstanceEvents | None = None,
     ) -> None:
         self._instances = instances
         self._nft = nft
@@ -147,6 +149,9 @@ class NetMeter:
         self._runs: dict[str, _Run] = {}
         self._failing = False
         self._loaded = False
+        if events is not None:
+            events.on_new_run(self.poke)  # a new run has a new veth: caps and maps at once
+            events.on_removed(self.poke)  # a deleted instance's last count, then its counters go
         self._saved: dict[str, Any] | None = None
         self._last_pass = -math.inf  # when the last pass began (the loop's own or the tick's)
 

@@ -1,8 +1,9 @@
 """The instances' records and the one path every status change takes.
 
 Owns the writes of an instance's record after its creation, the per-instance
-locks, and the listeners told of changes. The instance service, the build
-pipeline and the reconciler all move statuses through here.
+locks, and the telling of changes (to `InstanceEvents`, where listeners sign
+up). The instance service, the build pipeline and the reconciler all move
+statuses through here.
 
 What stays true:
 - every status change is a transition the table in `domain.instance` allows
@@ -26,6 +27,7 @@ from typing import Protocol
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance, observe
+from qudata_agent.services.instance_events import InstanceEvents
 
 log = logging.getLogger(__name__)
 
@@ -52,32 +54,20 @@ class InstanceStore(Protocol):
 
 class Records:
     def __init__(
-        self, store: InstanceStore, blocking: Blocking, clock: Callable[[], float] = time.time
+        self,
+        store: InstanceStore,
+        blocking: Blocking,
+        events: InstanceEvents | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self._blocking = blocking
+        self.events = events or InstanceEvents()
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
-        self._listeners: list[Callable[[], None]] = []
-        self._run_listeners: list[Callable[[Instance], None]] = []
-        self._removal_listeners: list[Callable[[Instance], None]] = []
-
-    def on_change(self, listener: Callable[[], None]) -> None:
-        """`listener` is called after every lifecycle change (e.g. to send stats now)."""
-        self._listeners.append(listener)
-
-    def on_new_run(self, listener: Callable[[Instance], None]) -> None:
-        """`listener` is called each time a container starts a new run (SSH comes back)."""
-        self._run_listeners.append(listener)
-
-    def on_removed(self, listener: Callable[[Instance], None]) -> None:
-        """`listener` is called once an instance's record is gone (deleted, or vanished)."""
-        self._removal_listeners.append(listener)
 
     def removed(self, instance: Instance) -> None:
-        for listener in self._removal_listeners:
-            listener(instance)
-        self.changed()
+        self.events.removed(instance)
 
     def lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())
@@ -104,12 +94,10 @@ class Records:
         return after
 
     def new_run(self, instance: Instance) -> None:
-        for listener in self._run_listeners:
-            listener(instance)
+        self.events.new_run(instance)
 
     def changed(self) -> None:
-        for listener in self._listeners:
-            listener()
+        self.events.changed()
 
     async def vanished(self, instance: Instance) -> None:
         """Its container was removed behind the agent's back: the record goes, with its ports."""

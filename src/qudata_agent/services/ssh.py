@@ -55,6 +55,7 @@ from qudata_agent.domain.ssh_setup import (
     sshd_config_text,
 )
 from qudata_agent.errors import AgentError, Conflict, NotFound
+from qudata_agent.services.instance_events import InstanceEvents
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class SshService:
         probe: SshProbe,
         wait_timeout_s: float = WAIT_TIMEOUT_S,
         gate: PortGate | None = None,
+        events: InstanceEvents | None = None,
     ) -> None:
         self._engine = engine
         self._gate = gate
@@ -176,6 +178,9 @@ class SshService:
         self._again: set[str] = set()
         self._prune: asyncio.Task[None] | None = None
         self._prune_again = False
+        if events is not None:
+            events.on_new_run(self.on_new_run)  # sshd's banner watched on each run
+            events.on_change(self.prune_soon)  # a deleted instance's SSH directory goes too
 
     def _lock(self, instance_id: str) -> asyncio.Lock:
         return self._locks.setdefault(instance_id, asyncio.Lock())

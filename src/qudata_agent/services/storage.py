@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
@@ -199,6 +199,10 @@ class StorageGuard:
         """The storage part of the instance's answer; None when it asked for none."""
         request = (await self._blocking.quick(self._requests)).get(instance.id)
         return None if request is None else usage(request, self._used.get(instance.id))
+
+    async def check_all(self, instances: Callable[[], Awaitable[Sequence[Instance]]]) -> None:
+        """One watch pass over every instance there is now (the storage loop's pass)."""
+        await self.check(await instances())
 
     async def check(self, instances: Sequence[Instance]) -> None:
         """One watch pass: support detected again, every uncapped layer measured.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
@@ -26,6 +26,9 @@ from qudata_agent.domain.tunnel import (
     Health,
     Routing,
     TunnelConfig,
+    TunnelConfigError,
+    block_problem,
+    build,
     health,
     probe_target,
     view,
@@ -76,6 +79,42 @@ class Tunnel:
         self._started_at: float | None = None
         self.repairs = 0  # times something had to be put back
         self._lock = asyncio.Lock()  # a start and a check never run at once
+
+    async def start_from_settings(
+        self, fields: Mapping[str, str | None], *, standalone: bool
+    ) -> None:
+        """Up now when the settings hold the whole configuration; else /init may bring it."""
+        try:
+            config = build(fields, {})
+        except TunnelConfigError as e:
+            if standalone:
+                log.error("tunnel mode is off: settings incomplete", extra={"error": str(e)})
+            else:
+                log.info("tunnel settings incomplete; waiting for /init", extra={"missing": str(e)})
+            return
+        await self.start(config)
+
+    async def start_from_answer(
+        self,
+        fields: Mapping[str, str | None],
+        offer: Mapping[str, str],
+        port_range: tuple[int, int],
+    ) -> TunnelConfig | None:
+        """Up from /init's data.tunnel where the settings lacked it; the config it took, or
+        None when the tunnel was already configured or the offer cannot be used (logged)."""
+        if self.config is not None:
+            return None
+        try:
+            config = build(fields, offer)
+        except TunnelConfigError as e:
+            log.error("tunnel mode is off: no complete tunnel settings", extra={"error": str(e)})
+            return None
+        problem = block_problem(offer.get("ports"), port_range)
+        if problem:
+            log.error("tunnel mode is off", extra={"error": problem})
+            return None
+        await self.start(config)  # on failure the checks keep trying: the address moves now
+        return config
 
     async def start(self, config: TunnelConfig) -> bool:
         """Brings the tunnel up with `config`; False (logged, kept for the checks) on failure."""

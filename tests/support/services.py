@@ -114,11 +114,11 @@ def listen(
 ) -> None:
     """Signs the listeners up for what `records` tells."""
     if new_run is not None:
-        records.on_new_run(new_run)
+        records.events.on_new_run(new_run)
     if removed is not None:
-        records.on_removed(removed)
+        records.events.on_removed(removed)
     if changed is not None:
-        records.on_change(changed)
+        records.events.on_change(changed)
 
 
 # -- the services ---------------------------------------------------------------------

@@ -116,7 +116,7 @@ def assert_nothing_held(p: Parts, failed: Instance) -> None:
 
 async def test_a_build_ends_running_in_a_container_of_its_deterministic_name(p: Parts) -> None:
     changes: list[str] = []
-    p.records.on_change(lambda: changes.append("changed"))
+    p.records.events.on_change(lambda: changes.append("changed"))
     instance = pending(p)
     p.builds.start(instance, None)
     assert p.builds.building() == frozenset({"a"})

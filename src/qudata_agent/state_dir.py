@@ -36,7 +36,6 @@ class Meta:
     AGENT_ID = "agent_id"  # this host's identity, made at the first start
     AGENT_PORT = "agent_port"  # the port the API last listened on
     INVENTORY_DIGEST = "inventory_digest"  # set once the control plane accepted the host
-    STORAGE_REQUESTS = "storage_requests"  # storage_gb asked per instance (JSON)
 
 
 @dataclass(frozen=True)

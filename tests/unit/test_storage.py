@@ -11,7 +11,6 @@ instance service run against a real store and small fakes of the engine.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from qudata_agent.domain.storage import (
     usage,
 )
 from qudata_agent.errors import Conflict, NotFound, Unavailable
-from qudata_agent.services.storage import STORE_KEY, StorageGuard, detect_quota_support
+from qudata_agent.services.storage import StorageGuard, detect_quota_support
 from qudata_agent.wiring import StorageReads
 from support.fake_engine import FakeEngine, Stack
 
@@ -339,20 +338,20 @@ async def test_admit_records_the_request_and_prunes_gone_instances(monitor: Part
     assert monitor.guard.admit("gone", 1) is None
     monitor.store.insert_instance(_instance("kept"))
     assert monitor.guard.admit("kept", 2.5) is None
-    assert json.loads(monitor.store.get(STORE_KEY) or "") == {
-        "kept": {"requested_bytes": int(2.5 * GIB), "enforced": False, "default": False}
+    assert monitor.store.storage_requests() == {
+        "kept": StorageRequest(requested_bytes=int(2.5 * GIB), enforced=False, default=False)
     }
     view = await monitor.guard.view(_instance("kept"))
     assert view == StorageUsage(requested_gb=2.5, enforced=False, used_gb=None, over_limit=False)
     assert await monitor.guard.view(_instance("other")) is None
 
 
-async def test_the_record_survives_a_new_guard_and_garbage_is_dropped(monitor: Parts) -> None:
+async def test_the_record_survives_a_new_guard_and_goes_with_the_instance(monitor: Parts) -> None:
     monitor.store.insert_instance(_instance("i-1"))
     monitor.guard.admit("i-1", 3)
     again = monitor.make_guard(StoragePolicy.MONITOR)
     assert (await again.view(_instance("i-1"))) == StorageUsage(3.0, False, None, False)
-    monitor.store.set(STORE_KEY, "not json")
+    monitor.store.delete_instance("i-1")
     assert await again.view(_instance("i-1")) is None
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from qudata_agent.adapters.store import MIGRATIONS, Store
 from qudata_agent.domain.container_spec import ContainerSpec, Mount, PortBinding
-from qudata_agent.domain.instance import Status, Wanted
+from qudata_agent.domain.instance import Instance, Status, Wanted
+from qudata_agent.domain.storage import StorageRequest
 from qudata_agent.errors import Unavailable
 
 
@@ -138,6 +139,75 @@ def test_an_old_instance_row_loads_with_its_spec_after_the_migration(db_path: Pa
     (record,) = check.execute("SELECT record FROM instances WHERE id = 'i1'").fetchone()
     check.close()
     assert "spec_json" not in json.loads(record)  # the record no longer carries it
+
+
+REQUESTS_IN_TABLE = 8  # the schema version that moved the storage requests out of meta
+
+
+def _database_at(db_path: Path, version: int, blob: str | None) -> None:
+    conn = sqlite3.connect(db_path)
+    for migration in MIGRATIONS[: version - 1]:
+        for statement in migration:
+            conn.execute(statement)
+    if blob is not None:
+        conn.execute("INSERT INTO meta(key, value) VALUES('storage_requests', ?)", (blob,))
+    conn.execute(f"PRAGMA user_version = {version - 1}")
+    conn.commit()
+    conn.close()
+
+
+def test_the_storage_requests_blob_moves_to_its_table(db_path: Path) -> None:
+    blob = {
+        "asked": {"requested_bytes": 3 * 1024**3, "enforced": True, "default": False},
+        "defaulted": {"requested_bytes": 1024**3, "enforced": False, "default": True},
+        "before-default-was-kept": {"requested_bytes": 5, "enforced": False},
+        "garbage": {"requested_bytes": "many"},
+        "not-an-object": 7,
+    }
+    _database_at(db_path, REQUESTS_IN_TABLE, json.dumps(blob, sort_keys=True))
+    store = Store.open(db_path)
+    try:
+        assert store.storage_requests() == {
+            "asked": StorageRequest(3 * 1024**3, enforced=True, default=False),
+            "defaulted": StorageRequest(1024**3, enforced=False, default=True),
+            "before-default-was-kept": StorageRequest(5, enforced=False, default=False),
+        }
+        assert store.get("storage_requests") is None  # the blob is gone
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("blob", ["not json", "[1, 2]", "{}", None])
+def test_an_unreadable_or_missing_storage_blob_leaves_no_requests(
+    db_path: Path, blob: str | None
+) -> None:
+    _database_at(db_path, REQUESTS_IN_TABLE, blob)
+    store = Store.open(db_path)  # never refuses to start over it
+    try:
+        assert store.schema_version() == len(MIGRATIONS)
+        assert store.storage_requests() == {}
+        assert store.get("storage_requests") is None
+    finally:
+        store.close()
+
+
+def test_a_storage_request_is_pruned_when_its_instance_is_gone(store: Store) -> None:
+    store.record_storage_request("first", StorageRequest(1, enforced=False))
+    store.record_storage_request("second", StorageRequest(2, enforced=True))
+    assert set(store.storage_requests()) == {"second"}  # "first" never got its row
+    store.insert_instance(
+        Instance(
+            id="second",
+            status=Status.PENDING,
+            wanted=Wanted.RUNNING,
+            image="busybox:1",
+            container_name="qudata-second",
+        )
+    )
+    store.record_storage_request("third", StorageRequest(3, enforced=False))
+    assert set(store.storage_requests()) == {"second", "third"}
+    store.delete_instance("second")
+    assert set(store.storage_requests()) == {"third"}
 
 
 def test_get_of_an_unknown_key_is_none(store: Store) -> None:

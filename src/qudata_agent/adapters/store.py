@@ -32,6 +32,7 @@ from qudata_agent.adapters.store_codec import (
 )
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.ssh_keys import PublicKey
+from qudata_agent.domain.storage import StorageRequest
 from qudata_agent.domain.volumes import Mechanism, State, Volume
 from qudata_agent.errors import Conflict, NotFound, Unavailable
 
@@ -100,6 +101,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE instances ADD COLUMN spec TEXT",
         "UPDATE instances SET spec = NULLIF(json_extract(record, '$.spec_json'), '{}'),"
         " record = json_remove(record, '$.spec_json')",
+    ),
+    (
+        # What each instance's storage_gb asked for (domain.storage.StorageRequest),
+        # recorded at admission, before the instance's own row: no foreign key;
+        # a row goes with its instance's, and a recording prunes orphans.
+        "CREATE TABLE storage_requests (instance_id TEXT PRIMARY KEY,"
+        " requested_bytes INTEGER NOT NULL, enforced INTEGER NOT NULL,"
+        " is_default INTEGER NOT NULL)",
+        # Until now one JSON object in the meta key 'storage_requests'. An entry
+        # that cannot be read (or a blob that is not an object) is dropped, as
+        # the reader of the blob did.
+        "INSERT INTO storage_requests(instance_id, requested_bytes, enforced, is_default)"
+        " SELECT key, json_extract(value, '$.requested_bytes'),"
+        " COALESCE(json_extract(value, '$.enforced'), 0),"
+        " COALESCE(json_extract(value, '$.default'), 0)"
+        " FROM json_each((SELECT value FROM meta WHERE key = 'storage_requests'"
+        " AND json_valid(value) AND json_type(value) = 'object'))"
+        " WHERE json_type(value) = 'object'"
+        " AND json_type(value, '$.requested_bytes') = 'integer'",
+        "DELETE FROM meta WHERE key = 'storage_requests'",
     ),
 )
 
@@ -304,9 +325,37 @@ class Store:
                 raise _VolumeTaken(f"volume {volume_id} is in use or not ready")
 
     def delete_instance(self, instance_id: str) -> None:
-        """Removes the record; its ports and GPUs go with it (ON DELETE CASCADE)."""
-        with self._writing():
-            self._conn.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+        """Removes the record; its ports and GPUs go with it (ON DELETE CASCADE), and its
+        storage request."""
+        with self._transaction() as tx:
+            tx.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+            tx.execute("DELETE FROM storage_requests WHERE instance_id = ?", (instance_id,))
+
+    def storage_requests(self) -> dict[str, StorageRequest]:
+        """What each instance's storage_gb asked for, by instance id."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT instance_id, requested_bytes, enforced, is_default FROM storage_requests"
+            ).fetchall()
+        return {str(i): StorageRequest(int(n), bool(e), bool(d)) for i, n, e, d in rows}
+
+    def record_storage_request(self, instance_id: str, request: StorageRequest) -> None:
+        """Records (or replaces) one request; those of instances that are gone are pruned.
+
+        Called at admission, before the instance's row is inserted: its own
+        request is kept whether or not the row exists yet.
+        """
+        with self._transaction() as tx:
+            tx.execute(
+                "DELETE FROM storage_requests WHERE instance_id != ?"
+                " AND instance_id NOT IN (SELECT id FROM instances)",
+                (instance_id,),
+            )
+            tx.execute(
+                "INSERT OR REPLACE INTO storage_requests"
+                "(instance_id, requested_bytes, enforced, is_default) VALUES(?, ?, ?, ?)",
+                (instance_id, request.requested_bytes, request.enforced, request.default),
+            )
 
     def get_instance(self, instance_id: str) -> Instance | None:
         with self._lock:

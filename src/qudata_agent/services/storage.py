@@ -12,7 +12,7 @@ when an instance passes its size and a note when it is back under.
 
 What stays true:
 - a request is enforced, watched, or refused; never silently dropped;
-- what an instance asked for is kept in the store (one meta key, JSON, pruned
+- what an instance asked for is kept in the store (a row per instance, pruned
   of instances that no longer exist whenever a new one is recorded), so the
   answer survives an agent restart;
 - the layer is measured only where nothing caps it or where VOLUME paths
@@ -23,7 +23,6 @@ What stays true:
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,11 +43,8 @@ from qudata_agent.domain.storage import (
     usage,
 )
 from qudata_agent.errors import AgentError, NotFound
-from qudata_agent.state_dir import Meta
 
 log = logging.getLogger(__name__)
-
-STORE_KEY = Meta.STORAGE_REQUESTS
 
 MountOptions = Callable[[str], frozenset[str] | None]  # data root -> its mount options
 FreeBytes = Callable[[str], int | None]  # path -> free bytes on its filesystem
@@ -64,11 +60,9 @@ class StorageEngine(Protocol):
 
 
 class StorageStore(Protocol):
-    def get(self, key: str) -> str | None: ...
+    def storage_requests(self) -> dict[str, StorageRequest]: ...
 
-    def set(self, key: str, value: str) -> None: ...
-
-    def list_instances(self) -> list[Instance]: ...
+    def record_storage_request(self, instance_id: str, request: StorageRequest) -> None: ...
 
 
 def detect_quota_support(engine: StorageEngine, mount_options: MountOptions) -> QuotaSupport:
@@ -171,27 +165,11 @@ class StorageGuard:
         free = self._free_bytes(support.data_root) if support.data_root else None
         limit = admit(storage_gb, support, self._policy, free, asked)
         request = StorageRequest(int(storage_gb * GIB), limit is not None, default=not asked)
-        self._record(instance_id, request)
+        self._store.record_storage_request(instance_id, request)
         return limit
 
     def _requests(self) -> dict[str, StorageRequest]:
-        raw = self._store.get(STORE_KEY)
-        try:
-            records = json.loads(raw) if raw else {}
-            return {key: StorageRequest(**value) for key, value in records.items()}
-        except (ValueError, TypeError, AttributeError):
-            log.warning("unreadable storage records in the store; starting afresh")
-            return {}
-
-    def _record(self, instance_id: str, request: StorageRequest) -> None:
-        alive = {instance.id for instance in self._store.list_instances()}
-        requests = {k: v for k, v in self._requests().items() if k in alive}
-        requests[instance_id] = request
-        records = {
-            k: {"requested_bytes": v.requested_bytes, "enforced": v.enforced, "default": v.default}
-            for k, v in requests.items()
-        }
-        self._store.set(STORE_KEY, json.dumps(records, sort_keys=True))
+        return self._store.storage_requests()
 
     # -- read and watch -------------------------------------------------------
 

@@ -309,6 +309,50 @@ def test_relative_imports_resolve_from_the_file_and_from_a_package_init() -> Non
     assert _resolve("config.py", 1, "errors") == "qudata_agent.errors"
 
 
+# `Records` (services/records.py) is the only writer of instance rows: every insert,
+# update, failed build and delete goes through it (DESIGN.md: status changes go
+# through one path). Naming one of these store methods anywhere else (a call, or
+# handing the bound method to a thread) is an offence; the store defines them.
+INSTANCE_ROW_WRITERS = frozenset(
+    {"insert_instance", "update_instance", "fail_instance", "delete_instance", "release_resources"}
+)
+INSTANCE_ROW_OWNERS = frozenset({"services/records.py", "adapters/store.py"})
+
+
+def instance_row_offences(rel: str, source: str) -> list[str]:
+    if rel in INSTANCE_ROW_OWNERS:
+        return []
+    return [
+        f"{rel}:{node.lineno} writes an instance row around Records ({node.attr})"
+        for node in ast.walk(ast.parse(source, filename=rel))
+        if isinstance(node, ast.Attribute) and node.attr in INSTANCE_ROW_WRITERS
+    ]
+
+
+def test_only_records_writes_instance_rows() -> None:
+    offences = [o for rel, source in _modules() for o in instance_row_offences(rel, source)]
+    assert offences == [], "\n  ".join(offences)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "self._records.store.delete_instance(i)\n",
+        "await blocking.quick(self._records.store.fail_instance, failed)\n",
+        "store = self._records.store\nstore.insert_instance(instance, volumes)\n",
+        "self._store.update_instance(instance)\n",
+    ],
+)
+def test_the_instance_row_checker_finds_one(source: str) -> None:
+    assert instance_row_offences("services/instances.py", source)
+    assert instance_row_offences("services/records.py", source) == []
+
+
+def test_the_instance_row_checker_accepts_records_methods() -> None:
+    source = "await self._records.delete(i)\nself._records.insert(instance, volumes)\n"
+    assert instance_row_offences("services/instances.py", source) == []
+
+
 # Nothing runs inside a tenant's container on the agent's initiative (CIS Docker 5.23):
 # no module of the agent may so much as name Docker's exec calls.
 CONTAINER_EXEC = frozenset({"exec_run", "exec_create", "exec_start", "exec_inspect"})

@@ -233,7 +233,7 @@ class BuildPipeline:
             attempts=3,
         )
         await until_done(
-            lambda: self._blocking.quick(self._records.store.fail_instance, failed),
+            lambda: self._records.fail(failed),
             "record a failed build",
             base_s=base,
             cap_s=cap,

@@ -260,8 +260,7 @@ class InstanceService:
         volume_ids: tuple[str, ...] = (),
     ) -> Instance:
         """Takes ports and records the instance (in a thread, under the create lock)."""
-        store = self._records.store
-        ports = self._ports.allocate(requests, store.allocated_ports())
+        ports = self._ports.allocate(requests, self._records.store.allocated_ports())
         instance_id = str(uuid.uuid4())
         storage = None
         if placement.storage_bytes is not None and self._storage is not None:
@@ -298,7 +297,7 @@ class InstanceService:
             wanted_at=now,
             spec=spec,
         )
-        store.insert_instance(instance, volume_ids)  # takes the volumes, or refuses (409)
+        self._records.insert(instance, volume_ids)  # takes the volumes, or refuses (409)
         return instance
 
     async def host(self) -> HostView:
@@ -373,7 +372,7 @@ class InstanceService:
             if fresh is None:
                 return instance  # a delete that ran meanwhile did it: the same answer
             await remove_container(self._engine, self._blocking, fresh)
-            await self._blocking.quick(self._records.store.delete_instance, fresh.id)
+            await self._records.delete(fresh.id)
         self._records.forget_lock(instance.id)
         log.info("instance deleted", extra={"instance_id": instance.id})
         self._records.removed(instance)

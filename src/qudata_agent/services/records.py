@@ -1,11 +1,14 @@
 """The instances' records and the one path every status change takes.
 
-Owns the writes of an instance's record after its creation, the per-instance
-locks, and the telling of changes (to `InstanceEvents`, where listeners sign
-up). The instance service, the build pipeline and the reconciler all move
-statuses through here.
+Owns every write of an instance's row (its insert at create, its updates,
+a failed build's record, its delete), the per-instance locks, and the
+telling of changes (to `InstanceEvents`, where listeners sign up). The
+instance service, the build pipeline and the reconciler all move statuses
+through here.
 
 What stays true:
+- no other module calls the store's instance-row writers (a test in
+  tests/unit/test_architecture.py walks the source for them);
 - every status change is a transition the table in `domain.instance` allows
   (`Instance.move`, `observe`), written to the store before anyone is told;
 - one lock per instance: the holder is the only one acting on that instance
@@ -82,9 +85,25 @@ class Records:
         """Every record, oldest first."""
         return await self._blocking.quick(self.store.list_instances)
 
+    def insert(self, instance: Instance, volumes: Iterable[str] = ()) -> None:
+        """Records a new instance with its ports, GPUs and volumes, all or nothing.
+
+        Blocking: the create calls it from its thread, under the create lock,
+        right after it chose the ports. Refuses (409) a volume that is taken.
+        """
+        self.store.insert_instance(instance, volumes)
+
     async def save(self, instance: Instance) -> Instance:
         await self._blocking.quick(self.store.update_instance, instance)
         return instance
+
+    async def fail(self, failed: Instance) -> None:
+        """Records a failed build and frees its ports and GPUs, in one transaction."""
+        await self._blocking.quick(self.store.fail_instance, failed)
+
+    async def delete(self, instance_id: str) -> None:
+        """Removes the row; its ports, GPUs and storage request go with it."""
+        await self._blocking.quick(self.store.delete_instance, instance_id)
 
     async def save_observed(self, before: Instance, state: ContainerState) -> Instance:
         """The record after Docker reported `state`; new-run listeners told of a fresh start."""
@@ -105,5 +124,5 @@ class Records:
             "instance container removed outside the agent; instance destroyed",
             extra={"instance_id": instance.id},
         )
-        await self._blocking.quick(self.store.delete_instance, instance.id)
+        await self.delete(instance.id)
         self.removed(instance)

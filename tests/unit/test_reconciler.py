@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +40,11 @@ class StopFailingEngine(FakeEngine):
     def __init__(self) -> None:
         super().__init__()
         self.stop_fails: set[str] = set()
+        self.on_list: Callable[[], None] = lambda: None  # what happens while Docker lists
+
+    def list_managed(self, agent_id: str) -> list[ContainerState]:
+        self.on_list()
+        return super().list_managed(agent_id)
 
     def stop(self, container_id: str, timeout_s: int = 10) -> None:
         if container_id in self.stop_fails:
@@ -129,6 +134,18 @@ async def test_only_the_agents_own_old_orphans_are_removed(p: Parts) -> None:
         young.container_id,
     }
     assert p.engine.containers[foreign.container_id] == foreign  # not even stopped
+
+
+async def test_a_container_whose_record_came_after_the_store_was_read_is_kept(p: Parts) -> None:
+    """The store is read before Docker lists; a removal checks the store again first."""
+    raced = container(p, "raced")
+
+    def create_meanwhile() -> None:
+        record(p.base, "raced", status=Status.PENDING)
+
+    p.engine.on_list = create_meanwhile
+    await p.reconciler.sync()
+    assert raced.container_id in p.engine.containers
 
 
 async def test_the_container_of_an_instance_being_built_is_not_an_orphan(p: Parts) -> None:

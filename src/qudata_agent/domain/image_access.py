@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from qudata_agent.domain.image_ref import normal_repository
+from qudata_agent.domain.image_ref import normal_repository, parse_reference
 from qudata_agent.errors import AgentError
 
 
@@ -52,9 +52,9 @@ def repository_digests(image: LocalImage, repository: str) -> frozenset[str]:
     name = normal_repository(repository)
     found = set()
     for entry in image.digests:
-        repo, _, digest = entry.partition("@")
-        if normal_repository(repo) == name and digest:
-            found.add(digest)
+        ref = parse_reference(entry)
+        if ref.digest is not None and normal_repository(ref.repository) == name:
+            found.add(ref.digest)
     return frozenset(found)
 
 

@@ -40,15 +40,17 @@ CONF_DIR=/etc/qudata-agent
 ENV_FILE=$CONF_DIR/agent.env
 PROXY_FILE=$CONF_DIR/proxy.env
 STATE_DIR=/var/lib/qudata-agent
+# The one name in the state dir this script writes itself (the agent's state_dir.py
+# owns the names; tests/unit/test_install_names.py holds this one to it). The
+# database and its backup are reached through `qudata-agent state`.
 KEY_FILE=$STATE_DIR/api_key
-DB_FILE=$STATE_DIR/agent.db
-BACKUP_DIR=$STATE_DIR/backup
 UNIT=qudata-agent.service
 UNIT_FILE=/etc/systemd/system/$UNIT
 # The tenant firewall at boot, before Docker starts containers (the agent may not be up).
 FW_UNIT=qudata-agent-firewall.service
 FW_UNIT_FILE=/etc/systemd/system/$FW_UNIT
 LINK=/usr/local/bin/qudata-agent
+AGENT=$PREFIX/venv/bin/qudata-agent # the installed agent's command line
 DAEMON_JSON=/etc/docker/daemon.json
 SYSCTL_FILE=/etc/sysctl.d/60-qudata-agent.conf
 DEFAULT_AGENT_PORT=1024 # fixed, so that fleets can write firewall rules for it
@@ -454,38 +456,6 @@ step_volumes() {
   [ "$(stat -f -c %T "$dir" 2>/dev/null)" != xfs ] || apt_install xfsprogs
 }
 
-# merged_daemon_json: daemon.json on stdout with live-restore and the pull
-# settings merged into what is there (every other key kept as it is).
-merged_daemon_json() {
-  local mirrors
-  mirrors=$(printf '%s\n' "${MIRRORS[@]+"${MIRRORS[@]}"}")
-  "$PYTHON" - "$DAEMON_JSON" "$MAX_DOWNLOADS" "$mirrors" "$RUNSC" "$SANDBOX_GPU" <<'PY'
-import json, sys
-path, downloads, mirrors = sys.argv[1], sys.argv[2], [m for m in sys.argv[3].split("\n") if m]
-runsc, gpu = sys.argv[4], sys.argv[5] == "1"
-try:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-except FileNotFoundError:
-    text = ""
-config = json.loads(text) if text.strip() else {}
-if not isinstance(config, dict):
-    sys.exit(f"{path} is not a JSON object")
-config["live-restore"] = True
-if downloads:
-    config["max-concurrent-downloads"] = int(downloads)
-if mirrors:
-    config["registry-mirrors"] = mirrors
-if runsc:
-    # --network=host: the container's own namespace through the host's stack (the
-    # firewall and the published ports act on it as on any container).
-    args = ["--network=host"] + (["--nvproxy"] if gpu else [])
-    runtimes = config.setdefault("runtimes", {})
-    runtimes["runsc"] = {"path": runsc, "runtimeArgs": args}
-print(json.dumps(config, indent=2, sort_keys=True))
-PY
-}
-
 is_sha512_line() { grep -Eq '^[0-9a-f]{128}( |$)' "$1"; }
 is_elf() { [ "$(head -c 4 "$1" | od -An -c | tr -d ' ')" = "177ELF" ]; }
 
@@ -516,23 +486,45 @@ step_sandbox() {
     warn "this runsc has no nvproxy: sandboxes get no GPUs"
 }
 
+# docker_settings: the KEY=JSON settings this install merges into daemon.json
+# (the URLs are checked by valid_url: no quote or backslash to escape).
+docker_settings() {
+  echo "live-restore=true"
+  [ -z "$MAX_DOWNLOADS" ] || echo "max-concurrent-downloads=$MAX_DOWNLOADS"
+  if [ ${#MIRRORS[@]} -gt 0 ]; then
+    local list
+    list=$(printf '"%s",' "${MIRRORS[@]}")
+    echo "registry-mirrors=[${list%,}]"
+  fi
+  if [ -n "$RUNSC" ]; then
+    # --network=host: the container's own namespace through the host's stack (the
+    # firewall and the published ports act on it as on any container).
+    local args='"--network=host"'
+    [ "$SANDBOX_GPU" = 0 ] || args+=', "--nvproxy"'
+    echo "runtimes.runsc={\"path\": \"$RUNSC\", \"runtimeArgs\": [$args]}"
+  fi
+}
+
+# step_docker_config: the settings merged into daemon.json by the agent's own
+# `docker-config merge` (every other key kept; a file that is not JSON is refused).
 step_docker_config() {
   step "Docker settings: $DAEMON_JSON (live-restore: tenants survive a Docker restart)"
-  local merged
-  if [ "$DRY_RUN" = 1 ] && ! command -v "$PYTHON" >/dev/null; then
-    would "merge live-restore into $DAEMON_JSON (with the Python installed above)"
-    return 0
-  fi
-  if ! merged=$(merged_daemon_json); then
+  local result settings=()
+  mapfile -t settings < <(docker_settings)
+  if [ "$DRY_RUN" = 1 ]; then
+    if ! result=$("$AGENT" docker-config merge --dry-run "$DAEMON_JSON" "${settings[@]}" 2>/dev/null); then
+      would "merge live-restore into $DAEMON_JSON (with the agent installed above)"
+      return 0
+    fi
+  elif ! result=$("$AGENT" docker-config merge "$DAEMON_JSON" "${settings[@]}"); then
     die "$DAEMON_JSON is not valid JSON: fix it (live-restore must be set there)"
   fi
-  if [ -f "$DAEMON_JSON" ] && [ "$("$PYTHON" -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=2, sort_keys=True))' "$DAEMON_JSON" 2>/dev/null)" = "$merged" ]; then
+  if [ "$result" = unchanged ]; then
     note "live-restore on$([ -z "$MAX_DOWNLOADS" ] || echo ", max-concurrent-downloads $MAX_DOWNLOADS")$([ ${#MIRRORS[@]} -eq 0 ] || echo ", registry mirrors ${MIRRORS[*]}")"
     return 0
   fi
   would "merge live-restore$([ -z "$MAX_DOWNLOADS" ] || echo ", max-concurrent-downloads")$([ ${#MIRRORS[@]} -eq 0 ] || echo ", registry-mirrors")$([ -z "$RUNSC" ] || echo ", the runsc runtime") into $DAEMON_JSON and reload dockerd" && return 0
-  mkdir -p "$(dirname "$DAEMON_JSON")"
-  printf '%s\n' "$merged" | write_file "$DAEMON_JSON" 0644
+  TOUCHED=1
   note "merged into $DAEMON_JSON"
   # These settings are reloadable: SIGHUP, no restart, no container stops.
   if [ "$SYSTEMD" = 1 ] && systemctl is-active --quiet docker.service; then
@@ -995,8 +987,6 @@ resolve_state_dir() {
   [[ $configured == /?* ]] || die "QUDATA_STATE_DIR=$configured: expected an absolute path"
   STATE_DIR=$configured
   KEY_FILE=$STATE_DIR/api_key
-  DB_FILE=$STATE_DIR/agent.db
-  BACKUP_DIR=$STATE_DIR/backup
 }
 
 step_proxy() {
@@ -1100,27 +1090,16 @@ step_firewall_unit() {
   fi
 }
 
-# backup_db: a consistent copy of the live database (SQLite's backup API, so
-# a running agent's WAL is included), taken before a new version starts.
+# backup_db: a consistent copy of the live database in the state dir's backup
+# (`qudata-agent state backup`: a running agent's WAL is included), taken
+# before a new version starts, for a rollback to the previous one.
 backup_db() {
-  [ -f "$DB_FILE" ] || return 0
-  local previous
+  local previous saved
   previous=$(readlink "$PREFIX/venv.previous" 2>/dev/null || true)
   [ -n "$previous" ] || return 0
-  install -d -m 0700 "$BACKUP_DIR"
-  "$PYTHON" - "$DB_FILE" "$BACKUP_DIR/agent.db.next" <<'PY'
-import sqlite3, sys
-source = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
-target = sqlite3.connect(sys.argv[2])
-with target:
-    source.backup(target)
-target.close()
-source.close()
-PY
-  chmod 600 "$BACKUP_DIR/agent.db.next"
-  mv -f "$BACKUP_DIR/agent.db.next" "$BACKUP_DIR/agent.db"
-  echo "$previous" >"$BACKUP_DIR/venv"
-  note "database saved to $BACKUP_DIR/agent.db (for --rollback to $(basename "$previous"))"
+  saved=$("$AGENT" state backup --state-dir "$STATE_DIR" --label "$previous") ||
+    die "the database could not be backed up: the new version is not started"
+  note "$saved"
 }
 
 wait_active() {
@@ -1169,7 +1148,7 @@ step_doctor() {
 
 rollback() {
   step "rollback to the previous version"
-  local previous current saved_for
+  local previous current saved=""
   previous=$(readlink "$PREFIX/venv.previous" 2>/dev/null || true)
   current=$(readlink "$PREFIX/venv" 2>/dev/null || true)
   if [ -z "$previous" ] || [ ! -x "$PREFIX/$previous/bin/qudata-agent" ]; then
@@ -1179,20 +1158,12 @@ rollback() {
   would "stop $UNIT, switch $PREFIX/venv to $previous, restore the database if its schema changed, start $UNIT" &&
     return 0
   [ "$SYSTEMD" = 0 ] || systemctl stop "$UNIT"
-  saved_for=$(cat "$BACKUP_DIR/venv" 2>/dev/null || true)
-  if [ -f "$BACKUP_DIR/agent.db" ] && [ "$saved_for" = "$previous" ] && [ -f "$DB_FILE" ]; then
-    local now was
-    now=$("$PYTHON" -c 'import sqlite3,sys; print(sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True).execute("PRAGMA user_version").fetchone()[0])' "$DB_FILE")
-    was=$("$PYTHON" -c 'import sqlite3,sys; print(sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True).execute("PRAGMA user_version").fetchone()[0])' "$BACKUP_DIR/agent.db")
-    if [ "$now" != "$was" ]; then
-      # The upgrade migrated the schema, which the older agent refuses: take the copy.
-      rm -f "$DB_FILE-wal" "$DB_FILE-shm"
-      install -m 0600 "$BACKUP_DIR/agent.db" "$DB_FILE"
-      note "database restored from $BACKUP_DIR/agent.db (schema $now -> $was)"
-    else
-      note "database kept (same schema $now; what changed since the upgrade stays)"
-    fi
+  # The current (newer) agent puts the backup taken for $previous back in place
+  # when the upgrade migrated the schema, which the older agent would refuse.
+  if ! saved=$("$AGENT" state restore --state-dir "$STATE_DIR" --label "$previous"); then
+    warn "the database could not be compared with its backup: kept as it is"
   fi
+  [ -z "$saved" ] || note "$saved"
   ln -sfn "$current" "$PREFIX/venv.previous.next"
   ln -sfn "$previous" "$PREFIX/venv.next"
   mv -Tf "$PREFIX/venv.next" "$PREFIX/venv"
@@ -1225,7 +1196,6 @@ main() {
   fi
   if [ "$ROLLBACK" = 1 ]; then
     resolve_state_dir
-    PYTHON=$(find_python) || die "no Python 3.11 or newer"
     rollback
     say "done"
     return 0
@@ -1239,9 +1209,9 @@ main() {
   step_nvidia
   step_sandbox
   step_upgrades
-  step_docker_config
   step_hold
   step_agent
+  step_docker_config # by the agent installed above (its `docker-config merge`)
   step_config
   step_state
   step_ports

@@ -95,21 +95,9 @@ ensure_sandbox_runtime() {
   local daemon_json=/etc/docker/daemon.json
   docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"' && return 0
   say "registering runsc with Docker ($daemon_json)"
-  mkdir -p "$(dirname "$daemon_json")"
-  "$VENV/bin/python" - "$daemon_json" "$(command -v runsc)" "$SANDBOX_RUNTIME_ARGS" <<'PY'
-import json, os, sys
-path, runsc, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-try:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-except FileNotFoundError:
-    text = ""
-config = json.loads(text) if text.strip() else {}
-config.setdefault("runtimes", {})["runsc"] = {"path": runsc, "runtimeArgs": args}
-with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-os.replace(path + ".tmp", path)
-PY
+  "$VENV/bin/qudata-agent" docker-config merge "$daemon_json" \
+    "runtimes.runsc={\"path\": \"$(command -v runsc)\", \"runtimeArgs\": $SANDBOX_RUNTIME_ARGS}" >/dev/null ||
+    die "cannot register runsc in $daemon_json"
   # The dockerd behind the default socket (its pid file), not any other one.
   local pid
   pid=$(cat /var/run/docker.pid 2>/dev/null || true)

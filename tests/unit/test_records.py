@@ -15,6 +15,7 @@ import pytest
 
 from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import IllegalTransition, Instance, Status, Wanted
+from qudata_agent.errors import Conflict
 from support.services import AGENT_ID, Base, base_on, listen, make_records, record
 
 
@@ -144,3 +145,36 @@ async def test_records_read_back_as_written_oldest_first(base: Base) -> None:
     assert await records.save(wanted) == wanted
     assert await records.get("z") == wanted
     assert await records.get("nobody") is None
+
+
+async def test_an_insert_takes_its_ports_and_gpus_or_nothing(base: Base) -> None:
+    records = make_records(base)
+    first = record(base, "a", ports={"22": 30001}, gpus=("GPU-1",))
+    clash = replace(first, id="b", ports={"22": 30002, "80": 30001}, gpus=())
+    with pytest.raises(Conflict):
+        records.insert(clash)
+    assert await records.get("b") is None
+    assert base.store.allocated_ports() == frozenset({30001})
+    records.insert(replace(clash, ports={"22": 30002}, gpus=("GPU-2",)))
+    assert base.store.allocated_ports() == frozenset({30001, 30002})
+    assert base.store.allocated_gpus() == frozenset({"GPU-1", "GPU-2"})
+
+
+async def test_a_failed_build_keeps_its_record_and_frees_what_it_held(base: Base) -> None:
+    records = make_records(base)
+    building = record(base, "a", status=Status.PENDING, ports={"22": 30001}, gpus=("GPU-1",))
+    failed = building.move(Status.ERROR, now=5.0, reason="pull denied")
+    await records.fail(failed)
+    assert await records.get("a") == failed
+    assert base.store.allocated_ports() == frozenset()
+    assert base.store.allocated_gpus() == frozenset()
+
+
+async def test_a_delete_takes_the_row_and_what_it_held(base: Base) -> None:
+    records = make_records(base)
+    record(base, "a", ports={"22": 30001}, gpus=("GPU-1",))
+    kept = record(base, "b", ports={"22": 30002})
+    await records.delete("a")
+    assert await records.all() == [kept]
+    assert base.store.allocated_ports() == frozenset({30002})
+    assert base.store.allocated_gpus() == frozenset()

@@ -108,6 +108,7 @@ from qudata_agent.state_dir import (
     METER_FILE,
     TUNNEL_KEY_FILE,
     Meta,
+    StateDir,
 )
 from qudata_agent.wall import egress_policy, wall_plan
 from qudata_agent.wiring import (
@@ -169,7 +170,7 @@ async def _outside(parts: _Parts, s: Settings, agent_port: int) -> Outside:
     """The real adapters of the instance side, as `wiring.instance_side` takes them."""
     blocking, docker, nvml = parts.blocking, parts.docker, parts.nvml
     docker_disk = DockerDisk(docker, disk_usage_bytes, disk_free_bytes)
-    ssh_root = s.state_dir / "ssh"
+    ssh_root = StateDir(s.state_dir).ssh_dir
     gate = IptablesPortGate(parts.agent_id) if s.firewall else None
     reserved = {agent_port} | ({s.metrics_listen[1]} if s.metrics_listen else set())
 
@@ -223,7 +224,7 @@ async def _outside(parts: _Parts, s: Settings, agent_port: int) -> Outside:
 
 def _volume_parts(s: Settings) -> VolumeParts:
     """Volumes under the state directory, sized the way this host's filesystem allows."""
-    root = s.state_dir / "volumes"
+    root = StateDir(s.state_dir).volumes_dir
     ensure_private_dir(root)
     found = fs_facts(root)
     mechanism, why = choose_mechanism(None if found is None else found[0])

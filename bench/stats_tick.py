@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from qudata_agent.adapters.cgroups import CgroupReader
 from qudata_agent.adapters.docker import DockerEngine
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.host import HostCounters
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec
@@ -184,7 +185,8 @@ async def _telemetry_ticks(targets: list[tuple[str, int]], ticks: int) -> Figure
     engine, blocking = DockerEngine(), Blocking()
     try:
         telemetry = Telemetry(
-            instances=listed, engine=engine, cgroups=CgroupReader(), host=HostCounters(),
+            instances=listed, engine=DockerPorts(engine, blocking), cgroups=CgroupReader(),
+            host=HostCounters(),
             gpu_samples=_no_gpus, host_gpus=_no_host_gpus,
             size=HostSize(HOST_CPUS, HOST_MEMORY), blocking=blocking, max_instances=len(targets),
         )  # fmt: skip

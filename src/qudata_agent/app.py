@@ -27,6 +27,7 @@ from qudata_agent.acceptor import PortPolicy, raise_open_files_limit
 from qudata_agent.adapters.cgroups import CgroupReader
 from qudata_agent.adapters.control_plane import ControlPlane, ControlPlaneError
 from qudata_agent.adapters.docker import DockerEngine
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.firewall import Firewall
 from qudata_agent.adapters.host import (
     HostCounters,
@@ -139,7 +140,8 @@ class _Parts:
     store: Store
     credentials: Credentials
     blocking: Blocking
-    docker: DockerEngine
+    docker: DockerEngine  # blocking: for reads that already run in a worker thread
+    engine: DockerPorts  # the same engine as the services take it: async, each call its pool
     nvml: Nvml
     agent_id: str
     api_key: str | None
@@ -155,11 +157,14 @@ def _open_state(settings: Settings) -> _Parts:
         SecretFile(settings.state_dir / AGENT_SECRET_FILE),
         SecretFile(settings.state_dir / API_KEY_FILE),
     )
+    blocking = Blocking()
+    docker = DockerEngine(settings.docker_host)
     return _Parts(
         store=store,
         credentials=credentials,
-        blocking=Blocking(),
-        docker=DockerEngine(settings.docker_host),
+        blocking=blocking,
+        docker=docker,
+        engine=DockerPorts(docker, blocking),
         nvml=Nvml(),
         agent_id=store.get_or_create(AGENT_ID_KEY, lambda: str(uuid.uuid4())),
         api_key=credentials.api_key(settings.api_key),
@@ -169,7 +174,7 @@ def _open_state(settings: Settings) -> _Parts:
 async def _outside(parts: _Parts, s: Settings, agent_port: int) -> Outside:
     """The real adapters of the instance side, as `wiring.instance_side` takes them."""
     blocking, docker, nvml = parts.blocking, parts.docker, parts.nvml
-    docker_disk = DockerDisk(docker, disk_usage_bytes, disk_free_bytes)
+    docker_disk = DockerDisk(docker.data_root, disk_usage_bytes, disk_free_bytes)
     ssh_root = StateDir(s.state_dir).ssh_dir
     gate = IptablesPortGate(parts.agent_id) if s.firewall else None
     reserved = {agent_port} | ({s.metrics_listen[1]} if s.metrics_listen else set())
@@ -179,7 +184,7 @@ async def _outside(parts: _Parts, s: Settings, agent_port: int) -> Outside:
         return len(report.gpus), report.driver_version
 
     return Outside(
-        engine=docker,
+        engine=parts.engine,
         store=parts.store,
         blocking=blocking,
         agent_id=parts.agent_id,
@@ -192,9 +197,11 @@ async def _outside(parts: _Parts, s: Settings, agent_port: int) -> Outside:
             port_free=port_is_free,
             gpu_health=lambda i: parts.health.problems(i.gpus, since=i.created_at),
             disable_ipv6=ipv6_available(),
-            cdi_gpus=await cdi_gpus(docker, nvml.uuids_async, cdi_spec_texts, blocking),
+            cdi_gpus=await cdi_gpus(parts.engine, nvml.uuids_async, cdi_spec_texts, blocking),
         ),
-        storage=StorageReads(mount_options, lambda path: tree_bytes(path).bytes),
+        storage=StorageReads(
+            mount_options, docker.storage_info, lambda path: tree_bytes(path).bytes
+        ),
         ssh=SshParts(
             files=InstanceSshFiles(ssh_root / "instances"),
             bundle=await ssh_bundle(SshBundle(ssh_root / "bundles").ensure, blocking),
@@ -414,11 +421,7 @@ class Agent:
         supervisor.start(
             "docker-events",
             lambda: docker_events_loop(
-                parts.docker,
-                parts.agent_id,
-                reconciler.on_container_event,
-                reconciler.sync,
-                parts.blocking,
+                parts.engine, parts.agent_id, reconciler.on_container_event, reconciler.sync
             ),
         )
         supervisor.start(
@@ -507,7 +510,7 @@ class Agent:
         probe = HostProbe(parts.nvml)
 
         async def host_inventory() -> dict[str, Any]:
-            return await inventory(parts.docker, probe.inventory, side.isolation, parts.blocking)
+            return await inventory(parts.engine, probe.inventory, side.isolation, parts.blocking)
 
         return Registrar(
             cp, parts.credentials, parts.store, identity, host_inventory, parts.blocking
@@ -516,7 +519,7 @@ class Agent:
     def _reporter(self, parts: _Parts, side: InstanceSide, cp: ControlPlane) -> StatsReporter:
         telemetry = Telemetry(
             instances=side.records.all,
-            engine=parts.docker,
+            engine=parts.engine,
             cgroups=CgroupReader(),
             host=HostCounters(),
             gpu_samples=parts.nvml.samples_async,

@@ -6,10 +6,17 @@ seconds or minutes (image pulls, container create, start, stop, restart,
 the full container listing, log streams), so neither a long pull nor eight
 container starts on a loaded host can starve the quick calls the API needs
 (under a burst of creates, `GET /instances` waited behind `docker start`
-when both shared one pool). A call that reads what a tenant controls (a
-file in its container) runs `alone`: in a thread of its own, never a pool's,
-one at a time per key, so a tenant that makes it hang holds only that thread
-and only its own key. What stays true: nothing blocking runs on the event
+when both shared one pool). The pool belongs to the call, not the caller:
+every Docker call's is declared once, in the adapter's async ports
+(`adapters/docker/ports.py`), so services await Docker without naming a
+pool; what else blocks (the store, /proc and /sys reads, host tools) is
+handed here by its owner, which picks the pool.
+
+A call that reads what a tenant controls (a file in its container) runs
+`alone`: in a thread of its own, never a pool's, one at a time per key, so
+a tenant that makes it hang holds only that thread and only its own key.
+
+What stays true: nothing blocking runs on the event
 loop thread; `close()` waits for running quick calls, refuses new ones, and
 leaves slow calls to be aborted by their owners.
 """

@@ -34,6 +34,7 @@ from qudata_agent.domain.volumes import Mechanism
 from qudata_agent.services.builds import BuildPipeline
 from qudata_agent.services.capacity import Disk, HostCapacity
 from qudata_agent.services.cpu_pool import CpuPool
+from qudata_agent.services.engine import Engine
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import ImageService
 from qudata_agent.services.instance_events import InstanceEvents
@@ -46,7 +47,7 @@ from qudata_agent.services.reconciler import Reconciler
 from qudata_agent.services.records import Records
 from qudata_agent.services.registry_guard import RegistryGuard
 from qudata_agent.services.ssh import BundleInfo, PortGate, SshFiles, SshProbe, SshService
-from qudata_agent.services.storage import MountOptions, StorageGuard, TreeBytes
+from qudata_agent.services.storage import MountOptions, StorageGuard, StorageInfoRead, TreeBytes
 from qudata_agent.services.views import InstanceViews
 from qudata_agent.services.volumes import Backing, CopyTree, VolumeService
 
@@ -69,6 +70,7 @@ class HostReads:
 @dataclass(frozen=True)
 class StorageReads:
     mount_options: MountOptions
+    storage_info: StorageInfoRead  # the blocking engine's (detection runs in worker threads)
     tree_bytes: TreeBytes | None = None
 
 
@@ -112,7 +114,7 @@ class IsolationParts:
 class Outside:
     """The adapters, built by `app.py` (or fakes of them, built by a test)."""
 
-    engine: Any  # the Docker engine: every service takes the slice it uses
+    engine: Engine  # Docker's async ports: every service takes the ports it uses
     store: Any  # the database: likewise
     blocking: Blocking
     agent_id: str
@@ -173,7 +175,7 @@ def instance_side(o: Outside, s: Settings, tuning: Tuning = Tuning()) -> Instanc
     ssh = _ssh(o, events)
     volumes = _volumes(o, records)
     capacity = _capacity(o, s, volumes)
-    cpu_pool = CpuPool(records=records, capacity=capacity, engine=engine, blocking=blocking)
+    cpu_pool = CpuPool(records=records, capacity=capacity, engine=engine)
     meter = _meter(o, s, records)
     pulls = PullCoordinator(engine, blocking, s.pull_inactivity_s, o.host.docker_free_bytes)
     images = ImageService(engine, store, blocking, pulls, guard=o.registry)
@@ -211,7 +213,6 @@ def instance_side(o: Outside, s: Settings, tuning: Tuning = Tuning()) -> Instanc
         records=records,
         builds=builds,
         engine=engine,
-        blocking=blocking,
         agent_id=o.agent_id,
         stop_timeout_s=s.stop_timeout_s,
         on_pass=o.on_reconcile,
@@ -256,6 +257,7 @@ def _storage(o: Outside, s: Settings) -> StorageGuard | None:
         o.engine,
         o.store,
         o.blocking,
+        storage_info=o.storage.storage_info,
         policy=s.storage_policy,
         mount_options=o.storage.mount_options,
         free_bytes=o.host.free_bytes,
@@ -367,7 +369,6 @@ def _views(
 ) -> InstanceViews:
     return InstanceViews(
         engine=o.engine,
-        blocking=o.blocking,
         images=images,
         ssh=ssh.view if ssh else None,
         gpu_health=o.host.gpu_health,

@@ -40,7 +40,7 @@ def btrfs() -> Iterator[BtrfsDocker]:
 def main_daemon_cannot_cap() -> None:
     engine = DockerEngine()
     try:
-        support = detect_quota_support(engine, mount_options)
+        support = detect_quota_support(engine.storage_info, mount_options)
     finally:
         engine.close()
     # The refuse/monitor cases need a daemon that cannot cap sizes: overlay2 on

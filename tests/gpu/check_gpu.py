@@ -32,6 +32,7 @@ from typing import Any
 
 from qudata_agent.adapters.cgroups import CgroupReader
 from qudata_agent.adapters.docker import DockerEngine
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.host import HostCounters, HostProbe, host_memory_bytes, host_shape
 from qudata_agent.adapters.nvml import Nvml
 from qudata_agent.adapters.runtimes import sandbox_gpus
@@ -346,7 +347,8 @@ async def _containers_per_gpu(
             return tuple(g.uuid for g in smi)
 
         telemetry = Telemetry(
-            instances=listed, engine=engine, cgroups=CgroupReader(), host=HostCounters(),
+            instances=listed, engine=DockerPorts(engine, blocking), cgroups=CgroupReader(),
+            host=HostCounters(),
             gpu_samples=nvml.samples_async, host_gpus=host_gpus,
             size=HostSize(os.cpu_count() or 1, host_memory_bytes()), blocking=blocking,
             max_instances=len(instances) + 1,

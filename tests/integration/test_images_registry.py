@@ -22,6 +22,7 @@ import docker
 import pytest
 
 from qudata_agent.adapters.docker import DockerEngine
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.host import disk_free_bytes
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
@@ -62,6 +63,11 @@ class Parts:
     images: ImageService
     removed: list[str] = field(default_factory=list)
 
+    @property
+    def ports(self) -> DockerPorts:
+        """The engine as the services take it."""
+        return DockerPorts(self.engine, self.blocking)
+
     def creds(self, registry: Registry, password: str | None = None) -> RegistryCredentials:
         c = registry.credentials(password)
         return RegistryCredentials(c["login"], c["password"], c["registry"])
@@ -72,7 +78,8 @@ async def parts(tmp_path: Path) -> AsyncIterator[Parts]:
     engine = CountingEngine()
     store = Store.open(tmp_path / "agent.db")
     blocking = Blocking()
-    images = ImageService(engine, store, blocking, PullCoordinator(engine, blocking, 60))
+    ports = DockerPorts(engine, blocking)
+    images = ImageService(ports, store, blocking, PullCoordinator(ports, blocking, 60))
     yield Parts(engine, store, blocking, images)
     engine.close()
     blocking.close()
@@ -202,7 +209,7 @@ async def test_gc_removes_unused_images_lru_first_and_keeps_the_protected(
         free = disk_free_bytes(parts.engine.data_root())
         assert free is not None
         cache = ImageCache(
-            parts.engine,
+            parts.ports,
             parts.store,
             parts.blocking,
             busy=lambda: frozenset({refs["pulling"]}),
@@ -238,7 +245,7 @@ async def test_gc_removes_the_old_image_of_a_moved_prepull_tag(
     free = disk_free_bytes(parts.engine.data_root())
     assert free is not None
     cache = ImageCache(
-        parts.engine,
+        parts.ports,
         parts.store,
         parts.blocking,
         busy=frozenset,
@@ -273,17 +280,17 @@ async def test_an_image_larger_than_the_free_disk_fails_early_and_is_not_kept(
 ) -> None:
     """The real pull from a real registry; only the free space it is weighed against is small."""
     ref, _ = open_registry.push_new(_name(), extra_bytes=3 * 1024**2)  # random: 3 MiB compressed
-    pulls = PullCoordinator(parts.engine, parts.blocking, 60, free_bytes=lambda: 1024**2)
-    images = ImageService(parts.engine, parts.store, parts.blocking, pulls)
+    pulls = PullCoordinator(parts.ports, parts.blocking, 60, free_bytes=lambda: 1024**2)
+    images = ImageService(parts.ports, parts.store, parts.blocking, pulls)
     with pytest.raises(ImageTooLarge, match="does not fit") as caught:
         await images.ensure(ref, None)
     assert "has 1.0 MiB free" in caught.value.message
     assert parts.engine.local_image(ref) is None
     # with the disk's real free space the same pull goes through
     await ImageService(
-        parts.engine,
+        parts.ports,
         parts.store,
         parts.blocking,
-        PullCoordinator(parts.engine, parts.blocking, 60, free_bytes=lambda: 1000 * GIB),
+        PullCoordinator(parts.ports, parts.blocking, 60, free_bytes=lambda: 1000 * GIB),
     ).ensure(ref, None)
     assert parts.engine.local_image(ref) is not None

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from qudata_agent.adapters.docker import DockerEngine
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.network import OPT_BRIDGE, OPT_ICC, NetworkInfo, problems
 from qudata_agent.errors import Unavailable
@@ -48,7 +49,8 @@ def names() -> Iterator[tuple[str, str]]:
 async def _prepare(name: str, bridge: str) -> None:
     engine, blocking = DockerEngine(), Blocking()
     try:
-        guard = NetworkGuard(engine, None, blocking, name=name, bridge=bridge, agent_id="a")
+        networks = DockerPorts(engine, blocking)
+        guard = NetworkGuard(networks, None, blocking, name=name, bridge=bridge, agent_id="a")
         await guard.prepare()
     finally:
         engine.close()

@@ -83,7 +83,7 @@ def on_main() -> Iterator[Env]:
 
 
 def test_the_btrfs_daemon_is_found_to_enforce_sizes(btrfs: BtrfsDocker, on_btrfs: Env) -> None:
-    support = detect_quota_support(on_btrfs.engine, mount_options)
+    support = detect_quota_support(on_btrfs.engine.storage_info, mount_options)
     assert support.enforceable and support.fix == ""
     assert support.driver == "btrfs"
     assert support.data_root == str(btrfs.data_root)
@@ -114,7 +114,7 @@ def test_a_container_given_2_gb_can_write_1_5_gb(on_btrfs: Env) -> None:
 
 def test_the_verdict_on_the_main_daemon_matches_what_docker_does(on_main: Env) -> None:
     """Where the agent says "cannot enforce", Docker refuses a size; where "can", it works."""
-    support = detect_quota_support(on_main.engine, mount_options)
+    support = detect_quota_support(on_main.engine.storage_info, mount_options)
     assert support.driver == on_main.engine.storage_info().driver
     if support.enforceable:
         container_id = on_main.run(storage_bytes=1 * GIB)

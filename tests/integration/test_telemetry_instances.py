@@ -18,6 +18,7 @@ import pytest
 
 from qudata_agent.adapters.cgroups import CgroupReader
 from qudata_agent.adapters.docker import DockerEngine
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.host import HostCounters, host_memory_bytes
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec
@@ -120,7 +121,8 @@ async def test_each_instance_is_measured_against_its_own_limits(
     blocking = Blocking()
     try:
         telemetry = Telemetry(
-            instances=listed, engine=docker, cgroups=CgroupReader(), host=HostCounters(),
+            instances=listed, engine=DockerPorts(docker, blocking), cgroups=CgroupReader(),
+            host=HostCounters(),
             gpu_samples=_no_gpus, host_gpus=_host_gpus,
             size=HostSize(cpus=os.cpu_count() or 1, memory_bytes=host_memory_bytes()),
             blocking=blocking, max_instances=4,

@@ -1,7 +1,8 @@
 """A fake Docker engine for unit tests of the instance service: containers in a dict.
 
-Stands in for `adapters.docker.DockerEngine` behind the service's `Engine`
-protocol; the real engine is covered by tests/integration and tests/e2e.
+Stands in for the blocking `adapters.docker.DockerEngine`; services get it
+behind the adapter's async ports (`DockerPorts`), as they get the real one.
+The real engine is covered by tests/integration and tests/e2e.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
@@ -162,7 +164,8 @@ class Stack:
             gpu_health=gpu_health,
         )
         outside = Outside(
-            engine=engine, store=store, blocking=blocking, agent_id="agent-1", host=host,
+            engine=DockerPorts(engine, blocking), store=store, blocking=blocking,  # type: ignore[arg-type]
+            agent_id="agent-1", host=host,
             storage=storage,
         )  # fmt: skip
         settings = Settings(

@@ -2,9 +2,10 @@
 
 Each service's tests build it here and nowhere else, so a change of a
 constructor (or of where listeners sign up) is one edit in this module. The
-store is always a real `Store` on a sqlite file; Docker is `FakeEngine` or a
-fake of the service's own narrow interface; nothing here starts a thread of
-its own or touches Docker.
+store is always a real `Store` on a sqlite file; Docker is `FakeEngine` (or a
+smaller fake) behind the adapter's own async ports (`DockerPorts`), so each
+call runs in the pool the real one would; nothing here starts a thread of its
+own or touches Docker.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec
@@ -24,8 +26,8 @@ from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape
 from qudata_agent.services.builds import BuildPipeline
 from qudata_agent.services.capacity import Disk, HostCapacity
-from qudata_agent.services.cpu_pool import CpuPool, CpusetEngine
-from qudata_agent.services.image_cache import CacheEngine, ImageCache
+from qudata_agent.services.cpu_pool import CpuPool
+from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import ImageService
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.reconciler import Reconciler
@@ -44,6 +46,10 @@ class Base:
     store: Store
     blocking: Blocking
     engine: FakeEngine = field(default_factory=FakeEngine)
+
+    def ports(self, engine: Any = None) -> DockerPorts:
+        """`engine` (the base's by default) behind the adapter's async ports."""
+        return DockerPorts(self.engine if engine is None else engine, self.blocking)
 
 
 @contextmanager
@@ -125,8 +131,8 @@ def listen(
 
 
 def make_images(base: Base) -> ImageService:
-    pulls = PullCoordinator(base.engine, base.blocking, 5)  # type: ignore[arg-type]
-    return ImageService(base.engine, base.store, base.blocking, pulls)
+    pulls = PullCoordinator(base.ports(), base.blocking, 5)
+    return ImageService(base.ports(), base.store, base.blocking, pulls)
 
 
 def make_builds(
@@ -135,7 +141,7 @@ def make_builds(
     options.setdefault("cleanup_retry_s", 0.01)
     return BuildPipeline(
         records=records,
-        engine=base.engine,
+        engine=base.ports(),
         blocking=base.blocking,
         images=images or make_images(base),
         **options,
@@ -148,16 +154,15 @@ def make_reconciler(
     return Reconciler(
         records=records,
         builds=builds,
-        engine=base.engine,
-        blocking=base.blocking,
+        engine=base.ports(),
         agent_id=AGENT_ID,
         **options,
     )
 
 
 def make_views(base: Base, images: ImageService | None = None, **options: Any) -> InstanceViews:
-    options.setdefault("engine", base.engine)
-    return InstanceViews(blocking=base.blocking, images=images or make_images(base), **options)
+    options["engine"] = base.ports(options.get("engine"))
+    return InstanceViews(images=images or make_images(base), **options)
 
 
 def eight_cpus(gpus: GpuTopology) -> HostShape:
@@ -177,15 +182,13 @@ def make_capacity(base: Base, **options: Any) -> HostCapacity:
     return HostCapacity(blocking=base.blocking, **options)
 
 
-def make_cpu_pool(
-    base: Base, records: Records, capacity: HostCapacity, engine: CpusetEngine
-) -> CpuPool:
-    return CpuPool(records=records, capacity=capacity, engine=engine, blocking=base.blocking)
+def make_cpu_pool(base: Base, records: Records, capacity: HostCapacity, engine: Any) -> CpuPool:
+    return CpuPool(records=records, capacity=capacity, engine=base.ports(engine))
 
 
 def make_image_cache(
     base: Base,
-    engine: CacheEngine,
+    engine: Any,
     *,
     thresholds: Thresholds,
     free_bytes: int | None,
@@ -194,7 +197,7 @@ def make_image_cache(
     on_removed: Callable[[str], None] = lambda _reason: None,
 ) -> ImageCache:
     return ImageCache(
-        engine,
+        base.ports(engine),
         base.store,
         base.blocking,
         busy=lambda: busy,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.instance import IllegalTransition
 from qudata_agent.loops.docker_events import docker_events_loop
@@ -51,7 +52,7 @@ async def test_a_raising_handler_does_not_stop_the_loop_or_count_as_a_lost_strea
 
     blocking = Blocking()
     loop = asyncio.ensure_future(
-        docker_events_loop(source, "a", on_event, on_resume, blocking, window_s=0.01)
+        docker_events_loop(DockerPorts(source, blocking), "a", on_event, on_resume, window_s=0.01)
     )
     try:
         for _ in range(200):

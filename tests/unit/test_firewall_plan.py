@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.firewall import FirewallError
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.firewall import (
@@ -117,7 +118,13 @@ def blocking() -> Iterator[Blocking]:
 
 def _guard(wall: FakeWall, networks: FakeNetworks, blocking: Blocking) -> NetworkGuard:
     return NetworkGuard(
-        networks, wall, blocking, name="qudata", bridge="qd0", agent_id="a", wall_plan=plan("qd0")
+        DockerPorts(networks, blocking),  # type: ignore[arg-type]
+        wall,
+        blocking,
+        name="qudata",
+        bridge="qd0",
+        agent_id="a",
+        wall_plan=plan("qd0"),
     )
 
 
@@ -146,7 +153,9 @@ async def test_creates_waiting_together_share_one_check(blocking: Blocking) -> N
 
 
 async def test_the_firewall_off_verifies_nothing(blocking: Blocking) -> None:
-    guard = NetworkGuard(FakeNetworks(), None, blocking, name="q", bridge="qd0", agent_id="a")
+    guard = NetworkGuard(
+        DockerPorts(FakeNetworks(), blocking), None, blocking, name="q", bridge="qd0", agent_id="a"
+    )
     await guard.verify()
     await guard.check()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.image_access import LocalImage, RegistryRefused, RegistryUnreachable
@@ -65,7 +66,8 @@ async def parts(tmp_path: Path) -> AsyncIterator[tuple[ImageService, FakeRegistr
     engine = FakeRegistryEngine()
     store = Store.open(tmp_path / "agent.db")
     blocking = Blocking()
-    service = ImageService(engine, store, blocking, PullCoordinator(engine, blocking, 5))
+    ports = DockerPorts(engine, blocking)  # type: ignore[arg-type]
+    service = ImageService(ports, store, blocking, PullCoordinator(ports, blocking, 5))
     yield service, engine, store
     engine.gate.set()
     blocking.close()
@@ -168,9 +170,8 @@ async def test_admission_refuses_a_forbidden_registry_unless_nothing_is_contacte
     store = Store.open(tmp_path / "agent.db")
     blocking = Blocking()
     guard = RegistryGuard(allow=(), resolve=resolve, own_addresses=frozenset)
-    service = ImageService(
-        engine, store, blocking, PullCoordinator(engine, blocking, 5), guard=guard
-    )
+    ports = DockerPorts(engine, blocking)  # type: ignore[arg-type]
+    service = ImageService(ports, store, blocking, PullCoordinator(ports, blocking, 5), guard=guard)
     try:
         with pytest.raises(InvalidRequest, match="loopback"):
             await service.admit(resolve_image("localhost:5000/app:1", None))

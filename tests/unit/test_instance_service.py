@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
@@ -105,7 +106,8 @@ async def test_a_failed_pull_frees_everything_and_keeps_the_reason(parts: Any) -
 
 async def test_two_waiters_share_one_pull(parts: Any) -> None:
     _, engine, _ = parts
-    pulls = PullCoordinator(engine, Blocking(), inactivity_s=5)
+    blocking = Blocking()
+    pulls = PullCoordinator(DockerPorts(engine, blocking), blocking, inactivity_s=5)
     first = asyncio.ensure_future(pulls.ensure("shared:1", None))
     second = asyncio.ensure_future(pulls.ensure("shared:1", None))
     await asyncio.sleep(0.05)

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.store_codec import spec_from_json, spec_to_json
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec
@@ -269,7 +270,14 @@ def _service(engine: FakeEngine, tools: FakeTools, gpus: int = 0) -> Isolation:
     async def driver() -> tuple[int, str | None]:
         return gpus, "550.54.15" if gpus else None
 
-    return Isolation(engine=engine, tools=tools, blocking=Blocking(), driver=driver, recheck_s=0.0)
+    blocking = Blocking()
+    return Isolation(
+        engine=DockerPorts(engine, blocking),  # type: ignore[arg-type]
+        tools=tools,
+        blocking=blocking,
+        driver=driver,
+        recheck_s=0.0,
+    )
 
 
 def test_the_service_probes_once_and_finds_a_runtime_registered_later() -> None:

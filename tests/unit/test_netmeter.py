@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status, Wanted
@@ -113,8 +114,10 @@ class Rig:
         async def listed() -> list[Instance]:
             return list(self.instances)
 
-        return NetMeter(instances=listed, nft=self.nft, shaper=self.shaper, engine=FakeEngine(),
-                        account=self.account, blocking=Blocking(), bridge="br0",
+        blocking = Blocking()
+        return NetMeter(instances=listed, nft=self.nft, shaper=self.shaper,
+                        engine=DockerPorts(FakeEngine(), blocking),  # type: ignore[arg-type]
+                        account=self.account, blocking=blocking, bridge="br0",
                         policy=EgressPolicy(), default_mbps=default_mbps)  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.ssh_files import InstanceSshFiles
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
@@ -112,7 +113,7 @@ def _service(
     files = InstanceSshFiles(tmp_path / "instances")
     chosen = FakeBundle(tmp_path / "bundles") if bundle is None else bundle
     service = SshService(
-        engine,  # type: ignore[arg-type]
+        DockerPorts(engine, blocking),  # type: ignore[arg-type]
         store,
         blocking,
         files,

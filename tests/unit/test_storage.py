@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from qudata_agent.adapters.docker import DockerError
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.adapters.host import mount_options, parse_mount_options
 from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
@@ -250,9 +251,10 @@ class Parts:
 
     def make_guard(self, policy: StoragePolicy) -> StorageGuard:
         return StorageGuard(
-            self.engine,
+            DockerPorts(self.engine, self.blocking),
             self.store,
             self.blocking,
+            storage_info=self.engine.storage_info,
             policy=policy,
             mount_options=lambda path: frozenset({"rw"}),
             free_bytes=lambda path: self.free.get(path, 500 * GIB),
@@ -264,7 +266,9 @@ class Parts:
             self.engine,
             self.store,
             self.blocking,
-            storage=StorageReads(mount_options=lambda path: frozenset({"rw"})),
+            storage=StorageReads(
+                mount_options=lambda path: frozenset({"rw"}), storage_info=self.engine.storage_info
+            ),
             storage_policy=self.policy,
             free_bytes=lambda path: self.free.get(path, 500 * GIB),
         )
@@ -300,7 +304,7 @@ def test_detect_quota_support_asks_docker_and_the_mount_table() -> None:
         return frozenset({"rw", "prjquota"})
 
     support = detect_quota_support(
-        StorageEngine(StorageInfo("overlay2", "xfs", "/data/docker")), options
+        StorageEngine(StorageInfo("overlay2", "xfs", "/data/docker")).storage_info, options
     )
     assert support.enforceable and support.data_root == "/data/docker"
     assert asked == ["/data/docker"]
@@ -535,9 +539,10 @@ async def test_volume_paths_are_counted_with_the_layer_even_where_the_layer_is_c
         return {"/v/a": GIB, "/v/b": GIB // 2}[path]
 
     guard = StorageGuard(
-        parts.engine,
+        DockerPorts(parts.engine, parts.blocking),
         parts.store,
         parts.blocking,
+        storage_info=parts.engine.storage_info,
         policy=StoragePolicy.MONITOR,
         mount_options=lambda path: frozenset({"rw"}),
         free_bytes=lambda path: 500 * GIB,

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from qudata_agent.adapters.cgroups import MetricsUnavailable
+from qudata_agent.adapters.docker.ports import DockerPorts
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status, Wanted
@@ -123,7 +124,8 @@ class Rig:
             return self.host_gpus
 
         self.telemetry = Telemetry(
-            instances=listed, engine=self.engine, cgroups=self.cgroups, host=FakeHost(),
+            instances=listed, engine=DockerPorts(self.engine, blocking), cgroups=self.cgroups,
+            host=FakeHost(),
             gpu_samples=self.nvml.samples, host_gpus=host_gpus, size=SIZE, blocking=blocking,
             max_instances=max_instances, network=network,
         )  # fmt: skip

@@ -27,15 +27,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerSpec, ContainerState, neutral_hook_env
+from qudata_agent.domain.container_spec import ContainerSpec, neutral_hook_env
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.registry_credentials import RegistryCredentials
-from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.errors import AgentError, Conflict
 from qudata_agent.retry import until_done
+from qudata_agent.services.engine import Containers, Engine
 from qudata_agent.services.images import ImageService
 from qudata_agent.services.records import Records
 
@@ -47,18 +47,6 @@ RESUMED_PULL_HINT = (
     " (the agent restarted during this pull and does not keep registry credentials:"
     " for a private image, delete the instance and create it again)"
 )
-
-
-class BuildEngine(Protocol):
-    def image_config(self, ref: str) -> ImageConfig: ...
-
-    def create(self, spec: ContainerSpec) -> str: ...
-
-    def start(self, container_id: str) -> None: ...
-
-    def remove(self, container_id: str) -> bool: ...
-
-    def inspect(self, container_id: str) -> ContainerState: ...
 
 
 class _BuildCancelled(Exception):
@@ -76,7 +64,7 @@ class BuildPipeline:
         self,
         *,
         records: Records,
-        engine: BuildEngine,
+        engine: Engine,  # its containers and image configs
         blocking: Blocking,
         images: ImageService,
         prepare_network: Callable[[float | None], Awaitable[None]] | None = None,
@@ -172,7 +160,7 @@ class BuildPipeline:
             await self._unless_cancelled(image, cancel)
             self._checkpoint(cancel)
             instance = await self._step(instance, "creating")
-            image_config = await self._blocking.quick(self._engine.image_config, spec.image)
+            image_config = await self._engine.image_config(spec.image)
             spec = replace(spec, env=neutral_hook_env(image_config.env, spec.env))
             if self._prepare_network is not None:
                 await self._prepare_network(wall_asked)
@@ -181,8 +169,8 @@ class BuildPipeline:
             container_id = await self._create_or_adopt(spec)
             instance = await self._step(instance, "starting", container_id=container_id)
             self._checkpoint(cancel)
-            await self._blocking.slow(self._engine.start, container_id)
-            state = await self._blocking.quick(self._engine.inspect, container_id)
+            await self._engine.start(container_id)
+            state = await self._engine.inspect(container_id)
             async with self._records.lock(instance.id):
                 instance = await self._records.save_observed(instance, state)
             log.info("instance up", extra={"instance_id": instance.id, "status": instance.status})
@@ -206,9 +194,9 @@ class BuildPipeline:
     async def _create_or_adopt(self, spec: ContainerSpec) -> str:
         """Creates the container, or adopts the one a crashed build already made."""
         try:
-            return await self._blocking.slow(self._engine.create, spec)
+            return await self._engine.create(spec)
         except Conflict:
-            state = await self._blocking.quick(self._engine.inspect, spec.name)
+            state = await self._engine.inspect(spec.name)
             if state.instance_id != spec.instance_id or state.agent_id != spec.agent_id:
                 raise
             log.info(
@@ -226,7 +214,7 @@ class BuildPipeline:
         failed = replace(failed, ports={}, gpus=())
         base, cap = self._cleanup_retry_s, max(self._cleanup_retry_s, 10.0)
         await until_done(
-            lambda: remove_container(self._engine, self._blocking, instance),
+            lambda: remove_container(self._engine, instance),
             "remove a failed build",
             base_s=base,
             cap_s=cap,
@@ -240,11 +228,7 @@ class BuildPipeline:
         )
 
 
-class _Remover(Protocol):
-    def remove(self, container_id: str) -> bool: ...
-
-
-async def remove_container(engine: _Remover, blocking: Blocking, instance: Instance) -> None:
+async def remove_container(engine: Containers, instance: Instance) -> None:
     """Removes the instance's container, by id and by name (a create may have left only that)."""
     for ref in dict.fromkeys(r for r in (instance.container_id, instance.container_name) if r):
-        await blocking.slow(engine.remove, ref)
+        await engine.remove(ref)

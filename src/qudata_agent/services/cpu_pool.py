@@ -19,21 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
 
-from qudata_agent.blocking import Blocking
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.placement import Holding, shared_cpus
 from qudata_agent.domain.topology import format_cpu_list
 from qudata_agent.errors import AgentError, NotFound
 from qudata_agent.services.capacity import HostCapacity
+from qudata_agent.services.engine import Containers
 from qudata_agent.services.records import Records
 
 log = logging.getLogger(__name__)
-
-
-class CpusetEngine(Protocol):
-    def set_cpuset(self, container_id: str, cpus: str) -> None: ...
 
 
 class CpuPool:
@@ -42,13 +37,11 @@ class CpuPool:
         *,
         records: Records,
         capacity: HostCapacity,
-        engine: CpusetEngine,
-        blocking: Blocking,
+        engine: Containers,
     ) -> None:
         self._records = records
         self._capacity = capacity
         self._engine = engine
-        self._blocking = blocking
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self.applied: str | None = None  # the pool last applied (for the logs and tests)
@@ -87,7 +80,7 @@ class CpuPool:
         for instance in floating:
             assert instance.container_id is not None
             try:
-                await self._blocking.slow(self._engine.set_cpuset, instance.container_id, pool)
+                await self._engine.set_cpuset(instance.container_id, pool)
             except NotFound:
                 continue  # removed meanwhile
         if pool != self.applied:

@@ -24,6 +24,7 @@ from qudata_agent.domain.inventory import HostInventory, init_host_payload
 from qudata_agent.domain.isolation import cdi_refusal
 from qudata_agent.errors import AgentError, Unavailable
 from qudata_agent.services.capacity import Disk
+from qudata_agent.services.engine import Daemon
 from qudata_agent.services.isolation import Isolation
 
 log = logging.getLogger(__name__)
@@ -32,28 +33,22 @@ FALLBACK_DOCKER_ROOT = "/var/lib/docker"
 T = TypeVar("T")
 
 
-class DockerRoot(Protocol):
-    def data_root(self) -> str: ...
-
-    def info(self) -> dict[str, Any]: ...
-
-
 class DockerDisk:
     """Docker's data root's filesystem (blocking calls: run them off the loop)."""
 
     def __init__(
         self,
-        engine: DockerRoot,
+        data_root: Callable[[], str],  # the blocking engine's
         usage: Callable[[str], tuple[int, int] | None],
         free: Callable[[str], int | None],
     ) -> None:
-        self._engine = engine
+        self._data_root = data_root
         self._usage = usage
         self._free = free
 
     def root(self) -> str:
         try:
-            return self._engine.data_root()
+            return self._data_root()
         except AgentError:
             return FALLBACK_DOCKER_ROOT
 
@@ -64,20 +59,20 @@ class DockerDisk:
     def free_now(self) -> int | None:
         """The free space of Docker's data root now; None when Docker cannot say where it is."""
         try:
-            return self._free(self._engine.data_root())
+            return self._free(self._data_root())
         except AgentError:
             return None
 
 
 async def inventory(
-    engine: DockerRoot,
+    engine: Daemon,
     probe: Callable[[str], HostInventory],
     isolation: Isolation | None,
     blocking: Blocking,
 ) -> dict[str, Any]:
     """The `/init/host` payload; the default data root's disk while Docker is unreachable."""
     try:
-        root = await blocking.quick(engine.data_root)
+        root = await engine.data_root()
     except Unavailable as e:
         log.warning(
             "Docker unreachable; disk size taken from the default data root",
@@ -133,14 +128,14 @@ async def port_gate(gate: Gate | None, blocking: Blocking) -> bool:
 
 
 async def cdi_gpus(
-    engine: DockerRoot,
+    engine: Daemon,
     gpus: Callable[[], Awaitable[Sequence[str]]],
     spec_texts: Callable[[list[str]], Sequence[str]],
     blocking: Blocking,
 ) -> bool:
     """Whether the container tier's GPUs go in by CDI name (decided once, at start)."""
     try:
-        info = await blocking.quick(engine.info)
+        info = await engine.info()
         uuids = await gpus()
     except AgentError:
         return False

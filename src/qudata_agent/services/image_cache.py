@@ -29,21 +29,10 @@ from qudata_agent.domain.image_access import LocalImage
 from qudata_agent.domain.image_gc import CachedImage, Removal, Thresholds, plan
 from qudata_agent.domain.image_ref import familiar_ref
 from qudata_agent.errors import Conflict
+from qudata_agent.services.engine import Engine
 from qudata_agent.services.instance_events import InstanceEvents
 
 log = logging.getLogger(__name__)
-
-
-class CacheEngine(Protocol):
-    def local_images(self) -> list[LocalImage]: ...
-
-    def local_image(self, ref: str) -> LocalImage | None: ...
-
-    def container_image_ids(self) -> frozenset[str]: ...
-
-    def remove_image(self, ref: str) -> bool: ...
-
-    def data_root(self) -> str: ...
 
 
 class CacheStore(Protocol):
@@ -57,7 +46,7 @@ class CacheStore(Protocol):
 class ImageCache:
     def __init__(
         self,
-        engine: CacheEngine,
+        engine: Engine,  # its images and Docker's data root
         store: CacheStore,
         blocking: Blocking,
         *,
@@ -98,7 +87,7 @@ class ImageCache:
 
     async def _collect(self) -> list[Removal]:
         q = self._blocking.quick
-        local = {image.image_id: image for image in await q(self._engine.local_images)}
+        local = {image.image_id: image for image in await self._engine.local_images()}
         cached = []
         for image_id, refs, last_used in await q(self._store.cached_images):
             image = local.get(image_id)
@@ -112,9 +101,9 @@ class ImageCache:
         if not cached:
             log.debug("image GC pass", extra={"cached": 0, "removed": 0})
             return []
-        in_use = set(await q(self._engine.container_image_ids))
+        in_use = set(await self._engine.container_image_ids())
         in_use |= _ids_named(local.values(), [i.image for i in await q(self._store.list_instances)])
-        root = await q(self._engine.data_root)
+        root = await self._engine.data_root()
         free = await q(self._free_bytes, root)
         removals = plan(
             cached,
@@ -140,11 +129,11 @@ class ImageCache:
         try:
             for ref in cached.refs:
                 if ref in image.tags:
-                    await q(self._engine.remove_image, ref)
-            left = await q(self._engine.local_image, cached.image_id)
+                    await self._engine.remove_image(ref)
+            left = await self._engine.local_image(cached.image_id)
             if left is not None and not left.tags:
-                await q(self._engine.remove_image, cached.image_id)
-                left = await q(self._engine.local_image, cached.image_id)
+                await self._engine.remove_image(cached.image_id)
+                left = await self._engine.local_image(cached.image_id)
         except Conflict as e:  # a container took it up meanwhile
             log.info("image in use; kept", extra={"image": cached.image_id, "why": e.message})
             return False

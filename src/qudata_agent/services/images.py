@@ -55,6 +55,7 @@ from qudata_agent.domain.image_ref import (
 from qudata_agent.domain.pull_progress import PullProgress
 from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import AgentError, Conflict
+from qudata_agent.services.engine import Images
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.registry_guard import RegistryGuard
 
@@ -63,12 +64,6 @@ log = logging.getLogger(__name__)
 NOTE_PINNED = "pinned by digest: used as it is, never checked again"
 NOTE_LOCAL = "built or loaded on this host (not from a registry): used as it is"
 NOTE_UNREACHABLE = "registry not reachable: the cached image is used as it is"
-
-
-class ImageEngine(Protocol):
-    def local_image(self, ref: str) -> LocalImage | None: ...
-
-    def registry_digest(self, ref: str, auth: RegistryCredentials | None) -> str: ...
 
 
 class ImageStore(Protocol):
@@ -106,7 +101,7 @@ class ImageCheck:
 class ImageService:
     def __init__(
         self,
-        engine: ImageEngine,
+        engine: Images,
         store: ImageStore,
         blocking: Blocking,
         pulls: PullCoordinator,
@@ -149,7 +144,7 @@ class ImageService:
         if self._guard is None or ref.registry is None:
             return
         name, repository = str(ref), normal_repository(ref.repository)
-        local = await self._blocking.quick(self._engine.local_image, name)
+        local = await self._engine.local_image(name)
         if local is not None:
             private = await self._is_private(local, repository)
             if first_step(local, repository, ref.digest is not None, private) is Step.USE:
@@ -229,7 +224,7 @@ class ImageService:
         row = await self._blocking.quick(self._store.instance_image, instance_id)
         if row is None:
             return None
-        local = await self._blocking.quick(self._engine.local_image, ref)
+        local = await self._engine.local_image(ref)
         if local is None or local.image_id != row[0]:
             return None
         return ImageCheck(digest=row[1], checked=row[2] is not None, note=row[3])
@@ -242,7 +237,7 @@ class ImageService:
     ) -> tuple[ImageCheck, LocalImage]:
         name = str(ref)
         repository = normal_repository(ref.repository)
-        local = await self._blocking.quick(self._engine.local_image, name)
+        local = await self._engine.local_image(name)
         private = local is not None and await self._is_private(local, repository)
         step = first_step(local, repository, ref.digest is not None, private)
         if step is Step.USE:
@@ -274,7 +269,7 @@ class ImageService:
             if self._guard is not None:
                 await self._guard.check(ref)
             # The slow pool: a registry that drops packets may hold this for seconds.
-            remote = await self._blocking.slow(self._engine.registry_digest, name, auth)
+            remote = await self._engine.registry_digest(name, auth)
         except RegistryRefused as e:
             raise Conflict(f"image {name}: {e.message}") from None
         except RegistryUnreachable as e:
@@ -305,7 +300,7 @@ class ImageService:
             self._private_pulls[repository] += 1
         try:
             await self._pulls.ensure(name, auth)
-            image = await self._blocking.quick(self._engine.local_image, name)
+            image = await self._engine.local_image(name)
             if image is None:
                 raise AgentError(f"image {name} is not here after its pull")
             if auth is not None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerState, Mount
+from qudata_agent.domain.container_spec import Mount
 from qudata_agent.domain.gpus import Resources, parse_resources
 from qudata_agent.domain.image_ref import ImageRef, resolve_image
 from qudata_agent.domain.instance import Action, IllegalTransition, Instance, Status, Wanted
@@ -52,23 +52,12 @@ from qudata_agent.domain.volumes import parse_mounts
 from qudata_agent.errors import Conflict, InvalidRequest, NotFound
 from qudata_agent.services.builds import BuildPipeline, remove_container
 from qudata_agent.services.capacity import Disk, HostCapacity
+from qudata_agent.services.engine import Containers
 from qudata_agent.services.records import Records
 from qudata_agent.services.views import InstanceView, InstanceViews
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
-
-
-class Engine(Protocol):
-    def start(self, container_id: str) -> None: ...
-
-    def stop(self, container_id: str, timeout_s: int = 10) -> None: ...
-
-    def restart(self, container_id: str, timeout_s: int = 10) -> None: ...
-
-    def remove(self, container_id: str) -> bool: ...
-
-    def inspect(self, container_id: str) -> ContainerState: ...
 
 
 class Volumes(Protocol):
@@ -138,7 +127,7 @@ class InstanceService:
         records: Records,
         builds: BuildPipeline,
         views: InstanceViews,
-        engine: Engine,
+        engine: Containers,
         blocking: Blocking,
         ports: PortAllocator,
         capacity: HostCapacity,
@@ -343,7 +332,7 @@ class InstanceService:
                 await self._before_start(instance)
             try:
                 await self._docker_action(action, instance.container_id)
-                state = await self._blocking.quick(self._engine.inspect, instance.container_id)
+                state = await self._engine.inspect(instance.container_id)
             except NotFound:
                 await self._records.vanished(instance)
                 raise NotFound("the instance's container was removed outside the agent") from None
@@ -357,11 +346,11 @@ class InstanceService:
 
     async def _docker_action(self, action: Action, container_id: str) -> None:
         if action is Action.STOP:
-            await self._blocking.slow(self._engine.stop, container_id, self._stop_timeout_s)
+            await self._engine.stop(container_id, self._stop_timeout_s)
         elif action is Action.START:
-            await self._blocking.slow(self._engine.start, container_id)
+            await self._engine.start(container_id)
         else:
-            await self._blocking.slow(self._engine.restart, container_id, self._stop_timeout_s)
+            await self._engine.restart(container_id, self._stop_timeout_s)
 
     async def delete(self, instance_id: str) -> Instance:
         """Removes the instance's container and record; a delete racing another answers alike."""
@@ -371,7 +360,7 @@ class InstanceService:
             fresh = await self._records.get(instance.id)
             if fresh is None:
                 return instance  # a delete that ran meanwhile did it: the same answer
-            await remove_container(self._engine, self._blocking, fresh)
+            await remove_container(self._engine, fresh)
             await self._records.delete(fresh.id)
         self._records.forget_lock(instance.id)
         log.info("instance deleted", extra={"instance_id": instance.id})

@@ -43,18 +43,11 @@ from qudata_agent.domain.isolation import (
 )
 from qudata_agent.domain.nvidia_toolkit import Version, toolkit_refusal
 from qudata_agent.errors import AgentError, Conflict, Unavailable
+from qudata_agent.services.engine import Engine
 
 log = logging.getLogger(__name__)
 
 PROBE_ARGV = ["/busybox", "true"]
-
-
-class RuntimeEngine(Protocol):
-    def runtimes(self) -> dict[str, RuntimeInfo]: ...
-
-    def import_image(self, tar: bytes, ref: str) -> None: ...
-
-    def probe_runtime(self, runtime: str, image: str, argv: list[str], timeout_s: float) -> str: ...
 
 
 class HostTools(Protocol):
@@ -71,7 +64,7 @@ class Isolation:
     def __init__(
         self,
         *,
-        engine: RuntimeEngine,
+        engine: Engine,  # Docker's runtimes, the probe image imported, a probe
         tools: HostTools,
         blocking: Blocking,
         driver: Callable[[], Awaitable[tuple[int, str | None]]],  # (GPU count, driver version)
@@ -129,7 +122,7 @@ class Isolation:
         async with self._lock:
             self._last_pass = self._clock()
             try:
-                runtimes = await self._blocking.quick(self._engine.runtimes)
+                runtimes = await self._engine.runtimes()
             except AgentError as e:
                 # Docker down says nothing about the runtimes: the last offer stands.
                 log.warning("cannot list Docker's runtimes", extra={"error": e.message})
@@ -194,11 +187,9 @@ class Isolation:
             return ProbeResult(False, "the host has no static busybox for the probe")
         tar, ref = image
         try:
-            await self._blocking.slow(self._engine.import_image, tar, ref)
+            await self._engine.import_image(tar, ref)
             await asyncio.wait_for(
-                self._blocking.slow(
-                    self._engine.probe_runtime, runtime, ref, PROBE_ARGV, self._probe_timeout_s
-                ),
+                self._engine.probe_runtime(runtime, ref, PROBE_ARGV, self._probe_timeout_s),
                 self._probe_timeout_s + 5,
             )
         except TimeoutError:

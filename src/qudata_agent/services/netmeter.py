@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.netpolicy import (
     EgressPolicy,
@@ -46,6 +45,7 @@ from qudata_agent.domain.netpolicy import (
     ruleset,
 )
 from qudata_agent.errors import AgentError
+from qudata_agent.services.engine import Containers
 from qudata_agent.services.instance_events import InstanceEvents
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,6 @@ class Shaper(Protocol):
     def shape(self, veth: str, ifb: str, mbps: float) -> str: ...
 
     def remove_ifb(self, name: str) -> None: ...
-
-
-class Inspector(Protocol):
-    def inspect(self, container_id: str) -> ContainerState: ...
 
 
 class Account(Protocol):
@@ -122,7 +118,7 @@ class NetMeter:
         instances: Callable[[], Awaitable[Sequence[Instance]]],
         nft: Nft,
         shaper: Shaper,
-        engine: Inspector,
+        engine: Containers,
         account: Account,
         blocking: Blocking,
         bridge: str,
@@ -228,7 +224,7 @@ class NetMeter:
             if known is not None and known.key == key:
                 continue
             try:
-                state = await self._blocking.quick(self._engine.inspect, instance.container_id)
+                state = await self._engine.inspect(instance.container_id)
                 if not state.running or not state.pid:
                     continue
                 where = await self._blocking.quick(self._shaper.attachment, state.pid)

@@ -26,18 +26,11 @@ from typing import Protocol
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import LABEL_AGENT
 from qudata_agent.domain.firewall import FirewallPlan
-from qudata_agent.domain.network import NetworkInfo, problems
+from qudata_agent.domain.network import problems
 from qudata_agent.errors import AgentError, Unavailable
+from qudata_agent.services.engine import Networks
 
 log = logging.getLogger(__name__)
-
-
-class NetworkEngine(Protocol):
-    def find_network(self, name: str) -> NetworkInfo | None: ...
-
-    def create_network(self, name: str, bridge: str, labels: dict[str, str]) -> str: ...
-
-    def remove_network(self, network_id: str) -> None: ...
 
 
 class Wall(Protocol):
@@ -47,7 +40,7 @@ class Wall(Protocol):
 class NetworkGuard:
     def __init__(
         self,
-        engine: NetworkEngine,
+        engine: Networks,
         wall: Wall | None,
         blocking: Blocking,
         *,
@@ -86,12 +79,12 @@ class NetworkGuard:
         if not self._ready:
             async with self._lock:
                 if not self._ready:
-                    await self._blocking.quick(self._ensure_network)
+                    await self._ensure_network()
                     self._ready = True
         await self.verify(asked)
 
-    def _ensure_network(self) -> None:
-        found = self._engine.find_network(self._name)
+    async def _ensure_network(self) -> None:
+        found = await self._engine.find_network(self._name)
         if found is not None:
             wrong = problems(found, self._bridge)
             if not wrong:
@@ -108,8 +101,8 @@ class NetworkGuard:
                 "recreating the instance network: it was not as the agent makes it",
                 extra={"network": self._name, "problems": wrong},
             )
-            self._engine.remove_network(found.network_id)
-        self._engine.create_network(self._name, self._bridge, {LABEL_AGENT: self._agent_id})
+            await self._engine.remove_network(found.network_id)
+        await self._engine.create_network(self._name, self._bridge, {LABEL_AGENT: self._agent_id})
 
     async def check(self) -> None:
         """Installs or repairs the wall; raises `Unavailable` with the reason if it cannot."""

@@ -24,24 +24,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Protocol
 
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.pull_progress import PullProgress
 from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.errors import Conflict
+from qudata_agent.services.engine import Images
 
 log = logging.getLogger(__name__)
-
-
-class Puller(Protocol):
-    def pull(
-        self,
-        ref: str,
-        auth: RegistryCredentials | None,
-        on_progress: Callable[[PullProgress], None],
-        inactivity_s: float,
-    ) -> None: ...
 
 
 GIB = 1024**3
@@ -58,7 +48,7 @@ class ImageTooLarge(Conflict):
 class PullCoordinator:
     def __init__(
         self,
-        engine: Puller,
+        engine: Images,
         blocking: Blocking,
         inactivity_s: float,
         free_bytes: Callable[[], int | None] | None = None,  # Docker's disk; None: not weighed
@@ -115,7 +105,7 @@ class PullCoordinator:
                 )
 
         log.info("pulling image", extra={"image": ref})
-        await self._blocking.slow(self._engine.pull, ref, auth, on_progress, self._inactivity_s)
+        await self._engine.pull(ref, auth, on_progress, self._inactivity_s)
         log.info("image pulled", extra={"image": ref})
 
     async def close(self) -> None:

@@ -19,10 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
-from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance, Status, Wanted, observe
 from qudata_agent.domain.reconcile import (
     DEFAULT_GRACE_S,
@@ -38,21 +35,10 @@ from qudata_agent.domain.reconcile import (
 )
 from qudata_agent.errors import AgentError, NotFound, Unavailable
 from qudata_agent.services.builds import BuildPipeline
+from qudata_agent.services.engine import Containers
 from qudata_agent.services.records import Records
 
 log = logging.getLogger(__name__)
-
-
-class ReconcileEngine(Protocol):
-    def start(self, container_id: str) -> None: ...
-
-    def stop(self, container_id: str, timeout_s: int = 10) -> None: ...
-
-    def remove(self, container_id: str) -> bool: ...
-
-    def inspect(self, container_id: str) -> ContainerState: ...
-
-    def list_managed(self, agent_id: str) -> list[ContainerState]: ...
 
 
 def built(instance: Instance) -> bool:
@@ -66,8 +52,7 @@ class Reconciler:
         *,
         records: Records,
         builds: BuildPipeline,
-        engine: ReconcileEngine,
-        blocking: Blocking,
+        engine: Containers,
         agent_id: str,
         stop_timeout_s: int = 10,
         grace_s: float = DEFAULT_GRACE_S,
@@ -78,7 +63,6 @@ class Reconciler:
         self._records = records
         self._builds = builds
         self._engine = engine
-        self._blocking = blocking
         self._agent_id = agent_id
         self._stop_timeout_s = stop_timeout_s
         self._grace_s = grace_s
@@ -119,7 +103,7 @@ class Reconciler:
 
     async def _sync(self) -> None:
         wanted = await self._records.all()
-        observed = await self._blocking.slow(self._engine.list_managed, self._agent_id)
+        observed = await self._engine.list_managed(self._agent_id)
         steps = plan(
             wanted,
             observed,
@@ -156,9 +140,7 @@ class Reconciler:
             if fresh is None or not built(fresh):
                 return  # deleted, or failed, meanwhile
             try:
-                state = await self._blocking.quick(
-                    self._engine.inspect, fresh.container_id or fresh.container_name
-                )
+                state = await self._engine.inspect(fresh.container_id or fresh.container_name)
             except NotFound:
                 await self._records.vanished(fresh)
                 return
@@ -197,7 +179,7 @@ class Reconciler:
         log.warning(
             "removing a container with no instance record", extra={"container": step.container_id}
         )
-        await self._blocking.slow(self._engine.remove, step.container_id)
+        await self._engine.remove(step.container_id)
 
     async def _remove_leftover(self, step: RemoveLeftover) -> None:
         async with self._records.lock(step.instance_id):
@@ -205,7 +187,7 @@ class Reconciler:
             if fresh is None or fresh.container_id is not None or fresh.status is not Status.ERROR:
                 return
             log.info("removing the container of a failed build", extra={"instance_id": fresh.id})
-            await self._blocking.slow(self._engine.remove, step.container_id)
+            await self._engine.remove(step.container_id)
 
     async def _converge(self, step: Start | Stop) -> None:
         """Carries out what the renter wanted and nothing else will (see domain.reconcile)."""
@@ -213,19 +195,17 @@ class Reconciler:
             instance = await self._records.get(step.instance_id)
             if instance is None or not built(instance):
                 return
-            state = await self._blocking.quick(self._engine.inspect, step.container_id)
+            state = await self._engine.inspect(step.container_id)
             if isinstance(step, Stop):
                 if instance.wanted is not Wanted.STOPPED or not state.running:
                     return
-                await self._blocking.slow(
-                    self._engine.stop, step.container_id, self._stop_timeout_s
-                )
+                await self._engine.stop(step.container_id, self._stop_timeout_s)
             else:
                 if instance.wanted is not Wanted.RUNNING or not start_was_missed(
                     instance, state, step.at_start
                 ):
                     return
-                await self._blocking.slow(self._engine.start, step.container_id)
+                await self._engine.start(step.container_id)
             log.info(
                 "converged an instance towards what the renter wanted",
                 extra={
@@ -234,6 +214,6 @@ class Reconciler:
                     "why": step.why if isinstance(step, Start) else "wanted stopped",
                 },
             )
-            state = await self._blocking.quick(self._engine.inspect, step.container_id)
+            state = await self._engine.inspect(step.container_id)
             await self._records.save_observed(instance, state)
         self._records.changed()

@@ -42,7 +42,6 @@ from qudata_agent.domain.ssh_init import (
     STATUS_FILE,
     WORD_BYTES,
     Banner,
-    ImageConfig,
     failure_of,
     ssh_spec,
     unsupported,
@@ -55,6 +54,7 @@ from qudata_agent.domain.ssh_setup import (
     sshd_config_text,
 )
 from qudata_agent.errors import AgentError, Conflict, NotFound
+from qudata_agent.services.engine import Engine
 from qudata_agent.services.instance_events import InstanceEvents
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,6 @@ NO_AGENT_SSH = (
     "this container was made without the agent's SSH (by an older agent?):"
     " create the instance again"
 )
-
-
-class SshEngine(Protocol):
-    def image_config(self, ref: str) -> ImageConfig: ...
-
-    def inspect(self, container_id: str) -> ContainerState: ...
 
 
 class SshProbe(Protocol):
@@ -153,7 +147,7 @@ class SshView:
 class SshService:
     def __init__(
         self,
-        engine: SshEngine,
+        engine: Engine,  # image configs and containers' state
         store: SshStore,
         blocking: Blocking,
         files: SshFiles,
@@ -271,7 +265,7 @@ class SshService:
         if isinstance(self._bundle, str):
             await self._fail(instance.id, self._bundle)
             return spec
-        image = await self._blocking.quick(self._engine.image_config, spec.image)
+        image = await self._engine.image_config(spec.image)
         reason = unsupported(image, self._bundle.arch)
         if reason is not None:
             await self._fail(instance.id, reason)
@@ -396,7 +390,7 @@ class SshService:
             # thread each); only the cheap banner probe at the fast one.
             if asyncio.get_running_loop().time() - looked_at >= POLL_S:
                 try:
-                    state = await self._blocking.quick(self._engine.inspect, instance.container_id)
+                    state = await self._engine.inspect(instance.container_id)
                 except AgentError:
                     return None  # gone, or Docker away: nothing to say about this run
                 if not state.running or state.started_at != instance.started_at:

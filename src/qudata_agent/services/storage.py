@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.storage import (
     GIB,
@@ -43,20 +42,16 @@ from qudata_agent.domain.storage import (
     usage,
 )
 from qudata_agent.errors import AgentError, NotFound
+from qudata_agent.services.engine import Containers
 
 log = logging.getLogger(__name__)
 
 MountOptions = Callable[[str], frozenset[str] | None]  # data root -> its mount options
 FreeBytes = Callable[[str], int | None]  # path -> free bytes on its filesystem
 TreeBytes = Callable[[str], int]  # host directory -> space its files take (a bounded walk)
-
-
-class StorageEngine(Protocol):
-    def storage_info(self) -> StorageInfo: ...
-
-    def writable_layer_bytes(self, container_id: str) -> int: ...
-
-    def inspect(self, container_id: str) -> ContainerState: ...
+# Docker's storage driver and data root: the blocking engine's read (`storage_info`),
+# called from worker threads (an admission detects in one when nothing is known yet).
+StorageInfoRead = Callable[[], StorageInfo]
 
 
 class StorageStore(Protocol):
@@ -65,13 +60,15 @@ class StorageStore(Protocol):
     def record_storage_request(self, instance_id: str, request: StorageRequest) -> None: ...
 
 
-def detect_quota_support(engine: StorageEngine, mount_options: MountOptions) -> QuotaSupport:
+def detect_quota_support(
+    storage_info: StorageInfoRead, mount_options: MountOptions
+) -> QuotaSupport:
     """Whether Docker can cap a container's writable layer here (blocking; for `doctor` too).
 
-    `engine` is the Docker adapter (`storage_info`), `mount_options` is
+    `storage_info` is the Docker adapter's, `mount_options` is
     `adapters.host.mount_options`. Raises `Unavailable` when Docker does not answer.
     """
-    info = engine.storage_info()
+    info = storage_info()
     return quota_support(
         info.driver, info.backing_filesystem, mount_options(info.data_root), info.data_root
     )
@@ -80,10 +77,11 @@ def detect_quota_support(engine: StorageEngine, mount_options: MountOptions) -> 
 class StorageGuard:
     def __init__(
         self,
-        engine: StorageEngine,
+        engine: Containers,
         store: StorageStore,
         blocking: Blocking,
         *,
+        storage_info: StorageInfoRead,
         policy: StoragePolicy,
         mount_options: MountOptions,
         free_bytes: FreeBytes,
@@ -91,6 +89,7 @@ class StorageGuard:
     ) -> None:
         self._tree_bytes = tree_bytes
         self._engine = engine
+        self._storage_info = storage_info
         self._store = store
         self._blocking = blocking
         self._policy = policy
@@ -121,7 +120,7 @@ class StorageGuard:
 
     def redetect(self) -> QuotaSupport:
         """Detects again; logs the result when it is the first or a changed one (blocking)."""
-        support = detect_quota_support(self._engine, self._mount_options)
+        support = detect_quota_support(self._storage_info, self._mount_options)
         with self._lock:
             changed, self._support = support != self._support, support
         if changed:
@@ -214,11 +213,11 @@ class StorageGuard:
         """The layer and the VOLUME paths together; None where nothing needs measuring."""
         volumes: tuple[str, ...] = ()
         if self._tree_bytes is not None:
-            state = await self._blocking.quick(self._engine.inspect, container_id)
+            state = await self._engine.inspect(container_id)
             volumes = state.anonymous_volumes
         if request.enforced and not volumes:
             return None  # the cap holds the layer, and nothing lies outside it
-        total = await self._blocking.slow(self._engine.writable_layer_bytes, container_id)
+        total = await self._engine.writable_layer_bytes(container_id)
         for path in volumes:
             assert self._tree_bytes is not None
             total += await self._blocking.slow(self._tree_bytes, path)

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qudata_agent.blocking import Blocking
-from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.inventory import GpuSample
 from qudata_agent.domain.topology import parse_cpu_list
 from qudata_agent.domain.usage import CgroupSample, compute_usage
 from qudata_agent.errors import AgentError
+from qudata_agent.services.engine import Containers
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ FIGURES = ("cpu_util", "ram_util", "inet_in", "inet_out", "gpu_util", "mem_util"
 
 class CgroupSource(Protocol):
     def sample(self, container_id: str, pid: int) -> CgroupSample: ...
-
-
-class Inspector(Protocol):
-    def inspect(self, container_id: str) -> ContainerState: ...
 
 
 class NetworkSource(Protocol):
@@ -130,7 +126,7 @@ class Telemetry:
         self,
         *,
         instances: Callable[[], Awaitable[Sequence[Instance]]],
-        engine: Inspector,
+        engine: Containers,
         cgroups: CgroupSource,
         host: HostSource,
         gpu_samples: Callable[[tuple[str, ...]], Awaitable[tuple[GpuSample, ...]]],
@@ -275,7 +271,7 @@ class Telemetry:
         cached = self._pids.get(container_id)
         if cached is not None and cached[0] == run:
             return cached[1]
-        state = await self._blocking.quick(self._engine.inspect, container_id)
+        state = await self._engine.inspect(container_id)
         self._pids[container_id] = (run, state.pid or 0)
         return state.pid or 0
 

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from qudata_agent.blocking import Blocking
 from qudata_agent.domain.gpu_health import GpuEvent
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.isolation import Tier, notes_of, tier_of
@@ -23,22 +22,18 @@ from qudata_agent.domain.log_tail import (
     LAST_LOG_BYTES,
     LOG_ANSWER_BYTES,
     LOG_READ_TIMEOUT_S,
-    LogTail,
 )
 from qudata_agent.domain.netpolicy import NetworkUse
 from qudata_agent.domain.pull_progress import PullProgress
 from qudata_agent.domain.storage import StorageUsage
 from qudata_agent.errors import NotFound
+from qudata_agent.services.engine import Containers
 from qudata_agent.services.images import ImageCheck, ImageService
 from qudata_agent.services.ssh import SshView
 
 LAST_LOG_LINES = 20
 LOG_CUT = "[qudata: older output left out; an answer carries at most the last {} bytes]"
 LOG_TIMED_OUT = "[qudata: the log was read for {} s only; newer output left out]"
-
-
-class LogEngine(Protocol):
-    def logs(self, container_id: str, tail: int, max_bytes: int, timeout_s: float) -> LogTail: ...
 
 
 class StorageView(Protocol):
@@ -72,8 +67,7 @@ class InstanceViews:
     def __init__(
         self,
         *,
-        engine: LogEngine,
-        blocking: Blocking,
+        engine: Containers,
         images: ImageService,
         ssh: Callable[[Instance], Awaitable[SshView]] | None = None,
         gpu_health: Callable[[Instance], Sequence[GpuEvent]] | None = None,
@@ -81,7 +75,6 @@ class InstanceViews:
         network: Callable[[str], NetworkUse | None] | None = None,
     ) -> None:
         self._engine = engine
-        self._blocking = blocking
         self._images = images
         self._ssh = ssh
         self._gpu_health = gpu_health
@@ -121,9 +114,7 @@ class InstanceViews:
     async def _logs(self, container_id: str, tail: int, max_bytes: int) -> str:
         """The log's end, bounded in bytes and time (the tenant writes it), with a first
         line saying so when older output was left out."""
-        got = await self._blocking.slow(
-            self._engine.logs, container_id, tail, max_bytes, LOG_READ_TIMEOUT_S
-        )
+        got = await self._engine.logs(container_id, tail, max_bytes, LOG_READ_TIMEOUT_S)
         if not got.complete:
             return f"{LOG_TIMED_OUT.format(LOG_READ_TIMEOUT_S)}\n{got.text}"
         if got.cut:

@@ -59,14 +59,21 @@ class Parts:
     pool: CpuPool
     passes: list[int]
 
-    async def after_passes(self, n: int) -> None:
-        """Waits until `n` passes began, then for the last one to end."""
+    async def began(self, n: int) -> None:
+        """Waits until `n` passes began."""
         for _ in range(500):
             if len(self.passes) >= n:
                 break
             await asyncio.sleep(0.01)
         assert len(self.passes) == n, f"{len(self.passes)} passes, not {n}"
-        await asyncio.sleep(0.05)
+
+    async def after_passes(self, n: int) -> None:
+        """Waits until `n` passes began, then for the last one to end."""
+        await self.began(n)
+        passes = [t for t in asyncio.all_tasks() if t.get_name() == "cpu pool"]
+        if passes:
+            await asyncio.wait(passes, timeout=5)
+        await asyncio.sleep(0.01)
 
 
 async def parts_on(tmp_path: Path, max_instances: int) -> AsyncIterator[Parts]:
@@ -163,12 +170,10 @@ async def test_pokes_during_a_pass_make_exactly_one_more(p: Parts) -> None:
     pinned_and_floating(p)
     p.engine.gate.clear()  # the first pass holds in its Docker call
     p.pool.poke()
-    for _ in range(500):
-        if p.passes:
-            break
-        await asyncio.sleep(0.01)
+    await p.began(1)
     for _ in range(3):
         p.pool.poke()
+    await asyncio.sleep(0.05)
     assert len(p.passes) == 1  # never two at once
     p.engine.gate.set()
     await p.after_passes(2)
@@ -180,8 +185,8 @@ async def test_close_cancels_the_pass_in_flight(p: Parts) -> None:
     pinned_and_floating(p)
     p.engine.gate.clear()
     p.pool.poke()
+    await p.began(1)
     p.pool.poke()  # one more asked for; close ends it all the same
-    await asyncio.sleep(0.05)
     await asyncio.wait_for(p.pool.close(), 2)
     p.engine.gate.set()
     await asyncio.sleep(0.05)

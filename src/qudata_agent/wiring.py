@@ -183,7 +183,6 @@ def instance_side(o: Outside, s: Settings, tuning: Tuning = Tuning()) -> Instanc
     builds = BuildPipeline(
         records=records,
         engine=engine,
-        blocking=blocking,
         images=images,
         prepare_network=net.prepare if net else None,
         prepare_spec=tuning.prepare_spec or (ssh.prepare if ssh else None),

@@ -142,7 +142,6 @@ def make_builds(
     return BuildPipeline(
         records=records,
         engine=base.ports(),
-        blocking=base.blocking,
         images=images or make_images(base),
         **options,
     )

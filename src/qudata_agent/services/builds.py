@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, neutral_hook_env
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.registry_credentials import RegistryCredentials
@@ -65,7 +64,6 @@ class BuildPipeline:
         *,
         records: Records,
         engine: Engine,  # its containers and image configs
-        blocking: Blocking,
         images: ImageService,
         prepare_network: Callable[[float | None], Awaitable[None]] | None = None,
         prepare_spec: Callable[[Instance, ContainerSpec], Awaitable[ContainerSpec]] | None = None,
@@ -73,7 +71,6 @@ class BuildPipeline:
     ) -> None:
         self._records = records
         self._engine = engine
-        self._blocking = blocking
         self._images = images
         self._prepare_network = prepare_network
         self._prepare_spec = prepare_spec  # the SSH service's part: its init, bundle and files

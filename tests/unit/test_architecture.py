@@ -67,6 +67,9 @@ DOMAIN_BANNED = (
     f"{PACKAGE}.services",
     f"{PACKAGE}.api",
 )
+# Services and loops get their adapters through constructors, typed by interfaces of
+# their own (Docker's ports: services/engine.py), so they never import an adapter.
+USE_CASES_BANNED = (f"{PACKAGE}.adapters",)
 
 
 @dataclass
@@ -181,6 +184,14 @@ def domain_offences(rel: str, facts: Facts) -> list[str]:
     return _banned_offences(rel, facts, "domain/", DOMAIN_BANNED)
 
 
+def use_case_offences(rel: str, facts: Facts) -> list[str]:
+    return [
+        offence
+        for under in ("services/", "loops/")
+        for offence in _banned_offences(rel, facts, under, USE_CASES_BANNED)
+    ]
+
+
 Rule = Callable[[str, Facts], list[str]]
 RULES: dict[str, Rule] = {
     "each SDK is imported by its one adapter": sdk_owner_offences,
@@ -188,6 +199,7 @@ RULES: dict[str, Rule] = {
     "only config.py reads the environment": env_offences,
     "the API layer is thin": api_offences,
     "the domain is pure": domain_offences,
+    "services and loops import no adapter": use_case_offences,
 }
 
 
@@ -244,6 +256,8 @@ def test_the_owners_do_import_what_they_own() -> None:
         ("services/x.py", "import docker\n", "services/x.py:1 imports docker"),
         ("adapters/host.py", "import docker.errors\n", "imports docker.errors"),
         ("adapters/docker_x.py", "import docker\n", "(only adapters/docker/ may)"),
+        ("services/x.py", "from qudata_agent.adapters.docker import DockerEngine\n", "services/"),
+        ("loops/x.py", "from ..adapters.docker.ports import DockerPorts\n", "banned under loops/"),
         ("adapters/host.py", "from requests import exceptions\n", "imports requests"),
         ("loops/x.py", "import sqlite3 as db\n", "imports sqlite3"),
         ("app.py", "\n\nfrom pynvml import nvmlInit\n", "app.py:3 imports pynvml"),
@@ -295,6 +309,7 @@ def test_the_checker_finds_a_planted_violation(rel: str, source: str, expected: 
         ("domain/x.py", "import json\nfrom .inventory import GpuInfo\n"),
         ("services/x.py", "import os\npid = os.getpid()\nimport asyncio\n"),
         ("services/x.py", "environment = {'a': 1}\nx = environment_name = 2\n"),
+        ("loops/x.py", "from qudata_agent.services.engine import Events\n"),
     ],
 )
 def test_the_checker_accepts_what_is_allowed(rel: str, source: str) -> None:

@@ -217,7 +217,7 @@ def instance_side(o: Outside, s: Settings, tuning: Tuning = Tuning()) -> Instanc
         on_pass=o.on_reconcile,
         restore_first=volumes.restore if volumes else None,
     )
-    closers = [instances.close, cpu_pool.close] + ([ssh.close] if ssh else [])
+    closers = [instances.close, cpu_pool.close, pulls.close] + ([ssh.close] if ssh else [])
     return InstanceSide(
         events, records, capacity, images, image_cache, builds, instances, reconciler,
         cpu_pool, storage, ssh, net, meter, volumes, isolation, tuple(closers),

@@ -163,7 +163,7 @@ async def test_keys_are_written_to_the_host_at_once_without_an_exec(
 
 async def _watched(service: SshService, instance: Instance) -> None:
     service.on_new_run(instance)
-    await service._tasks[instance.id]
+    await service.settled()
 
 
 @pytest.mark.parametrize(
@@ -306,8 +306,7 @@ async def test_prune_removes_only_the_directories_of_deleted_instances(
     await service.prepare(instance, SPEC)
     files.dir_of("gone").mkdir()
     service.prune_soon()
-    assert service._prune is not None
-    await service._prune
+    await service.settled()
     assert files.instance_ids() == ["i1"]
     await service.close()
 

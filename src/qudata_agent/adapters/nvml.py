@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
+from qudata_agent.background import Streak
 from qudata_agent.domain.gpu_health import EventKind, GpuEvent
 from qudata_agent.domain.inventory import (
     GpuCondition,
@@ -142,7 +143,7 @@ class Nvml:
         self._logged: str | None = None  # _OK or the last error reason logged
         self._event_set: Any = None  # NVML's event set, once registered
         self._events_logged: str | None = None  # the last event-registration outcome logged
-        self._wait_failing = False  # an event wait failed; logged once until one succeeds
+        self._wait_streak = Streak()  # an event wait failed; logged once until one succeeds
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
 
@@ -365,16 +366,15 @@ class Nvml:
                 data = nvml.nvmlEventSetWait(self._event_set, timeout)
             except nvml.NVMLError as e:
                 if getattr(e, "value", None) == _NVML_ERROR_TIMEOUT:
-                    self._wait_failing = False
+                    self._wait_streak.recovered()
                     break
                 # A GPU fell off the bus or the driver went: the caller backs off, then
                 # the set is registered again.
-                if not self._wait_failing:
+                if self._wait_streak.failed():
                     logger.warning("NVML event wait failed: %s", _reason(e))
-                self._wait_failing = True
                 self._free_events()
                 return tuple(events) or None
-            self._wait_failing = False
+            self._wait_streak.recovered()
             timeout = 0  # drain what is queued without waiting again
             event = _event(nvml, data)
             if event is not None:

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from qudata_agent.background import Streak
 from qudata_agent.domain.backoff import Backoff
 from qudata_agent.errors import AgentError
 from qudata_agent.services.engine import Events
@@ -43,22 +44,20 @@ async def docker_events_loop(
     # waiting after dockerd is back is a second of stale statuses.
     backoff = Backoff(base_s=0.5, cap_s=2)
     since = clock()
-    failing = False
+    streak = Streak()
     while True:
         until = max(clock(), since) + window_s
         try:
             async for action, container_id in engine.events(agent_id, since, until):
                 log.debug("docker event", extra={"action": action, "container": container_id})
                 await _handle(on_event, container_id)
-            if failing:
+            if streak.recovered():
                 log.info("Docker event stream back")
-                failing = False
                 backoff.reset()
                 await _handle(lambda _cid: on_resume(), "")
         except AgentError as e:
-            if not failing:
+            if streak.failed():
                 log.warning("Docker event stream lost; reconnecting", extra={"error": e.message})
-            failing = True
             await asyncio.sleep(backoff.next_delay())
             continue
         since = until

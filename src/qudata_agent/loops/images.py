@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from qudata_agent.background import Streak
 from qudata_agent.errors import AgentError
 from qudata_agent.loops.periodic import run_every
 
@@ -30,20 +31,18 @@ class Collector(Protocol):
 
 
 async def image_gc_loop(cache: Collector, interval_s: float) -> None:
-    failing = False
+    streak = Streak()
     while True:
         try:
             await cache.collect()
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            if not failing:
+            if streak.failed():
                 log.warning("image GC pass failed", exc_info=e)
-            failing = True
         else:
-            if failing:
+            if streak.recovered():
                 log.info("image GC recovered")
-            failing = False
         await cache.wait_poke(interval_s)
 
 

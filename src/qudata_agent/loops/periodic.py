@@ -14,6 +14,8 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
+from qudata_agent.background import Streak
+
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ async def run_every(
 ) -> None:
     start = clock() + (interval_s if first_delay_s is None else first_delay_s)
     n = 0
-    failing = False
+    streak = Streak()
     while True:
         due = start + n * interval_s
         await asyncio.sleep(max(0.0, due - clock()))
@@ -36,12 +38,10 @@ async def run_every(
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            if not failing:
+            if streak.failed():
                 log.warning("loop tick failed", exc_info=e, extra={"loop": name})
-            failing = True
         else:
-            if failing:
+            if streak.recovered():
                 log.info("loop recovered", extra={"loop": name})
-            failing = False
         # The next grid point still ahead of now (skips the ones an overrun missed).
         n = max(n + 1, math.floor((clock() - start) / interval_s) + 1)

@@ -17,9 +17,9 @@ skipped; any other failure is logged, and the next trigger tries again.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
+from qudata_agent.background import Rerun
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.placement import Holding, shared_cpus
 from qudata_agent.domain.topology import format_cpu_list
@@ -42,8 +42,7 @@ class CpuPool:
         self._records = records
         self._capacity = capacity
         self._engine = engine
-        self._task: asyncio.Task[None] | None = None
-        self._again = False
+        self._passes = Rerun(self._guarded_pass, "cpu pool")
         self.applied: str | None = None  # the pool last applied (for the logs and tests)
         records.events.on_new_run(self.poke)  # a pinned instance may have just come up
         records.events.on_removed(self.poke)  # its cores may be free again
@@ -52,20 +51,13 @@ class CpuPool:
         """Asks for a pass (a new run's listener, or after a delete); never waits."""
         if self._capacity.max_instances == 1:
             return  # no neighbours to keep off anything
-        if self._task is not None and not self._task.done():
-            self._again = True
-            return
-        self._task = asyncio.create_task(self._passes(), name="cpu pool")
+        self._passes.poke()  # during a pass: one more once it ends
 
-    async def _passes(self) -> None:
-        while True:
-            self._again = False
-            try:
-                await self._pass()
-            except AgentError as e:
-                log.warning("shared CPU pool not applied", extra={"error": e.message})
-            if not self._again:
-                return
+    async def _guarded_pass(self) -> None:
+        try:
+            await self._pass()
+        except AgentError as e:
+            log.warning("shared CPU pool not applied", extra={"error": e.message})
 
     async def _pass(self) -> None:
         capacity, _ = await self._capacity.read()
@@ -88,6 +80,4 @@ class CpuPool:
             self.applied = pool
 
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._passes.close()

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from qudata_agent.background import Streak
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.netpolicy import (
@@ -143,7 +144,7 @@ class NetMeter:
         self._tallies: dict[str, dict[str, Tally]] = {}
         self._finals: dict[str, _Final] = {}
         self._runs: dict[str, _Run] = {}
-        self._failing = False
+        self._streak = Streak()
         self._loaded = False
         if events is not None:
             events.on_new_run(self.poke)  # a new run has a new veth: caps and maps at once
@@ -203,13 +204,11 @@ class NetMeter:
                 runs = await self._new_runs(instances)
                 await self._blocking.quick(self._pass, instances, runs)
             except AgentError as e:
-                if not self._failing:
+                if self._streak.failed():
                     log.error("network meter pass failed", extra={"error": e.message})
-                self._failing = True
                 return
-            if self._failing:
+            if self._streak.recovered():
                 log.info("network meter works again")
-            self._failing = False
 
     async def _new_runs(self, instances: list[Instance]) -> dict[str, _Run]:
         """The running instances whose container started a run the meter has not seen."""

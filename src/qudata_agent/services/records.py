@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from qudata_agent.background import KeyedLocks
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerState
 from qudata_agent.domain.instance import Instance, observe
@@ -67,16 +68,16 @@ class Records:
         self._blocking = blocking
         self.events = events or InstanceEvents()
         self.clock = clock
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: KeyedLocks[str] = KeyedLocks()
 
     def removed(self, instance: Instance) -> None:
         self.events.removed(instance)
 
     def lock(self, instance_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(instance_id, asyncio.Lock())
+        return self._locks(instance_id)
 
     def forget_lock(self, instance_id: str) -> None:
-        self._locks.pop(instance_id, None)
+        self._locks.forget(instance_id)
 
     async def get(self, instance_id: str) -> Instance | None:
         return await self._blocking.quick(self.store.get_instance, instance_id)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, cast
 
+from qudata_agent.background import KeyedLocks, Rerun, Reruns
 from qudata_agent.blocking import Blocking, StillRunning
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.instance import Instance, Status
@@ -167,17 +168,12 @@ class SshService:
         self._blocking = blocking
         self._files = files
         self._bundle = bundle
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._again: set[str] = set()
-        self._prune: asyncio.Task[None] | None = None
-        self._prune_again = False
+        self._lock: KeyedLocks[str] = KeyedLocks()
+        self._watches: Reruns[str] = Reruns(self._watch_pass, "ssh")
+        self._prune = Rerun(self._prune_pass, "ssh prune")
         if events is not None:
             events.on_new_run(self.on_new_run)  # sshd's banner watched on each run
             events.on_change(self.prune_soon)  # a deleted instance's SSH directory goes too
-
-    def _lock(self, instance_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(instance_id, asyncio.Lock())
 
     async def _instance(self, instance_id: str) -> Instance:
         instance = await self._blocking.quick(self._store.get_instance, instance_id)
@@ -334,23 +330,13 @@ class SshService:
         """Called on every new run of the container: watches for sshd's banner."""
         if not instance.ssh_enabled or not instance.container_id:
             return
-        running = self._tasks.get(instance.id)
-        if running is not None and not running.done():
-            self._again.add(instance.id)  # one more pass once this one ends
-            return
-        task = asyncio.create_task(self._watch_loop(instance.id), name=f"ssh {instance.id}")
-        task.add_done_callback(_retrieved)
-        self._tasks[instance.id] = task
+        self._watches.poke(instance.id)  # during a watch: one more once it ends
 
-    async def _watch_loop(self, instance_id: str) -> None:
-        while True:
-            self._again.discard(instance_id)
-            try:
-                await self._watch(instance_id)
-            except AgentError as e:
-                await self._fail(instance_id, e.message)
-            if instance_id not in self._again:
-                return
+    async def _watch_pass(self, instance_id: str) -> None:
+        try:
+            await self._watch(instance_id)
+        except AgentError as e:
+            await self._fail(instance_id, e.message)
 
     async def _watch(self, instance_id: str) -> None:
         try:
@@ -434,20 +420,13 @@ class SshService:
 
     def prune_soon(self) -> None:
         """Removes (in the background) the SSH directories of instances that are gone."""
-        if self._prune is not None and not self._prune.done():
-            self._prune_again = True
-            return
-        self._prune = asyncio.create_task(self._prune_loop(), name="ssh prune")
+        self._prune.poke()
 
-    async def _prune_loop(self) -> None:
-        while True:
-            self._prune_again = False
-            try:
-                await self._prune_once()
-            except (AgentError, OSError) as e:
-                log.warning("ssh directories not pruned", extra={"error": str(e)})
-            if not self._prune_again:
-                return
+    async def _prune_pass(self) -> None:
+        try:
+            await self._prune_once()
+        except (AgentError, OSError) as e:
+            log.warning("ssh directories not pruned", extra={"error": str(e)})
 
     async def _prune_once(self) -> None:
         await self._prune_gates()
@@ -461,26 +440,26 @@ class SshService:
         for instance_id in present:
             if instance_id not in known:
                 await self._blocking.quick(self._files.remove, instance_id)
-                self._locks.pop(instance_id, None)
+                self._lock.forget(instance_id)
                 log.info("ssh directory removed", extra={"instance_id": instance_id})
 
     async def _prune_gates(self) -> None:
         """Opens the gates no watch will open: of instances that are gone, or not being
         built and with no watch of a new run (a failed build, a start that failed)."""
-        waiting = [i for i in self._gated if i not in self._tasks or self._tasks[i].done()]
+        waiting = [i for i in self._gated if not self._watches.running(i)]
         for instance_id in waiting:
             instance = await self._blocking.quick(self._store.get_instance, instance_id)
             if instance is None or instance.status is not Status.PENDING:
                 await self.release(instance_id)
 
+    async def settled(self) -> None:
+        """Returns once no watch and no prune runs (what was asked for is done)."""
+        await self._watches.settled()
+        await self._prune.settled()
+
     async def close(self) -> None:
-        tasks = [t for t in self._tasks.values() if not t.done()]
-        if self._prune is not None and not self._prune.done():
-            tasks.append(self._prune)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        await self._watches.close(timeout_s=5)
+        await self._prune.close(timeout_s=5)
 
 
 def _sshd_addresses(
@@ -497,9 +476,3 @@ def _sshd_addresses(
 def _port_words(instance: Instance) -> str:
     port = instance.ports.get("22")
     return "nothing published" if port is None else f"host port {port}"
-
-
-def _retrieved(task: asyncio.Task[None]) -> None:
-    """A watch that died of something unforeseen is logged, never left unretrieved."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("ssh watch failed", exc_info=task.exception(), extra={"task": task.get_name()})

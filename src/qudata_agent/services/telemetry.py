@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from qudata_agent.background import Streaks
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.inventory import GpuSample
@@ -149,7 +150,7 @@ class Telemetry:
         self._prev: dict[str, CgroupSample] = {}  # container -> its previous sample
         self._prev_host: Any | None = None
         self._pids: dict[str, tuple[str | None, int]] = {}  # container -> (run, pid)
-        self._failing: set[str] = set()  # instances whose figures could not be read
+        self._failing: Streaks[str] = Streaks()  # instances whose figures could not be read
         self.last: dict[str, Any] | None = None  # the last payload made
         self.last_gpus: tuple[GpuSample, ...] = ()  # the GPU samples behind it (for /metrics)
         # Bytes received and sent so far, by instance id ("" the host's): /metrics counters.
@@ -293,14 +294,12 @@ class Telemetry:
         }
 
     def _failed(self, instance: Instance, error: AgentError) -> None:
-        if instance.id not in self._failing:
+        if self._failing.failed(instance.id):
             log.warning(
                 "instance figures unreadable; sending zeros",
                 extra={"instance_id": instance.id, "error": error.message},
             )
-        self._failing.add(instance.id)
 
     def _recovered(self, instance: Instance) -> None:
-        if instance.id in self._failing:
+        if self._failing.recovered(instance.id):
             log.info("instance figures readable again", extra={"instance_id": instance.id})
-        self._failing.discard(instance.id)

@@ -21,9 +21,9 @@ from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.domain.container_spec import ContainerSpec, ContainerState
 from qudata_agent.domain.gpu_health import GpuEvent
-from qudata_agent.domain.instance import Action, Status
+from qudata_agent.domain.instance import Action, Status, Wanted
 from qudata_agent.domain.order import CreateOrder
-from qudata_agent.errors import Conflict
+from qudata_agent.errors import Conflict, Unavailable
 from qudata_agent.services.instances import InstanceService
 from qudata_agent.services.pulls import PullCoordinator
 from support.fake_engine import FakeEngine, make_service, wait_for
@@ -225,6 +225,42 @@ async def test_the_container_is_created_from_the_spec_the_ssh_service_gives(
         assert seen == [instance.id]
         created = engine.specs[running.container_id]
         assert (created.entrypoint, created.user) == (("/init",), "0:0")
+    finally:
+        await service.close()
+        blocking.close()
+        store.close()
+
+
+class StopRefusingEngine(FakeEngine):
+    """Docker that fails a stop, after noting what the store said when it was asked."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        self.wanted_at_stop: list[str] = []
+
+    def stop(self, container_id: str, timeout_s: int = 10) -> None:
+        recorded = next(i for i in self.store.list_instances() if i.container_id == container_id)
+        self.wanted_at_stop.append(recorded.wanted.value)
+        raise Unavailable("docker stop timed out")
+
+
+async def test_an_action_records_its_intent_before_docker_is_asked(tmp_path: Path) -> None:
+    """A crash (here, a failure) between the intent and the Docker call leaves the intent
+    on record, with its time, so the reconcile can carry it out."""
+    store = Store.open(tmp_path / "agent.db")
+    blocking = Blocking()
+    engine = StopRefusingEngine(store)
+    service = make_service(engine, store, blocking)
+    try:
+        await service.create(CreateOrder(image="present", image_tag="1"))
+        running = await wait_for(service, Status.RUNNING)
+        with pytest.raises(Unavailable):
+            await service.act(Action.STOP)
+        assert engine.wanted_at_stop == ["stopped"]
+        after = await service.current()
+        assert after.wanted is Wanted.STOPPED and after.wanted_at > running.wanted_at
+        assert after.status is Status.RUNNING  # only Docker's word changes the status
     finally:
         await service.close()
         blocking.close()

@@ -21,6 +21,7 @@ from qudata_agent.domain.image_access import LocalImage
 from qudata_agent.domain.isolation import RuntimeInfo
 from qudata_agent.domain.log_tail import LogTail
 from qudata_agent.domain.network import NetworkInfo
+from qudata_agent.domain.pull_progress import PullProgress
 from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.domain.storage import StorageInfo
@@ -71,7 +72,7 @@ class Images(Protocol):
         self,
         ref: str,
         auth: RegistryCredentials | None,
-        on_progress: Callable[[Any], None],  # called from the pulling thread
+        on_progress: Callable[[PullProgress], None],  # called from the pulling thread
         inactivity_s: float,
     ) -> None: ...
 

@@ -27,6 +27,7 @@ from qudata_agent.domain.image_access import LocalImage
 from qudata_agent.domain.isolation import RuntimeInfo
 from qudata_agent.domain.log_tail import LogTail
 from qudata_agent.domain.network import NetworkInfo
+from qudata_agent.domain.pull_progress import PullProgress
 from qudata_agent.domain.registry_credentials import RegistryCredentials
 from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.domain.storage import StorageInfo
@@ -95,7 +96,7 @@ class ImagePort(_Port):
         self,
         ref: str,
         auth: RegistryCredentials | None,
-        on_progress: Callable[[Any], None],
+        on_progress: Callable[[PullProgress], None],
         inactivity_s: float,
     ) -> None:
         await self._blocking.slow(self._engine.pull, ref, auth, on_progress, inactivity_s)

@@ -70,10 +70,7 @@ class Parts:
     async def after_passes(self, n: int) -> None:
         """Waits until `n` passes began, then for the last one to end."""
         await self.began(n)
-        passes = [t for t in asyncio.all_tasks() if t.get_name() == "cpu pool"]
-        if passes:
-            await asyncio.wait(passes, timeout=5)
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(self.pool.settled(), 5)
 
 
 async def parts_on(tmp_path: Path, max_instances: int) -> AsyncIterator[Parts]:

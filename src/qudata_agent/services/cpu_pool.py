@@ -79,5 +79,9 @@ class CpuPool:
             log.info("shared CPU pool", extra={"cpus": pool, "instances": len(floating)})
             self.applied = pool
 
+    async def settled(self) -> None:
+        """Returns once no pass runs (the one asked for during a pass included)."""
+        await self._passes.settled()
+
     async def close(self) -> None:
         await self._passes.close()

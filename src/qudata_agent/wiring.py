@@ -22,7 +22,6 @@ from typing import Any
 
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
-from qudata_agent.domain.container_spec import ContainerSpec
 from qudata_agent.domain.firewall import FirewallPlan
 from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.instance import Instance
@@ -31,7 +30,7 @@ from qudata_agent.domain.order import HostDefaults
 from qudata_agent.domain.ports import PortAllocator
 from qudata_agent.domain.topology import GpuTopology, HostShape
 from qudata_agent.domain.volumes import Mechanism
-from qudata_agent.services.builds import BuildPipeline
+from qudata_agent.services.builds import BuildPipeline, SpecPreparer
 from qudata_agent.services.capacity import Disk, HostCapacity
 from qudata_agent.services.cpu_pool import CpuPool
 from qudata_agent.services.engine import Engine
@@ -136,7 +135,7 @@ class Tuning:
     """Knobs the tests turn; the agent runs with the defaults."""
 
     cleanup_retry_s: float = 0.5
-    prepare_spec: Callable[[Instance, ContainerSpec], Awaitable[ContainerSpec]] | None = None
+    spec_preparer: SpecPreparer | None = None  # in place of the SSH service's
 
 
 @dataclass(frozen=True)
@@ -184,8 +183,8 @@ def instance_side(o: Outside, s: Settings, tuning: Tuning = Tuning()) -> Instanc
         records=records,
         engine=engine,
         images=images,
-        prepare_network=net.prepare if net else None,
-        prepare_spec=tuning.prepare_spec or (ssh.prepare if ssh else None),
+        network=net,
+        spec_preparer=tuning.spec_preparer or ssh,
         cleanup_retry_s=tuning.cleanup_retry_s,
     )
     instances = InstanceService(

@@ -126,6 +126,16 @@ class FakeEngine:
         return LogTail("log line\n")
 
 
+class PrepareWith:
+    """A test's function in the SSH service's place (`SpecPreparer`)."""
+
+    def __init__(self, prepare: Any) -> None:
+        self._prepare = prepare
+
+    async def prepare(self, instance: Instance, spec: ContainerSpec) -> ContainerSpec:
+        return spec if self._prepare is None else await self._prepare(instance, spec)  # type: ignore[no-any-return]
+
+
 class Stack:
     """The instance side as app.py wires it (`wiring.instance_side`), over a fake engine,
     driven like the single-instance routes drive it (`act`, `delete` and `current` on the
@@ -174,7 +184,9 @@ class Stack:
             **({"storage_policy": storage_policy} if storage_policy else {}),
         )
         self.side = instance_side(
-            outside, settings, Tuning(cleanup_retry_s=cleanup_retry_s, prepare_spec=prepare_spec)
+            outside,
+            settings,
+            Tuning(cleanup_retry_s=cleanup_retry_s, spec_preparer=PrepareWith(prepare_spec)),
         )
         self.records = self.side.records
         self.builds = self.side.builds

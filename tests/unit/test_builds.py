@@ -19,7 +19,7 @@ from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.errors import Unavailable
 from qudata_agent.services.builds import BuildPipeline
 from qudata_agent.services.records import Records
-from support.fake_engine import FakeEngine
+from support.fake_engine import FakeEngine, PrepareWith
 from support.services import AGENT_ID, Base, base_on, make_builds, make_records, record, spec_of
 
 
@@ -144,7 +144,7 @@ async def test_the_spec_is_prepared_while_creating_and_the_container_made_from_i
 
     with base_on(tmp_path) as base:
         records = make_records(base)
-        builds = make_builds(base, records, prepare_spec=prepare)
+        builds = make_builds(base, records, spec_preparer=PrepareWith(prepare))
         record(base, "a", status=Status.PENDING)
         builds.start((await records.all())[0], None)
         await asyncio.wait_for(_until_idle(builds), 5)

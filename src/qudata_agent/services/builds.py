@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from qudata_agent.domain.container_spec import ContainerSpec, neutral_hook_env
 from qudata_agent.domain.instance import Instance, Status
@@ -48,6 +48,21 @@ RESUMED_PULL_HINT = (
 )
 
 
+class InstanceNetwork(Protocol):
+    """The instances' network and its wall (`services.network.NetworkGuard`)."""
+
+    async def prepare(self, asked: float | None = None) -> None:
+        """In place, and the wall verified by a check begun at or after `asked`."""
+        ...
+
+
+class SpecPreparer(Protocol):
+    """Who has the last word on the spec before the create (`services.ssh.SshService`:
+    the agent's init, the SSH bundle and the instance's SSH files)."""
+
+    async def prepare(self, instance: Instance, spec: ContainerSpec) -> ContainerSpec: ...
+
+
 class _BuildCancelled(Exception):
     pass
 
@@ -65,15 +80,15 @@ class BuildPipeline:
         records: Records,
         engine: Engine,  # its containers and image configs
         images: ImageService,
-        prepare_network: Callable[[float | None], Awaitable[None]] | None = None,
-        prepare_spec: Callable[[Instance, ContainerSpec], Awaitable[ContainerSpec]] | None = None,
+        network: InstanceNetwork | None = None,  # None: Docker's default bridge, no wall
+        spec_preparer: SpecPreparer | None = None,  # None: no SSH on this host
         cleanup_retry_s: float = 0.5,
     ) -> None:
         self._records = records
         self._engine = engine
         self._images = images
-        self._prepare_network = prepare_network
-        self._prepare_spec = prepare_spec  # the SSH service's part: its init, bundle and files
+        self._network = network
+        self._spec_preparer = spec_preparer
         self._cleanup_retry_s = cleanup_retry_s
         self._builds: dict[str, _Build] = {}
 
@@ -159,10 +174,10 @@ class BuildPipeline:
             instance = await self._step(instance, "creating")
             image_config = await self._engine.image_config(spec.image)
             spec = replace(spec, env=neutral_hook_env(image_config.env, spec.env))
-            if self._prepare_network is not None:
-                await self._prepare_network(wall_asked)
-            if self._prepare_spec is not None:
-                spec = await self._prepare_spec(instance, spec)
+            if self._network is not None:
+                await self._network.prepare(wall_asked)
+            if self._spec_preparer is not None:
+                spec = await self._spec_preparer.prepare(instance, spec)
             container_id = await self._create_or_adopt(spec)
             instance = await self._step(instance, "starting", container_id=container_id)
             self._checkpoint(cancel)

@@ -5,9 +5,11 @@ First the guest's own tests (tests/vm_guest/, run inside the guest against
 its dockerd with the agent's test support, timeouts sized for emulation):
 limits read back from the cgroup v2 files, a core of its own, a published
 port, SSH on busybox and Debian minbase, stats every 3 s, stop and start, the
-wall in nftables, kill -9 and the restore. Last, install.sh runs from scratch
-as a provider would, against a recording fake control plane inside the guest,
-and `doctor` may fail only on what a VM without a GPU lacks.
+wall in nftables, kill -9 and the restore; then what the container host's
+kernel cannot do: the tunnel on the kernel's WireGuard, an XFS project quota
+for volumes, trixie's runsc for the sandbox tier. Last, install.sh runs from
+scratch as a provider would, against a recording fake control plane inside
+the guest, and `doctor` may fail only on what a VM without a GPU lacks.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ CP_PORT = 18080
 
 def test_the_essentials_inside_the_guest(vm: VM) -> None:
     """tests/vm_guest/ against the guest's Docker 26: limits in the cgroup v2 files,
-    a port, SSH on busybox and Debian minbase, stats, stop/start, the wall, kill -9."""
+    a port, SSH on busybox and Debian minbase, stats, stop/start, the wall, kill -9;
+    the kernel's WireGuard, an XFS project quota, trixie's runsc."""
     guest_pytest(vm, "tests/vm_guest")
 
 

@@ -126,8 +126,8 @@ def qemu_command(vm: VM, overlay: Path, memory_mb: int, cpus: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _panicked(vm: VM) -> bool:
-    return vm.console.exists() and "Kernel panic" in vm.console.read_text(errors="replace")
+def _panicked(console: Path) -> bool:
+    return console.exists() and "Kernel panic" in console.read_text(errors="replace")
 
 
 def _start(work: Path, forwards: tuple[int, ...], memory_mb: int, cpus: int) -> VM:
@@ -175,10 +175,11 @@ def booted(
             vm = _start(work, forwards, memory_mb, cpus)
             break
         except AssertionError:
-            if attempt == BOOT_TRIES or not _panicked(VM(work=work, ssh_port=0)):
+            console = work / "console.log"
+            if attempt == BOOT_TRIES or not _panicked(console):
                 raise
             kept = work.parent / f"{work.name}-panic-{attempt}.log"
-            shutil.copy(work / "console.log", kept)
+            shutil.copy(console, kept)
             print(f"the VM's kernel panicked at boot (console: {kept}); booting again",
                   file=sys.stderr)  # fmt: skip
     try:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from qudata_agent.adapters.store import Store
 from qudata_agent.blocking import Blocking
 from qudata_agent.config import Settings
 from qudata_agent.domain.firewall import FirewallPlan
+from qudata_agent.domain.gpu_health import GpuEvent
 from qudata_agent.domain.image_gc import GIB, Thresholds
 from qudata_agent.domain.instance import Instance
 from qudata_agent.domain.netpolicy import EgressPolicy
@@ -61,7 +62,7 @@ class HostReads:
     docker_free_bytes: Callable[[], int | None]  # Docker's data root, free now
     free_bytes: Callable[[str], int | None]  # any path's filesystem, free
     port_free: Callable[[int, str], bool]
-    gpu_health: Callable[[Instance], Sequence[Any]] | None = None
+    gpu_health: Callable[[Instance], Sequence[GpuEvent]] | None = None
     disable_ipv6: bool = False  # the host has IPv6 (the wall is IPv4 only)
     cdi_gpus: bool = False  # the container tier's GPUs go in by CDI name
 
@@ -114,7 +115,7 @@ class Outside:
     """The adapters, built by `app.py` (or fakes of them, built by a test)."""
 
     engine: Engine  # Docker's async ports: every service takes the ports it uses
-    store: Any  # the database: likewise
+    store: Store  # the database (each service names the part of it it uses)
     blocking: Blocking
     agent_id: str
     host: HostReads

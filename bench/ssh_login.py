@@ -10,18 +10,23 @@ until it exits 0, never waiting for anyone's word that sshd is up):
   `qudata-test/busybox:1`, static busybox, no libc): the real
   `qudata-agent run` (standalone, a temporary state directory, 127.0.0.1 and
   a free port, instance ports from 22000-22999). Timed from sending
-  `POST /instances` (`"ssh_enabled": true`, `command: null`; the key follows
+  `POST /instances` (1 CPU, 1 GiB, `"ssh_enabled": true`, `command: null`; the key follows
   with `POST /ssh` as soon as the POST is answered) to the first successful
   login on the port the answer gave for 22. Then `DELETE /instances` (not timed).
-- floor (the baseline): `docker run -d -p 127.0.0.1:PORT:22 -v DIR:/etc/bench:ro
-  qudata-test/debian-ssh:12` with the image's sshd as its command
+- floor (the baseline): `docker run -d --cpus 1 --memory 1g --memory-swap 1g
+  -p 127.0.0.1:PORT:22 -v DIR:/etc/bench:ro qudata-test/debian-ssh:12` (the
+  agent's instance has the same limits) with the image's sshd as its command
   (`sshd -D -e -f /etc/bench/sshd_config`; DIR holds the agent's own
   sshd_config with only the paths changed, a host key made beforehand and
   authorized_keys: the key bind-mounted). Timed from the start of the
   `docker` process to the first successful login of the same blind client,
   which starts once `docker run -d` has returned: by then the container's
   network is wired, so the floor does not pay Docker's stall (below) and is
-  what a renter could have from a host with no agent at all.
+  what a renter could have from a host with no agent at all. The limits
+  matter: a login costs sshd tens of ms of CPU (the key exchange), so an
+  instance with a small share of a CPU (an order that names none gets the
+  host's CPUs split by QUDATA_MAX_INSTANCES) logs in later than an
+  unlimited container, agent or not; the sandbox's first login more so.
 - floor, blind from the start (for information): the same, the client
   trying from the first moment. While a container starts, Docker's userland
   proxy already accepts on the published port and its dial into the not yet
@@ -90,6 +95,8 @@ from qudata_agent.domain.ssh_setup import INSTANCE_MOUNT, PID_FILE, SSHD_CONFIG_
 SSHD_IMAGE = "qudata-test/debian-ssh:12"
 IMAGES = (SSHD_IMAGE, "qudata-test/debian:12", "qudata-test/busybox:1")
 PORT_RANGE = (22000, 22999)
+LIMITS = ("--cpus", "1", "--memory", "1g", "--memory-swap", "1g")  # the floor's ...
+ORDER_LIMITS = {"QUDATA_CPU_CORES": "1", "QUDATA_MEMORY_GB": "1"}  # ... and the agent's
 RETRY_S = 0.050
 CONNECT_TIMEOUT_S = 1
 ATTEMPT_TIMEOUT_S = 20.0  # one ssh run, should ConnectTimeout not cover a hang
@@ -172,7 +179,7 @@ class Bench:
         extra = ["--runtime", runtime] if runtime else []
         t0 = time.perf_counter()
         proc = subprocess.Popen(
-            ["docker", "run", "-d", *extra, "--label", BENCH_LABEL,
+            ["docker", "run", "-d", *extra, *LIMITS, "--label", BENCH_LABEL,
              "--label", f"{RUN_LABEL_KEY}={self.token}", "-p", f"127.0.0.1:{port}:22",
              "-v", f"{self.floor_dir}:{MOUNT}:ro", SSHD_IMAGE,
              "sh", "-c", f"mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e -f {MOUNT}/sshd_config"],
@@ -195,7 +202,12 @@ class Bench:
     def run_agent(self, image: str, *, sandbox: bool = False) -> float:
         assert self.client is not None
         name, _, tag = image.partition(":")
-        order: dict[str, object] = {"image": name, "image_tag": tag, "ssh_enabled": True}
+        order: dict[str, object] = {
+            "image": name,
+            "image_tag": tag,
+            "ssh_enabled": True,
+            "env_variables": ORDER_LIMITS,
+        }
         if sandbox:
             order["isolation"] = "sandbox"
         t0 = time.perf_counter()

@@ -369,7 +369,7 @@ def _views(
     return InstanceViews(
         engine=o.engine,
         images=images,
-        ssh=ssh.view if ssh else None,
+        ssh=ssh.views if ssh else None,
         gpu_health=o.host.gpu_health,
         storage=storage,
         network=meter.use if meter else None,

@@ -29,6 +29,7 @@ from qudata_agent.services.capacity import Disk, HostCapacity
 from qudata_agent.services.cpu_pool import CpuPool
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import ImageService
+from qudata_agent.services.instance_events import InstanceEvents
 from qudata_agent.services.pulls import PullCoordinator
 from qudata_agent.services.reconciler import Reconciler
 from qudata_agent.services.records import Records
@@ -194,6 +195,7 @@ def make_image_cache(
     busy: frozenset[str] = frozenset(),
     keep: tuple[str, ...] = (),
     on_removed: Callable[[str], None] = lambda _reason: None,
+    events: InstanceEvents | None = None,
 ) -> ImageCache:
     return ImageCache(
         base.ports(engine),
@@ -204,4 +206,5 @@ def make_image_cache(
         thresholds=thresholds,
         free_bytes=lambda _root: free_bytes,
         on_removed=on_removed,
+        events=events,
     )

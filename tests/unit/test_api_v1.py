@@ -101,6 +101,9 @@ class FakeInstances:
             return InstanceView(None)
         return InstanceView(instance, logs=f"logs of {instance.id}" if logs else None)
 
+    async def describe_all(self) -> list[InstanceView]:
+        return [await self.describe(i) for i in await self.all()]
+
     async def act(self, instance_id: str, action: Action) -> Instance:
         self.calls.append(("act", instance_id, action))
         instance = await self.get(instance_id)

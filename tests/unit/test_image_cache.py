@@ -19,6 +19,7 @@ from qudata_agent.domain.image_access import LocalImage
 from qudata_agent.domain.image_gc import Thresholds
 from qudata_agent.errors import Conflict
 from qudata_agent.services.image_cache import ImageCache
+from qudata_agent.services.instance_events import InstanceEvents
 from support.services import GIB, Base, base_on, make_image_cache, record, spec_of
 
 LOW = Thresholds(min_free_bytes=10 * GIB)  # with FREE below it: space runs low
@@ -233,3 +234,17 @@ async def test_a_poke_wakes_the_waiting_loop(base: Base) -> None:
     started = time.monotonic()
     await cache.wait_poke(0.05)  # the poke was used up
     assert time.monotonic() - started >= 0.04
+
+
+async def test_a_new_run_or_a_removal_asks_for_a_pass_and_other_changes_do_not(
+    base: Base,
+) -> None:
+    events = InstanceEvents()
+    cache = make_image_cache(base, CacheEngine(), thresholds=LOW, free_bytes=FREE, events=events)
+    events.changed()  # a create, a stop, a start: no image became unused
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(cache.wait_poke(60), 0.2)
+    events.removed(record(base, "gone"))
+    await asyncio.wait_for(cache.wait_poke(60), 5)  # poked: at once
+    events.new_run(record(base, "started"))
+    await asyncio.wait_for(cache.wait_poke(60), 5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec, Cont
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.ssh_init import INIT, Banner, ImageConfig, banner_of
 from qudata_agent.domain.ssh_keys import parse_key
+from qudata_agent.services.instance_events import InstanceEvents
 from qudata_agent.services.ssh import NO_AGENT_SSH, SshService
 
 STARTED_AT = "2026-01-01T00:00:00Z"
@@ -200,7 +201,10 @@ async def test_the_port_and_the_inits_word_become_the_ssh_state(
     state = store.ssh_state("i1")
     assert state is not None and state[0] == status
     if words is None:
-        assert state[2] == instance.started_at and (await service.view(instance)).status == "ready"
+        assert (
+            state[2] == instance.started_at
+            and (await service.views([instance]))[instance.id].status == "ready"
+        )
     else:
         assert state[1] is not None and words in state[1], state
     assert probe.asked and all(a == (4242, "/.qudata/run/ssh", 512) for a in probe.asked)
@@ -318,7 +322,7 @@ async def test_a_disabled_instance_is_left_as_it_is(
     service, files = _service(store, blocking, tmp_path, EngineStandIn(IMAGE))
     assert await service.prepare(instance, SPEC) == SPEC
     assert files.instance_ids() == []
-    assert (await service.view(instance)).status == "disabled"
+    assert (await service.views([instance]))[instance.id].status == "disabled"
     await service.close()
 
 
@@ -351,4 +355,52 @@ async def test_the_fine_poll_probes_the_banner_and_leaves_docker_and_the_word_sl
     assert state is not None and state[0] == "ready", state
     assert probe.banners == 25
     assert engine.inspects <= 5 and len(probe.asked) <= 5, (engine.inspects, probe.asked)
+    await service.close()
+
+
+class GateStandIn:
+    def __init__(self) -> None:
+        self.closed: set[int] = set()
+
+    def close(self, port: int) -> None:
+        self.closed.add(port)
+
+    def open(self, port: int) -> None:
+        self.closed.discard(port)
+
+
+async def test_a_change_opens_the_gate_of_a_failed_build_and_a_removal_prunes(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    events = InstanceEvents()
+    gate = GateStandIn()
+    files = InstanceSshFiles(tmp_path / "instances")
+    service = SshService(
+        DockerPorts(EngineStandIn(IMAGE), blocking),  # type: ignore[arg-type]
+        store,
+        blocking,
+        files,
+        FakeBundle(tmp_path / "bundles"),  # type: ignore[arg-type]
+        ProbeStandIn(),
+        gate=gate,
+        events=events,
+    )
+    building = replace(_instance(store), status=Status.PENDING, container_id=None)
+    store.update_instance(building)
+    await service.prepare(building, SPEC)
+    assert gate.closed == {20022}
+    events.changed()  # another step of the build: the gate stays
+    await service.settled()
+    assert gate.closed == {20022}
+    store.update_instance(replace(building, status=Status.ERROR))  # the build failed
+    events.changed()
+    await service.settled()
+    assert gate.closed == set()
+    files.dir_of("gone").mkdir()
+    events.changed()  # not a removal: directories are left to the removal's pass
+    await service.settled()
+    assert sorted(files.instance_ids()) == ["gone", "i1"]
+    events.removed(building)
+    await service.settled()
+    assert files.instance_ids() == ["i1"]
     await service.close()

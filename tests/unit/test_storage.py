@@ -345,18 +345,18 @@ async def test_admit_records_the_request_and_prunes_gone_instances(monitor: Part
     assert monitor.store.storage_requests() == {
         "kept": StorageRequest(requested_bytes=int(2.5 * GIB), enforced=False, default=False)
     }
-    view = await monitor.guard.view(_instance("kept"))
+    view = await _view(monitor.guard, _instance("kept"))
     assert view == StorageUsage(requested_gb=2.5, enforced=False, used_gb=None, over_limit=False)
-    assert await monitor.guard.view(_instance("other")) is None
+    assert await _view(monitor.guard, _instance("other")) is None
 
 
 async def test_the_record_survives_a_new_guard_and_goes_with_the_instance(monitor: Parts) -> None:
     monitor.store.insert_instance(_instance("i-1"))
     monitor.guard.admit("i-1", 3)
     again = monitor.make_guard(StoragePolicy.MONITOR)
-    assert (await again.view(_instance("i-1"))) == StorageUsage(3.0, False, None, False)
+    assert (await _view(again, _instance("i-1"))) == StorageUsage(3.0, False, None, False)
     monitor.store.delete_instance("i-1")
-    assert await again.view(_instance("i-1")) is None
+    assert await _view(again, _instance("i-1")) is None
 
 
 async def test_the_watch_measures_uncapped_layers_and_logs_crossings(
@@ -368,14 +368,14 @@ async def test_the_watch_measures_uncapped_layers_and_logs_crossings(
     monitor.guard.admit("i-1", 1)
     monitor.engine.sizes["c1"] = GIB // 2
     await monitor.guard.check([instance])
-    assert await monitor.guard.view(instance) == StorageUsage(1.0, False, 0.5, False)
+    assert await _view(monitor.guard, instance) == StorageUsage(1.0, False, 0.5, False)
     over = [r for r in caplog.records if "over its storage_gb" in r.getMessage()]
     assert over == []
 
     monitor.engine.sizes["c1"] = 2 * GIB
     await monitor.guard.check([instance])
     await monitor.guard.check([instance])
-    assert await monitor.guard.view(instance) == StorageUsage(1.0, False, 2.0, True)
+    assert await _view(monitor.guard, instance) == StorageUsage(1.0, False, 2.0, True)
     over = [r for r in caplog.records if "over its storage_gb" in r.getMessage()]
     assert len(over) == 1 and over[0].levelno == logging.WARNING
     assert over[0].instance_id == "i-1" and over[0].used_gb == 2.0  # type: ignore[attr-defined]
@@ -383,7 +383,7 @@ async def test_the_watch_measures_uncapped_layers_and_logs_crossings(
     monitor.engine.sizes["c1"] = GIB // 4
     await monitor.guard.check([instance])
     assert "back within its storage_gb" in caplog.records[-1].getMessage()
-    assert (await monitor.guard.view(instance)).over_limit is False  # type: ignore[union-attr]
+    assert (await _view(monitor.guard, instance)).over_limit is False  # type: ignore[union-attr]
 
 
 async def test_the_watch_leaves_capped_unasked_and_vanished_containers_alone(
@@ -399,7 +399,7 @@ async def test_the_watch_leaves_capped_unasked_and_vanished_containers_alone(
         await parts.guard.check([])
         await parts.guard.check([_instance("no-container", None)])
         assert parts.engine.measured == []
-        assert await parts.guard.view(capped) == StorageUsage(1.0, True, None, False)
+        assert await _view(parts.guard, capped) == StorageUsage(1.0, True, None, False)
 
         parts.engine.info = EXT4
         parts.guard.admit("capped", 1)  # the support known so far: still capped
@@ -503,8 +503,10 @@ async def test_a_layer_that_cannot_be_measured_does_not_stop_the_others(
     monitor.engine.writable_layer_bytes = timed_out  # type: ignore[method-assign]
     await monitor.guard.check([slow, other])
     await monitor.guard.check([slow, other])
-    assert await monitor.guard.view(slow) == StorageUsage(1.0, False, 0.5, False)  # the last figure
-    assert await monitor.guard.view(other) == StorageUsage(1.0, False, 2.0, True)
+    assert await _view(monitor.guard, slow) == StorageUsage(
+        1.0, False, 0.5, False
+    )  # the last figure
+    assert await _view(monitor.guard, other) == StorageUsage(1.0, False, 2.0, True)
     missed = [r for r in caplog.records if r.getMessage() == "instance disk use not measured"]
     assert len(missed) == 1 and missed[0].instance_id == "slow"  # type: ignore[attr-defined]
 
@@ -563,7 +565,11 @@ async def test_volume_paths_are_counted_with_the_layer_even_where_the_layer_is_c
         await guard.check([plain, with_volumes])
         assert parts.engine.measured == ["c2"]  # a capped layer alone is not walked
         assert sorted(walked) == ["/v/a", "/v/b"]
-        assert await guard.view(plain) == StorageUsage(1.0, True, None, False)
-        assert await guard.view(with_volumes) == StorageUsage(1.0, True, 1.75, True)
+        assert await _view(guard, plain) == StorageUsage(1.0, True, None, False)
+        assert await _view(guard, with_volumes) == StorageUsage(1.0, True, 1.75, True)
     finally:
         parts.close()
+
+
+async def _view(guard: StorageGuard, instance: Instance) -> StorageUsage | None:
+    return (await guard.views([instance])).get(instance.id)

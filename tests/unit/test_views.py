@@ -8,7 +8,7 @@ image check in the store, and the other services' parts.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,17 +126,24 @@ async def test_a_container_removed_a_moment_ago_has_no_logs(base: Base) -> None:
     assert view.instance == instance and view.logs is None
 
 
+class Extras:
+    """The SSH and storage parts, each batch call recorded with the ids it was given."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, tuple[str, ...]]] = []
+
+    async def ssh(self, instances: Sequence[Instance]) -> dict[str, str]:
+        self.asked.append(("ssh", tuple(i.id for i in instances)))
+        return {i.id: f"ssh of {i.id}" for i in instances}
+
+    async def views(self, instances: Sequence[Instance]) -> dict[str, str]:  # storage
+        self.asked.append(("storage", tuple(i.id for i in instances)))
+        return {i.id: f"storage of {i.id}" for i in instances if i.id != "b"}
+
+
 async def test_the_other_services_parts_are_rendered_for_the_instance(base: Base) -> None:
+    extras = Extras()
     asked: list[tuple[str, str]] = []
-
-    async def ssh(instance: Instance) -> str:
-        asked.append(("ssh", instance.id))
-        return "ssh ready"
-
-    class Storage:
-        async def view(self, instance: Instance) -> str:
-            asked.append(("storage", instance.id))
-            return "10 GiB"
 
     def gpu_health(instance: Instance) -> list[str]:
         asked.append(("gpu", instance.id))
@@ -146,20 +153,37 @@ async def test_the_other_services_parts_are_rendered_for_the_instance(base: Base
         asked.append(("network", instance_id))
         return "12 bytes"
 
-    views = make_views(base, ssh=ssh, gpu_health=gpu_health, storage=Storage(), network=network)
+    views = make_views(base, ssh=extras.ssh, gpu_health=gpu_health, storage=extras, network=network)
     instance = with_container(base)
     base.store.set_instance_image("a", "sha256:img", "sha256:digest", 5.0, "checked")
     view = await views.describe(instance)
     assert (view.ssh, view.storage, view.gpu_health, view.network) == (
-        "ssh ready",
-        "10 GiB",
+        "ssh of a",
+        "storage of a",
         ("xid 79",),
         "12 bytes",
     )
-    assert sorted(asked) == [("gpu", "a"), ("network", "a"), ("ssh", "a"), ("storage", "a")]
+    assert sorted(asked) == [("gpu", "a"), ("network", "a")]
+    assert extras.asked == [("ssh", ("a",)), ("storage", ("a",))]
     assert view.image_check is not None
     assert (view.image_check.digest, view.image_check.checked) == ("sha256:digest", True)
     assert (view.isolation, view.isolation_notes) == ("container", ())
+
+
+async def test_a_list_reads_each_part_once_for_all_its_instances(base: Base) -> None:
+    extras = Extras()
+    views = make_views(base, ssh=extras.ssh, storage=extras)
+    listed = [record(base, name) for name in ("a", "b", "c")]
+    base.store.set_instance_image("c", "sha256:img", None, None, "from the cache")
+    shown = await views.describe_all(listed)
+    assert [v.instance for v in shown] == listed
+    assert [(v.ssh, v.storage) for v in shown] == [
+        ("ssh of a", "storage of a"),
+        ("ssh of b", None),  # asked for no storage
+        ("ssh of c", "storage of c"),
+    ]
+    assert [v.image_check is not None for v in shown] == [False, False, True]
+    assert extras.asked == [("ssh", ("a", "b", "c")), ("storage", ("a", "b", "c"))]
 
 
 async def test_the_isolation_tier_comes_from_the_spec_runtime(base: Base) -> None:

@@ -416,6 +416,12 @@ class Store:
             ).fetchone()
         return None if row is None else (str(row[0]), row[1], row[2])
 
+    def ssh_states(self) -> dict[str, tuple[str, str | None, str | None]]:
+        """Every instance's (status, reason, run) of its SSH setup, by instance id."""
+        with self._lock:
+            rows = self._conn.execute("SELECT instance_id, status, reason, run FROM ssh_state")
+            return {str(r[0]): (str(r[1]), r[2], r[3]) for r in rows.fetchall()}
+
     def set_ssh_state(
         self, instance_id: str, status: str, reason: str | None, run: str | None = None
     ) -> None:
@@ -530,6 +536,14 @@ class Store:
                 (instance_id,),
             ).fetchone()
         return None if row is None else (str(row[0]), row[1], row[2], row[3])
+
+    def instance_images(self) -> dict[str, tuple[str, str | None, float | None, str | None]]:
+        """Every instance's image check, by instance id (as `instance_image`)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT instance_id, image_id, digest, checked_at, note FROM instance_images"
+            ).fetchall()
+        return {str(r[0]): (str(r[1]), r[2], r[3], r[4]) for r in rows}
 
     # -- volumes -----------------------------------------------------------------
 

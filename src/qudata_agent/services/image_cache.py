@@ -13,7 +13,8 @@ What stays true:
   by id only when no other tag is left (Docker refuses while a container
   uses it); an image still tagged by someone else stays and is forgotten;
 - every removal is logged and counted (`on_removed(reason)`);
-- passes never overlap (one lock), and `poke` asks for one soon (after a delete).
+- passes never overlap (one lock), and `poke` asks for one soon (after a new run of a
+  container, which may have brought an image, and after a delete).
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ class ImageCache:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         if events is not None:
-            events.on_change(self.poke)  # a delete may leave an image unused
+            # Not after every change (a burst of creates would list the images for each
+            # step): a new run may have brought an image (space taken), a removal may
+            # leave one unused.
+            events.on_new_run(lambda _started: self.poke())
+            events.on_removed(lambda _gone: self.poke())
 
     def poke(self) -> None:
         """Asks for a pass soon (the loop waits on it)."""

@@ -88,6 +88,8 @@ class ImageStore(Protocol):
         self, instance_id: str
     ) -> tuple[str, str | None, float | None, str | None] | None: ...
 
+    def instance_images(self) -> dict[str, tuple[str, str | None, float | None, str | None]]: ...
+
 
 @dataclass(frozen=True)
 class ImageCheck:
@@ -164,12 +166,13 @@ class ImageService:
             local.image_id,
         )
 
-    async def view(self, instance_id: str) -> ImageCheck | None:
-        row = await self._blocking.quick(self._store.instance_image, instance_id)
-        if row is None:
-            return None
-        _image_id, digest, checked_at, note = row
-        return ImageCheck(digest=digest, checked=checked_at is not None, note=note)
+    async def views(self) -> dict[str, ImageCheck]:
+        """Every instance's image check (one read of the store), by instance id."""
+        rows = await self._blocking.quick(self._store.instance_images)
+        return {
+            instance_id: ImageCheck(digest=digest, checked=checked_at is not None, note=note)
+            for instance_id, (_image_id, digest, checked_at, note) in rows.items()
+        }
 
     async def ensure(
         self,

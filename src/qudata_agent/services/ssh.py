@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, cast
@@ -129,6 +130,8 @@ class SshStore(Protocol):
 
     def ssh_state(self, instance_id: str) -> tuple[str, str | None, str | None] | None: ...
 
+    def ssh_states(self) -> dict[str, tuple[str, str | None, str | None]]: ...
+
     def set_ssh_state(
         self, instance_id: str, status: str, reason: str | None, run: str | None = None
     ) -> None: ...
@@ -171,9 +174,11 @@ class SshService:
         self._lock: KeyedLocks[str] = KeyedLocks()
         self._watches: Reruns[str] = Reruns(self._watch_pass, "ssh")
         self._prune = Rerun(self._prune_pass, "ssh prune")
+        self._gate_checks = Rerun(self._gates_pass, "ssh gates")
         if events is not None:
             events.on_new_run(self.on_new_run)  # sshd's banner watched on each run
-            events.on_change(self.prune_soon)  # a deleted instance's SSH directory goes too
+            events.on_removed(lambda _gone: self.prune_soon())  # its SSH directory goes too
+            events.on_change(self._gates_soon)  # a build or a start that failed: its gate opens
 
     async def _instance(self, instance_id: str) -> Instance:
         instance = await self._blocking.quick(self._store.get_instance, instance_id)
@@ -185,15 +190,10 @@ class SshService:
 
     # -- state ------------------------------------------------------------------
 
-    async def view(self, instance: Instance) -> SshView:
-        if not instance.ssh_enabled:
-            return SshView(DISABLED, None, None)
-        state = await self._blocking.quick(self._store.ssh_state, instance.id)
-        recorded, reason, run = state if state is not None else (INSTALLING, None, None)
-        status = cast(SshStatus, recorded)  # the store holds only what `_set` wrote
-        if status == READY and instance.status is Status.RUNNING and run != instance.started_at:
-            status = INSTALLING  # ready in an earlier run; this one has not said yet
-        return SshView(status, instance.ports.get("22"), reason)
+    async def views(self, instances: Sequence[Instance]) -> dict[str, SshView]:
+        """The SSH part of each instance's answer (one read of the store), by id."""
+        states = await self._blocking.quick(self._store.ssh_states)
+        return {i.id: _view(i, states.get(i.id)) for i in instances}
 
     async def _set(
         self, instance_id: str, status: SshStatus, reason: str | None = None, run: str | None = None
@@ -419,8 +419,21 @@ class SshService:
     # -- the instance's directory -----------------------------------------------
 
     def prune_soon(self) -> None:
-        """Removes (in the background) the SSH directories of instances that are gone."""
+        """Removes (in the background) the SSH directories of instances that are gone, and
+        opens the gates no watch will open."""
         self._prune.poke()
+
+    def _gates_soon(self) -> None:
+        """After any change: a pass only when a gate waits with no watch on it (a build
+        or a start may have failed); a change that leaves none such costs nothing."""
+        if any(not self._watches.running(i) for i in self._gated):
+            self._gate_checks.poke()
+
+    async def _gates_pass(self) -> None:
+        try:
+            await self._prune_gates()
+        except AgentError as e:
+            log.warning("ssh port gates not checked", extra={"error": e.message})
 
     async def _prune_pass(self) -> None:
         try:
@@ -456,10 +469,22 @@ class SshService:
         """Returns once no watch and no prune runs (what was asked for is done)."""
         await self._watches.settled()
         await self._prune.settled()
+        await self._gate_checks.settled()
 
     async def close(self) -> None:
         await self._watches.close(timeout_s=5)
         await self._prune.close(timeout_s=5)
+        await self._gate_checks.close(timeout_s=5)
+
+
+def _view(instance: Instance, state: tuple[str, str | None, str | None] | None) -> SshView:
+    if not instance.ssh_enabled:
+        return SshView(DISABLED, None, None)
+    recorded, reason, run = state if state is not None else (INSTALLING, None, None)
+    status = cast(SshStatus, recorded)  # the store holds only what `_set` wrote
+    if status == READY and instance.status is Status.RUNNING and run != instance.started_at:
+        status = INSTALLING  # ready in an earlier run; this one has not said yet
+    return SshView(status, instance.ports.get("22"), reason)
 
 
 def _sshd_addresses(

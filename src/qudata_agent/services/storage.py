@@ -172,10 +172,13 @@ class StorageGuard:
 
     # -- read and watch -------------------------------------------------------
 
-    async def view(self, instance: Instance) -> StorageUsage | None:
-        """The storage part of the instance's answer; None when it asked for none."""
-        request = (await self._blocking.quick(self._requests)).get(instance.id)
-        return None if request is None else usage(request, self._used.get(instance.id))
+    async def views(self, instances: Sequence[Instance]) -> dict[str, StorageUsage]:
+        """The storage part of each instance's answer (one read of the store), by id;
+        an instance that asked for none is not in it."""
+        requests = await self._blocking.quick(self._requests)
+        return {
+            i.id: usage(requests[i.id], self._used.get(i.id)) for i in instances if i.id in requests
+        }
 
     async def check_all(self, instances: Callable[[], Awaitable[Sequence[Instance]]]) -> None:
         """One watch pass over every instance there is now (the storage loop's pass)."""

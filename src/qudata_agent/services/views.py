@@ -6,7 +6,9 @@ finished or crashed on its own: the tenant writes those, so an answer
 carries a bounded end of them, read outside the quick pool), the SSH
 state, the health of its GPUs, what its `storage_gb` got, and how its
 image was vouched for (private, checked with the registry, or run from the
-cache). Reads only; changes nothing.
+cache). Reads only; changes nothing. A list answer reads each of the SSH
+states, storage requests and image checks once for every instance, not once
+per instance.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ LOG_TIMED_OUT = "[qudata: the log was read for {} s only; newer output left out]
 
 
 class StorageView(Protocol):
-    async def view(self, instance: Instance) -> StorageUsage | None: ...
+    async def views(self, instances: Sequence[Instance]) -> dict[str, StorageUsage]: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class InstanceViews:
         *,
         engine: Containers,
         images: ImageService,
-        ssh: Callable[[Instance], Awaitable[SshView]] | None = None,
+        ssh: Callable[[Sequence[Instance]], Awaitable[dict[str, SshView]]] | None = None,
         gpu_health: Callable[[Instance], Sequence[GpuEvent]] | None = None,
         storage: StorageView | None = None,
         network: Callable[[str], NetworkUse | None] | None = None,
@@ -86,6 +88,30 @@ class InstanceViews:
     ) -> InstanceView:
         if instance is None:
             return InstanceView(None)
+        (view,) = await self.describe_all([instance], logs=logs, tail=tail)
+        return view
+
+    async def describe_all(
+        self, instances: Sequence[Instance], logs: bool = False, tail: int = 100
+    ) -> list[InstanceView]:
+        """The views of `instances`, in their order, from one read of each extra."""
+        ssh = await self._ssh(instances) if self._ssh is not None else {}
+        storage = await self._storage.views(instances) if self._storage is not None else {}
+        checks = await self._images.views()
+        return [
+            await self._one(i, logs, tail, ssh.get(i.id), storage.get(i.id), checks.get(i.id))
+            for i in instances
+        ]
+
+    async def _one(
+        self,
+        instance: Instance,
+        logs: bool,
+        tail: int,
+        ssh: SshView | None,
+        storage: StorageUsage | None,
+        image_check: ImageCheck | None,
+    ) -> InstanceView:
         pull = self._images.progress(instance.image) if instance.phase == "pulling" else None
         text = last = None
         if instance.container_id and (logs or exited_on_its_own(instance)):
@@ -104,10 +130,10 @@ class InstanceViews:
             pull=pull,
             logs=text,
             last_logs=last,
-            ssh=await self._ssh(instance) if self._ssh is not None else None,
+            ssh=ssh,
             gpu_health=tuple(self._gpu_health(instance)) if self._gpu_health is not None else (),
-            storage=await self._storage.view(instance) if self._storage is not None else None,
-            image_check=await self._images.view(instance.id),
+            storage=storage,
+            image_check=image_check,
             network=self._network(instance.id) if self._network is not None else None,
         )
 

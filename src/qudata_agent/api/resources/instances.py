@@ -68,6 +68,8 @@ class InstancesApi(Protocol):
         self, instance: Instance | None, logs: bool = False, tail: int = 100
     ) -> InstanceView: ...
 
+    async def describe_all(self) -> list[InstanceView]: ...
+
     async def act(self, instance_id: str, action: Action) -> Instance: ...
 
     async def delete(self, instance_id: str) -> Instance: ...
@@ -265,7 +267,7 @@ class V1InstancesResource:
         self._limit = max_body_bytes
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        views = [await self._service.describe(i) for i in await self._service.all()]
+        views = await self._service.describe_all()
         ok(resp, InstanceList(instances=[to_state(view) for view in views]))
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:

@@ -218,6 +218,7 @@ def instance_side(o: Outside, s: Settings, tuning: Tuning = Tuning()) -> Instanc
         restore_first=volumes.restore if volumes else None,
     )
     closers = [instances.close, cpu_pool.close, pulls.close] + ([ssh.close] if ssh else [])
+    closers += [meter.close] if meter else []  # after the instances: their last deletes
     return InstanceSide(
         events, records, capacity, images, image_cache, builds, instances, reconciler,
         cpu_pool, storage, ssh, net, meter, volumes, isolation, tuple(closers),

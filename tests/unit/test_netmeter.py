@@ -172,6 +172,19 @@ async def test_a_deleted_instance_s_totals_are_handed_over_once(rig: Rig) -> Non
     assert meter.use(ID) is None
 
 
+async def test_the_last_pass_at_close_retires_an_instance_deleted_just_before(
+    rig: Rig,
+) -> None:
+    meter = rig.meter()
+    await meter.refresh()
+    rig.nft.count("tx_public", 700)
+    rig.instances = []  # deleted, and the agent stops before the loop's next pass
+    await meter.close()
+    assert not rig.nft.counters_ and not rig.nft.keys
+    assert [(i, u.tx_public_bytes) for i, u in await meter.take_finals()] == [(ID, 700)]
+    assert rig.account.data  # the finals are on disk for the next start's report
+
+
 async def test_the_host_default_caps_an_order_without_its_own() -> None:
     rig = Rig(instances=[_instance()])
     await rig.meter(default_mbps=50).refresh()

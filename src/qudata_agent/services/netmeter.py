@@ -16,7 +16,9 @@ What stays true:
   the instance's counters and its cap applied again;
 - a deleted instance's counters are read once more after its container went,
   then removed from the kernel; its totals wait (on disk too) until
-  `take_finals` hands them to a report, or an hour passes.
+  `take_finals` hands them to a report, or an hour passes. The agent's stop
+  makes one last pass (`close`), so a delete just before it leaves no
+  counter behind.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 3.0
 FINAL_KEEP_S = 3600.0
+CLOSE_TIMEOUT_S = 5.0
 _KEY_MAP = "m_rx_public"  # every map has the same keys: this one is read
 
 
@@ -193,6 +196,13 @@ class NetMeter:
                     continue  # a refresh by the tick may have moved the next pass on
             self._poked.clear()
             await self.refresh()
+
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """The last pass, when the agent stops: deleted instances retired, the account
+        written (a failing or slow pass is given up: the next start makes it)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.refresh()
 
     async def refresh(self) -> None:
         """One pass: new runs attached and capped, counters read, the account written."""

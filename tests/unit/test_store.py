@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -352,3 +353,21 @@ def test_a_read_only_store_reads_what_the_agent_wrote_and_refuses_writes(db_path
     assert reader.get("agent_port") == "1024"
     reader.close()
     assert sorted(p.name for p in db_path.parent.iterdir()) == names
+
+
+def test_reads_do_not_wait_for_a_write_in_progress(store: Store, db_path: Path) -> None:
+    """A writer holds the store's write side while SQLite syncs the file; reads go on."""
+    store.set("agent_id", "a-1")
+    got: list[object] = []
+    with store._lock:  # a write is in progress (its commit waiting for the disk)
+        reader = threading.Thread(target=lambda: got.extend([store.get("agent_id")]))
+        reader.start()
+        reader.join(timeout=2)
+        assert got == ["a-1"]
+    outside = sqlite3.connect(db_path)
+    try:
+        outside.execute("BEGIN IMMEDIATE")  # another writer holds SQLite's write lock
+        assert store.list_instances() == [] and store.get("agent_id") == "a-1"
+    finally:
+        outside.rollback()
+        outside.close()

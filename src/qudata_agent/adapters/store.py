@@ -134,12 +134,24 @@ def _columns(instance: Instance) -> tuple[str, str | None]:
     return instance_to_json(instance), spec_to_json(instance.spec)
 
 
+def _reader(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
 class Store:
     """A small key/value view over the state database (instances come later)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, reader: sqlite3.Connection | None = None) -> None:
         self._conn = conn
         self._lock = threading.Lock()
+        # Reads have a connection of their own where the database is written: in WAL
+        # mode a reader sees the last commit and never waits for a writer's fsync (a
+        # list answer during a burst of creates waited behind each build step's).
+        self._reader = reader or conn
+        self._read_lock = threading.Lock() if reader is not None else self._lock
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -150,8 +162,8 @@ class Store:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA foreign_keys=ON")
-            store = cls(conn)
-            store._migrate()
+            cls(conn)._migrate()
+            store = cls(conn, _reader(path))  # once the schema is this agent's
         except sqlite3.Error as e:
             if conn is not None:
                 conn.close()
@@ -215,8 +227,8 @@ class Store:
         return int(version)
 
     def get(self, key: str) -> str | None:
-        with self._lock:
-            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self._reading() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def set(self, key: str, value: str) -> None:
@@ -236,6 +248,11 @@ class Store:
             )
             (value,) = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(value)
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._read_lock:
+            yield self._reader
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -333,8 +350,8 @@ class Store:
 
     def storage_requests(self) -> dict[str, StorageRequest]:
         """What each instance's storage_gb asked for, by instance id."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as conn:
+            rows = conn.execute(
                 "SELECT instance_id, requested_bytes, enforced, is_default FROM storage_requests"
             ).fetchall()
         return {str(i): StorageRequest(int(n), bool(e), bool(d)) for i, n, e, d in rows}
@@ -358,32 +375,30 @@ class Store:
             )
 
     def get_instance(self, instance_id: str) -> Instance | None:
-        with self._lock:
-            row = self._conn.execute(
+        with self._reading() as conn:
+            row = conn.execute(
                 "SELECT record, spec FROM instances WHERE id = ?", (instance_id,)
             ).fetchone()
         return None if row is None else instance_from_json(row[0], spec_from_json(row[1]))
 
     def list_instances(self) -> list[Instance]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT record, spec FROM instances ORDER BY rowid"
-            ).fetchall()
+        with self._reading() as conn:
+            rows = conn.execute("SELECT record, spec FROM instances ORDER BY rowid").fetchall()
         return [instance_from_json(record, spec_from_json(spec)) for record, spec in rows]
 
     def allocated_ports(self) -> frozenset[int]:
-        with self._lock:
-            rows = self._conn.execute("SELECT port FROM port_allocations").fetchall()
+        with self._reading() as conn:
+            rows = conn.execute("SELECT port FROM port_allocations").fetchall()
         return frozenset(int(row[0]) for row in rows)
 
     def allocated_gpus(self) -> frozenset[str]:
-        with self._lock:
-            rows = self._conn.execute("SELECT uuid FROM gpu_allocations").fetchall()
+        with self._reading() as conn:
+            rows = conn.execute("SELECT uuid FROM gpu_allocations").fetchall()
         return frozenset(str(row[0]) for row in rows)
 
     def ssh_keys(self, instance_id: str) -> list[PublicKey]:
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as conn:
+            rows = conn.execute(
                 "SELECT kind, blob, comment FROM ssh_keys WHERE instance_id = ? ORDER BY seq",
                 (instance_id,),
             ).fetchall()
@@ -410,16 +425,16 @@ class Store:
 
     def ssh_state(self, instance_id: str) -> tuple[str, str | None, str | None] | None:
         """(status, reason, run) of the instance's SSH setup, if any."""
-        with self._lock:
-            row = self._conn.execute(
+        with self._reading() as conn:
+            row = conn.execute(
                 "SELECT status, reason, run FROM ssh_state WHERE instance_id = ?", (instance_id,)
             ).fetchone()
         return None if row is None else (str(row[0]), row[1], row[2])
 
     def ssh_states(self) -> dict[str, tuple[str, str | None, str | None]]:
         """Every instance's (status, reason, run) of its SSH setup, by instance id."""
-        with self._lock:
-            rows = self._conn.execute("SELECT instance_id, status, reason, run FROM ssh_state")
+        with self._reading() as conn:
+            rows = conn.execute("SELECT instance_id, status, reason, run FROM ssh_state")
             return {str(r[0]): (str(r[1]), r[2], r[3]) for r in rows.fetchall()}
 
     def set_ssh_state(
@@ -498,8 +513,8 @@ class Store:
 
     def cached_images(self) -> list[tuple[str, tuple[str, ...], float]]:
         """(image id, refs the agent pulled into it, last use) of every cached image."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as conn:
+            rows = conn.execute(
                 "SELECT image_id, refs, last_used FROM cached_images ORDER BY image_id"
             ).fetchall()
         return [(str(i), tuple(json.loads(r)), float(t)) for i, r, t in rows]
@@ -539,8 +554,8 @@ class Store:
 
     def instance_images(self) -> dict[str, tuple[str, str | None, float | None, str | None]]:
         """Every instance's image check, by instance id (as `instance_image`)."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as conn:
+            rows = conn.execute(
                 "SELECT instance_id, image_id, digest, checked_at, note FROM instance_images"
             ).fetchall()
         return {str(r[0]): (str(r[1]), r[2], r[3], r[4]) for r in rows}
@@ -608,23 +623,26 @@ class Store:
             self._conn.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
 
     def get_volume(self, volume_id: str) -> Volume | None:
-        with self._lock:
-            row = self._conn.execute(
+        with self._reading() as conn:
+            row = conn.execute(
                 f"SELECT {self._VOLUME_COLUMNS} FROM volumes WHERE id = ?",  # noqa: S608 (a constant)
                 (volume_id,),
             ).fetchone()
         return None if row is None else self._volume(tuple(row))
 
     def list_volumes(self) -> list[Volume]:
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as conn:
+            rows = conn.execute(
                 f"SELECT {self._VOLUME_COLUMNS} FROM volumes ORDER BY created_at, rowid"  # noqa: S608
             ).fetchall()
         return [self._volume(tuple(row)) for row in rows]
 
     def close(self) -> None:
+        if self._reader is not self._conn:
+            with self._read_lock:
+                self._reader.close()
         with self._lock:
-            self._conn.close()
+            self._conn.close()  # the last one: it checkpoints and removes the -wal file
 
 
 # -- whole files, for the installer (`qudata-agent state ...`) ----------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,22 @@ def test_problems_reads_without_changing(scratch: FirewallPlan) -> None:
     subprocess.run(["iptables", "-A", "QDTEST-A", "-j", "ACCEPT"], check=True)  # drift
     assert wall.problems(scratch) == ["chain QDTEST-A differs from the plan"]
     assert _listing("QDTEST-A")[-1] == "-A QDTEST-A -j ACCEPT"  # left as found
+
+
+def test_a_wall_that_stands_is_checked_with_one_listing(
+    scratch: FirewallPlan, tmp_path: Path
+) -> None:
+    """Every create checks the wall: when nothing differs, one iptables call (the whole
+    table listed once), not one per chain and per jump; any drift is still repaired."""
+    calls = tmp_path / "calls"
+    counting = tmp_path / "iptables"
+    counting.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec iptables "$@"\n')
+    counting.chmod(0o755)
+    wall = Firewall(str(counting))
+    assert wall.apply(scratch) is True
+    calls.write_text("")
+    assert wall.apply(scratch) is False
+    assert calls.read_text().splitlines() == ["-w 5 -S"]
+    subprocess.run(["iptables", "-D", "QDTEST-FROM", "-i", "qdtest0", "-j", "QDTEST-A"], check=True)
+    assert wall.apply(scratch) is True  # the jump was gone: put back
+    assert _listing("QDTEST-FROM") == ["-N QDTEST-FROM", "-A QDTEST-FROM -i qdtest0 -j QDTEST-A"]

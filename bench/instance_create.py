@@ -32,7 +32,11 @@ It prints the median and p90 (nearest rank) of each, the ratio
 median(a)/median(b) against the target of at most 1.1x with PASS or FAIL,
 the ratio median(a)/median(c) for information,
 the raw samples in ms, and a breakdown of the agent's time taken from its
-DEBUG log. `--loaded` first starts 8 idle busybox instances in the same
+DEBUG log: the POST round trip, the build from "instance accepted" to
+"instance up" with each of its steps as the agent timed them (its "build
+step" lines: the image check, the records it writes, the network check, the
+SSH files, Docker's create and start, the inspect after start), and the
+delay until a GET saw `running`. `--loaded` first starts 8 idle busybox instances in the same
 agent (0.1 CPU, 256 MiB each) and keeps them running, so the same ratios are
 measured with the agent and Docker holding eight more.
 Exit status: 0 PASS, 1 FAIL, 2 error, 130 interrupted.
@@ -293,6 +297,8 @@ def breakdown(agent: AgentProc, samples: list[AgentSample]) -> list[str]:
     """Where the agent's time went, from its log (timestamps have 1 ms resolution)."""
     accepted: dict[str, float] = {}
     up: dict[str, float] = {}
+    measured = {s.instance_id for s in samples}
+    steps: dict[str, list[float]] = {}  # the build's own steps, as the agent timed them
     for record in agent.records():
         when = parse_log_time(record.get("ts"))
         iid = record.get("instance_id")
@@ -302,6 +308,10 @@ def breakdown(agent: AgentProc, samples: list[AgentSample]) -> list[str]:
             accepted[iid] = when
         elif record.get("msg") == "instance up":
             up[iid] = when
+        elif record.get("msg") == "build step" and iid in measured:
+            step, ms = record.get("step"), record.get("ms")
+            if isinstance(step, str) and isinstance(ms, int | float):
+                steps.setdefault(step, []).append(float(ms))
     rows: dict[str, list[float]] = {
         "POST round trip (client)": [s.post_ms for s in samples],
         "send -> 'instance accepted' logged": [],
@@ -323,6 +333,9 @@ def breakdown(agent: AgentProc, samples: list[AgentSample]) -> list[str]:
     for name, values in rows.items():
         if values:
             lines.append(f"  {name:<38} median {statistics.median(values):7.1f} ms")
+        if name.endswith("(build)"):
+            for step, took in steps.items():
+                lines.append(f"    {step:<36} median {statistics.median(took):7.1f} ms")
     gets = [ms for s in samples for ms in s.get_ms]
     if gets:
         lines.append(

@@ -6,6 +6,8 @@
   makes exactly one more after it, however many pokes came, so a burst of
   events costs at most two passes and none is missed.
 - `KeyedLocks`: one asyncio lock per key (an instance), forgotten with it.
+- `both`: two independent awaits at once, each run to its end before either's
+  failure is raised (a store write never lands after the failure's handling).
 
 What stays true: a `Rerun`'s pass never overlaps itself; `close()` cancels
 and awaits every pass still running, so nothing outlives its owner's stop.
@@ -21,6 +23,19 @@ from typing import Generic, TypeVar
 log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Awaits `first` and `second` at once, both to their end; then raises the first's
+    failure, else the second's, else returns both results."""
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    if isinstance(a, BaseException):
+        raise a
+    if isinstance(b, BaseException):
+        raise b
+    return a, b
 
 
 class Streak:

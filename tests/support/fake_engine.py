@@ -132,7 +132,9 @@ class PrepareWith:
     def __init__(self, prepare: Any) -> None:
         self._prepare = prepare
 
-    async def prepare(self, instance: Instance, spec: ContainerSpec) -> ContainerSpec:
+    async def prepare(
+        self, instance: Instance, spec: ContainerSpec, image: ImageConfig
+    ) -> ContainerSpec:
         return spec if self._prepare is None else await self._prepare(instance, spec)  # type: ignore[no-any-return]
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from qudata_agent.background import KeyedLocks, Rerun, Reruns, Streak, Streaks
+from qudata_agent.background import KeyedLocks, Rerun, Reruns, Streak, Streaks, both
 
 
 def test_a_streak_says_its_first_failure_and_its_end_once_each() -> None:
@@ -107,3 +107,24 @@ async def test_keyed_locks_are_one_per_key_until_forgotten() -> None:
     first = locks("a")
     locks.forget("a")
     assert locks("a") is not first
+
+
+async def test_both_runs_each_to_its_end_and_raises_the_first_ones_failure() -> None:
+    finished: list[str] = []
+
+    async def fails(after_s: float, why: str) -> None:
+        await asyncio.sleep(after_s)
+        finished.append(why)
+        raise RuntimeError(why)
+
+    async def slow_write() -> str:
+        await asyncio.sleep(0.05)
+        finished.append("written")
+        return "written"
+
+    with pytest.raises(RuntimeError, match="start failed"):
+        await both(fails(0, "start failed"), slow_write())
+    assert finished == ["start failed", "written"]  # the write ended before the raise
+    with pytest.raises(RuntimeError, match="first"):
+        await both(fails(0.02, "first"), fails(0, "second"))
+    assert await both(slow_write(), asyncio.sleep(0, "slept")) == ("written", "slept")

@@ -131,7 +131,7 @@ async def test_prepare_lays_out_the_instances_files_and_starts_the_init(
     instance = _instance(store)
     store.add_ssh_key("i1", parse_key(KEY))
     service, files = _service(store, blocking, tmp_path, EngineStandIn(IMAGE))
-    final = await service.prepare(instance, SPEC)
+    final = await service.prepare(instance, SPEC, IMAGE)
     assert final.entrypoint is not None and final.entrypoint[-1] == INIT
     where = files.dir_of("i1")
     assert {m.source for m in final.mounts} == {str(tmp_path / "bundles"), str(where)}
@@ -142,7 +142,7 @@ async def test_prepare_lays_out_the_instances_files_and_starts_the_init(
     assert modes["ssh_host_ed25519_key"] == modes["sshd_config"] == modes["environment"] == 0o600
     assert modes["authorized_keys"] == 0o644
     host_key = files.host_public_key("i1")
-    await service.prepare(instance, SPEC)  # a resumed build: the host key stays
+    await service.prepare(instance, SPEC, IMAGE)  # a resumed build: the host key stays
     assert files.host_public_key("i1") == host_key
     assert store.ssh_state("i1") == ("installing", None, None)
     await service.close()
@@ -154,7 +154,7 @@ async def test_keys_are_written_to_the_host_at_once_without_an_exec(
     instance = _instance(store)
     engine = EngineStandIn(IMAGE)
     service, files = _service(store, blocking, tmp_path, engine)
-    await service.prepare(instance, SPEC)
+    await service.prepare(instance, SPEC, IMAGE)
     assert await service.add_key("i1", KEY) is True
     assert KEY in (files.dir_of("i1") / "authorized_keys").read_text()
     await service.remove_key("i1", KEY)
@@ -196,7 +196,7 @@ async def test_the_port_and_the_inits_word_become_the_ssh_state(
     instance = _instance(store)
     probe = ProbeStandIn(banner, word)
     service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), probe=probe)
-    await service.prepare(instance, SPEC)
+    await service.prepare(instance, SPEC, IMAGE)
     await _watched(service, instance)
     state = store.ssh_state("i1")
     assert state is not None and state[0] == status
@@ -217,7 +217,7 @@ async def test_a_reason_the_tenant_wrote_is_one_short_printable_line(
     instance = _instance(store)
     probe = ProbeStandIn(b"", b"failed: \x1b[2J" + b"x" * 5000 + b"\nsecond line")
     service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), probe=probe)
-    await service.prepare(instance, SPEC)
+    await service.prepare(instance, SPEC, IMAGE)
     await _watched(service, instance)
     state = store.ssh_state("i1")
     assert state is not None and state[0] == "failed" and state[1] is not None
@@ -242,7 +242,7 @@ async def test_a_word_that_hangs_holds_one_thread_of_its_own_not_a_pool(
     probe = Hanging(b"")
     service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), probe=probe)
     service._word_timeout_s = 0.05
-    await service.prepare(instance, SPEC)
+    await service.prepare(instance, SPEC, IMAGE)
     try:
         await _watched(service, instance)
         # One read began and hung; the later passes did not start another one.
@@ -261,7 +261,7 @@ async def test_a_run_that_ended_while_waiting_is_left_to_the_next_run(
     instance = _instance(store)
     engine = EngineStandIn(IMAGE)
     service, _ = _service(store, blocking, tmp_path, engine, probe=ProbeStandIn(b""))
-    await service.prepare(instance, SPEC)
+    await service.prepare(instance, SPEC, IMAGE)
     engine.started_at = "2026-01-01T00:00:09Z"  # the container started again meanwhile
     await _watched(service, instance)
     assert store.ssh_state("i1") == ("installing", None, None)
@@ -274,7 +274,7 @@ async def test_an_image_of_another_architecture_runs_without_ssh_and_says_why(
     instance = _instance(store)
     engine = EngineStandIn(ImageConfig(architecture="arm64"))
     service, _ = _service(store, blocking, tmp_path, engine)
-    assert await service.prepare(instance, SPEC) == SPEC
+    assert await service.prepare(instance, SPEC, engine.image) == SPEC
     await _watched(service, instance)  # no probe of a container without the init
     state = store.ssh_state("i1")
     assert state is not None and state[0] == "failed" and "arm64" in (state[1] or "")
@@ -287,7 +287,7 @@ async def test_a_host_without_a_bundle_says_what_to_install(
     instance = _instance(store)
     why = "the agent's SSH is not available on this host: install patchelf"
     service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), bundle=why)
-    assert await service.prepare(instance, SPEC) == SPEC
+    assert await service.prepare(instance, SPEC, IMAGE) == SPEC
     assert store.ssh_state("i1") == ("failed", why, None)
     await service.close()
 
@@ -307,7 +307,7 @@ async def test_prune_removes_only_the_directories_of_deleted_instances(
 ) -> None:
     instance = _instance(store)
     service, files = _service(store, blocking, tmp_path, EngineStandIn(IMAGE))
-    await service.prepare(instance, SPEC)
+    await service.prepare(instance, SPEC, IMAGE)
     files.dir_of("gone").mkdir()
     service.prune_soon()
     await service.settled()
@@ -320,7 +320,7 @@ async def test_a_disabled_instance_is_left_as_it_is(
 ) -> None:
     instance = _instance(store, ssh=False)
     service, files = _service(store, blocking, tmp_path, EngineStandIn(IMAGE))
-    assert await service.prepare(instance, SPEC) == SPEC
+    assert await service.prepare(instance, SPEC, IMAGE) == SPEC
     assert files.instance_ids() == []
     assert (await service.views([instance]))[instance.id].status == "disabled"
     await service.close()
@@ -349,7 +349,7 @@ async def test_the_fine_poll_probes_the_banner_and_leaves_docker_and_the_word_sl
     engine, probe = Counting(IMAGE), Late()
     service, _ = _service(store, blocking, tmp_path, engine, probe=probe)
     service._wait_timeout_s = 5.0
-    await service.prepare(instance, SPEC)
+    await service.prepare(instance, SPEC, IMAGE)
     await _watched(service, instance)
     state = store.ssh_state("i1")
     assert state is not None and state[0] == "ready", state
@@ -387,7 +387,7 @@ async def test_a_change_opens_the_gate_of_a_failed_build_and_a_removal_prunes(
     )
     building = replace(_instance(store), status=Status.PENDING, container_id=None)
     store.update_instance(building)
-    await service.prepare(building, SPEC)
+    await service.prepare(building, SPEC, IMAGE)
     assert gate.closed == {20022}
     events.changed()  # another step of the build: the gate stays
     await service.settled()

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from qudata_agent.background import both
 from qudata_agent.domain.container_spec import ContainerSpec, neutral_hook_env
 from qudata_agent.domain.instance import Instance, Status
 from qudata_agent.domain.registry_credentials import RegistryCredentials
+from qudata_agent.domain.ssh_init import ImageConfig
 from qudata_agent.errors import AgentError, Conflict
 from qudata_agent.retry import until_done
 from qudata_agent.services.engine import Containers, Engine
@@ -60,7 +63,9 @@ class SpecPreparer(Protocol):
     """Who has the last word on the spec before the create (`services.ssh.SshService`:
     the agent's init, the SSH bundle and the instance's SSH files)."""
 
-    async def prepare(self, instance: Instance, spec: ContainerSpec) -> ContainerSpec: ...
+    async def prepare(
+        self, instance: Instance, spec: ContainerSpec, image: ImageConfig
+    ) -> ContainerSpec: ...
 
 
 class _BuildCancelled(Exception):
@@ -161,6 +166,7 @@ class BuildPipeline:
         wall_asked: float | None = None,
     ) -> None:
         spec = instance.require_spec()
+        done = _StepClock(instance.id)
         try:
 
             async def pulling() -> None:  # the image service pulls: the answer shows it
@@ -170,21 +176,33 @@ class BuildPipeline:
 
             image = self._images.ensure(spec.image, auth, instance.id, pulling)
             await self._unless_cancelled(image, cancel)
+            done("image")
             self._checkpoint(cancel)
-            instance = await self._step(instance, "creating")
-            image_config = await self._engine.image_config(spec.image)
+            # Each step's record is written while Docker works (an answer shows the
+            # phase; a crash resumes from the record and adopts the container by name).
+            instance, image_config = await both(
+                self._step(instance, "creating"), self._engine.image_config(spec.image)
+            )
             spec = replace(spec, env=neutral_hook_env(image_config.env, spec.env))
+            done("record 'creating' + image config")
             if self._network is not None:
                 await self._network.prepare(wall_asked)
+                done("network check")
             if self._spec_preparer is not None:
-                spec = await self._spec_preparer.prepare(instance, spec)
+                spec = await self._spec_preparer.prepare(instance, spec, image_config)
+                done("SSH files + port gate")
             container_id = await self._create_or_adopt(spec)
-            instance = await self._step(instance, "starting", container_id=container_id)
+            done("docker create")
             self._checkpoint(cancel)
-            await self._engine.start(container_id)
+            instance, _ = await both(
+                self._step(instance, "starting", container_id=container_id),
+                self._engine.start(container_id),
+            )
+            done("docker start + record 'starting'")
             state = await self._engine.inspect(container_id)
             async with self._records.lock(instance.id):
                 instance = await self._records.save_observed(instance, state)
+            done("inspect + record 'running'")
             log.info("instance up", extra={"instance_id": instance.id, "status": instance.status})
         except _BuildCancelled:
             log.info("instance build cancelled", extra={"instance_id": instance.id})
@@ -238,6 +256,21 @@ class BuildPipeline:
             base_s=base,
             cap_s=cap,
         )
+
+
+class _StepClock:
+    """Logs (DEBUG) how long each step of a build took: bench/instance_create.py prints
+    the medians, the agent's own part of a create next to Docker's."""
+
+    def __init__(self, instance_id: str) -> None:
+        self._instance_id = instance_id
+        self._since = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        ms = round((now - self._since) * 1000, 1)
+        log.debug("build step", extra={"instance_id": self._instance_id, "step": step, "ms": ms})
+        self._since = now
 
 
 async def remove_container(engine: Containers, instance: Instance) -> None:

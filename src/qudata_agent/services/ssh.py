@@ -44,6 +44,7 @@ from qudata_agent.domain.ssh_init import (
     STATUS_FILE,
     WORD_BYTES,
     Banner,
+    ImageConfig,
     failure_of,
     ssh_spec,
     unsupported,
@@ -254,14 +255,16 @@ class SshService:
 
     # -- the container ------------------------------------------------------------
 
-    async def prepare(self, instance: Instance, spec: ContainerSpec) -> ContainerSpec:
-        """The spec to create: with the agent's init and SSH, when the instance has SSH."""
+    async def prepare(
+        self, instance: Instance, spec: ContainerSpec, image: ImageConfig
+    ) -> ContainerSpec:
+        """The spec to create: with the agent's init and SSH, when the instance has SSH
+        (`image`: the image's config, as the build read it)."""
         if not instance.ssh_enabled:
             return spec
         if isinstance(self._bundle, str):
             await self._fail(instance.id, self._bundle)
             return spec
-        image = await self._engine.image_config(spec.image)
         reason = unsupported(image, self._bundle.arch)
         if reason is not None:
             await self._fail(instance.id, reason)

@@ -404,3 +404,25 @@ async def test_a_change_opens_the_gate_of_a_failed_build_and_a_removal_prunes(
     await service.settled()
     assert files.instance_ids() == ["i1"]
     await service.close()
+
+
+async def test_the_agents_stop_opens_every_gate_still_closed(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    """A stop during a build: the gate closed for it has no watch yet to open it."""
+    gate = GateStandIn()
+    service = SshService(
+        DockerPorts(EngineStandIn(IMAGE), blocking),  # type: ignore[arg-type]
+        store,
+        blocking,
+        InstanceSshFiles(tmp_path / "instances"),
+        FakeBundle(tmp_path / "bundles"),  # type: ignore[arg-type]
+        ProbeStandIn(),
+        gate=gate,
+    )
+    building = replace(_instance(store), status=Status.PENDING, container_id=None)
+    store.update_instance(building)
+    await service.prepare(building, SPEC, IMAGE)
+    assert gate.closed == {20022}
+    await service.close()
+    assert gate.closed == set()

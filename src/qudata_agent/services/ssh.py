@@ -23,7 +23,8 @@ stays true:
   connections with a reset from before the container starts until sshd
   answers on the container's own address, so a renter never meets a port
   that accepts and then drops; the gate opens then, or when the agent gives
-  up on sshd, and never outlives the run it was closed for, nor the instance.
+  up on sshd, and never outlives the run it was closed for, the instance, or
+  the agent's own run (its stop opens every gate).
 """
 
 from __future__ import annotations
@@ -475,9 +476,14 @@ class SshService:
         await self._gate_checks.settled()
 
     async def close(self) -> None:
+        """Stops the watches and opens every gate still closed: a cancelled watch's own
+        opening may not finish before the agent's loop ends, and a rule left behind would
+        refuse its port until this agent starts again (for ever, if it never does)."""
         await self._watches.close(timeout_s=5)
         await self._prune.close(timeout_s=5)
         await self._gate_checks.close(timeout_s=5)
+        for instance_id in list(self._gated):
+            await self.release(instance_id)
 
 
 def _view(instance: Instance, state: tuple[str, str | None, str | None] | None) -> SshView:

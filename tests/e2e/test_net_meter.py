@@ -35,6 +35,7 @@ from support.netns_internet import (
 AgentFactory = Callable[..., AgentProcess]
 DEBIAN = {"image": "qudata-test/debian", "image_tag": "12"}
 MB = 1_000_000
+HEADERS = 0.05  # what TCP/IP headers may add to a payload's bytes (see below)
 # The agent's own network, bridge and ports: other agents under test leave them alone.
 ENV = {
     "QUDATA_NETWORK": "t24net",
@@ -101,12 +102,15 @@ def test_public_and_private_bytes_are_metered(tenant: tuple[Api, str], internet:
     assert down > 40 and up > 40
     rx = middle["rx_public_bytes"] - before["rx_public_bytes"]
     tx = after["tx_public_bytes"] - middle["tx_public_bytes"]
-    assert within(rx, 50 * MB, 0.02), rx  # IP bytes: the headers are in the 2%
-    assert within(tx, 20 * MB, 0.02), tx
+    # IP bytes: the TCP/IP headers ride on top of the payload, little while the kernel
+    # coalesces segments (a quiet host) and up to 52 bytes per 1448 (3.6%) when it
+    # does not (a busy one): within 5% either way.
+    assert within(rx, 50 * MB, HEADERS), rx
+    assert within(tx, 20 * MB, HEADERS), tx
     # To a private address: counted, but not as public.
     assert download(container, 5 * MB, PRIVATE)[0] == 5 * MB
     private = settled(api, "rx_bytes", after["rx_bytes"] + 5 * MB)
-    assert within(private["rx_bytes"] - after["rx_bytes"], 5 * MB, 0.02)
+    assert within(private["rx_bytes"] - after["rx_bytes"], 5 * MB, HEADERS)
     assert private["rx_public_bytes"] - after["rx_public_bytes"] < 0.01 * MB
     text = metrics(api)
     instance_id = api.get()["instance_id"]
@@ -213,7 +217,7 @@ def test_counts_survive_the_agents_kill_9_and_a_container_restart(
     again = Api(agent)
     first = settled(again, "rx_public_bytes", before["rx_public_bytes"] + 10 * MB)
     assert all(first[k] >= before[k] for k in before)
-    assert first["rx_public_bytes"] - before["rx_public_bytes"] < 10.2 * MB  # counted once
+    assert first["rx_public_bytes"] - before["rx_public_bytes"] < 10 * MB * (1 + HEADERS)  # once
     docker("restart", "-t", "1", container)  # a new run: a new veth, maybe a new address
     again.wait("running")
     until_counted(again, container)  # the meter found the new run (a pass after its event)
@@ -221,7 +225,7 @@ def test_counts_survive_the_agents_kill_9_and_a_container_restart(
     assert all(mid[k] >= first[k] for k in first)
     assert download(container, 10 * MB)[0] == 10 * MB
     after = settled(again, "rx_public_bytes", mid["rx_public_bytes"] + 10 * MB)
-    assert within(after["rx_public_bytes"] - mid["rx_public_bytes"], 10 * MB, 0.02)
+    assert within(after["rx_public_bytes"] - mid["rx_public_bytes"], 10 * MB, HEADERS)
     again.client.close()
 
 

@@ -102,7 +102,7 @@ async def test_a_resumed_build_keeps_the_image_it_was_granted(parts: Any) -> Non
     with pytest.raises(AgentError, match="is private"):
         await service.ensure(REF, None, "i2")
     assert store.is_private("reg:5000/team/app", [DIGEST])
-    assert "right-password" not in repr((await service.views()).get("i1"))
+    assert "right-password" not in repr((await service.views(["i1"])).get("i1"))
 
 
 async def test_a_public_image_runs_from_the_cache_when_the_registry_is_down(parts: Any) -> None:

@@ -371,3 +371,23 @@ def test_reads_do_not_wait_for_a_write_in_progress(store: Store, db_path: Path) 
     finally:
         outside.rollback()
         outside.close()
+
+
+def test_the_ssh_states_and_image_checks_of_the_instances_asked_for(store: Store) -> None:
+    for name in ("a", "b", "c"):
+        store.insert_instance(
+            Instance(name, Status.PENDING, Wanted.RUNNING, "busybox:1", f"qudata-{name}")
+        )
+    store.set_ssh_state("a", "ready", None, "run-1")
+    store.set_ssh_state("c", "failed", "no shell")
+    store.set_instance_image("b", "sha256:b", "sha256:d", 5.0, "checked")
+    assert store.ssh_states(["a", "b", "c"]) == {
+        "a": ("ready", None, "run-1"),
+        "c": ("failed", "no shell", None),
+    }
+    assert store.ssh_states(["c"]) == {"c": ("failed", "no shell", None)}
+    assert store.ssh_states([]) == {}
+    assert store.ssh_state("a") == ("ready", None, "run-1") and store.ssh_state("b") is None
+    assert store.instance_images(["a", "b"]) == {"b": ("sha256:b", "sha256:d", 5.0, "checked")}
+    assert store.instance_image("b") == ("sha256:b", "sha256:d", 5.0, "checked")
+    assert store.instance_images([]) == {} and store.instance_image("a") is None

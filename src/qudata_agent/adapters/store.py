@@ -19,10 +19,11 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from qudata_agent.adapters.store_codec import (
     instance_from_json,
@@ -249,6 +250,16 @@ class Store:
             (value,) = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(value)
 
+    def _of_instances(
+        self, table: str, columns: str, instance_ids: Sequence[str]
+    ) -> list[tuple[Any, ...]]:
+        """`instance_id, columns` of the rows of these instances (`table` and `columns`:
+        this module's constants; the ids go in as parameters)."""
+        marks = ", ".join("?" * len(instance_ids)) or "NULL"  # `IN ()` is an error
+        sql = f"SELECT instance_id, {columns} FROM {table} WHERE instance_id IN ({marks})"  # noqa: S608
+        with self._reading() as conn:
+            return list(conn.execute(sql, tuple(instance_ids)).fetchall())
+
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
         with self._read_lock:
@@ -425,17 +436,14 @@ class Store:
 
     def ssh_state(self, instance_id: str) -> tuple[str, str | None, str | None] | None:
         """(status, reason, run) of the instance's SSH setup, if any."""
-        with self._reading() as conn:
-            row = conn.execute(
-                "SELECT status, reason, run FROM ssh_state WHERE instance_id = ?", (instance_id,)
-            ).fetchone()
-        return None if row is None else (str(row[0]), row[1], row[2])
+        return self.ssh_states([instance_id]).get(instance_id)
 
-    def ssh_states(self) -> dict[str, tuple[str, str | None, str | None]]:
-        """Every instance's (status, reason, run) of its SSH setup, by instance id."""
-        with self._reading() as conn:
-            rows = conn.execute("SELECT instance_id, status, reason, run FROM ssh_state")
-            return {str(r[0]): (str(r[1]), r[2], r[3]) for r in rows.fetchall()}
+    def ssh_states(
+        self, instance_ids: Sequence[str]
+    ) -> dict[str, tuple[str, str | None, str | None]]:
+        """(status, reason, run) of each of these instances' SSH setup that has one."""
+        rows = self._of_instances("ssh_state", "status, reason, run", instance_ids)
+        return {str(r[0]): (str(r[1]), r[2], r[3]) for r in rows}
 
     def set_ssh_state(
         self, instance_id: str, status: str, reason: str | None, run: str | None = None
@@ -544,20 +552,15 @@ class Store:
         self, instance_id: str
     ) -> tuple[str, str | None, float | None, str | None] | None:
         """(image id, digest, checked at, note) of the instance's image check, if any."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT image_id, digest, checked_at, note FROM instance_images"
-                " WHERE instance_id = ?",
-                (instance_id,),
-            ).fetchone()
-        return None if row is None else (str(row[0]), row[1], row[2], row[3])
+        return self.instance_images([instance_id]).get(instance_id)
 
-    def instance_images(self) -> dict[str, tuple[str, str | None, float | None, str | None]]:
-        """Every instance's image check, by instance id (as `instance_image`)."""
-        with self._reading() as conn:
-            rows = conn.execute(
-                "SELECT instance_id, image_id, digest, checked_at, note FROM instance_images"
-            ).fetchall()
+    def instance_images(
+        self, instance_ids: Sequence[str]
+    ) -> dict[str, tuple[str, str | None, float | None, str | None]]:
+        """The image check of each of these instances that has one (as `instance_image`)."""
+        rows = self._of_instances(
+            "instance_images", "image_id, digest, checked_at, note", instance_ids
+        )
         return {str(r[0]): (str(r[1]), r[2], r[3], r[4]) for r in rows}
 
     # -- volumes -----------------------------------------------------------------

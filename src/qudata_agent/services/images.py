@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,7 +88,9 @@ class ImageStore(Protocol):
         self, instance_id: str
     ) -> tuple[str, str | None, float | None, str | None] | None: ...
 
-    def instance_images(self) -> dict[str, tuple[str, str | None, float | None, str | None]]: ...
+    def instance_images(
+        self, instance_ids: Sequence[str]
+    ) -> dict[str, tuple[str, str | None, float | None, str | None]]: ...
 
 
 @dataclass(frozen=True)
@@ -166,9 +168,9 @@ class ImageService:
             local.image_id,
         )
 
-    async def views(self) -> dict[str, ImageCheck]:
-        """Every instance's image check (one read of the store), by instance id."""
-        rows = await self._blocking.quick(self._store.instance_images)
+    async def views(self, instance_ids: Sequence[str]) -> dict[str, ImageCheck]:
+        """These instances' image checks (one read of the store), by instance id."""
+        rows = await self._blocking.quick(self._store.instance_images, instance_ids)
         return {
             instance_id: ImageCheck(digest=digest, checked=checked_at is not None, note=note)
             for instance_id, (_image_id, digest, checked_at, note) in rows.items()

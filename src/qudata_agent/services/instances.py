@@ -196,22 +196,13 @@ class InstanceService:
         if mounts and self._volumes is None:
             raise InvalidRequest("field 'volumes': this agent has no volumes")
         asked = time.monotonic()
-        # The checks and the capacity read are independent: they run at once, and the
-        # first failure in this order is the answer. The capacity is read before the
-        # lock: a slow GPU driver never holds up another create.
-        *checks, read = await asyncio.gather(
-            self._verify_wall(),  # fail closed: nothing is recorded without the wall
-            self._check_isolation(order.isolation, resources.gpu_count),
-            self._admit(ref),  # a registry host dockerd must not call: 400
-            self._capacity.read(need_gpus=resources.gpu_count > 0),
-            return_exceptions=True,
-        )
-        for outcome in (*checks, read):
-            if isinstance(outcome, BaseException):
-                raise outcome
-        if isinstance(read, BaseException):  # (said above; for the type checker)
-            raise read
-        capacity, _disk = read
+        if self._wall is not None:
+            await self._wall.verify()  # fail closed: nothing is recorded without the wall
+        await self._check_isolation(order.isolation, resources.gpu_count)
+        if self._images is not None:
+            await self._images.admit(ref)  # a registry host dockerd must not call: 400
+        # Read before the lock: a slow GPU driver never holds up another create.
+        capacity, _disk = await self._capacity.read(need_gpus=resources.gpu_count > 0)
         async with self._create_lock:
             existing = await self._records.all()
             if self._capacity.max_instances == 1 and existing:
@@ -244,14 +235,6 @@ class InstanceService:
         self._builds.start(instance, order.credentials, wall_asked=asked)
         self._records.changed()
         return instance
-
-    async def _verify_wall(self) -> None:
-        if self._wall is not None:
-            await self._wall.verify()
-
-    async def _admit(self, ref: ImageRef) -> None:
-        if self._images is not None:
-            await self._images.admit(ref)
 
     async def _check_isolation(self, tier: Tier, gpu_count: int) -> None:
         """409 naming why, when the host does not offer the tier (or its GPUs)."""

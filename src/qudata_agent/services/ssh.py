@@ -132,7 +132,9 @@ class SshStore(Protocol):
 
     def ssh_state(self, instance_id: str) -> tuple[str, str | None, str | None] | None: ...
 
-    def ssh_states(self) -> dict[str, tuple[str, str | None, str | None]]: ...
+    def ssh_states(
+        self, instance_ids: Sequence[str]
+    ) -> dict[str, tuple[str, str | None, str | None]]: ...
 
     def set_ssh_state(
         self, instance_id: str, status: str, reason: str | None, run: str | None = None
@@ -194,7 +196,7 @@ class SshService:
 
     async def views(self, instances: Sequence[Instance]) -> dict[str, SshView]:
         """The SSH part of each instance's answer (one read of the store), by id."""
-        states = await self._blocking.quick(self._store.ssh_states)
+        states = await self._blocking.quick(self._store.ssh_states, [i.id for i in instances])
         return {i.id: _view(i, states.get(i.id)) for i in instances}
 
     async def _set(

@@ -97,7 +97,7 @@ class InstanceViews:
         """The views of `instances`, in their order, from one read of each extra."""
         ssh = await self._ssh(instances) if self._ssh is not None else {}
         storage = await self._storage.views(instances) if self._storage is not None else {}
-        checks = await self._images.views()
+        checks = await self._images.views([i.id for i in instances])
         return [
             await self._one(i, logs, tail, ssh.get(i.id), storage.get(i.id), checks.get(i.id))
             for i in instances

@@ -110,6 +110,8 @@ def _service(
     engine: EngineStandIn,
     bundle: object = None,
     probe: ProbeStandIn | None = None,
+    gate: GateStandIn | None = None,
+    events: InstanceEvents | None = None,
 ) -> tuple[SshService, InstanceSshFiles]:
     files = InstanceSshFiles(tmp_path / "instances")
     chosen = FakeBundle(tmp_path / "bundles") if bundle is None else bundle
@@ -121,6 +123,8 @@ def _service(
         chosen,  # type: ignore[arg-type]
         probe or ProbeStandIn(),
         wait_timeout_s=0.5,
+        gate=gate,
+        events=events,
     )
     return service, files
 
@@ -374,17 +378,8 @@ async def test_a_change_opens_the_gate_of_a_failed_build_and_a_removal_prunes(
 ) -> None:
     events = InstanceEvents()
     gate = GateStandIn()
-    files = InstanceSshFiles(tmp_path / "instances")
-    service = SshService(
-        DockerPorts(EngineStandIn(IMAGE), blocking),  # type: ignore[arg-type]
-        store,
-        blocking,
-        files,
-        FakeBundle(tmp_path / "bundles"),  # type: ignore[arg-type]
-        ProbeStandIn(),
-        gate=gate,
-        events=events,
-    )
+    engine = EngineStandIn(IMAGE)
+    service, files = _service(store, blocking, tmp_path, engine, gate=gate, events=events)
     building = replace(_instance(store), status=Status.PENDING, container_id=None)
     store.update_instance(building)
     await service.prepare(building, SPEC, IMAGE)
@@ -411,15 +406,7 @@ async def test_the_agents_stop_opens_every_gate_still_closed(
 ) -> None:
     """A stop during a build: the gate closed for it has no watch yet to open it."""
     gate = GateStandIn()
-    service = SshService(
-        DockerPorts(EngineStandIn(IMAGE), blocking),  # type: ignore[arg-type]
-        store,
-        blocking,
-        InstanceSshFiles(tmp_path / "instances"),
-        FakeBundle(tmp_path / "bundles"),  # type: ignore[arg-type]
-        ProbeStandIn(),
-        gate=gate,
-    )
+    service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), gate=gate)
     building = replace(_instance(store), status=Status.PENDING, container_id=None)
     store.update_instance(building)
     await service.prepare(building, SPEC, IMAGE)

@@ -413,3 +413,20 @@ async def test_the_agents_stop_opens_every_gate_still_closed(
     assert gate.closed == {20022}
     await service.close()
     assert gate.closed == set()
+
+
+async def test_a_removal_during_the_build_opens_its_gate(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    events = InstanceEvents()
+    gate = GateStandIn()
+    engine = EngineStandIn(IMAGE)
+    service, files = _service(store, blocking, tmp_path, engine, gate=gate, events=events)
+    building = replace(_instance(store), status=Status.PENDING, container_id=None)
+    store.update_instance(building)
+    await service.prepare(building, SPEC, IMAGE)
+    store.delete_instance("i1")  # deleted before its container ever ran
+    events.removed(building)
+    await service.settled()
+    assert gate.closed == set() and files.instance_ids() == []
+    await service.close()

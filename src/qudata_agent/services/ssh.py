@@ -181,8 +181,10 @@ class SshService:
         self._gate_checks = Rerun(self._gates_pass, "ssh gates")
         if events is not None:
             events.on_new_run(self.on_new_run)  # sshd's banner watched on each run
-            events.on_removed(lambda _gone: self.prune_soon())  # its SSH directory goes too
-            events.on_change(self._gates_soon)  # a build or a start that failed: its gate opens
+            events.on_removed(lambda _gone: self.prune_soon())  # its SSH directory goes
+            # After any change, a removal too: the gates no watch will open (a build or a
+            # start that failed, an instance gone) open.
+            events.on_change(self._gates_soon)
 
     async def _instance(self, instance_id: str) -> Instance:
         instance = await self._blocking.quick(self._store.get_instance, instance_id)
@@ -425,13 +427,12 @@ class SshService:
     # -- the instance's directory -----------------------------------------------
 
     def prune_soon(self) -> None:
-        """Removes (in the background) the SSH directories of instances that are gone, and
-        opens the gates no watch will open."""
+        """Removes (in the background) the SSH directories of instances that are gone."""
         self._prune.poke()
 
     def _gates_soon(self) -> None:
-        """After any change: a pass only when a gate waits with no watch on it (a build
-        or a start may have failed); a change that leaves none such costs nothing."""
+        """A pass of `_prune_gates` only when a gate waits with no watch on it (a build or
+        a start may have failed, an instance may be gone); otherwise nothing."""
         if any(not self._watches.running(i) for i in self._gated):
             self._gate_checks.poke()
 
@@ -448,7 +449,6 @@ class SshService:
             log.warning("ssh directories not pruned", extra={"error": str(e)})
 
     async def _prune_once(self) -> None:
-        await self._prune_gates()
         # Listed before the store is read: an instance is recorded before its
         # directory is made, so a directory listed here whose instance is not
         # in the store belongs to a deleted one.

@@ -334,14 +334,21 @@ INSTANCE_ROW_WRITERS = frozenset(
 INSTANCE_ROW_OWNERS = frozenset({"services/records.py", "adapters/store.py"})
 
 
+def attribute_uses(rel: str, source: str, names: frozenset[str], what: str) -> list[str]:
+    """`rel:line what (name)` for every attribute of `source` named in `names`."""
+    return [
+        f"{rel}:{node.lineno} {what} ({node.attr})"
+        for node in ast.walk(ast.parse(source, filename=rel))
+        if isinstance(node, ast.Attribute) and node.attr in names
+    ]
+
+
 def instance_row_offences(rel: str, source: str) -> list[str]:
     if rel in INSTANCE_ROW_OWNERS:
         return []
-    return [
-        f"{rel}:{node.lineno} writes an instance row around Records ({node.attr})"
-        for node in ast.walk(ast.parse(source, filename=rel))
-        if isinstance(node, ast.Attribute) and node.attr in INSTANCE_ROW_WRITERS
-    ]
+    return attribute_uses(
+        rel, source, INSTANCE_ROW_WRITERS, "writes an instance row around Records"
+    )
 
 
 def test_only_records_writes_instance_rows() -> None:
@@ -374,11 +381,7 @@ CONTAINER_EXEC = frozenset({"exec_run", "exec_create", "exec_start", "exec_inspe
 
 
 def exec_offences(rel: str, source: str) -> list[str]:
-    return [
-        f"{rel}:{node.lineno} runs something in a container ({node.attr})"
-        for node in ast.walk(ast.parse(source, filename=rel))
-        if isinstance(node, ast.Attribute) and node.attr in CONTAINER_EXEC
-    ]
+    return attribute_uses(rel, source, CONTAINER_EXEC, "runs something in a container")
 
 
 def test_nothing_runs_inside_a_tenants_container() -> None:

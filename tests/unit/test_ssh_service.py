@@ -373,17 +373,33 @@ class GateStandIn:
         self.closed.discard(port)
 
 
-async def test_a_change_opens_the_gate_of_a_failed_build_and_a_removal_prunes(
-    store: Store, blocking: Blocking, tmp_path: Path
-) -> None:
-    events = InstanceEvents()
-    gate = GateStandIn()
+@dataclass
+class Building:
+    """An SSH instance mid-build: prepared (its gate closed), no container run yet."""
+
+    service: SshService
+    files: InstanceSshFiles
+    gate: GateStandIn
+    events: InstanceEvents
+    instance: Instance
+
+
+async def _building(store: Store, blocking: Blocking, tmp_path: Path) -> Building:
+    events, gate = InstanceEvents(), GateStandIn()
     engine = EngineStandIn(IMAGE)
     service, files = _service(store, blocking, tmp_path, engine, gate=gate, events=events)
     building = replace(_instance(store), status=Status.PENDING, container_id=None)
     store.update_instance(building)
     await service.prepare(building, SPEC, IMAGE)
     assert gate.closed == {20022}
+    return Building(service, files, gate, events, building)
+
+
+async def test_a_change_opens_the_gate_of_a_failed_build_and_a_removal_prunes(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    b = await _building(store, blocking, tmp_path)
+    service, files, gate, events, building = b.service, b.files, b.gate, b.events, b.instance
     events.changed()  # another step of the build: the gate stays
     await service.settled()
     assert gate.closed == {20022}
@@ -405,26 +421,17 @@ async def test_the_agents_stop_opens_every_gate_still_closed(
     store: Store, blocking: Blocking, tmp_path: Path
 ) -> None:
     """A stop during a build: the gate closed for it has no watch yet to open it."""
-    gate = GateStandIn()
-    service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), gate=gate)
-    building = replace(_instance(store), status=Status.PENDING, container_id=None)
-    store.update_instance(building)
-    await service.prepare(building, SPEC, IMAGE)
-    assert gate.closed == {20022}
-    await service.close()
+    b = await _building(store, blocking, tmp_path)
+    gate = b.gate
+    await b.service.close()
     assert gate.closed == set()
 
 
 async def test_a_removal_during_the_build_opens_its_gate(
     store: Store, blocking: Blocking, tmp_path: Path
 ) -> None:
-    events = InstanceEvents()
-    gate = GateStandIn()
-    engine = EngineStandIn(IMAGE)
-    service, files = _service(store, blocking, tmp_path, engine, gate=gate, events=events)
-    building = replace(_instance(store), status=Status.PENDING, container_id=None)
-    store.update_instance(building)
-    await service.prepare(building, SPEC, IMAGE)
+    b = await _building(store, blocking, tmp_path)
+    service, files, gate, events, building = b.service, b.files, b.gate, b.events, b.instance
     store.delete_instance("i1")  # deleted before its container ever ran
     events.removed(building)
     await service.settled()

@@ -108,3 +108,19 @@ def test_a_wall_that_stands_is_checked_with_one_listing(
     subprocess.run(["iptables", "-D", "QDTEST-FROM", "-i", "qdtest0", "-j", "QDTEST-A"], check=True)
     assert wall.apply(scratch) is True  # the jump was gone: put back
     assert _listing("QDTEST-FROM") == ["-N QDTEST-FROM", "-A QDTEST-FROM -i qdtest0 -j QDTEST-A"]
+
+
+def test_a_failing_whole_table_listing_falls_back_to_the_chain_by_chain_check(
+    scratch: FirewallPlan, tmp_path: Path
+) -> None:
+    """The one-listing check answers only when it read the table; a listing that fails
+    is never taken for a wall that stands: the chains are looked at and repaired."""
+    failing = tmp_path / "iptables"
+    failing.write_text('#!/bin/sh\n[ "$*" = "-w 5 -S" ] && exit 4\nexec iptables "$@"\n')
+    failing.chmod(0o755)
+    wall = Firewall(str(failing))
+    assert wall.apply(scratch) is True  # nothing there yet: made
+    assert wall.apply(scratch) is False  # stands: seen chain by chain
+    subprocess.run(["iptables", "-A", "QDTEST-A", "-j", "ACCEPT"], check=True)  # drift
+    assert wall.apply(scratch) is True
+    assert _listing("QDTEST-A") == expected_listing("QDTEST-A", scratch.chains["QDTEST-A"])

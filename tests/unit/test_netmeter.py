@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,6 +184,18 @@ async def test_the_last_pass_at_close_retires_an_instance_deleted_just_before(
     assert not rig.nft.counters_ and not rig.nft.keys
     assert [(i, u.tx_public_bytes) for i, u in await meter.take_finals()] == [(ID, 700)]
     assert rig.account.data  # the finals are on disk for the next start's report
+
+
+async def test_a_last_pass_that_hangs_does_not_hold_up_the_stop(rig: Rig) -> None:
+    meter = rig.meter()
+    await meter.refresh()
+    stuck = threading.Event()
+    rig.nft.counters = lambda: (stuck.wait(10), {})[1]  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await meter.close(timeout_s=0.2)
+    assert loop.time() - began < 2  # given up at its deadline: the next start makes it
+    stuck.set()
 
 
 async def test_the_host_default_caps_an_order_without_its_own() -> None:

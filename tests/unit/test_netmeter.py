@@ -231,6 +231,25 @@ async def test_a_table_removed_behind_its_back_is_made_again_and_counts_on(rig: 
     assert use is not None and use.rx_public_bytes == 130
 
 
+async def test_counters_no_instance_of_the_account_owns_go_at_the_first_pass(rig: Rig) -> None:
+    first = rig.meter()
+    await first.refresh()
+    rig.nft.count("tx_public", 700)
+    await first.refresh()  # the account knows ID; the kernel also holds a wiped agent's:
+    stray = counter_names("99999999-0000-0000-0000-000000000000")
+    rig.nft.apply("".join(f"add counter ip t {n}\n" for n in stray.values()))
+    rig.nft.apply(f'add element ip t m_rx_public {{ 172.30.0.99 : "{stray["rx_public"]}" }}')
+    again = rig.meter()
+    await again.refresh()
+    assert set(rig.nft.counters_) == set(counter_names(ID).values())
+    assert rig.nft.keys == {"172.30.0.7": counter_names(ID)["rx_public"]}
+    use = again.use(ID)
+    assert use is not None and use.tx_public_bytes == 700  # its own counter kept counting
+    rig.nft.apply("".join(f"add counter ip t {n}\n" for n in stray.values()))
+    await again.refresh()  # only the first pass sweeps: later strays are not this agent's doing
+    assert set(stray.values()) <= set(rig.nft.counters_)
+
+
 async def test_a_pass_lists_the_counters_once(rig: Rig) -> None:
     meter = rig.meter()
     await meter.refresh()  # the first pass makes the counters, then lists them again

@@ -18,7 +18,11 @@ What stays true:
   then removed from the kernel; its totals wait (on disk too) until
   `take_finals` hands them to a report, or an hour passes. The agent's stop
   makes one last pass (`close`), so a delete just before it leaves no
-  counter behind.
+  counter behind;
+- counters the account does not know (an agent killed with its instances
+  still there, then its state directory wiped: a reinstall) are removed at
+  the first pass: a counter is on the account before it is made, so one
+  missing from it is no instance of this agent's.
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ class NetMeter:
         self._runs: dict[str, _Run] = {}
         self._streak = Streak()
         self._loaded = False
+        self._swept = False
         if events is not None:
             events.on_new_run(self.poke)  # a new run has a new veth: caps and maps at once
             events.on_removed(self.poke)  # a deleted instance's last count, then its counters go
@@ -263,6 +268,8 @@ class NetMeter:
         live = {i.id: i for i in instances}
         for instance_id in live:
             self._tallies.setdefault(instance_id, {})
+        if not self._swept:
+            self._sweep()
         readings = self._ensure_counters()
         if runs:
             self._attach(runs)
@@ -273,6 +280,21 @@ class NetMeter:
         self._retire([i for i in self._tallies if i not in live])
         self._expire()
         self._save()
+
+    def _sweep(self) -> None:
+        """Counters of no instance in the account removed (once, at the first pass)."""
+        known = {n for i in [*self._tallies, *self._finals] for n in counter_names(i).values()}
+        orphans = [n for n in self._nft.counters() if n not in known]
+        if orphans:
+            keys = self._nft.map_keys(_KEY_MAP)
+            stale = [address for address, counter in keys.items() if counter in orphans]
+            script = elements_script(self._bridge, {}, stale)
+            self._nft.apply(script + delete_counters_script(self._bridge, orphans))
+            log.info(
+                "network meter: counters of unknown instances removed",
+                extra={"counters": len(orphans)},
+            )
+        self._swept = True
 
     def _ensure_counters(self) -> dict[str, tuple[int, int]] | None:
         """The counters listed; every instance's made when missing. Returns the listing,

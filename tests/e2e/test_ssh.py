@@ -304,6 +304,8 @@ def internal_network() -> Iterator[tuple[str, str]]:
         yield name, bridge
     finally:
         docker("network", "rm", name, check=False)
+        table = f"qudata_net_{bridge}"  # the agent's network meter's, for this bridge
+        subprocess.run(["nft", "delete", "table", "ip", table], check=False, capture_output=True)
 
 
 def test_no_network_is_needed_from_the_container(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +113,9 @@ class Rig:
     account: MemoryAccount = field(default_factory=MemoryAccount)
     instances: list[Instance] = field(default_factory=list)
 
-    def meter(self, default_mbps: float | None = None) -> NetMeter:
+    def meter(
+        self, default_mbps: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> NetMeter:
         async def listed() -> list[Instance]:
             return list(self.instances)
 
@@ -119,7 +123,8 @@ class Rig:
         return NetMeter(instances=listed, nft=self.nft, shaper=self.shaper,
                         engine=DockerPorts(FakeEngine(), blocking),  # type: ignore[arg-type]
                         account=self.account, blocking=blocking, bridge="br0",
-                        policy=EgressPolicy(), default_mbps=default_mbps)  # fmt: skip
+                        policy=EgressPolicy(), default_mbps=default_mbps,
+                        clock=clock)  # fmt: skip
 
 
 @pytest.fixture
@@ -248,6 +253,23 @@ async def test_counters_no_instance_of_the_account_owns_go_at_the_first_pass(rig
     rig.nft.apply("".join(f"add counter ip t {n}\n" for n in stray.values()))
     await again.refresh()  # only the first pass sweeps: later strays are not this agent's doing
     assert set(stray.values()) <= set(rig.nft.counters_)
+
+
+async def test_a_pass_of_the_last_second_serves_a_report_without_another(rig: Rig) -> None:
+    now = [100.0]
+    meter = rig.meter(clock=lambda: now[0])
+    await meter.refresh()
+    rig.nft.listings = 0
+    rig.nft.count("rx_public", 100)
+    now[0] += 0.5
+    await meter.refresh(within_s=1.0)  # a burst of reports: the pass of 0.5 s ago will do
+    assert rig.nft.listings == 0
+    now[0] += 0.6
+    await meter.refresh(within_s=1.0)  # 1.1 s since the last pass: counted anew
+    assert rig.nft.listings == 1 and meter.use(ID).wire()["rx_public_bytes"] == 100
+    rig.instances = []
+    await meter.refresh()  # the meter's own passes (a poke, the loop, the stop) always run
+    assert [i for i, _ in await meter.take_finals()] == [ID]
 
 
 async def test_a_pass_lists_the_counters_once(rig: Rig) -> None:

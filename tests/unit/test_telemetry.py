@@ -257,10 +257,12 @@ async def test_metrics_label_each_instance(blocking: Blocking) -> None:
 class FakeNetwork:
     def __init__(self) -> None:
         self.refreshed = 0
+        self.within: list[float] = []
         self.finals: list[tuple[str, NetworkUse]] = []
 
-    async def refresh(self) -> None:
+    async def refresh(self, within_s: float = 0.0) -> None:
         self.refreshed += 1
+        self.within.append(within_s)
 
     def use(self, instance_id: str) -> NetworkUse | None:
         return NetworkUse(rx_bytes=30, tx_bytes=20, rx_public_bytes=10, tx_public_bytes=5)
@@ -280,7 +282,8 @@ async def test_each_entry_carries_the_meters_four_and_a_deleted_one_comes_once(
     rig = Rig(blocking, max_instances=4, network=network)
     rig.instances = [instance(1)]
     payload = await rig.tick()
-    assert network.refreshed == 1  # read fresh for every report
+    assert network.refreshed == 1  # read fresh for every report (a pass of the last second)
+    assert network.within == [1.0]
     assert {k: payload["instances"][0][k] for k in NET} == NET
     network.finals = [("i9", NetworkUse(rx_bytes=7, rx_public_bytes=7))]
     entries = (await rig.tick())["instances"]

@@ -209,9 +209,16 @@ class NetMeter:
             async with asyncio.timeout(timeout_s):
                 await self.refresh()
 
-    async def refresh(self) -> None:
-        """One pass: new runs attached and capped, counters read, the account written."""
+    async def refresh(self, within_s: float = 0.0) -> None:
+        """One pass: new runs attached and capped, counters read, the account written.
+
+        A pass that began within `within_s` seconds (waited for if in flight) is
+        fresh enough: then none is made. The stats reports ask so, for they come
+        in bursts (one per lifecycle change) and a pass costs a few nft calls.
+        """
         async with self._lock:
+            if self._clock() - self._last_pass < within_s:
+                return
             self._last_pass = self._clock()
             try:
                 await self._blocking.quick(self._ensure_table)

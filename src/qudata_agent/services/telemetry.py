@@ -36,6 +36,7 @@ from qudata_agent.services.engine import Containers
 
 log = logging.getLogger(__name__)
 
+NET_FRESH_S = 1.0  # a network meter pass this recent is read as it is
 FIGURES = ("cpu_util", "ram_util", "inet_in", "inet_out", "gpu_util", "mem_util", "gpu_temp")
 
 
@@ -46,7 +47,7 @@ class CgroupSource(Protocol):
 class NetworkSource(Protocol):
     """The network meter (services.netmeter): totals by instance, and deleted ones' last."""
 
-    async def refresh(self) -> None: ...
+    async def refresh(self, within_s: float = 0.0) -> None: ...
 
     def use(self, instance_id: str) -> Any: ...  # domain.netpolicy.NetworkUse | None
 
@@ -158,7 +159,9 @@ class Telemetry:
 
     async def sample(self) -> dict[str, Any]:
         if self._network is not None:
-            await self._network.refresh()  # the counters as of now: a delete's last bytes too
+            # The counters as of now (a pass of the last second will do): a delete's last
+            # bytes too, unless the meter's own pass retires it just after: the next report.
+            await self._network.refresh(within_s=NET_FRESH_S)
         instances = list(await self._instances())
         running = [i for i in instances if _running(i)]
         self.last_net = {}

@@ -9,6 +9,7 @@ Not a benchmark itself (the leading underscore). The scripts are run as
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -148,7 +149,8 @@ class AgentProc:
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until /ping answers and the agent's id can be read from its database."""
+        """Until /ping answers, the agent's id can be read from its database and its
+        secret is on disk (with a control plane, once the registration gave it)."""
         deadline = time.monotonic() + timeout
         with httpx.Client(trust_env=False, timeout=1.0) as client:
             while time.monotonic() < deadline:
@@ -156,7 +158,7 @@ class AgentProc:
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(self.url + "/ping").status_code == 200:
                         self.agent_id = self._read_agent_id()
-                        if self.agent_id:
+                        if self.agent_id and (self.state_dir / "agent_secret").exists():
                             return
                 time.sleep(0.05)
         raise BenchError(f"the agent was not ready within {timeout:g} s\n{self.tail()}")
@@ -216,6 +218,74 @@ class AgentProc:
         if not self.log_path.exists():
             return "(no agent log)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class ControlPlane:
+    """The recording fake control plane (tests/support/fake_cp.py, a real HTTP server)
+    as a process of its own: an agent given `env` registers with it and reports
+    `/stats` every 3 s, as on a rented host; each call is one JSON line in `log_path`."""
+
+    def __init__(self, workdir: Path, avoid: tuple[int, int]) -> None:
+        self.port = free_port(avoid)
+        self.log_path = workdir / "control-plane.jsonl"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"QUDATA_API_KEY": "bench-key-0123", "QUDATA_API_URL": self.url}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        program = Path(__file__).resolve().parent.parent / "tests" / "support" / "fake_cp.py"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(program), str(self.port), str(self.log_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 1),
+            ):
+                return
+            time.sleep(0.05)
+        raise BenchError(f"the fake control plane did not listen on {self.port} in {timeout:g} s")
+
+    def stats_times(self) -> list[float]:
+        """When each `/stats` report came (epoch seconds)."""
+        out: list[float] = []
+        if self.log_path.exists():
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    call = json.loads(line)
+                    if isinstance(call, dict) and str(call.get("path", "")).endswith("/stats"):
+                        out.append(float(call["at"]))
+        return out
+
+    def cadence(self, since: float, until: float) -> str:
+        """The `/stats` reports between two epoch times (the 3 s tick, and one more
+        after each change of an instance) and the longest wait between two."""
+        times = [t for t in self.stats_times() if since <= t <= until]
+        gaps = [b - a for a, b in itertools.pairwise([since, *times, until])]
+        return (
+            f"{len(times)} /stats reports in {until - since:.1f} s,"
+            f" the longest wait for one {max(gaps):.2f} s"
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def remove_containers(ids: set[str], filters: list[str]) -> list[str]:

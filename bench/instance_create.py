@@ -37,8 +37,10 @@ DEBUG log: the POST round trip, the build from "instance accepted" to
 step" lines: the image check, the records it writes, the network check, the
 SSH files, Docker's create and start, the inspect after start), and the
 delay until a GET saw `running`. `--loaded` first starts 8 idle busybox instances in the same
-agent (0.1 CPU, 256 MiB each) and keeps them running, so the same ratios are
-measured with the agent and Docker holding eight more.
+agent (0.1 CPU, 256 MiB each) and keeps them running, and registers the agent
+with the recording fake control plane (tests/support/fake_cp.py), so the same
+ratios are measured with the agent and Docker holding eight more and the
+agent's stats reports ticking every 3 s (it prints how many came meanwhile).
 Exit status: 0 PASS, 1 FAIL, 2 error, 130 interrupted.
 
 Everything it makes is removed on the way out, also on Ctrl-C, SIGTERM or an
@@ -76,6 +78,7 @@ from _common import (
     STEP_TIMEOUT_S,
     AgentProc,
     BenchError,
+    ControlPlane,
     docker,
     docker_version,
     exit_code,
@@ -410,11 +413,15 @@ def main(argv: list[str] | None = None) -> int:
 
     interrupt_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="qudata-bench-"))
-    agent = AgentProc(workdir, PORT_RANGE, env=LOADED_AGENT_ENV if args.loaded else None)
+    cp = ControlPlane(workdir, PORT_RANGE) if args.loaded else None
+    env = {**LOADED_AGENT_ENV, **cp.env} if cp is not None else None
+    agent = AgentProc(workdir, PORT_RANGE, env=env)
     bench = Bench(agent)
     code = 2
     try:
         engine = preflight()
+        if cp is not None:
+            cp.start()
         agent.start()
         agent.wait_ready()
         bench.connect()
@@ -427,11 +434,14 @@ def main(argv: list[str] | None = None) -> int:
             f" agent id {agent.agent_id}; baseline label {RUN_LABEL_KEY}={bench.token}",
             flush=True,
         )
+        began = time.time()
         for i in range(args.warmup + args.runs):
             record = i >= args.warmup
             bench.iteration(i - args.warmup if record else i, record)
             print("." if record else "w", end="", flush=True)
         code = 0 if report(bench, args.runs, args.warmup, engine) else 1
+        if cp is not None:
+            print(f"meanwhile: {cp.cadence(began, time.time())} to the control plane")
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         code = 130
@@ -447,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         with signals_ignored():
             problems = bench.cleanup()
+            if cp is not None:
+                cp.stop()
             keep_log(agent, args.agent_log)
             shutil.rmtree(workdir, ignore_errors=True)
     return exit_code(code, problems)

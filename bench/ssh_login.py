@@ -43,8 +43,10 @@ rotated each round. Target: on every image the agent's median at most 1.3x
 the floor's median (the sandbox case against the sandbox floor). It prints,
 per arm, the median, min, max and samples in ms, each ratio against its
 in-run floor, and the verdicts. `--loaded` first starts 8 idle busybox
-instances in the same agent and keeps them running, to see
-the same ratios with the agent and Docker busy with eight more. Exit status:
+instances in the same agent and keeps them running, and registers the agent
+with the recording fake control plane (tests/support/fake_cp.py), to see the
+same ratios with the agent and Docker busy with eight more and the agent's
+stats reports ticking every 3 s (it prints how many came meanwhile). Exit status:
 0 all PASS, 1 a FAIL, 2 error, 130 interrupted.
 
 Everything it makes is removed on the way out, also on Ctrl-C, SIGTERM or an
@@ -80,6 +82,7 @@ from _common import (
     STEP_TIMEOUT_S,
     AgentProc,
     BenchError,
+    ControlPlane,
     docker,
     docker_version,
     exit_code,
@@ -320,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     interrupt_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="qudata-bench-ssh-"))
+    cp = ControlPlane(workdir, PORT_RANGE) if args.loaded else None
     agent = AgentProc(
         workdir,
         PORT_RANGE,
@@ -327,11 +331,14 @@ def main(argv: list[str] | None = None) -> int:
             "QUDATA_MAX_INSTANCES": "16",
             "QUDATA_RESERVED_CPU_CORES": "0",
             "QUDATA_CPU_CORES": "0.1",
+            **(cp.env if cp is not None else {}),
         },
     )
     bench: Bench | None = None
     code = 2
     try:
+        if cp is not None:
+            cp.start()
         engine = docker_version()
         need_images(*IMAGES)
         for tool in ("ssh", "ssh-keygen"):
@@ -352,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loaded: {LOADED} idle busybox instances running in the agent")
         times: dict[str, list[float]] = {arm: [] for arm in arms}
         print(f"{args.warmup} warm-up + {args.runs} timed rounds ", end="", flush=True)
+        began = time.time()
         for i in range(args.warmup + args.runs):
             shift = i % len(arms)
             for arm in arms[shift:] + arms[:shift]:
@@ -361,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             print(".", end="", flush=True)
         print()
         code = 0 if report(times) else 1
+        if cp is not None:
+            print(f"meanwhile: {cp.cadence(began, time.time())} to the control plane")
     except BenchError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         code = 2
@@ -376,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             args.agent_log,
             workdir,
         )
+        if cp is not None:
+            cp.stop()
     return exit_code(code, problems)
 
 

@@ -86,6 +86,7 @@ class FakeControlPlane:
                     if fake.record_to:
                         with open(fake.record_to, "a", encoding="utf-8") as out:
                             line = {"method": "POST", "path": self.path, "body": body}
+                            line["at"] = record.at
                             line["headers"] = dict(self.headers.items())
                             out.write(json.dumps(line) + "\n")
                     status, answer = fake.answers.get(self.path, (404, {"ok": False, "error": "?"}))

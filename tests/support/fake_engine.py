@@ -129,13 +129,18 @@ class FakeEngine:
 class PrepareWith:
     """A test's function in the SSH service's place (`SpecPreparer`)."""
 
-    def __init__(self, prepare: Any) -> None:
+    def __init__(self, prepare: Any, before_start: Any = None) -> None:
         self._prepare = prepare
+        self._before_start = before_start
 
     async def prepare(
         self, instance: Instance, spec: ContainerSpec, image: ImageConfig
     ) -> ContainerSpec:
         return spec if self._prepare is None else await self._prepare(instance, spec)  # type: ignore[no-any-return]
+
+    async def before_start(self, instance: Instance) -> None:
+        if self._before_start is not None:
+            await self._before_start(instance)
 
 
 class Stack:

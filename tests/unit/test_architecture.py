@@ -22,7 +22,8 @@ ROOT = Path(qudata_agent.__file__).resolve().parent
 
 # Each outside library and the files allowed to import it (one, except httpx: two
 # outside things speak HTTP, the control plane and the "what is my IP" services
-# that find the public address, and each has its own adapter). An owner ending in
+# that find the public address, and each has its own adapter; and cryptography:
+# the port's TLS key and the instances' SSH host keys). An owner ending in
 # "/" is a package: any module in it may import the library.
 SDK_OWNERS: dict[str, tuple[str, ...]] = {
     "docker": ("adapters/docker/",),
@@ -33,7 +34,7 @@ SDK_OWNERS: dict[str, tuple[str, ...]] = {
     "prometheus_client": ("metrics.py",),
     "uvicorn": ("server.py",),
     "h11": ("server.py",),
-    "cryptography": ("adapters/tls.py",),
+    "cryptography": ("adapters/tls.py", "adapters/ssh_files.py"),  # the port's, sshd's keys
 }
 # Modules of the package with one user: the store's text forms of a record and a
 # container spec are read and written by the store alone (no spec JSON elsewhere).

@@ -155,6 +155,28 @@ async def test_the_spec_is_prepared_while_creating_and_the_container_made_from_i
         await builds.close()
 
 
+async def test_the_build_shuts_the_port_gate_before_the_start(tmp_path: Path) -> None:
+    """The SSH port gate is the preparer's `before_start`: the build runs it beside
+    Docker's create and the start waits for it."""
+    with base_on(tmp_path) as base:
+        engine = base.engine
+        shut: list[tuple[str, ...]] = []
+
+        async def before_start(instance: Instance) -> None:
+            await asyncio.sleep(0.05)  # the create (a thread) ends meanwhile
+            shut.append(tuple(c.status for c in engine.containers.values()))
+
+        records = make_records(base)
+        builds = make_builds(base, records, spec_preparer=PrepareWith(None, before_start))
+        record(base, "a", status=Status.PENDING)
+        builds.start((await records.all())[0], None)
+        await asyncio.wait_for(_until_idle(builds), 5)
+        running = await records.get("a")
+        assert running is not None and running.status is Status.RUNNING
+        assert shut == [("created",)]  # made meanwhile, not yet started when the gate shut
+        await builds.close()
+
+
 async def _until_idle(builds: BuildPipeline) -> None:
     while builds.building():
         await asyncio.sleep(0.01)

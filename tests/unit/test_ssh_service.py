@@ -1,7 +1,6 @@
 """The SSH service: the spec it gives the build, the keys on the host, the verdict on sshd.
 
-A real store and the real files adapter (in a temporary directory, the host's
-ssh-keygen); the container is a stand-in that answers the image inspection and
+A real store and the real files adapter (in a temporary directory); the container is a stand-in that answers the image inspection and
 Docker's state, and the host-side probe one that answers the port's banner and
 the init's word with chosen answers. The engine stand-in has no way to run
 anything in a container: the service must not need one."""
@@ -391,6 +390,8 @@ async def _building(store: Store, blocking: Blocking, tmp_path: Path) -> Buildin
     building = replace(_instance(store), status=Status.PENDING, container_id=None)
     store.update_instance(building)
     await service.prepare(building, SPEC, IMAGE)
+    assert gate.closed == set()  # the build shuts it beside Docker's create:
+    await service.before_start(building)
     assert gate.closed == {20022}
     return Building(service, files, gate, events, building)
 

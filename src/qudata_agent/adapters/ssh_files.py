@@ -2,7 +2,8 @@
 
 That directory is bind-mounted read-only into that instance's container only
 (at `INSTANCE_MOUNT`). What stays true:
-- the host key is made once per instance (the host's ssh-keygen) and kept
+- the host key (ed25519, made in-process: no fork on a create's path) is made
+  once per instance and kept
   until the instance is deleted: stop/start, Docker's restarts and the agent's
   own leave it alone, so the renter's known_hosts stays valid;
 - every file is replaced by one rename, so sshd never reads half of one:
@@ -19,8 +20,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from qudata_agent.domain.ssh_setup import AUTHORIZED_KEYS, ENVIRONMENT, HOST_KEY, SSHD_CONFIG
 from qudata_agent.errors import AgentError
@@ -47,9 +50,8 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 
 class InstanceSshFiles:
-    def __init__(self, root: Path, keygen: str = "ssh-keygen") -> None:
+    def __init__(self, root: Path) -> None:
         self._root = root
-        self._keygen = keygen
 
     def dir_of(self, instance_id: str) -> Path:
         if not _SAFE_ID.match(instance_id):
@@ -74,20 +76,18 @@ class InstanceSshFiles:
         return where
 
     def _host_key(self, where: Path) -> None:
-        temp = where / f".{HOST_KEY}.new"
-        for stale in (temp, temp.with_name(f"{temp.name}.pub")):
-            stale.unlink(missing_ok=True)
-        argv = [self._keygen, "-q", "-t", "ed25519", "-N", "", "-C", "qudata-instance"]
-        try:
-            done = subprocess.run(
-                [*argv, "-f", str(temp)], capture_output=True, text=True, timeout=30, check=False
-            )
-        except OSError as e:
-            raise SshFilesError(f"cannot run {self._keygen}: {e.strerror}") from e
-        if done.returncode != 0:
-            raise SshFilesError(f"making the host key failed: {done.stderr.strip()[-200:]}")
-        os.replace(temp.with_name(f"{temp.name}.pub"), where / f"{HOST_KEY}.pub")
-        os.replace(temp, where / HOST_KEY)
+        """The private key written last: its presence means the pair is whole."""
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        _write(where / f"{HOST_KEY}.pub", public.decode() + " qudata-instance\n", 0o644)
+        _write(where / HOST_KEY, private.decode(), 0o600)
 
     def prepared(self, instance_id: str) -> bool:
         return (self.dir_of(instance_id) / SSHD_CONFIG).is_file()

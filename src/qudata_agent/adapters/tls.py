@@ -2,7 +2,8 @@
 
 Owns `<state>/tls/` (key.pem, mode 0600, and cert.pem), the provider's own
 certificate when one is configured, and the `ssl.SSLContext` the listener
-serves with. The only module that imports `cryptography`.
+serves with. With adapters/ssh_files.py (the instances' SSH host keys) the
+only module that imports `cryptography`.
 
 What stays true:
 - the agent-made key (ECDSA P-256) is made once for the life of the state

@@ -61,11 +61,14 @@ class InstanceNetwork(Protocol):
 
 class SpecPreparer(Protocol):
     """Who has the last word on the spec before the create (`services.ssh.SshService`:
-    the agent's init, the SSH bundle and the instance's SSH files)."""
+    the agent's init, the SSH bundle and the instance's SSH files), and readies the
+    host for the start while Docker creates (the SSH port gate)."""
 
     async def prepare(
         self, instance: Instance, spec: ContainerSpec, image: ImageConfig
     ) -> ContainerSpec: ...
+
+    async def before_start(self, instance: Instance) -> None: ...
 
 
 class _BuildCancelled(Exception):
@@ -190,9 +193,13 @@ class BuildPipeline:
                 done("network check")
             if self._spec_preparer is not None:
                 spec = await self._spec_preparer.prepare(instance, spec, image_config)
-                done("SSH files + port gate")
-            container_id = await self._create_or_adopt(spec)
-            done("docker create")
+                done("SSH files")
+                container_id, _ = await both(  # the gate is shut before the start publishes
+                    self._create_or_adopt(spec), self._spec_preparer.before_start(instance)
+                )
+            else:
+                container_id = await self._create_or_adopt(spec)
+            done("docker create + SSH port gate")
             self._checkpoint(cancel)
             instance, _ = await both(
                 self._step(instance, "starting", container_id=container_id),

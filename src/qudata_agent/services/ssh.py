@@ -278,7 +278,7 @@ class SshService:
         async with self._lock(instance.id):
             keys = await self._authorized_keys(instance.id)
             try:
-                where = await self._blocking.slow(  # runs ssh-keygen once: a fork
+                where = await self._blocking.slow(  # small files, each fsynced (disk time)
                     self._files.prepare,
                     instance.id,
                     sshd_config_text(env),
@@ -289,7 +289,6 @@ class SshService:
                 await self._fail(instance.id, e.message)
                 return spec
             await self._set(instance.id, INSTALLING)
-            await self._close_gate(instance)
         return ssh_spec(
             spec, image, bundles_dir=str(self._bundle.bundles_dir), instance_dir=str(where)
         )
@@ -309,8 +308,9 @@ class SshService:
         self._gated[instance.id] = port
 
     async def before_start(self, instance: Instance) -> None:
-        """A start or restart of the instance's container is coming: its SSH port is gated
-        until this new run's sshd answers."""
+        """A start of the instance's container is coming (the build's first, while Docker
+        creates it; a start or restart): its SSH port is gated until this new run's
+        sshd answers."""
         if instance.ssh_enabled and await self._blocking.quick(self._files.prepared, instance.id):
             await self._close_gate(instance)
 

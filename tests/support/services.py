@@ -182,8 +182,12 @@ def make_capacity(base: Base, **options: Any) -> HostCapacity:
     return HostCapacity(blocking=base.blocking, **options)
 
 
-def make_cpu_pool(base: Base, records: Records, capacity: HostCapacity, engine: Any) -> CpuPool:
-    return CpuPool(records=records, capacity=capacity, engine=base.ports(engine))
+def make_cpu_pool(
+    base: Base, records: Records, capacity: HostCapacity, engine: Any, widen_after_s: float = 3.0
+) -> CpuPool:
+    return CpuPool(
+        records=records, capacity=capacity, engine=base.ports(engine), widen_after_s=widen_after_s
+    )
 
 
 def make_image_cache(

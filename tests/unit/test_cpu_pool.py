@@ -83,7 +83,7 @@ async def parts_on(tmp_path: Path, max_instances: int) -> AsyncIterator[Parts]:
 
         engine = CpusetEngine()
         capacity = make_capacity(base, disk=disk, max_instances=max_instances)
-        pool = make_cpu_pool(base, make_records(base), capacity, engine)
+        pool = make_cpu_pool(base, make_records(base), capacity, engine, widen_after_s=0.2)
         yield Parts(base, engine, pool, passes)
         engine.gate.set()
         await pool.close()
@@ -128,6 +128,37 @@ async def test_the_cores_of_a_removed_instance_are_shared_again(p: Parts) -> Non
     await p.after_passes(2)
     assert p.engine.calls[-1] == ("c-floating", "0-7")
     assert p.pool.applied == "0-7"
+
+
+async def test_a_container_already_on_the_pool_is_not_moved_again(p: Parts) -> None:
+    pinned_and_floating(p)
+    p.pool.poke()
+    await p.after_passes(1)
+    record(p.base, "new", container_id="c-new")  # a new floating container: on every CPU
+    p.pool.poke()  # its new run
+    await p.after_passes(2)
+    assert p.engine.calls == [("c-floating", "0-3,6-7"), ("c-new", "0-3,6-7")]
+
+
+async def test_a_freed_core_is_shared_after_a_wait_and_a_new_pin_on_it_moves_nothing(
+    p: Parts,
+) -> None:
+    pinned_and_floating(p)
+    p.pool.poke()
+    await p.after_passes(1)
+    p.base.store.delete_instance("pinned")
+    p.pool.poke_later()  # the removal's
+    await asyncio.sleep(0.05)
+    assert len(p.passes) == 1  # not at once
+    record(p.base, "again", container_id="c-again", spec=spec_of("again", cpuset_cpus="4-5"))
+    p.pool.poke()  # the new pinned instance's run, on the freed cores
+    await p.after_passes(2)
+    await p.after_passes(3)  # the removal's pass, after the wait
+    assert p.engine.calls == [("c-floating", "0-3,6-7")]  # nothing moved twice
+    p.base.store.delete_instance("again")
+    p.pool.poke_later()
+    await p.after_passes(4)
+    assert p.engine.calls[-1] == ("c-floating", "0-7")  # shared again once the wait is over
 
 
 async def test_with_nothing_pinned_every_container_is_left_as_it_is(p: Parts) -> None:

@@ -1,8 +1,9 @@
 """The SSH service: the spec it gives the build, the keys on the host, the verdict on sshd.
 
-A real store and the real files adapter (in a temporary directory); the container is a stand-in that answers the image inspection and
-Docker's state, and the host-side probe one that answers the port's banner and
-the init's word with chosen answers. The engine stand-in has no way to run
+A real store and the real files adapter (in a temporary directory); the
+container is a stand-in that answers the image inspection and Docker's state,
+and the host-side probe one that answers the port's banner and the init's word
+with chosen answers. The engine stand-in has no way to run
 anything in a container: the service must not need one."""
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from qudata_agent.domain.log_tail import (
     LogTail,
 )
 from qudata_agent.errors import NotFound
-from qudata_agent.services.views import LAST_LOG_LINES, InstanceView
+from qudata_agent.services.views import LAST_LOG_LINES, LAST_LOG_READ_S, InstanceView
 from support.fake_engine import FakeEngine
 from support.services import Base, base_on, make_images, make_views, record, spec_of
 
@@ -35,12 +36,13 @@ class LogEngine(FakeEngine):
         super().__init__()
         self.tail = LogTail("line 1\nline 2\n")
         self.reads: list[tuple[str, int, int]] = []
+        self.timeouts: list[float] = []
 
     def logs(self, container_id: str, tail: int, max_bytes: int, timeout_s: float) -> LogTail:
         self.reads.append((container_id, tail, max_bytes))
+        self.timeouts.append(timeout_s)
         if container_id not in self.containers:
             raise NotFound(f"no container {container_id}")
-        assert timeout_s == LOG_READ_TIMEOUT_S
         return self.tail
 
     def pull(
@@ -81,6 +83,7 @@ async def test_logs_are_read_only_when_asked(base: Base) -> None:
     asked = await views.describe(instance, logs=True, tail=50)
     assert asked.logs == "line 1\nline 2\n" and asked.last_logs is None
     assert engine_of(base).reads == [(instance.container_id, 50, LOG_ANSWER_BYTES)]
+    assert engine_of(base).timeouts == [LOG_READ_TIMEOUT_S]
 
 
 async def test_a_container_that_exited_on_its_own_shows_its_last_lines(base: Base) -> None:
@@ -91,6 +94,25 @@ async def test_a_container_that_exited_on_its_own_shows_its_last_lines(base: Bas
     assert engine_of(base).reads == [(crashed.container_id, LAST_LOG_LINES, LAST_LOG_BYTES)]
     gave_up = with_container(base, "b", status=Status.ERROR, exit_code=137)
     assert (await views.describe(gave_up)).last_logs == "line 1\nline 2\n"
+
+
+async def test_a_run_s_last_lines_are_read_once_briefly_and_kept(base: Base) -> None:
+    """An answer never waits long on Docker for them (a Docker shutting down stops
+    every container and answers slowly), and the next answers do not ask again."""
+    views = make_views(base)
+    engine = engine_of(base)
+    engine.tail = LogTail("so far\n", complete=False)  # Docker too slow this time
+    crashed = with_container(base, "a", status=Status.PAUSED, exit_code=1, started_at="t1")
+    first = (await views.describe(crashed)).last_logs
+    assert first is not None and first.endswith("\nso far\n") and "read for" in first
+    engine.tail = LogTail("line 1\nline 2\n")
+    for _ in range(3):
+        assert (await views.describe(crashed)).last_logs == "line 1\nline 2\n"
+    assert len(engine.reads) == 2  # the partial read is tried again, the whole one kept
+    assert engine.timeouts == [LAST_LOG_READ_S] * 2
+    again = replace(crashed, exit_code=2, started_at="t2")  # restarted, and ended again
+    engine.tail = LogTail("the next run's end\n")
+    assert (await views.describe(again)).last_logs == "the next run's end\n"
 
 
 async def test_a_stop_through_the_api_or_a_failed_build_shows_no_last_lines(base: Base) -> None:

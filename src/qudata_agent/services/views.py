@@ -8,7 +8,9 @@ state, the health of its GPUs, what its `storage_gb` got, and how its
 image was vouched for (private, checked with the registry, or run from the
 cache). Reads only; changes nothing. A list answer reads each of the SSH
 states, storage requests and image checks once for every instance, not once
-per instance.
+per instance. The last lines of a run that ended are read from Docker once
+(within `LAST_LOG_READ_S`, so an answer never waits on a Docker that is
+shutting down) and kept for that run: every later answer shows them again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from qudata_agent.services.images import ImageCheck, ImageService
 from qudata_agent.services.ssh import SshView
 
 LAST_LOG_LINES = 20
+LAST_LOG_READ_S = 1.0  # the last lines' read: an answer waits no longer for them
+LAST_LOG_RUNS_KEPT = 256  # ended runs whose last lines are kept (the oldest go first)
 LOG_CUT = "[qudata: older output left out; an answer carries at most the last {} bytes]"
 LOG_TIMED_OUT = "[qudata: the log was read for {} s only; newer output left out]"
 
@@ -82,6 +86,7 @@ class InstanceViews:
         self._gpu_health = gpu_health
         self._storage = storage
         self._network = network
+        self._last: dict[tuple[str, str | None], str] = {}  # (container, run) -> last lines
 
     async def describe(
         self, instance: Instance | None, logs: bool = False, tail: int = 100
@@ -119,7 +124,7 @@ class InstanceViews:
                 if logs:
                     text = await self._logs(instance.container_id, tail, LOG_ANSWER_BYTES)
                 if exited_on_its_own(instance):
-                    last = await self._logs(instance.container_id, LAST_LOG_LINES, LAST_LOG_BYTES)
+                    last = await self._last_lines(instance.container_id, instance.started_at)
             except NotFound:
                 pass  # removed a moment ago; the event will say so
         tier = tier_of(instance.require_spec().runtime)
@@ -138,11 +143,33 @@ class InstanceViews:
         )
 
     async def _logs(self, container_id: str, tail: int, max_bytes: int) -> str:
+        text, _ = await self._read(container_id, tail, max_bytes, LOG_READ_TIMEOUT_S)
+        return text
+
+    async def _read(
+        self, container_id: str, tail: int, max_bytes: int, timeout_s: float
+    ) -> tuple[str, bool]:
         """The log's end, bounded in bytes and time (the tenant writes it), with a first
-        line saying so when older output was left out."""
-        got = await self._engine.logs(container_id, tail, max_bytes, LOG_READ_TIMEOUT_S)
+        line saying so when older output was left out; and whether it was read to its end."""
+        got = await self._engine.logs(container_id, tail, max_bytes, timeout_s)
         if not got.complete:
-            return f"{LOG_TIMED_OUT.format(LOG_READ_TIMEOUT_S)}\n{got.text}"
+            return f"{LOG_TIMED_OUT.format(timeout_s)}\n{got.text}", False
         if got.cut:
-            return f"{LOG_CUT.format(max_bytes)}\n{got.text}"
-        return got.text
+            return f"{LOG_CUT.format(max_bytes)}\n{got.text}", True
+        return got.text, True
+
+    async def _last_lines(self, container_id: str, run: str | None) -> str:
+        """The ended run's last lines: read once in full, then kept (a partial read is
+        shown and read again next time)."""
+        key = (container_id, run)
+        kept = self._last.get(key)
+        if kept is not None:
+            return kept
+        text, whole = await self._read(
+            container_id, LAST_LOG_LINES, LAST_LOG_BYTES, LAST_LOG_READ_S
+        )
+        if whole:
+            self._last[key] = text
+            while len(self._last) > LAST_LOG_RUNS_KEPT:
+                del self._last[next(iter(self._last))]
+        return text

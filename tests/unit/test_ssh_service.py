@@ -8,6 +8,7 @@ anything in a container: the service must not need one."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -365,8 +366,11 @@ async def test_the_fine_poll_probes_the_banner_and_leaves_docker_and_the_word_sl
 class GateStandIn:
     def __init__(self) -> None:
         self.closed: set[int] = set()
+        self.hold = threading.Event()  # cleared: a close waits (an iptables call under load)
+        self.hold.set()
 
     def close(self, port: int) -> None:
+        self.hold.wait(10)
         self.closed.add(port)
 
     def open(self, port: int) -> None:
@@ -426,6 +430,27 @@ async def test_the_agents_stop_opens_every_gate_still_closed(
     b = await _building(store, blocking, tmp_path)
     gate = b.gate
     await b.service.close()
+    assert gate.closed == set()
+
+
+async def test_a_stop_in_the_midst_of_shutting_a_gate_still_leaves_it_open(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    """The stop cancels the build while the gate's rule is going in (a thread the
+    cancel cannot stop): the opening waits for that call, then removes the rule."""
+    events, gate = InstanceEvents(), GateStandIn()
+    service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), gate=gate, events=events)
+    building = replace(_instance(store), status=Status.PENDING, container_id=None)
+    store.update_instance(building)
+    await service.prepare(building, SPEC, IMAGE)
+    gate.hold.clear()
+    shutting = asyncio.create_task(service.before_start(building))
+    await asyncio.sleep(0.05)
+    shutting.cancel()  # the build, cancelled by the stop
+    stopping = asyncio.create_task(service.close())
+    await asyncio.sleep(0.05)
+    gate.hold.set()  # the rule goes in only now
+    await asyncio.wait_for(stopping, 5)
     assert gate.closed == set()
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, cast
@@ -176,6 +176,7 @@ class SshService:
         self._files = files
         self._bundle = bundle
         self._lock: KeyedLocks[str] = KeyedLocks()
+        self._gate_locks: KeyedLocks[int] = KeyedLocks()
         self._watches: Reruns[str] = Reruns(self._watch_pass, "ssh")
         self._prune = Rerun(self._prune_pass, "ssh prune")
         self._gate_checks = Rerun(self._gates_pass, "ssh gates")
@@ -296,16 +297,26 @@ class SshService:
     # -- the gate -----------------------------------------------------------------
 
     async def _close_gate(self, instance: Instance) -> None:
-        """Before the container starts: its SSH port refuses until sshd answers."""
+        """Before the container starts: its SSH port refuses until sshd answers.
+
+        The gate is known as closed before the rule goes in, and the rule's call is
+        carried to its end even when the caller is cancelled (a stop cancels the
+        builds): an opening that comes meanwhile waits for it, then removes the rule.
+        No rule is ever in place that no one will open."""
         port = instance.ports.get("22")
         if self._gate is None or port is None:
             return
-        try:
-            await self._blocking.quick(self._gate.close, port)
-        except AgentError as e:  # the instance goes on, ungated (as without a gate)
-            log.warning("ssh port not gated", extra={"instance_id": instance.id, "error": str(e)})
-            return
         self._gated[instance.id] = port
+        try:
+            await asyncio.shield(self._gate_call(self._gate.close, port))
+        except AgentError as e:  # the instance goes on, ungated (as without a gate)
+            self._gated.pop(instance.id, None)
+            log.warning("ssh port not gated", extra={"instance_id": instance.id, "error": str(e)})
+
+    async def _gate_call(self, change: Callable[[int], None], port: int) -> None:
+        """One change of `port`'s rule at a time, in the order asked."""
+        async with self._gate_locks(port):
+            await self._blocking.quick(change, port)
 
     async def before_start(self, instance: Instance) -> None:
         """A start of the instance's container is coming (the build's first, while Docker
@@ -318,8 +329,9 @@ class SshService:
         port = self._gated.get(instance_id)
         if self._gate is None or port is None:
             return
-        await self._blocking.quick(self._gate.open, port)
-        self._gated.pop(instance_id, None)
+        await self._gate_call(self._gate.open, port)
+        if self._gated.get(instance_id) == port:
+            del self._gated[instance_id]
         log.debug("ssh port opened", extra={"instance_id": instance_id, "port": port})
 
     def gated(self) -> dict[str, int]:

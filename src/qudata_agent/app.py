@@ -176,7 +176,7 @@ async def _outside(parts: _Parts, s: Settings, agent_port: int) -> Outside:
     blocking, docker, nvml = parts.blocking, parts.docker, parts.nvml
     docker_disk = DockerDisk(docker.data_root, disk_usage_bytes, disk_free_bytes)
     ssh_root = StateDir(s.state_dir).ssh_dir
-    gate = IptablesPortGate(parts.agent_id) if s.firewall else None
+    gate = IptablesPortGate(parts.agent_id, s.port_range) if s.firewall else None
     reserved = {agent_port} | ({s.metrics_listen[1]} if s.metrics_listen else set())
 
     async def driver() -> tuple[int, str | None]:

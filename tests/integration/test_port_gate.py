@@ -1,6 +1,7 @@
 """The SSH port gate on the real iptables: a listening port refuses new connections with a
 reset while gated (never accepts them), accepts again once opened, and an agent's start
-removes the rules it left and only those (loopback traffic only)."""
+removes the rules it left, and another agent's only on a port of its own range (loopback
+traffic only)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,20 @@ def test_setup_removes_only_the_agents_own_left_rules(
     assert _rules_of(ours._agent_id) == []
     assert len(_rules_of(theirs._agent_id)) == 1
     assert _connect(port) == "accepted"
+
+
+def test_setup_removes_another_agents_rule_on_a_port_of_its_range(
+    listener: socket.socket, gates: tuple[IptablesPortGate, IptablesPortGate]
+) -> None:
+    """An agent killed and installed anew (a new id) left a gate on a port the new one
+    hands out: the new one's start removes it, and leaves one outside its range."""
+    ours, theirs = gates
+    port = listener.getsockname()[1]
+    elsewhere = port + 1 if port < 65535 else port - 1
+    theirs.close(port)
+    theirs.close(elsewhere)
+    assert _connect(port) == "refused"
+    starting = IptablesPortGate(ours._agent_id, (port, port))
+    assert starting.setup() == [port]
+    assert _connect(port) == "accepted"
+    assert theirs.closed() == [elsewhere]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qudata_agent.domain.port_gate import CHAIN, comment, gate_rule, own_ports
+from qudata_agent.domain.port_gate import CHAIN, comment, gate_rule, left_behind, own_ports
 
 
 def test_the_rule_refuses_new_connections_to_one_port_with_a_reset() -> None:
@@ -33,3 +33,27 @@ def test_own_ports_reads_this_agents_rules_only() -> None:
     assert own_ports(listing, "agent-a") == [22001]
     assert own_ports(listing, "agent-b") == [22002]
     assert own_ports([], "agent-a") == []
+
+
+def _rule(port: int, agent_id: str) -> str:
+    return (
+        f"-A {CHAIN} -p tcp -m conntrack --ctstate NEW --ctorigdstport {port} -m comment"
+        f' --comment "{comment(agent_id)}" -j REJECT --reject-with tcp-reset'
+    )
+
+
+def test_a_starting_agent_takes_its_own_rules_and_any_on_its_ports() -> None:
+    """Another id's rule on a port of this agent's range was left by an agent that is no
+    more (a reinstall gives a new id); outside the range it may be a live neighbour's."""
+    listing = [
+        f"-N {CHAIN}",
+        _rule(22001, "agent-a"),  # its own, outside its range now: still its own
+        _rule(40001, "agent-old"),  # on its range
+        _rule(50000, "agent-b"),  # elsewhere
+        "-A OTHER -p tcp --dport 40002 -j REJECT",  # not a gate
+    ]
+    assert left_behind(listing, "agent-a", (40000, 49999)) == [
+        (22001, "agent-a"),
+        (40001, "agent-old"),
+    ]
+    assert left_behind(listing, "agent-a", None) == [(22001, "agent-a")]

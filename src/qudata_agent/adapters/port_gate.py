@@ -14,22 +14,36 @@ import subprocess
 
 from qudata_agent.adapters import commands
 from qudata_agent.adapters.firewall import FirewallError
-from qudata_agent.domain.port_gate import CHAIN, JUMPS, gate_rule, jump_args, own_ports
+from qudata_agent.domain.port_gate import (
+    CHAIN,
+    JUMPS,
+    gate_rule,
+    jump_args,
+    left_behind,
+    own_ports,
+)
 
 log = logging.getLogger(__name__)
 
 
 class IptablesPortGate:
-    def __init__(self, agent_id: str, iptables: str = "iptables") -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        port_range: tuple[int, int] | None = None,
+        iptables: str = "iptables",
+    ) -> None:
         self._agent_id = agent_id
+        self._port_range = port_range  # the instances' ports: no other agent's gates there
         self._iptables = iptables
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return commands.run([self._iptables, "-w", "5", *args], FirewallError, check=check)
 
     def setup(self) -> list[int]:
-        """The chain and its jumps in place, and this agent's rules left by a crash removed
-        (the ports it opened)."""
+        """The chain and its jumps in place, and the rules left behind removed: this
+        agent's (a crash) and any on a port of its range (`domain.port_gate`); the
+        ports opened."""
         for chain in (CHAIN, *JUMPS):
             if chain in ("INPUT", "OUTPUT"):
                 continue
@@ -38,10 +52,11 @@ class IptablesPortGate:
         for chain in JUMPS:
             if self._run("-C", chain, *jump_args(), check=False).returncode != 0:
                 self._run("-I", chain, "1", *jump_args())
-        stale = own_ports(self._run("-S", CHAIN).stdout.splitlines(), self._agent_id)
-        for port in stale:
-            self.open(port)
-        return stale
+        listing = self._run("-S", CHAIN).stdout.splitlines()
+        stale = left_behind(listing, self._agent_id, self._port_range)
+        for port, owner in stale:
+            self._remove(port, owner)
+        return sorted({port for port, _ in stale})
 
     def close(self, port: int) -> None:
         """New connections to `port` are refused with a TCP reset from now on."""
@@ -51,7 +66,10 @@ class IptablesPortGate:
 
     def open(self, port: int) -> None:
         """`port` is no longer gated (every copy of the rule goes)."""
-        rule = gate_rule(port, self._agent_id)
+        self._remove(port, self._agent_id)
+
+    def _remove(self, port: int, owner: str) -> None:
+        rule = gate_rule(port, owner)
         while self._run("-D", CHAIN, *rule, check=False).returncode == 0:
             pass
 

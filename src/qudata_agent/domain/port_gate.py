@@ -20,7 +20,10 @@ sshd, or when the instance goes. What stays true:
   allocated to one of its instances (exclusive on the host); it never
   accepts, drops or touches anything else;
 - every rule is named by the agent's id (a comment), so an agent removes its
-  own and only its own (at start: whatever a crash left);
+  own (at start: whatever a crash left) and, on the ports of its own range,
+  another id's too (an agent killed and never started again, then
+  installed anew with a new id: those ports are this agent's to hand out
+  now); a rule of another agent on a port outside that range is left alone;
 - one chain, `CHAIN`, reached by one jump from INPUT (the userland proxy's
   listeners), OUTPUT (a client on the host itself, DNAT in OUTPUT) and
   DOCKER-USER (a client from outside, forwarded through DNAT: matched by the
@@ -57,13 +60,28 @@ def gate_rule(port: int, agent_id: str) -> tuple[str, ...]:
 
 def own_ports(listing: list[str], agent_id: str) -> list[int]:
     """The ports this agent's rules gate, from `iptables -S CHAIN` output."""
-    ports = []
-    mark = f'--comment "{comment(agent_id)}"'
+    return [port for port, owner in rules(listing) if owner == agent_id]
+
+
+def rules(listing: list[str]) -> list[tuple[int, str]]:
+    """Every gate rule of `iptables -S CHAIN` output: (port, the agent id that made it)."""
+    found = []
     for line in listing:
         words = line.split()
-        if mark not in line or "--ctorigdstport" not in words:
+        if "--ctorigdstport" not in words or f'"{_COMMENT_PREFIX}' not in line:
             continue
         value = words[words.index("--ctorigdstport") + 1]
-        if value.isdigit():
-            ports.append(int(value))
-    return ports
+        owner = line.split(f'"{_COMMENT_PREFIX}', 1)[1].split('"', 1)[0]
+        if value.isdigit() and owner:
+            found.append((int(value), owner))
+    return found
+
+
+def left_behind(
+    listing: list[str], agent_id: str, port_range: tuple[int, int] | None
+) -> list[tuple[int, str]]:
+    """The rules an agent starting removes: its own, and any on a port of its range."""
+    lo, hi = port_range if port_range is not None else (1, 0)
+    return [
+        (port, owner) for port, owner in rules(listing) if owner == agent_id or lo <= port <= hi
+    ]

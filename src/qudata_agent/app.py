@@ -530,7 +530,13 @@ class Agent:
             network=side.meter,
         )
         parts.metrics.follow_stats(telemetry)
-        return StatsReporter(telemetry.sample, cp.stats, (ControlPlaneError,), events=side.events)
+        return StatsReporter(
+            telemetry.sample,
+            cp.stats,
+            (ControlPlaneError,),
+            events=side.events,
+            sample_on_poke=telemetry.sample_on_change,
+        )
 
     def _start_image_loops(self, supervisor: Supervisor, side: InstanceSide) -> None:
         s = self.settings

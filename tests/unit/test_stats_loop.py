@@ -59,3 +59,27 @@ async def test_a_poke_adds_a_report_at_once() -> None:
     assert len(sent) == 2
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_poke_s_report_is_made_by_its_own_sampler() -> None:
+    """The grid's reports read the network meter fresh; a lifecycle change's report takes
+    the meter's last pass (`Telemetry.sample_on_change`)."""
+    sent: list[str] = []
+
+    async def tick() -> dict[str, Any]:
+        return {"by": "tick"}
+
+    async def change() -> dict[str, Any]:
+        return {"by": "change"}
+
+    async def send(payload: dict[str, Any]) -> None:
+        sent.append(payload["by"])
+
+    reporter = StatsReporter(tick, send, (Down,), interval_s=60, sample_on_poke=change)
+    task = asyncio.create_task(reporter.run())
+    await asyncio.sleep(0.05)
+    reporter.poke()
+    await asyncio.sleep(0.05)
+    assert sent == ["tick", "change"]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -284,6 +284,8 @@ async def test_each_entry_carries_the_meters_four_and_a_deleted_one_comes_once(
     payload = await rig.tick()
     assert network.refreshed == 1  # read fresh for every report (a pass of the last second)
     assert network.within == [1.0]
+    await rig.telemetry.sample_on_change()  # a lifecycle change's report: the meter's last pass
+    assert network.within == [1.0, 3.0]
     assert {k: payload["instances"][0][k] for k in NET} == NET
     network.finals = [("i9", NetworkUse(rx_bytes=7, rx_public_bytes=7))]
     entries = (await rig.tick())["instances"]

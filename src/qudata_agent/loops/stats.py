@@ -4,7 +4,9 @@ Sampling and sending are separate tasks joined by a bounded queue. What stays
 true: a slow or failing control plane delays neither the next sample nor the
 API; the queue never holds more than `queue_max` reports (the oldest is
 dropped); an outage is logged when it starts and when it ends, not every tick;
-a poke (after a lifecycle action) adds a report without moving the grid.
+a poke (after a lifecycle action) adds a report without moving the grid, made
+by its own sampler when given one (`sample_on_poke`: the agent's reads the
+network meter's last pass rather than making one beside the action).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class StatsReporter:
         queue_max: int = 64,
         backoff_cap_s: float = 3.0,
         events: InstanceEvents | None = None,
+        sample_on_poke: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._sample = sample
+        self._sample_on_poke = sample_on_poke or sample
         self._send = send
         self._retry_on = retry_on
         self._interval_s = interval_s
@@ -62,12 +66,12 @@ class StatsReporter:
             await self._poked.wait()
             self._poked.clear()
             try:
-                await self._enqueue()
+                await self._enqueue(self._sample_on_poke)
             except Exception as e:  # the grid's next tick tries again
                 log.debug("stats sample failed", exc_info=e)
 
-    async def _enqueue(self) -> None:
-        payload = await self._sample()
+    async def _enqueue(self, sample: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
+        payload = await (sample or self._sample)()
         if self._queue.full():
             self._queue.get_nowait()
             self.dropped += 1

@@ -36,7 +36,8 @@ from qudata_agent.services.engine import Containers
 
 log = logging.getLogger(__name__)
 
-NET_FRESH_S = 1.0  # a network meter pass this recent is read as it is
+NET_FRESH_S = 1.0  # a network meter pass this recent is read as it is (the 3 s tick)
+NET_FRESH_ON_CHANGE_S = 3.0  # and for a report of a lifecycle change (the meter's own cadence)
 FIGURES = ("cpu_util", "ram_util", "inet_in", "inet_out", "gpu_util", "mem_util", "gpu_temp")
 
 
@@ -157,11 +158,17 @@ class Telemetry:
         # Bytes received and sent so far, by instance id ("" the host's): /metrics counters.
         self.last_net: dict[str, tuple[int, int]] = {}
 
-    async def sample(self) -> dict[str, Any]:
+    async def sample_on_change(self) -> dict[str, Any]:
+        """A report for a lifecycle change: made at once, so it takes the network counters
+        of the meter's last pass (at most its 3 s old) rather than making a pass (a few nft
+        calls, beside the create or start that changed)."""
+        return await self.sample(net_within_s=NET_FRESH_ON_CHANGE_S)
+
+    async def sample(self, net_within_s: float = NET_FRESH_S) -> dict[str, Any]:
         if self._network is not None:
             # The counters as of now (a pass of the last second will do): a delete's last
             # bytes too, unless the meter's own pass retires it just after: the next report.
-            await self._network.refresh(within_s=NET_FRESH_S)
+            await self._network.refresh(within_s=net_within_s)
         instances = list(await self._instances())
         running = [i for i in instances if _running(i)]
         self.last_net = {}

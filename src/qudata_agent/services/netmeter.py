@@ -32,7 +32,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -283,20 +283,18 @@ class NetMeter:
         for instance_id, run in runs.items():
             self._cap(live[instance_id], run)
             self._runs[instance_id] = run
-        self._read(readings)
-        self._retire([i for i in self._tallies if i not in live])
+        readings = self._read(readings)
+        self._retire([i for i in self._tallies if i not in live], readings)
         self._expire()
         self._save()
 
     def _sweep(self) -> None:
         """Counters of no instance in the account removed (once, at the first pass)."""
         known = {n for i in [*self._tallies, *self._finals] for n in counter_names(i).values()}
-        orphans = [n for n in self._nft.counters() if n not in known]
+        present = self._nft.counters()
+        orphans = {n for n in present if n not in known}
         if orphans:
-            keys = self._nft.map_keys(_KEY_MAP)
-            stale = [address for address, counter in keys.items() if counter in orphans]
-            script = elements_script(self._bridge, {}, stale)
-            self._nft.apply(script + delete_counters_script(self._bridge, orphans))
+            self._remove_counters(orphans, present)
             log.info(
                 "network meter: counters of unknown instances removed",
                 extra={"counters": len(orphans)},
@@ -348,7 +346,10 @@ class NetMeter:
             extra={"instance_id": instance.id, "mbps": mbps, "veth": run.veth, "how": run.cap},
         )
 
-    def _read(self, readings: dict[str, tuple[int, int]] | None = None) -> None:
+    def _read(
+        self, readings: dict[str, tuple[int, int]] | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """Every tally advanced to its counter; the listing read (made here if None)."""
         if readings is None:
             readings = self._nft.counters()
         for instance_id, tallies in self._tallies.items():
@@ -356,9 +357,11 @@ class NetMeter:
                 reading = readings.get(name)
                 if reading is not None:
                     tallies[kind] = tallies.get(kind, Tally()).advance(_measure(kind, reading))
+        return readings
 
-    def _retire(self, gone: list[str]) -> None:
-        """Deleted instances: their last totals kept for the report, their kernel state removed."""
+    def _retire(self, gone: list[str], present: Collection[str]) -> None:
+        """Deleted instances: their last totals kept for the report, their kernel state
+        removed (`present`: the counters of this pass's listing)."""
         if not gone:
             return
         now = self._clock()
@@ -366,17 +369,19 @@ class NetMeter:
             tallies = self._tallies[instance_id]
             self._finals[instance_id] = _Final(NetworkUse.of(tallies), now, tallies)
         self._save()  # the finals are on disk before the counters go
-        keys = self._nft.map_keys(_KEY_MAP)
-        names = {n: i for i in gone for n in counter_names(i).values()}
-        stale = [address for address, counter in keys.items() if counter in names]
-        present = self._nft.counters()
-        script = elements_script(self._bridge, {}, stale)
-        script += delete_counters_script(self._bridge, [n for n in names if n in present])
-        self._nft.apply(script)
+        self._remove_counters({n for i in gone for n in counter_names(i).values()}, present)
         for instance_id in gone:
             self._shaper.remove_ifb(ifb_name(instance_id))
             del self._tallies[instance_id]
             log.info("network meter: instance retired", extra={"instance_id": instance_id})
+
+    def _remove_counters(self, names: Collection[str], present: Collection[str]) -> None:
+        """These counters (those of them `present`) and the addresses pointing at them go."""
+        keys = self._nft.map_keys(_KEY_MAP)
+        stale = [address for address, counter in keys.items() if counter in names]
+        script = elements_script(self._bridge, {}, stale)
+        script += delete_counters_script(self._bridge, [n for n in names if n in present])
+        self._nft.apply(script)
 
     def _expire(self) -> None:
         limit = self._clock() - FINAL_KEEP_S

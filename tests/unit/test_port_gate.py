@@ -51,6 +51,8 @@ def test_a_starting_agent_takes_its_own_rules_and_any_on_its_ports() -> None:
         _rule(40001, "agent-old"),  # on its range
         _rule(50000, "agent-b"),  # elsewhere
         "-A OTHER -p tcp --dport 40002 -j REJECT",  # not a gate
+        _rule(40003, ""),  # a gate comment naming no agent: not ours to judge
+        _rule(40004, "agent-c").replace("40004", "4x004"),  # no port to read
     ]
     assert left_behind(listing, "agent-a", (40000, 49999)) == [
         (22001, "agent-a"),

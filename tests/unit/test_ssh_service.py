@@ -24,6 +24,7 @@ from qudata_agent.domain.container_spec import IDLE_COMMAND, ContainerSpec, Cont
 from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.ssh_init import INIT, Banner, ImageConfig, banner_of
 from qudata_agent.domain.ssh_keys import parse_key
+from qudata_agent.errors import AgentError
 from qudata_agent.services.instance_events import InstanceEvents
 from qudata_agent.services.ssh import NO_AGENT_SSH, SshService
 
@@ -452,6 +453,26 @@ async def test_a_stop_in_the_midst_of_shutting_a_gate_still_leaves_it_open(
     gate.hold.set()  # the rule goes in only now
     await asyncio.wait_for(stopping, 5)
     assert gate.closed == set()
+
+
+async def test_a_gate_that_cannot_be_shut_leaves_the_instance_ungated(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    """iptables refuses the rule: the start goes on without a gate, and none is counted
+    as closed (nothing to open later)."""
+
+    class Refusing(GateStandIn):
+        def close(self, port: int) -> None:
+            raise AgentError("iptables: no chain by that name")
+
+    gate = Refusing()
+    service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), gate=gate)
+    building = replace(_instance(store), status=Status.PENDING, container_id=None)
+    store.update_instance(building)
+    await service.prepare(building, SPEC, IMAGE)
+    await service.before_start(building)  # no error: the instance is not held up
+    assert service.gated() == {} and gate.closed == set()
+    await service.close()
 
 
 async def test_a_removal_during_the_build_opens_its_gate(

@@ -180,12 +180,13 @@ def instance_side(o: Outside, s: Settings, tuning: Tuning = Tuning()) -> Instanc
     pulls = PullCoordinator(engine, blocking, s.pull_inactivity_s, o.host.docker_free_bytes)
     images = ImageService(engine, store, blocking, pulls, guard=o.registry)
     image_cache = _image_cache(o, s, images, events)
+    preparer = tuning.spec_preparer or ssh
     builds = BuildPipeline(
         records=records,
         engine=engine,
         images=images,
         network=net,
-        spec_preparer=tuning.spec_preparer or ssh,
+        spec_preparer=preparer,
         cleanup_retry_s=tuning.cleanup_retry_s,
     )
     instances = InstanceService(
@@ -206,7 +207,7 @@ def instance_side(o: Outside, s: Settings, tuning: Tuning = Tuning()) -> Instanc
         stop_timeout_s=s.stop_timeout_s,
         wall=net,
         isolation=isolation,
-        before_start=ssh.before_start if ssh else None,
+        starting=preparer.starting if preparer else None,
     )
     reconciler = Reconciler(
         records=records,

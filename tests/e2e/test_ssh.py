@@ -231,7 +231,8 @@ def test_sessions_survive_key_changes_and_an_agent_kill_and_the_host_key_stays(
     for action in ("stop", "start", "restart"):
         assert api.act(action).status_code == 200
     _wait_ssh(api)
-    assert keys.ssh("two", port, "echo after", strict=True).stdout.strip() == "after"
+    after = keys.ssh("two", port, "echo after", strict=True)
+    assert after.stdout.strip() == "after", after.stderr
     # A container restart while the agent is away, then the agent again.
     agent.stop(signal.SIGKILL)
     docker("restart", "-t", "1", cid)

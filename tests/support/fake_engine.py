@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -132,6 +133,7 @@ class PrepareWith:
     def __init__(self, prepare: Any, before_start: Any = None) -> None:
         self._prepare = prepare
         self._before_start = before_start
+        self.starts: list[tuple[str, str]] = []  # (instance id, how the start's block ended)
 
     async def prepare(
         self, instance: Instance, spec: ContainerSpec, image: ImageConfig
@@ -141,6 +143,15 @@ class PrepareWith:
     async def before_start(self, instance: Instance) -> None:
         if self._before_start is not None:
             await self._before_start(instance)
+
+    @asynccontextmanager
+    async def starting(self, instance: Instance) -> AsyncIterator[None]:
+        try:
+            yield
+        except BaseException as e:
+            self.starts.append((instance.id, type(e).__name__))
+            raise
+        self.starts.append((instance.id, "ok"))
 
 
 class Stack:
@@ -190,10 +201,11 @@ class Stack:
             port_range=(30000, 30009),
             **({"storage_policy": storage_policy} if storage_policy else {}),
         )
+        self.preparer = PrepareWith(prepare_spec)
         self.side = instance_side(
             outside,
             settings,
-            Tuning(cleanup_retry_s=cleanup_retry_s, spec_preparer=PrepareWith(prepare_spec)),
+            Tuning(cleanup_retry_s=cleanup_retry_s, spec_preparer=self.preparer),
         )
         self.records = self.side.records
         self.builds = self.side.builds

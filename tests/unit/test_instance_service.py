@@ -265,3 +265,31 @@ async def test_an_action_records_its_intent_before_docker_is_asked(tmp_path: Pat
         await service.close()
         blocking.close()
         store.close()
+
+
+class RestartRefusingEngine(FakeEngine):
+    def restart(self, container_id: str, timeout_s: int = 10) -> None:
+        raise Unavailable("docker restart timed out")
+
+
+async def test_a_start_or_restart_runs_inside_the_ssh_gates_block_and_a_stop_does_not(
+    tmp_path: Path,
+) -> None:
+    """The SSH service gates the port around Docker's start (`SpecPreparer.starting`):
+    the block is left with Docker's error when the start fails, so the gate opens
+    again; a stop never enters it."""
+    store = Store.open(tmp_path / "agent.db")
+    blocking = Blocking()
+    service = make_service(RestartRefusingEngine(), store, blocking)
+    try:
+        await service.create(CreateOrder(image="present", image_tag="1"))
+        running = await wait_for(service, Status.RUNNING)
+        await service.act(Action.STOP)
+        await service.act(Action.START)
+        with pytest.raises(Unavailable):
+            await service.act(Action.RESTART)
+        assert service.preparer.starts == [(running.id, "ok"), (running.id, "Unavailable")]
+    finally:
+        await service.close()
+        blocking.close()
+        store.close()

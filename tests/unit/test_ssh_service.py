@@ -369,12 +369,15 @@ class GateStandIn:
         self.closed: set[int] = set()
         self.hold = threading.Event()  # cleared: a close waits (an iptables call under load)
         self.hold.set()
+        self.hold_open = threading.Event()  # cleared: an opening waits
+        self.hold_open.set()
 
     def close(self, port: int) -> None:
         self.hold.wait(10)
         self.closed.add(port)
 
     def open(self, port: int) -> None:
+        self.hold_open.wait(10)
         self.closed.discard(port)
 
 
@@ -484,4 +487,73 @@ async def test_a_removal_during_the_build_opens_its_gate(
     events.removed(building)
     await service.settled()
     assert gate.closed == set() and files.instance_ids() == []
+    await service.close()
+
+
+async def test_an_opening_and_a_shutting_of_one_port_leave_the_gate_known_as_it_is(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    """A watch opens the port while the next start shuts it again: whichever iptables
+    call comes last, the agent knows the gate as closed exactly while the rule is in, so
+    the next run's watch opens it (a rule the agent had forgotten refused the port until
+    the agent's next start: a renter locked out of a running instance)."""
+    b = await _building(store, blocking, tmp_path)
+    service, gate, building = b.service, b.gate, b.instance
+    gate.hold_open.clear()
+    opening = asyncio.create_task(service.release("i1"))
+    await asyncio.sleep(0.05)  # the rule's removal is under way
+    shutting = asyncio.create_task(service.before_start(building))
+    await asyncio.sleep(0.05)
+    gate.hold_open.set()
+    await asyncio.wait_for(asyncio.gather(opening, shutting), 5)
+    assert gate.closed == {20022} and service.gated() == {"i1": 20022}
+    await service.close()
+    assert gate.closed == set()
+
+
+async def test_a_restart_keeps_the_gate_shut_for_the_new_runs_sshd(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    """A restart shuts the gate while the run it replaces still answers: that run's watch
+    neither opens the port nor says `ready`, and the gates' pass leaves it shut while the
+    restart is under way; the new run's watch opens it and says `ready` for that run."""
+    events, gate, engine = InstanceEvents(), GateStandIn(), EngineStandIn(IMAGE)
+    service, _ = _service(store, blocking, tmp_path, engine, gate=gate, events=events)
+    instance = _instance(store)
+    await service.prepare(instance, SPEC, IMAGE)
+    async with service.starting(instance):
+        assert gate.closed == {20022}
+        await _watched(service, instance)  # the old run's sshd still answers
+        assert gate.closed == {20022} and store.ssh_state("i1") == ("installing", None, None)
+        events.changed()  # a Docker event of the restart
+        await service.settled()
+        assert gate.closed == {20022}
+        engine.started_at = "2026-01-01T00:00:09Z"  # the new run
+        again = replace(instance, started_at=engine.started_at)
+        store.update_instance(again)
+        await _watched(service, again)
+        assert gate.closed == set() and service.gated() == {}
+        assert store.ssh_state("i1") == ("ready", None, engine.started_at)
+    await service.close()
+
+
+async def test_a_start_that_fails_or_brings_no_run_opens_its_gate(
+    store: Store, blocking: Blocking, tmp_path: Path
+) -> None:
+    events, gate = InstanceEvents(), GateStandIn()
+    service, _ = _service(store, blocking, tmp_path, EngineStandIn(IMAGE), gate=gate, events=events)
+    instance = _instance(store)
+    await service.prepare(instance, SPEC, IMAGE)
+    with pytest.raises(AgentError):
+        async with service.starting(instance):
+            assert gate.closed == {20022}
+            raise AgentError("docker: the start failed")
+    assert gate.closed == set() and service.gated() == {}
+    async with service.starting(instance):
+        pass  # Docker started it, and it exited at once: no new run to watch
+    assert gate.closed == {20022}
+    store.update_instance(replace(instance, status=Status.PAUSED))
+    events.changed()
+    await service.settled()
+    assert gate.closed == set()
     await service.close()

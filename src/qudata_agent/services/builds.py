@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -62,13 +63,16 @@ class InstanceNetwork(Protocol):
 class SpecPreparer(Protocol):
     """Who has the last word on the spec before the create (`services.ssh.SshService`:
     the agent's init, the SSH bundle and the instance's SSH files), and readies the
-    host for the start while Docker creates (the SSH port gate)."""
+    host for each start (the SSH port gate): the build's first while Docker creates,
+    and every later start or restart around Docker's call (`InstanceService.act`)."""
 
     async def prepare(
         self, instance: Instance, spec: ContainerSpec, image: ImageConfig
     ) -> ContainerSpec: ...
 
     async def before_start(self, instance: Instance) -> None: ...
+
+    def starting(self, instance: Instance) -> AbstractAsyncContextManager[None]: ...
 
 
 class _BuildCancelled(Exception):

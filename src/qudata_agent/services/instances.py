@@ -28,7 +28,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -139,7 +140,8 @@ class InstanceService:
         stop_timeout_s: int = 10,
         wall: Wall | None = None,  # None: no firewall to verify (tests, QUDATA_FIREWALL=off)
         isolation: IsolationCheck | None = None,  # None: only the container tier
-        before_start: Callable[[Instance], Awaitable[None]] | None = None,  # the SSH gate
+        # The SSH gate around a start or restart (`SshService.starting`).
+        starting: Callable[[Instance], AbstractAsyncContextManager[None]] | None = None,
     ) -> None:
         self._wall = wall
         self._records = records
@@ -156,7 +158,7 @@ class InstanceService:
         self._host = host
         self._stop_timeout_s = stop_timeout_s
         self._isolation = isolation
-        self._before_start = before_start
+        self._starting = starting
         self._create_lock = asyncio.Lock()
 
     # -- the collection -------------------------------------------------------
@@ -332,15 +334,19 @@ class InstanceService:
             # Docker is touched.
             instance = await self._records.save(instance.want(wanted, self._records.clock()))
             assert instance.container_id is not None
-            if action is not Action.STOP and self._before_start is not None:
-                await self._before_start(instance)
-            try:
-                await self._docker_action(action, instance.container_id)
-                state = await self._engine.inspect(instance.container_id)
-            except NotFound:
-                await self._records.vanished(instance)
-                raise NotFound("the instance's container was removed outside the agent") from None
-            instance = await self._records.save_observed(instance, state)
+            guard: AbstractAsyncContextManager[None] = nullcontext()
+            if action is not Action.STOP and self._starting is not None:
+                guard = self._starting(instance)
+            async with guard:
+                try:
+                    await self._docker_action(action, instance.container_id)
+                    state = await self._engine.inspect(instance.container_id)
+                except NotFound:
+                    await self._records.vanished(instance)
+                    raise NotFound(
+                        "the instance's container was removed outside the agent"
+                    ) from None
+                instance = await self._records.save_observed(instance, state)
         log.info(
             "instance action",
             extra={"instance_id": instance.id, "action": action.value, "status": instance.status},

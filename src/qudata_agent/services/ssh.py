@@ -32,10 +32,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Literal, Protocol, cast
+from typing import Final, Literal, Protocol, cast
 
 from qudata_agent.background import KeyedLocks, Rerun, Reruns
 from qudata_agent.blocking import Blocking, StillRunning
@@ -83,6 +85,22 @@ NO_AGENT_SSH = (
     "this container was made without the agent's SSH (by an older agent?):"
     " create the instance again"
 )
+
+
+class _Any(Enum):
+    RUN = "any run"
+
+
+ANY_RUN: Final = _Any.RUN  # a release that opens whatever run the gate waits past
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """A closed SSH port gate: the host port, and the run recorded when it closed (the
+    run a start or restart is about to replace; None before the first)."""
+
+    port: int
+    after: str | None
 
 
 class SshProbe(Protocol):
@@ -167,7 +185,8 @@ class SshService:
     ) -> None:
         self._engine = engine
         self._gate = gate
-        self._gated: dict[str, int] = {}  # instance id -> its gated host port
+        self._gated: dict[str, _Gate] = {}  # instance id -> its gated host port
+        self._starting: set[str] = set()  # instances whose start or restart is under way
         self._probe = probe
         self._wait_timeout_s = wait_timeout_s
         self._word_timeout_s = WORD_TIMEOUT_S
@@ -299,24 +318,29 @@ class SshService:
     async def _close_gate(self, instance: Instance) -> None:
         """Before the container starts: its SSH port refuses until sshd answers.
 
-        The gate is known as closed before the rule goes in, and the rule's call is
-        carried to its end even when the caller is cancelled (a stop cancels the
-        builds): an opening that comes meanwhile waits for it, then removes the rule.
-        No rule is ever in place that no one will open."""
+        The gate is known as closed, with the run it waits past, in the same step as
+        the rule goes in (under the port's lock), and that step is carried to its end
+        even when the caller is cancelled (a stop cancels the builds): an opening that
+        comes meanwhile waits for it, then removes the rule. No rule is ever in place
+        that no one will open."""
         port = instance.ports.get("22")
         if self._gate is None or port is None:
             return
-        self._gated[instance.id] = port
         try:
-            await asyncio.shield(self._gate_call(self._gate.close, port))
+            await asyncio.shield(self._shut(instance.id, _Gate(port, instance.started_at)))
         except AgentError as e:  # the instance goes on, ungated (as without a gate)
-            self._gated.pop(instance.id, None)
             log.warning("ssh port not gated", extra={"instance_id": instance.id, "error": str(e)})
 
-    async def _gate_call(self, change: Callable[[int], None], port: int) -> None:
-        """One change of `port`'s rule at a time, in the order asked."""
-        async with self._gate_locks(port):
-            await self._blocking.quick(change, port)
+    async def _shut(self, instance_id: str, gate: _Gate) -> None:
+        assert self._gate is not None
+        async with self._gate_locks(gate.port):
+            self._gated[instance_id] = gate
+            try:
+                await self._blocking.quick(self._gate.close, gate.port)
+            except AgentError:
+                if self._gated.get(instance_id) == gate:
+                    del self._gated[instance_id]
+                raise
 
     async def before_start(self, instance: Instance) -> None:
         """A start of the instance's container is coming (the build's first, while Docker
@@ -325,24 +349,49 @@ class SshService:
         if instance.ssh_enabled and await self._blocking.quick(self._files.prepared, instance.id):
             await self._close_gate(instance)
 
-    async def _open_gate(self, instance_id: str) -> None:
-        port = self._gated.get(instance_id)
-        if self._gate is None or port is None:
-            return
-        await self._gate_call(self._gate.open, port)
-        if self._gated.get(instance_id) == port:
+    @asynccontextmanager
+    async def starting(self, instance: Instance) -> AsyncIterator[None]:
+        """A start or restart of the instance's container in the block: its port is gated
+        for the new run (`before_start`); while the block runs, the current run's watch
+        leaves the gate to the next run's, and the gates' pass leaves it alone; a start
+        that fails opens it (whatever runs now is not held up)."""
+        self._starting.add(instance.id)
+        try:
+            await self.before_start(instance)
+            yield
+        except BaseException:
+            await asyncio.shield(self.release(instance.id))
+            raise
+        finally:
+            self._starting.discard(instance.id)
+
+    async def _open_gate(self, instance_id: str, run: str | _Any | None = ANY_RUN) -> bool:
+        """Opens the instance's gate, unless `run` (the run whose sshd was seen, or whose
+        watch ended) is the one the gate was closed past while that start is still
+        under way: then the next run's watch opens it. True when the port is open."""
+        gate = self._gated.get(instance_id)
+        if self._gate is None or gate is None:
+            return True
+        async with self._gate_locks(gate.port):
+            now = self._gated.get(instance_id)  # what the changes before this one left
+            if now is None or now.port != gate.port:
+                return now is None
+            if run is not ANY_RUN and now.after == run and instance_id in self._starting:
+                return False
+            await self._blocking.quick(self._gate.open, now.port)
             del self._gated[instance_id]
-        log.debug("ssh port opened", extra={"instance_id": instance_id, "port": port})
+        log.debug("ssh port opened", extra={"instance_id": instance_id, "port": gate.port})
+        return True
 
     def gated(self) -> dict[str, int]:
         """The instances whose SSH port is gated now, with the port."""
-        return dict(self._gated)
+        return {instance_id: gate.port for instance_id, gate in self._gated.items()}
 
-    async def release(self, instance_id: str) -> None:
+    async def release(self, instance_id: str, run: str | _Any | None = ANY_RUN) -> None:
         """The run is over, the instance is gone, or its build failed: its gate (if any)
-        opens."""
+        opens (for a run's watch: unless a start past that run is under way)."""
         try:
-            await self._open_gate(instance_id)
+            await self._open_gate(instance_id, run)
         except AgentError as e:  # the next prune tries again
             log.warning("ssh port gate not removed", extra={"error": e.message})
 
@@ -359,15 +408,18 @@ class SshService:
             await self._fail(instance_id, e.message)
 
     async def _watch(self, instance_id: str) -> None:
+        instance: Instance | None = None
         try:
-            await self._watch_run(instance_id)
+            instance = await self._blocking.quick(self._store.get_instance, instance_id)
+            await self._watch_run(instance)
         finally:  # whatever this run came to, its port is not left refusing
-            await asyncio.shield(self.release(instance_id))
+            run = ANY_RUN if instance is None else instance.started_at
+            await asyncio.shield(self.release(instance_id, run))
 
-    async def _watch_run(self, instance_id: str) -> None:
-        instance = await self._blocking.quick(self._store.get_instance, instance_id)
+    async def _watch_run(self, instance: Instance | None) -> None:
         if instance is None or instance.status is not Status.RUNNING or not instance.container_id:
             return
+        instance_id = instance.id
         if not await self._blocking.quick(self._files.prepared, instance_id):
             state = await self._blocking.quick(self._store.ssh_state, instance_id)
             if state is None or state[0] != FAILED:  # keep the reason given at the build
@@ -378,7 +430,10 @@ class SshService:
             return  # stopped or started again: the next run's pass decides
         ready, reason = verdict
         if ready:
-            await self._open_gate(instance_id)  # before `ready`: who reads it gets in
+            # Opened before `ready`, so who reads it gets in; a restart under way since
+            # this run's sshd answered keeps the gate for the next run (its watch says).
+            if not await self._open_gate(instance_id, instance.started_at):
+                return
             await self._set(instance_id, READY, run=instance.started_at)
             log.info("ssh ready", extra={"instance_id": instance_id})
         else:
@@ -479,6 +534,8 @@ class SshService:
         built and with no watch of a new run (a failed build, a start that failed)."""
         waiting = [i for i in self._gated if not self._watches.running(i)]
         for instance_id in waiting:
+            if instance_id in self._starting:
+                continue  # its start's end opens it, or the new run's watch
             instance = await self._blocking.quick(self._store.get_instance, instance_id)
             if instance is None or instance.status is not Status.PENDING:
                 await self.release(instance_id)

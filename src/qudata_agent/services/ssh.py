@@ -318,16 +318,19 @@ class SshService:
     async def _close_gate(self, instance: Instance) -> None:
         """Before the container starts: its SSH port refuses until sshd answers.
 
-        The gate is known as closed, with the run it waits past, in the same step as
-        the rule goes in (under the port's lock), and that step is carried to its end
-        even when the caller is cancelled (a stop cancels the builds): an opening that
-        comes meanwhile waits for it, then removes the rule. No rule is ever in place
-        that no one will open."""
+        The gate is known as closed, with the run it waits past, before its turn on the
+        port comes (so the agent's stop sees it) and again as the rule goes in under the
+        port's lock (an opening that had the lock first forgot it); that step is carried
+        to its end even when the caller is cancelled (a stop cancels the builds), and an
+        opening that comes meanwhile waits for it, then removes the rule. No rule is
+        ever in place that no one will open."""
         port = instance.ports.get("22")
         if self._gate is None or port is None:
             return
+        gate = _Gate(port, instance.started_at)
+        self._gated[instance.id] = gate
         try:
-            await asyncio.shield(self._shut(instance.id, _Gate(port, instance.started_at)))
+            await asyncio.shield(self._shut(instance.id, gate))
         except AgentError as e:  # the instance goes on, ungated (as without a gate)
             log.warning("ssh port not gated", extra={"instance_id": instance.id, "error": str(e)})
 

@@ -185,7 +185,7 @@ class SshService:
     ) -> None:
         self._engine = engine
         self._gate = gate
-        self._gated: dict[str, _Gate] = {}  # instance id -> its gated host port
+        self._gated: dict[str, _Gate] = {}  # instance id -> its closed gate
         self._starting: set[str] = set()  # instances whose start or restart is under way
         self._probe = probe
         self._wait_timeout_s = wait_timeout_s
@@ -503,8 +503,13 @@ class SshService:
     def _gates_soon(self) -> None:
         """A pass of `_prune_gates` only when a gate waits with no watch on it (a build or
         a start may have failed, an instance may be gone); otherwise nothing."""
-        if any(not self._watches.running(i) for i in self._gated):
+        if self._unattended():
             self._gate_checks.poke()
+
+    def _unattended(self) -> list[str]:
+        """The instances whose gate is closed with no watch of a new run on it and no start
+        under way (whose end opens it, or the new run's watch)."""
+        return [i for i in self._gated if not self._watches.running(i) and i not in self._starting]
 
     async def _gates_pass(self) -> None:
         try:
@@ -535,10 +540,7 @@ class SshService:
     async def _prune_gates(self) -> None:
         """Opens the gates no watch will open: of instances that are gone, or not being
         built and with no watch of a new run (a failed build, a start that failed)."""
-        waiting = [i for i in self._gated if not self._watches.running(i)]
-        for instance_id in waiting:
-            if instance_id in self._starting:
-                continue  # its start's end opens it, or the new run's watch
+        for instance_id in self._unattended():
             instance = await self._blocking.quick(self._store.get_instance, instance_id)
             if instance is None or instance.status is not Status.PENDING:
                 await self.release(instance_id)

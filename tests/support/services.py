@@ -26,7 +26,7 @@ from qudata_agent.domain.instance import Instance, Status, Wanted
 from qudata_agent.domain.topology import Cpu, GpuTopology, HostShape
 from qudata_agent.services.builds import BuildPipeline
 from qudata_agent.services.capacity import Disk, HostCapacity
-from qudata_agent.services.cpu_pool import CpuPool
+from qudata_agent.services.cpu_pool import WIDEN_AFTER_S, CpuPool
 from qudata_agent.services.image_cache import ImageCache
 from qudata_agent.services.images import ImageService
 from qudata_agent.services.instance_events import InstanceEvents
@@ -183,7 +183,11 @@ def make_capacity(base: Base, **options: Any) -> HostCapacity:
 
 
 def make_cpu_pool(
-    base: Base, records: Records, capacity: HostCapacity, engine: Any, widen_after_s: float = 3.0
+    base: Base,
+    records: Records,
+    capacity: HostCapacity,
+    engine: Any,
+    widen_after_s: float = WIDEN_AFTER_S,
 ) -> CpuPool:
     return CpuPool(
         records=records, capacity=capacity, engine=base.ports(engine), widen_after_s=widen_after_s
